@@ -1,0 +1,242 @@
+"""
+The AMP server managers talk to (PROTOCOL.md sections 1 and 2).
+
+One ``AgentAMP`` protocol per manager connection, with its own ``AgentLocator`` holding the
+connection's session (nonce, authenticated or not). The locator enforces authentication,
+turns unparseable arguments into ``INVALID_REQUEST`` and any undeclared failure into
+``BACKEND_UNAVAILABLE`` (logged), so no exception ever reaches AMP and drops a connection
+that did nothing wrong. Bytes that are not AMP, and unknown command names, close that one
+connection.
+"""
+
+import time
+
+from twisted.internet.defer import fail
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from bai_agent.protocol import commands, errors
+from bai_agent.protocol.auth import new_nonce, verify_mac
+
+MAX_FAILED_AUTHENTICATIONS = 3
+
+
+class AgentSession:
+    """What the agent knows about one manager connection."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.nonce = new_nonce()
+        self.authenticated = False
+        self.failed_authentications = 0
+
+
+class AgentLocator(amp.CommandLocator):
+    """Responders for one connection; ``agent`` is the ``AgentState`` of the daemon."""
+
+    log = Logger()
+
+    def __init__(self, agent, session: AgentSession, protocol=None):
+        self.agent = agent
+        self.session = session
+        self.protocol = protocol
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def locateResponder(self, name):
+        command = commands.COMMANDS_BY_NAME.get(name)
+        if command is None:
+            return None
+        responder = super().locateResponder(name)
+        if responder is None:
+            return self._not_implemented(name)
+
+        def guarded(box):
+            started = time.monotonic()
+            if name not in commands.UNAUTHENTICATED_COMMANDS and not self.session.authenticated:
+                result = fail(errors.NotAuthenticated("authenticate first (Hello, then Authenticate)"))
+                result = result.addErrback(self._declared, command)
+            else:
+                try:
+                    command.parseArguments(box, self)
+                except Exception as e:
+                    result = fail(errors.InvalidRequest(f"bad arguments for {name.decode()}: {_describe(e)}"))
+                    result.addErrback(self._declared, command)
+                else:
+                    result = responder(box).addErrback(self._undeclared, name)
+            result.addBoth(self._observe, name, started)
+            return result
+
+        return guarded
+
+    def _not_implemented(self, name):
+        def answer(box):
+            return fail(
+                amp.RemoteAmpError(
+                    amp.UNHANDLED_ERROR_CODE, f"{name.decode()} is not implemented by this agent"
+                )
+            )
+
+        return answer
+
+    def _declared(self, failure, command):
+        code = command.allErrors[failure.trap(*command.allErrors)]
+        return Failure(amp.RemoteAmpError(code, str(failure.value)))
+
+    def _undeclared(self, failure, name):
+        if failure.check(amp.RemoteAmpError):
+            return failure
+        self.log.failure(
+            "command {command} from {peer} failed unexpectedly",
+            failure,
+            command=name.decode(),
+            peer=self.session.peer,
+        )
+        return Failure(
+            amp.RemoteAmpError(
+                errors.BackendUnavailable.code,
+                f"{name.decode()} failed inside the agent ({failure.getErrorMessage() or failure.type.__name__}); see the agent log",
+            )
+        )
+
+    def _observe(self, result, name, started):
+        code = None
+        if isinstance(result, Failure) and result.check(amp.RemoteAmpError):
+            code = result.value.errorCode
+        self.agent.metrics.observe_command(name.decode(), time.monotonic() - started, code)
+        return result
+
+    # -- session ---------------------------------------------------------------------
+
+    @commands.Hello.responder
+    def hello(self):
+        return {
+            "agent_id": self.agent.agent_id,
+            "version": self.agent.version,
+            "protocol": commands.PROTOCOL_VERSION,
+            "nonce": self.session.nonce,
+        }
+
+    @commands.Authenticate.responder
+    def authenticate(self, mac):
+        secret = self.agent.secret()
+        if secret is None:
+            raise errors.BackendUnavailable("the agent has no secret yet (etcd unreachable); retry later")
+        if verify_mac(secret, self.session.nonce, mac):
+            self.session.authenticated = True
+            self.log.info("manager {peer} authenticated", peer=self.session.peer)
+            return {}
+        self.session.failed_authentications += 1
+        self.log.warn(
+            "manager {peer} failed to authenticate ({count} of {limit})",
+            peer=self.session.peer,
+            count=self.session.failed_authentications,
+            limit=MAX_FAILED_AUTHENTICATIONS,
+        )
+        if self.session.failed_authentications >= MAX_FAILED_AUTHENTICATIONS and self.protocol:
+            # Let the error answer go out first, then hang up.
+            self.agent.clock.callLater(0, self.protocol.transport.loseConnection)
+        raise errors.AuthFailed("the MAC does not match this namespace's secret")
+
+    @commands.Ping.responder
+    def ping(self, payload):
+        return {"payload": payload}
+
+    # -- agent -----------------------------------------------------------------------
+
+    @commands.GetAgentInfo.responder
+    def get_agent_info(self):
+        return {"info": self.agent.record()}
+
+    @commands.ListImages.responder
+    def list_images(self):
+        if not self.agent.docker.healthy:
+            raise errors.BackendUnavailable(f"Docker is unreachable: {self.agent.docker.last_error}")
+        return {"images": [image.to_json() for image in self.agent.docker.images]}
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"missing argument {error.args[0]!r}"
+    return f"{type(error).__name__}: {error}"
+
+
+class AgentAMP(amp.AMP):
+    """
+    One manager connection: pings the manager every heartbeat interval and drops it when
+    nothing was heard for three intervals; closes itself, and only itself, on bytes that
+    are not AMP.
+    """
+
+    log = Logger()
+
+    def __init__(self, agent, session: AgentSession):
+        self.agent = agent
+        self.session = session
+        super().__init__(locator=AgentLocator(agent, session, self))
+        self._ping_call = None
+        self._silence_call = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.agent.connections.add(self)
+        self._heard()
+        self._schedule_ping()
+
+    def connectionLost(self, reason):
+        self.agent.connections.discard(self)
+        for call in (self._ping_call, self._silence_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._silence_call = None
+        super().connectionLost(reason)
+
+    def ampBoxReceived(self, box):
+        self._heard()
+        try:
+            command = box.get(amp.COMMAND)
+            if command is not None and command not in commands.COMMANDS_BY_NAME:
+                raise amp.UnhandledCommand(f"unknown command {command[:64]!r}")
+            super().ampBoxReceived(box)
+        except Exception as e:
+            self.log.warn(
+                "closing connection from {peer}: {error}", peer=self.session.peer, error=_describe(e)
+            )
+            self.transport.loseConnection()
+
+    def _heard(self):
+        timeout = 3 * self.agent.heartbeat_interval()
+        if self._silence_call is not None and self._silence_call.active():
+            self._silence_call.reset(timeout)
+        else:
+            self._silence_call = self.agent.clock.callLater(timeout, self._silent)
+
+    def _silent(self):
+        self.log.info("dropping silent manager connection {peer}", peer=self.session.peer)
+        self.transport.loseConnection()
+
+    def _schedule_ping(self):
+        self._ping_call = self.agent.clock.callLater(self.agent.heartbeat_interval(), self._ping)
+
+    def _ping(self):
+        self._ping_call = None
+        d = self.callRemote(commands.Ping, payload="heartbeat")
+        d.addErrback(lambda failure: None)  # a lost connection ends here; silence handles the rest
+        self._schedule_ping()
+
+
+class AgentAMPFactory(Factory):
+    """Builds one ``AgentAMP`` per manager connection."""
+
+    noisy = False
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def buildProtocol(self, addr):
+        peer = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
+        protocol = AgentAMP(self.agent, AgentSession(peer))
+        protocol.factory = self
+        return protocol

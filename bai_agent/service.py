@@ -1,0 +1,128 @@
+"""
+The composition root: ``build_agent_service`` makes the one ``MultiService`` named
+``bai-agent`` with its named children, started in this order and stopped in reverse:
+``docker``, ``etcd``, ``amp``, ``status``.
+"""
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from bai_agent.agent import AgentState
+from bai_agent.config import ensure_private_dir
+from bai_agent.docker.engine import DockerEngineClient
+from bai_agent.docker.service import DockerService
+from bai_agent.etcd.service import EtcdService
+from bai_agent.etcd.txetcd import TxEtcd
+from bai_agent.resources import detect_capacity
+from bai_agent.rpc.server import AgentAMPFactory
+from bai_agent.status.metrics import AgentMetrics
+from bai_agent.status.page import StatusPage
+
+log = Logger()
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    A server endpoint service that fails start-up loudly when it cannot listen (a taken
+    port) and tells ``on_listening`` the port it got (``tcp:0`` picks a free one).
+    """
+
+    def __init__(self, endpoint, factory, on_listening):
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.on_listening = on_listening
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.on_listening(port)
+        return port
+
+
+def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=None) -> MultiService:
+    """
+    Build the agent from a validated ``AgentConfig``. ``docker_backend`` (an
+    ``IDockerBackend``) and ``etcd`` (an ``IEtcd``) default to the real clients; tests
+    pass fakes.
+    """
+    ensure_private_dir(config.scratch_root, "scratch root")
+    ensure_private_dir(config.state_dir, "state dir")
+    capacity = detect_capacity(config.reserved_cpu, config.reserved_mem, nvml=nvml)
+
+    if docker_backend is None:
+        docker_backend = DockerEngineClient(reactor, config.docker_host)
+    if etcd is None:
+        etcd = TxEtcd(reactor, config.etcd_url)
+
+    top = MultiService()
+    top.setName("bai-agent")
+
+    docker = DockerService(reactor, docker_backend)
+    docker.setName("docker")
+    docker.setServiceParent(top)
+
+    metrics = AgentMetrics()
+    state = AgentState(config, reactor, docker, capacity, metrics)
+    metrics.attach(state)
+    top.agent_state = state
+
+    etcd_service = EtcdService(
+        reactor,
+        etcd,
+        config.namespace,
+        config.agent_id,
+        state.record,
+        heartbeat_interval=config.heartbeat_interval,
+        secret_file=config.secret_file,
+        secret_cache_path=config.secret_cache_path,
+    )
+    etcd_service.setName("etcd")
+    etcd_service.setServiceParent(top)
+    state.etcd = etcd_service
+
+    def amp_listening(port):
+        state.amp_port = port.getHost().port
+        log.info("AMP listening on {address}", address=state.amp_address())
+        etcd_service.refresh_now()
+
+    amp_service = ListeningService(
+        serverFromString(reactor, config.amp_endpoint), AgentAMPFactory(state), amp_listening
+    )
+    amp_service.setName("amp")
+    amp_service.setServiceParent(top)
+
+    status = MultiService()
+    status.setName("status")
+    status.setServiceParent(top)
+
+    def http_listening(port):
+        address = port.getHost()
+        state.http_port = (address.host, address.port)
+        log.info("status page on {url}", url=state.status_url())
+        etcd_service.refresh_now()
+
+    site = Site(StatusPage(state).app.resource())
+    site.displayTracebacks = False
+    site.noisy = False
+    ListeningService(serverFromString(reactor, config.http_endpoint), site, http_listening).setServiceParent(
+        status
+    )
+    health_watch = TimerService(1.0, _never_raise(state.watch_health))
+    health_watch.clock = reactor
+    health_watch.setServiceParent(status)
+    return top
+
+
+def _never_raise(function):
+    def call():
+        try:
+            function()
+        except Exception:
+            log.failure("periodic {name} failed", name=function.__name__)
+
+    return call

@@ -1,0 +1,111 @@
+"""
+``twistd bai-agent`` / ``twist bai-agent``: options and ``makeService``.
+
+This is the only module that imports the global reactor.
+"""
+
+from twisted.python import usage
+
+from bai_agent.config import (
+    AGENT_ID_PATTERN,
+    NAMESPACE_PATTERN,
+    AgentConfig,
+    default_advertise_host,
+    default_agent_id,
+    default_docker_host,
+    ensure_private_dir,
+    parse_cpu,
+    parse_host_port,
+    parse_positive_float,
+    parse_size,
+)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a bai-agent: register this machine in etcd under a namespace and serve "
+        "managers over AMP. See README.md and PROTOCOL.md."
+    )
+
+    optParameters = [
+        ["etcd-addr", None, "127.0.0.1:2379", "etcd client address, HOST:PORT."],
+        ["namespace", None, "local", "Cluster namespace: keys live under /bai/NAMESPACE/."],
+        ["agent-id", None, None, "This agent's id (default: derived from the host name, stable across restarts)."],
+        ["amp-endpoint", None, "tcp:6001", "Twisted server endpoint managers connect to."],
+        ["advertise-host", None, None, "Host managers dial (default: the address of the default route)."],
+        ["http-endpoint", None, "tcp:6003:interface=127.0.0.1", "Twisted server endpoint of the status page."],
+        ["scratch-root", None, "/var/cache/scratches", "Directory of kernel home dirs (created 0700)."],
+        ["state-dir", None, "/var/lib/bai-agent", "Directory of the agent's own state (created 0700)."],
+        ["docker-host", None, None, "Docker Engine address (default: $DOCKER_HOST, else unix:///var/run/docker.sock)."],
+        ["heartbeat-interval", None, "3", "Seconds between etcd record refreshes (0.5 to 300)."],
+        ["secret-file", None, None, "File holding the namespace secret (hex); overrides etcd's."],
+        ["reserved-cpu", None, "0", "CPU cores kept back for the host."],
+        ["reserved-mem", None, "0", "Memory kept back for the host: bytes, or 512m, 2g."],
+    ]
+
+    def _parse(self, option, parser, *args):
+        try:
+            return parser(self[option], *args)
+        except (TypeError, ValueError) as e:
+            raise usage.UsageError(f"--{option}: {e}") from None
+
+    def postOptions(self):
+        from twisted.internet import reactor
+
+        self._parse("etcd-addr", parse_host_port)
+        for option, pattern in (("namespace", NAMESPACE_PATTERN), ("agent-id", AGENT_ID_PATTERN)):
+            if self[option] is not None and not pattern.match(self[option]):
+                raise usage.UsageError(
+                    f"--{option}: {self[option]!r} is not valid (letters, digits, '_', '.', '-'; at most 64)"
+                )
+        for option in ("amp-endpoint", "http-endpoint"):
+            self._parse(option, _check_server_endpoint, reactor)
+        docker_host = self["docker-host"] or default_docker_host()
+        if not docker_host.startswith(("unix://", "tcp://")):
+            raise usage.UsageError(f"--docker-host: expected unix:///path or tcp://host:port, got {docker_host!r}")
+        heartbeat = self._parse("heartbeat-interval", parse_positive_float, 300)
+        if heartbeat < 0.5:
+            raise usage.UsageError("--heartbeat-interval: must be at least 0.5 seconds")
+        if self["secret-file"] is not None:
+            try:
+                with open(self["secret-file"]) as secret_file:
+                    secret = secret_file.read().strip()
+            except OSError as e:
+                raise usage.UsageError(f"--secret-file: cannot read {self['secret-file']}: {e.strerror}") from None
+            if len(secret) < 64 or any(c not in "0123456789abcdefABCDEF" for c in secret):
+                raise usage.UsageError("--secret-file: the secret must be at least 64 hex digits")
+        for option, what in (("scratch-root", "scratch root"), ("state-dir", "state dir")):
+            self._parse(option, ensure_private_dir, what)
+        self.config = AgentConfig(
+            etcd_addr=self["etcd-addr"],
+            namespace=self["namespace"],
+            agent_id=self["agent-id"] or default_agent_id(),
+            amp_endpoint=self["amp-endpoint"],
+            advertise_host=self["advertise-host"] or default_advertise_host(),
+            http_endpoint=self["http-endpoint"],
+            scratch_root=self["scratch-root"],
+            state_dir=self["state-dir"],
+            docker_host=docker_host,
+            heartbeat_interval=heartbeat,
+            secret_file=self["secret-file"],
+            reserved_cpu=self._parse("reserved-cpu", parse_cpu),
+            reserved_mem=self._parse("reserved-mem", parse_size),
+        )
+
+
+def _check_server_endpoint(description, reactor):
+    from twisted.internet.endpoints import serverFromString
+
+    serverFromString(reactor, description)
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    from bai_agent.service import build_agent_service
+
+    try:
+        return build_agent_service(reactor, options.config)
+    except ValueError as e:
+        raise SystemExit(f"bai-agent: {e}")

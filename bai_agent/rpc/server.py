@@ -11,7 +11,7 @@ connection.
 
 import time
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -49,9 +49,7 @@ class AgentLocator(amp.CommandLocator):
         command = commands.COMMANDS_BY_NAME.get(name)
         if command is None:
             return None
-        responder = super().locateResponder(name)
-        if responder is None:
-            return self._not_implemented(name)
+        responder = super().locateResponder(name) or self._not_implemented(name)
 
         def guarded(box):
             started = time.monotonic()
@@ -65,7 +63,7 @@ class AgentLocator(amp.CommandLocator):
                     result = fail(errors.InvalidRequest(f"bad arguments for {name.decode()}: {_describe(e)}"))
                     result.addErrback(self._declared, command)
                 else:
-                    result = responder(box).addErrback(self._undeclared, name)
+                    result = maybeDeferred(responder, box).addErrback(self._undeclared, name)
             result.addBoth(self._observe, name, started)
             return result
 

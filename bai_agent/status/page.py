@@ -10,6 +10,7 @@ import json
 
 from klein import Klein
 from twisted.logger import Logger
+from werkzeug.exceptions import HTTPException
 
 log = Logger()
 
@@ -76,9 +77,12 @@ class StatusPage:
 
     @app.handle_errors(Exception)
     def failed(self, request, failure):
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        if failure.check(HTTPException):  # 404, 405: not a failure of the agent
+            request.setResponseCode(failure.value.code)
+            return f"{failure.value.code} {failure.value.name}\n".encode("utf-8")
         log.failure("status page {path} failed", failure, path=request.path)
         request.setResponseCode(500)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return b"internal error; see the agent log\n"
 
 

@@ -1,0 +1,107 @@
+"""`twistd bai-agent` options: defaults, validation, usage errors that name the option."""
+
+import os
+
+import pytest
+from twisted.python import usage
+
+from bai_agent.tap import Options
+
+
+def parse(tmp_path, *argv):
+    options = Options()
+    base = ["--scratch-root", str(tmp_path / "scratch"), "--state-dir", str(tmp_path / "state")]
+    options.parseOptions(base + list(argv))
+    return options.config
+
+
+def test_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    config = parse(tmp_path)
+    assert config.etcd_addr == "127.0.0.1:2379"
+    assert config.namespace == "local"
+    assert config.amp_endpoint == "tcp:6001"
+    assert config.http_endpoint == "tcp:6003:interface=127.0.0.1"
+    assert config.docker_host == "unix:///var/run/docker.sock"
+    assert config.heartbeat_interval == 3.0
+    assert config.reserved_cpu == 0 and config.reserved_mem == 0
+    assert config.agent_id  # from the host name
+    assert parse(tmp_path).agent_id == config.agent_id  # stable
+
+
+def test_docker_host_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:2375")
+    assert parse(tmp_path).docker_host == "tcp://127.0.0.1:2375"
+
+
+def test_scratch_root_and_state_dir_are_created_private(tmp_path):
+    parse(tmp_path)
+    for name in ("scratch", "state"):
+        assert oct(os.stat(tmp_path / name).st_mode & 0o777) == "0o700"
+
+
+def test_values_are_parsed(tmp_path):
+    config = parse(
+        tmp_path,
+        "--reserved-mem", "2g",
+        "--reserved-cpu", "1.5",
+        "--heartbeat-interval", "0.5",
+        "--agent-id", "node-7",
+        "--namespace", "prod",
+    )
+    assert config.reserved_mem == 2 << 30
+    assert config.reserved_cpu == 1.5
+    assert config.heartbeat_interval == 0.5
+    assert (config.agent_id, config.namespace) == ("node-7", "prod")
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--etcd-addr", "nohost"),
+        ("--etcd-addr", "host:99999"),
+        ("--namespace", "a/b"),
+        ("--agent-id", "../etc"),
+        ("--agent-id", "x" * 65),
+        ("--amp-endpoint", "bogus:1"),
+        ("--http-endpoint", "tcp:notaport"),
+        ("--docker-host", "http://x"),
+        ("--heartbeat-interval", "0"),
+        ("--heartbeat-interval", "nan"),
+        ("--heartbeat-interval", "0.1"),
+        ("--heartbeat-interval", "1000"),
+        ("--reserved-cpu", "-1"),
+        ("--reserved-cpu", "lots"),
+        ("--reserved-mem", "12q"),
+        ("--reserved-mem", "-5"),
+        ("--secret-file", "/nonexistent/secret"),
+    ],
+)
+def test_bad_values_fail_with_a_usage_error_naming_the_option(tmp_path, option, value):
+    with pytest.raises(usage.UsageError) as raised:
+        parse(tmp_path, option, value)
+    assert str(raised.value).startswith(option), str(raised.value)
+
+
+def test_short_secret_file_is_refused(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("abc123\n")
+    with pytest.raises(usage.UsageError, match="--secret-file"):
+        parse(tmp_path, "--secret-file", str(secret))
+
+
+def test_unwritable_scratch_root_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(usage.UsageError, match="--scratch-root: cannot create scratch root"):
+        Options().parseOptions(["--scratch-root", str(blocker / "sub"), "--state-dir", str(tmp_path / "s")])
+
+
+def test_help_documents_every_option():
+    text = str(Options())
+    for option in (
+        "etcd-addr", "namespace", "agent-id", "amp-endpoint", "advertise-host", "http-endpoint",
+        "scratch-root", "state-dir", "docker-host", "heartbeat-interval", "secret-file",
+        "reserved-cpu", "reserved-mem",
+    ):
+        assert f"--{option}" in text

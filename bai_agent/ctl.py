@@ -162,3 +162,7 @@ def main(argv=None):
         return d.addErrback(report)
 
     react(command, [])
+
+
+if __name__ == "__main__":
+    main()

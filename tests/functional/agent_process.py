@@ -1,0 +1,119 @@
+"""Run a real agent (``python -m twisted bai-agent``) as a child process, for functional tests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    environment = dict(os.environ)
+    # The working tree first, so that twistd finds twisted/plugins/bai_agent_plugin.py here.
+    environment["PYTHONPATH"] = REPO + os.pathsep + environment.get("PYTHONPATH", "")
+    return environment
+
+
+class AgentProcess:
+    def __init__(self, tmp_path, etcd_addr, namespace="functional", agent_id="agent-f1", extra=()):
+        self.amp_port = free_port()
+        self.http_port = free_port()
+        self.agent_id = agent_id
+        self.namespace = namespace
+        self.etcd_addr = etcd_addr
+        self.log_path = tmp_path / f"{agent_id}.log"
+        self.argv = [
+            sys.executable, "-m", "twisted", "bai-agent",
+            "--etcd-addr", etcd_addr,
+            "--namespace", namespace,
+            "--agent-id", agent_id,
+            "--amp-endpoint", f"tcp:{self.amp_port}:interface=127.0.0.1",
+            "--advertise-host", "127.0.0.1",
+            "--http-endpoint", f"tcp:{self.http_port}:interface=127.0.0.1",
+            "--scratch-root", str(tmp_path / f"{agent_id}-scratch"),
+            "--state-dir", str(tmp_path / f"{agent_id}-state"),
+            "--heartbeat-interval", "1",
+            *extra,
+        ]
+        self.process = None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=env(), cwd=REPO, stdin=subprocess.DEVNULL
+        )
+        return self
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(5)
+        finally:
+            self.log.close()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def http(self, path):
+        """(status, body) of a GET on the status page; (None, error) when it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError as e:
+            return None, str(e).encode()
+
+    def wait_for(self, predicate, timeout, what):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"agent exited with {self.process.returncode} while waiting for {what}:\n{self.log_text()[-3000:]}")
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{self.log_text()[-3000:]}")
+
+    def ctl(self, *args, secret_file=None):
+        argv = [sys.executable, "-m", "bai_agent.ctl", "--etcd-addr", self.etcd_addr, "--namespace", self.namespace]
+        if secret_file:
+            argv += ["--secret-file", str(secret_file)]
+        return subprocess.run(argv + list(args), capture_output=True, text=True, env=env(), timeout=30)
+
+
+def etcd_record(etcd_url, key: str):
+    """The JSON value of ``key`` in etcd (through the v3 gateway, stdlib only), or None."""
+    import base64
+
+    request = urllib.request.Request(
+        f"{etcd_url}/v3/kv/range",
+        data=json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            document = json.load(response)
+    except OSError:
+        return None
+    kvs = document.get("kvs") or []
+    if not kvs:
+        return None
+    return json.loads(base64.b64decode(kvs[0]["value"]))

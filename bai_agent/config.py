@@ -39,7 +39,10 @@ def parse_size(value) -> int:
     if match is None:
         raise ValueError(f"not a size (use bytes or a number with k, m, g, t): {value!r}")
     number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[unit.lower()])
+    size = float(number) * _SIZE_UNITS[unit.lower()]
+    if not math.isfinite(size) or size >= 1 << 63:
+        raise ValueError(f"size too large: {value!r}")
+    return int(size)
 
 
 def parse_host_port(value: str, default_port=None):

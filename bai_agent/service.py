@@ -6,6 +6,7 @@ The composition root: ``build_agent_service`` makes the one ``MultiService`` nam
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Site
@@ -44,6 +45,29 @@ class ListeningService(StreamServerEndpointService):
         return port
 
 
+class AgentService(MultiService):
+    """
+    The ``bai-agent`` service: its children stop in reverse order, then the clients the
+    composition root made for them are closed.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.owned_clients = []
+
+    def stopService(self):
+        d = maybeDeferred(super().stopService)
+
+        def close_clients(_):
+            for client in self.owned_clients:
+                try:
+                    client.close()
+                except Exception:
+                    log.failure("closing {client} failed", client=client)
+
+        return d.addBoth(close_clients)
+
+
 def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=None) -> MultiService:
     """
     Build the agent from a validated ``AgentConfig``. ``docker_backend`` (an
@@ -54,13 +78,13 @@ def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=No
     ensure_private_dir(config.state_dir, "state dir")
     capacity = detect_capacity(config.reserved_cpu, config.reserved_mem, nvml=nvml)
 
+    top = AgentService()
+    top.setName("bai-agent")
     if docker_backend is None:
         docker_backend = DockerEngineClient(reactor, config.docker_host)
     if etcd is None:
         etcd = TxEtcd(reactor, config.etcd_url)
-
-    top = MultiService()
-    top.setName("bai-agent")
+        top.owned_clients.append(etcd)
 
     docker = DockerService(reactor, docker_backend)
     docker.setName("docker")

@@ -106,6 +106,23 @@ def makeService(options):
     from bai_agent.service import build_agent_service
 
     try:
-        return build_agent_service(reactor, options.config)
+        service = build_agent_service(reactor, options.config)
     except ValueError as e:
         raise SystemExit(f"bai-agent: {e}")
+    reactor.callWhenRunning(_stop_gracefully_on_sigterm, reactor)
+    return service
+
+
+def _stop_gracefully_on_sigterm(reactor):
+    """
+    SIGTERM is how supervisors ask for a graceful stop, and a graceful stop exits 0.
+    Twisted's own handler records the signal and ``twist`` re-raises it after shutdown,
+    so the process would die "by SIGTERM"; this handler stops the reactor the same way
+    (services stop in reverse order, the lease is revoked) without that.
+    """
+    import signal
+
+    def handler(signum, frame):
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, handler)

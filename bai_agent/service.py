@@ -8,6 +8,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -31,13 +32,18 @@ class ListeningService(StreamServerEndpointService):
     port) and tells ``on_listening`` the port it got (``tcp:0`` picks a free one).
     """
 
-    def __init__(self, endpoint, factory, on_listening):
+    def __init__(self, description, endpoint, factory, on_listening):
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
+        self.description = description
         self.on_listening = on_listening
 
     def privilegedStartService(self):
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+            raise SystemExit(f"bai-agent: cannot listen on {self.description} for {self.name}: {reason}")
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):
@@ -115,7 +121,7 @@ def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=No
         etcd_service.refresh_now()
 
     amp_service = ListeningService(
-        serverFromString(reactor, config.amp_endpoint), AgentAMPFactory(state), amp_listening
+        config.amp_endpoint, serverFromString(reactor, config.amp_endpoint), AgentAMPFactory(state), amp_listening
     )
     amp_service.setName("amp")
     amp_service.setServiceParent(top)
@@ -133,9 +139,11 @@ def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=No
     site = Site(StatusPage(state).app.resource())
     site.displayTracebacks = False
     site.noisy = False
-    ListeningService(serverFromString(reactor, config.http_endpoint), site, http_listening).setServiceParent(
-        status
+    http_service = ListeningService(
+        config.http_endpoint, serverFromString(reactor, config.http_endpoint), site, http_listening
     )
+    http_service.setName("http")
+    http_service.setServiceParent(status)
     health_watch = TimerService(1.0, _never_raise(state.watch_health))
     health_watch.clock = reactor
     health_watch.setServiceParent(status)

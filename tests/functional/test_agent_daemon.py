@@ -166,7 +166,8 @@ def test_taken_port_fails_startup_with_a_clear_message(tmp_path, etcd_server, do
         finally:
             agent.stop()
     assert code != 0
-    assert "Address already in use" in agent.log_text() or "Couldn't listen" in agent.log_text()
+    assert f"bai-agent: cannot listen on tcp:{port}:interface=127.0.0.1 for amp: Address already in use" in agent.log_text()
+    assert "Traceback" not in agent.log_text()
 
 
 def test_bad_option_is_a_usage_error(tmp_path, etcd_server):

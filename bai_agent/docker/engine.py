@@ -6,6 +6,9 @@ reactor.
 connection pool. It negotiates the API version once (``GET /version``) and then prefixes
 every call with ``/v{api}``; new endpoints (containers, exec, ...) are one call to the
 private ``_request`` helper away.
+
+``demultiplex_docker_stream`` / ``DockerStreamDemultiplexer`` split the multiplexed
+stdout/stderr stream of containers without a TTY (logs, attach, exec).
 """
 
 import json
@@ -27,6 +30,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from bai_agent.docker.interface import (
+    DockerConflict,
     DockerError,
     DockerNotFound,
     DockerUnavailable,
@@ -128,6 +132,133 @@ def parse_docker_host(docker_host):
 def image_path(name, suffix=""):
     """``/images/{name}{suffix}`` with ``name`` quoted whole, slashes and colons included."""
     return "/images/" + quote(name, safe="") + suffix
+
+
+def container_path(container_id, suffix=""):
+    """``/containers/{id}{suffix}`` with the id (or name) quoted whole."""
+    return "/containers/" + quote(container_id, safe="") + suffix
+
+
+def label_filters(labels):
+    """``{"k": "v", "p": None}`` -> ``{"label": ["k=v", "p"]}``, the ``filters`` of a listing."""
+    if not labels:
+        return {}
+    return {"label": [key if value is None else f"{key}={value}" for key, value in labels.items()]}
+
+
+# -- the multiplexed stdout/stderr stream ------------------------------------------------
+
+#: The stream byte of a multiplexed frame's header, and what it names.
+DOCKER_STREAM_NAMES = {0: "stdin", 1: "stdout", 2: "stderr"}
+
+_FRAME_HEADER_SIZE = 8
+
+
+class DockerStreamError(ValueError):
+    """The bytes are not Docker's multiplexed stream (a frame header is invalid)."""
+
+
+class DockerStreamDemultiplexer:
+    """
+    Incremental demultiplexer of the stream Docker sends for a container without a TTY:
+    frames of an 8-byte header ``[stream, 0, 0, 0, size as big-endian uint32]`` and
+    ``size`` bytes of output, where stream is 0 (stdin), 1 (stdout) or 2 (stderr).
+
+    ``feed`` takes chunks cut anywhere, even inside a header, and returns the output
+    they completed as ``[(stream_name, bytes)]``: a frame's bytes are passed on as soon
+    as they arrive (an interactive consumer sees output without waiting for the rest of
+    the frame), and consecutive bytes of the same stream within one ``feed`` are joined.
+    """
+
+    def __init__(self):
+        self._header = bytearray()
+        self._stream = None  # the stream of the frame whose payload is arriving
+        self._remaining = 0  # payload bytes of that frame still to come
+        self._offset = 0  # bytes consumed so far, for error messages
+
+    @property
+    def pending(self):
+        """True when the stream stopped inside a frame (a truncated stream)."""
+        return bool(self._header) or self._remaining > 0
+
+    def feed(self, data):
+        out = []
+        view = memoryview(data)
+        i, end = 0, len(view)
+        while i < end:
+            if self._remaining:
+                take = min(self._remaining, end - i)
+                _append_output(out, self._stream, view[i:i + take])
+                self._remaining -= take
+                i += take
+                continue
+            start = len(self._header)
+            piece = view[i:i + _FRAME_HEADER_SIZE - start]
+            self._header += piece
+            self._check_header(start)
+            i += len(piece)
+            if len(self._header) == _FRAME_HEADER_SIZE:
+                self._stream = DOCKER_STREAM_NAMES[self._header[0]]
+                self._remaining = int.from_bytes(self._header[4:], "big")
+                self._offset += _FRAME_HEADER_SIZE + self._remaining
+                self._header.clear()
+        return [(name, bytes(payload)) for name, payload in out]
+
+    def _check_header(self, checked):
+        """Validate the header bytes from ``checked`` on, as soon as they arrive."""
+        header = self._header
+        for index in range(checked, min(len(header), 4)):
+            if (index == 0 and header[0] not in DOCKER_STREAM_NAMES) or (index and header[index]):
+                raise DockerStreamError(
+                    f"not a multiplexed stream: invalid frame header at byte {self._offset}: "
+                    f"{bytes(header)!r}"
+                )
+
+
+def _append_output(out, name, payload):
+    if out and out[-1][0] == name:
+        out[-1][1].extend(payload)
+    else:
+        out.append((name, bytearray(payload)))
+
+
+def demultiplex_docker_stream(data):
+    """
+    Split Docker's multiplexed stream (see ``DockerStreamDemultiplexer``) into
+    ``[(stream_name, bytes)]`` in the order written, ``stream_name`` being ``"stdin"``,
+    ``"stdout"`` or ``"stderr"``. Consecutive output of one stream is joined into one
+    item, so the result does not depend on how the writer framed it. A final frame cut
+    short gives the bytes that did arrive; a final header cut short gives nothing.
+    Raise ``DockerStreamError`` (a ``ValueError``) at a header that is not
+    ``[0|1|2, 0, 0, 0, size]``, e.g. for the raw output of a container with a TTY.
+    """
+    return DockerStreamDemultiplexer().feed(data)
+
+
+def whole_lines(output):
+    """
+    Regroup demultiplexed ``output`` (``[(stream_name, bytes)]``) so that no line of
+    one stream is cut by output of another: each stream's bytes are held until a
+    newline, and each line goes where its last byte came. The daemon logs a long line
+    in 16 KiB pieces, and the pieces of stdout and stderr lines written close together
+    interleave; this keeps them whole. A stream's unfinished last line comes at the end.
+    """
+    pending = {}  # stream -> bytes held back, in the order they started
+    out = []
+    for stream, payload in output:
+        if not payload:
+            continue
+        held = pending.setdefault(stream, bytearray())
+        held += payload
+        end = held.rfind(b"\n") + 1
+        if end:
+            _append_output(out, stream, held[:end])
+            del held[:end]
+            if not held:
+                del pending[stream]
+    for stream, rest in pending.items():
+        _append_output(out, stream, rest)
+    return [(stream, bytes(payload)) for stream, payload in out]
 
 
 class JSONStreamError(ValueError):
@@ -265,6 +396,18 @@ def _error_message(body, status):
     return message
 
 
+_ERROR_TYPES = {404: DockerNotFound, 409: DockerConflict}
+
+
+def _error_for(status, body):
+    """The ``DockerError`` (or subclass) for an error answer, with the daemon's message."""
+    return _ERROR_TYPES.get(status, DockerError)(_error_message(body, status), status=status)
+
+
+#: ``_request``'s ``timeout`` when not given: the client's own.
+_CLIENT_TIMEOUT = object()
+
+
 @implementer(IEventStream)
 class _EventStream:
     """The ``IEventStream`` of ``DockerEngineClient.stream_events``."""
@@ -381,11 +524,26 @@ class DockerEngineClient:
         if self.api_version is None:
             yield self.negotiate()
 
-    def _request(self, method, path, json=None, params=None, versioned=True, decode=True):
+    def _request(
+        self,
+        method,
+        path,
+        json=None,
+        params=None,
+        versioned=True,
+        decode=True,
+        accept=(),
+        timeout=_CLIENT_TIMEOUT,
+    ):
         """
         Send one request and read the whole answer. Fires with the decoded JSON body
         (None when empty), or the raw bytes with ``decode=False``. Versioned paths are
         prefixed with ``/v{api}`` (negotiating first when needed).
+
+        A status outside 2xx fails with ``_error_for`` it (404 ``DockerNotFound``, 409
+        ``DockerConflict``), except the statuses in ``accept`` (such as 304 "already
+        started"), which fire with None. ``timeout``: seconds for the whole call, the
+        client's own when not given, ``None`` for no limit (connecting is still bounded).
         """
         what = f"{method} {path}"
 
@@ -400,10 +558,10 @@ class DockerEngineClient:
                 method, self._url(path, versioned), params=params, **body_args
             )
             body = yield response.content()
-            if response.code == 404:
-                raise DockerNotFound(_error_message(body, 404), status=404)
+            if response.code in accept:
+                return None
             if not 200 <= response.code < 300:
-                raise DockerError(_error_message(body, response.code), status=response.code)
+                raise _error_for(response.code, body)
             if not decode:
                 return body
             if not body.strip():
@@ -413,26 +571,29 @@ class DockerEngineClient:
             except ValueError as e:
                 raise DockerError(f"{what}: the daemon answered invalid JSON: {e}")
 
-        return self._guard(call(), what)
+        return self._guard(call(), what, timeout)
 
-    def _guard(self, d, what):
+    def _guard(self, d, what, timeout=_CLIENT_TIMEOUT):
         """
-        Cancel ``d`` after ``timeout`` seconds, and make its failures ``DockerError``s
-        (a timeout is ``DockerUnavailable``).
+        Cancel ``d`` after ``timeout`` seconds (the client's own when not given; never
+        when None), and make its failures ``DockerError``s (a timeout is
+        ``DockerUnavailable``).
         """
+        if timeout is _CLIENT_TIMEOUT:
+            timeout = self._timeout
         timed_out = []
 
         def expire():
             timed_out.append(True)
             d.cancel()
 
-        timer = self._reactor.callLater(self._timeout, expire)
+        timer = None if timeout is None else self._reactor.callLater(timeout, expire)
 
         def settled(result):
-            if timer.active():
+            if timer is not None and timer.active():
                 timer.cancel()
             if timed_out and isinstance(result, Failure):
-                raise DockerUnavailable(f"{what}: no answer within {self._timeout:g}s")
+                raise DockerUnavailable(f"{what}: no answer within {timeout:g}s")
             return result
 
         d.addBoth(settled)
@@ -492,13 +653,7 @@ class DockerEngineClient:
                 return None
             if not 200 <= response.code < 300:
                 d = response.content()
-                d.addCallback(
-                    lambda body: stream._fail(
-                        (DockerNotFound if response.code == 404 else DockerError)(
-                            _error_message(body, response.code), status=response.code
-                        )
-                    )
-                )
+                d.addCallback(lambda body: stream._fail(_error_for(response.code, body)))
                 return d
             response.deliverBody(_EventBodyProtocol(stream))
             return None
@@ -513,6 +668,107 @@ class DockerEngineClient:
         d.addCallbacks(opened, failed)
         d.addErrback(failed)
         return stream
+
+    # -- containers -------------------------------------------------------------------
+
+    @inlineCallbacks
+    def create_container(self, name, config):
+        params = None if name is None else {"name": name}
+        created = yield self._request("POST", "/containers/create", json=config, params=params)
+        if not isinstance(created, dict) or not created.get("Id"):
+            raise DockerError(f"POST /containers/create answered {created!r}")
+        for warning in created.get("Warnings") or ():
+            log.warn(
+                "creating container {name}: the daemon warns: {warning}", name=name, warning=warning
+            )
+        return created["Id"]
+
+    @inlineCallbacks
+    def start_container(self, container_id):
+        yield self._request("POST", container_path(container_id, "/start"), accept=(304,))
+
+    def inspect_container(self, container_id):
+        return self._request("GET", container_path(container_id, "/json"))
+
+    def list_containers(self, labels=None, all=True):
+        params = {"all": "1" if all else "0"}
+        filters = label_filters(labels)
+        if filters:
+            params["filters"] = json.dumps(filters, separators=(",", ":"))
+        return self._request("GET", "/containers/json", params=params)
+
+    @inlineCallbacks
+    def kill_container(self, container_id, signal="SIGKILL"):
+        yield self._request(
+            "POST", container_path(container_id, "/kill"), params={"signal": str(signal)}
+        )
+
+    @inlineCallbacks
+    def stop_container(self, container_id, timeout=10):
+        # The daemon answers only once the container has stopped: up to ``timeout``
+        # seconds of grace, then the time SIGKILL takes.
+        yield self._request(
+            "POST",
+            container_path(container_id, "/stop"),
+            params={"t": str(int(timeout))},
+            accept=(304,),
+            timeout=self._timeout + timeout,
+        )
+
+    @inlineCallbacks
+    def remove_container(self, container_id, force=True, volumes=True):
+        yield self._request(
+            "DELETE",
+            container_path(container_id),
+            params={"force": "1" if force else "0", "v": "1" if volumes else "0"},
+        )
+
+    @inlineCallbacks
+    def wait_container(self, container_id):
+        path = container_path(container_id, "/wait")
+        result = yield self._request(
+            "POST", path, params={"condition": "not-running"}, timeout=None
+        )
+        if not isinstance(result, dict) or not isinstance(result.get("StatusCode"), int):
+            raise DockerError(f"POST {path} answered {result!r}")
+        error = (result.get("Error") or {}).get("Message")
+        if error:
+            log.warn(
+                "waiting for container {container_id}: the daemon reports: {error}",
+                container_id=container_id,
+                error=error,
+            )
+        return result["StatusCode"]
+
+    @inlineCallbacks
+    def container_logs(self, container_id, tail=None):
+        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+            raise DockerError(f"tail must be None or a non-negative integer, not {tail!r}")
+        # Without a TTY the daemon multiplexes stdout and stderr; with one it sends the
+        # terminal's raw bytes, and only the container's config tells which.
+        info = yield self.inspect_container(container_id)
+        path = container_path(container_id, "/logs")
+        body = yield self._request(
+            "GET",
+            path,
+            params={"stdout": "1", "stderr": "1", "tail": "all" if tail is None else str(tail)},
+            decode=False,
+        )
+        if (info.get("Config") or {}).get("Tty"):
+            return body.decode("utf-8", "replace")
+        try:
+            output = whole_lines(demultiplex_docker_stream(body))
+        except DockerStreamError as e:
+            raise DockerError(f"GET {path}: {e}")
+        # Join before decoding: a UTF-8 character may straddle two frames.
+        return b"".join(payload for _, payload in output).decode("utf-8", "replace")
+
+    @inlineCallbacks
+    def update_container(self, container_id, resources):
+        result = yield self._request(
+            "POST", container_path(container_id, "/update"), json=resources
+        )
+        return list((result or {}).get("Warnings") or ())
 
     # -- lifetime ---------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """
-Blocking helpers for tests that need the real Docker daemon: find it, and make and
-remove tiny local images (nothing can be pulled here). Standard library only; these
-block, so they belong in fixtures and test set-up, never in the daemon.
+Blocking helpers for tests that need the real Docker daemon: find it, make and remove
+tiny local images (nothing can be pulled here), find the kernel image, and remove the
+containers tests made. Standard library only; these block, so they belong in fixtures
+and test set-up, never in the daemon.
 """
 
 import http.client
@@ -11,11 +12,14 @@ import os
 import socket
 import tarfile
 import tempfile
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from bai_agent.docker.engine import image_path, parse_docker_host
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
+
+#: The kernel image ``scripts/build-kernel-image`` makes (``BAI_KERNEL_IMAGE`` overrides).
+DEFAULT_KERNEL_IMAGE = "bai-kernel/python:3.11"
 
 
 class DockerHTTPError(Exception):
@@ -100,6 +104,46 @@ def require_docker():
     return docker_host
 
 
+def require_kernel_image(docker_host, environ=None):
+    """
+    The name of the local kernel image (``BAI_KERNEL_IMAGE`` or the default), checked
+    with ``GET /images/{name}/json``; fail the test (never skip it) with how to build it
+    when it is missing.
+    """
+    import pytest
+
+    environ = os.environ if environ is None else environ
+    name = environ.get("BAI_KERNEL_IMAGE") or DEFAULT_KERNEL_IMAGE
+    status, body = docker_request(docker_host, "GET", image_path(name, "/json"), timeout=10.0)
+    if status != 200:
+        pytest.fail(
+            f"These tests run containers of the kernel image {name} (BAI_KERNEL_IMAGE), "
+            f"and the daemon at {docker_host} does not have it (HTTP {status}).\n"
+            "Build it locally, without a registry, with:\n"
+            "    scripts/build-kernel-image",
+            pytrace=False,
+        )
+    return name
+
+
+def remove_container(container_id, docker_host=None):
+    """
+    ``docker rm --force --volumes container_id`` (an id or a name). Return False when
+    there was no such container.
+    """
+    docker_host = docker_host or docker_host_from_env()
+    path = "/containers/" + quote(container_id, safe="") + "?force=1&v=1"
+    try:
+        _checked(docker_host, "DELETE", path)
+    except DockerHTTPError as e:
+        if e.status == 404:
+            return False
+        if e.status == 409 and "already in progress" in e.message:
+            return True
+        raise
+    return True
+
+
 def _tiny_rootfs_tar(directory):
     path = os.path.join(directory, "rootfs.tar")
     content = b"bai-agent test image\n"
@@ -170,11 +214,14 @@ def remove_image(name, force=False, docker_host=None):
 
 __all__ = [
     "DEFAULT_DOCKER_HOST",
+    "DEFAULT_KERNEL_IMAGE",
     "DockerHTTPError",
     "docker_host_from_env",
     "docker_request",
     "import_test_image",
+    "remove_container",
     "remove_image",
     "require_docker",
+    "require_kernel_image",
     "tag_image",
 ]

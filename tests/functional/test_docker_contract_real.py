@@ -10,14 +10,19 @@ from bai_agent.testing.docker_contract import make_docker_backend_tests
 
 
 class RealDockerFixture:
-    """Images it makes are named ``bai-agent-test/contract-*`` and removed afterwards."""
+    """
+    Images it makes are named ``bai-agent-test/contract-*``, containers
+    ``bai-test-<random>``; both are removed afterwards.
+    """
 
-    def __init__(self, reactor, docker_host, tmp_path):
+    def __init__(self, reactor, docker_host, tmp_path, kernel_image):
         self._reactor = reactor
         self._docker_host = docker_host
         self._tmp_path = tmp_path
         self._names = []
+        self._container_names = []
         self._backends = []
+        self.kernel_image = kernel_image
         self.backend = self._client(docker_host)
 
     def _client(self, docker_host):
@@ -27,6 +32,11 @@ class RealDockerFixture:
 
     def unique_name(self):
         return f"bai-agent-test/contract-{uuid.uuid4().hex[:12]}:1"
+
+    def container_name(self):
+        name = f"bai-test-{uuid.uuid4().hex[:12]}"
+        self._container_names.append(name)
+        return name
 
     def add_image(self, name, labels):
         self._names.append(name)
@@ -48,15 +58,19 @@ class RealDockerFixture:
     def cleanup(self):
         for backend in self._backends:
             backend.close()
+        for name in self._container_names:
+            host_helpers.remove_container(name, docker_host=self._docker_host)
         for name in reversed(self._names):
             host_helpers.remove_image(name, docker_host=self._docker_host)
 
 
 def real_docker_fixture(request):
+    docker_host = request.getfixturevalue("docker_host")
     fixture = RealDockerFixture(
         request.getfixturevalue("reactor"),
-        request.getfixturevalue("docker_host"),
+        docker_host,
         request.getfixturevalue("tmp_path"),
+        host_helpers.require_kernel_image(docker_host),
     )
     request.addfinalizer(fixture.cleanup)
     return fixture

@@ -31,6 +31,8 @@ class AgentState:
         self.connections = set()
         self.amp_port = None
         self.http_port = None
+        self.kernels = None  # the KernelRegistry, attached by the composition root
+        self.journal = None
         self.recent_events = collections.deque(maxlen=100)
         self._health_seen = {}
 
@@ -80,18 +82,24 @@ class AgentState:
         return f"http://{host}:{port}/"
 
     def used_resources(self) -> dict:
-        # Kernels (the next service) will report their grants here.
-        return {"cpu": 0, "mem": 0, "cuda.device": 0}
+        if self.kernels is None:
+            return {"cpu": 0, "mem": 0, "cuda.device": 0}
+        return self.kernels.allocator.used()
 
     def resources(self) -> dict:
         used = self.used_resources()
         return {
             slot: {"capacity": capacity, "used": used.get(slot, 0)}
-            for slot, capacity in self.capacity.as_slots().items()
+            for slot, capacity in self.capacity_slots().items()
         }
 
+    def capacity_slots(self) -> dict:
+        if self.kernels is not None:
+            return self.kernels.allocator.capacity.as_slots()
+        return self.capacity.as_slots()
+
     def kernel_count(self) -> int:
-        return 0
+        return self.kernels.count() if self.kernels is not None else 0
 
     def record(self) -> dict:
         """The agent record of PROTOCOL.md section 4 (``status``/``heartbeat_at`` added by etcd)."""

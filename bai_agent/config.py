@@ -130,6 +130,9 @@ class AgentConfig:
     secret_file: str = None
     reserved_cpu: float = 0.0
     reserved_mem: int = 0
+    allowed_mount_roots: tuple = ()
+    kernel_network: str = "bridge"
+    kernel_pids_limit: int = 1024
 
     @property
     def etcd_url(self) -> str:

@@ -4,6 +4,10 @@
     bai-agent-ctl agents                 # agents registered in etcd
     bai-agent-ctl info AGENT             # the agent's record, over AMP
     bai-agent-ctl images AGENT           # its kernel images, over AMP
+    bai-agent-ctl create AGENT KERNEL    # create a kernel (--image, --cpu, --mem, ...)
+    bai-agent-ctl kernels AGENT          # list its kernels
+    bai-agent-ctl destroy AGENT KERNEL   # destroy / restart one
+    bai-agent-ctl events AGENT --follow  # print its events as they happen
 
 AGENT is an agent id (looked up in etcd) or a HOST:PORT to dial directly. The etcd address,
 namespace and secret are found like the agent finds them: ``--etcd-addr``, ``--namespace``,
@@ -15,7 +19,7 @@ import datetime
 import json
 import sys
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 from bai_agent.config import parse_host_port
 from bai_agent.protocol import errors
@@ -36,9 +40,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an agent")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("agents", help="list the agents registered in etcd")
-    for name, text in (("info", "show an agent's record"), ("images", "list an agent's kernel images")):
+    for name, text in (
+        ("info", "show an agent's record"),
+        ("images", "list an agent's kernel images"),
+        ("kernels", "list an agent's kernels"),
+    ):
         sub.add_parser(name, help=text).add_argument("agent", help="agent id, or HOST:PORT")
+    create = sub.add_parser("create", help="create a kernel")
+    create.add_argument("agent", help="agent id, or HOST:PORT")
+    create.add_argument("kernel_id", help="the new kernel's id")
+    create.add_argument("--image", default="bai-kernel/python:3.11", help="kernel image (default %(default)s)")
+    create.add_argument("--cpu", type=float, help="cores (default: the agent's default, 1)")
+    create.add_argument("--mem", help="memory, bytes or 512m, 2g (default: 512m)")
+    create.add_argument("--gpus", type=int, help="NVIDIA devices")
+    create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
+    create.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro|rw]", help="bind mount (repeatable)")
+    create.add_argument("--idle-timeout", type=int, help="seconds without commands before it is destroyed (0: never)")
+    create.add_argument("--exec-timeout", type=int, help="seconds one run may take (0: no limit)")
+    for name, text in (("destroy", "destroy a kernel"), ("restart", "restart a kernel")):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("agent", help="agent id, or HOST:PORT")
+        command.add_argument("kernel_id")
+    events = sub.add_parser("events", help="print an agent's events")
+    events.add_argument("agent", help="agent id, or HOST:PORT")
+    events.add_argument("--since", type=int, default=0, help="last seq already seen (default: all kept)")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     return parser
+
+
+def _create_arguments(args) -> dict:
+    resources = {}
+    if args.cpu is not None:
+        resources["cpu"] = args.cpu
+    if args.mem is not None:
+        resources["mem"] = int(args.mem) if args.mem.isdigit() else args.mem
+    if args.gpus is not None:
+        resources["cuda.device"] = args.gpus
+    environ = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CtlError(f"--env {item!r}: expected NAME=VALUE")
+        environ[name] = value
+    mounts = []
+    for item in args.mount:
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise CtlError(f"--mount {item!r}: expected SRC:DST[:ro|rw]")
+        mounts.append({"source": parts[0], "target": parts[1], "mode": parts[2] if len(parts) == 3 else "ro"})
+    return {
+        "kernel_id": args.kernel_id,
+        "image": args.image,
+        "resources": resources,
+        "environ": environ or None,
+        "mounts": mounts or None,
+        "idle_timeout": args.idle_timeout,
+        "exec_timeout": args.exec_timeout,
+    }
 
 
 def _etcd(reactor, args):
@@ -138,10 +196,65 @@ def run(reactor, args, out):
                 else:
                     rows = [[image["name"], image["runtime_type"], image["id"][:19]] for image in images]
                     _table(rows, ["IMAGE", "RUNTIME", "ID"], out)
+            elif args.command == "kernels":
+                kernels = yield client.list_kernels()
+                if args.json:
+                    out.write(json.dumps(kernels, indent=2) + "\n")
+                else:
+                    rows = [
+                        [
+                            kernel["kernel_id"],
+                            kernel["image"],
+                            kernel["status"],
+                            kernel["resources"].get("cpu", "-"),
+                            kernel["resources"].get("mem", "-"),
+                            kernel["resources"].get("cpuset") or "-",
+                            _time(kernel.get("created_at")),
+                        ]
+                        for kernel in kernels
+                    ]
+                    _table(rows, ["KERNEL", "IMAGE", "STATUS", "CPU", "MEM", "CPUSET", "CREATED (UTC)"], out)
+            elif args.command == "create":
+                record = yield client.create_kernel(**_create_arguments(args))
+                out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            elif args.command == "destroy":
+                answer = yield client.destroy_kernel(args.kernel_id)
+                out.write(json.dumps(answer, indent=2, sort_keys=True) + "\n")
+            elif args.command == "restart":
+                record = yield client.restart_kernel(args.kernel_id)
+                out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            elif args.command == "events":
+                yield _events(reactor, client, args, out)
         finally:
             client.close()
     finally:
         etcd.close()
+
+
+@inlineCallbacks
+def _events(reactor, client, args, out):
+    """Print events as they are delivered; without --follow, stop once caught up."""
+    caught_up = Deferred()
+    state = {"last_seq": None}
+
+    def on_event(event):
+        out.write(json.dumps(event, sort_keys=True) + "\n")
+        out.flush()
+        if not args.follow and state["last_seq"] is not None and event["seq"] >= state["last_seq"]:
+            if not caught_up.called:
+                caught_up.callback(None)
+
+    client.set_event_handler(on_event)
+    try:
+        state["last_seq"] = yield client.subscribe(args.since)
+    except errors.EventsExpired as e:
+        raise CtlError(f"events since {args.since} are no longer kept ({e}); use --since 0")
+    if args.follow:
+        yield client.disconnected
+        raise CtlError("the agent closed the connection")
+    if state["last_seq"] <= args.since:
+        return
+    yield caught_up
 
 
 def main(argv=None):

@@ -1,14 +1,18 @@
 """
 The composition root: ``build_agent_service`` makes the one ``MultiService`` named
 ``bai-agent`` with its named children, started in this order and stopped in reverse:
-``docker``, ``etcd``, ``amp``, ``status``.
+``docker``, ``etcd``, ``kernels``, ``amp``, ``status``.
 """
+
+import os
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -18,12 +22,19 @@ from bai_agent.docker.engine import DockerEngineClient
 from bai_agent.docker.service import DockerService
 from bai_agent.etcd.service import EtcdService
 from bai_agent.etcd.txetcd import TxEtcd
+from bai_agent.kernels.allocator import Allocator
+from bai_agent.kernels.gpus import discover_gpus
+from bai_agent.kernels.journal import EventJournal
+from bai_agent.kernels.registry import KernelRegistry
+from bai_agent.kernels.runner_link import connect_runner as default_connect_runner
 from bai_agent.resources import detect_capacity
 from bai_agent.rpc.server import AgentAMPFactory
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
 
 log = Logger()
+
+RUNNER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner")
 
 
 class ListeningService(StreamServerEndpointService):
@@ -74,15 +85,19 @@ class AgentService(MultiService):
         return d.addBoth(close_clients)
 
 
-def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=None) -> MultiService:
+def build_agent_service(
+    reactor, config, docker_backend=None, etcd=None, nvml=None, connect_runner=None, run_blocking=None
+) -> MultiService:
     """
     Build the agent from a validated ``AgentConfig``. ``docker_backend`` (an
-    ``IDockerBackend``) and ``etcd`` (an ``IEtcd``) default to the real clients; tests
-    pass fakes.
+    ``IDockerBackend``), ``etcd`` (an ``IEtcd``), ``nvml`` (the pynvml module),
+    ``connect_runner`` and ``run_blocking`` (disk work off the reactor thread) default to
+    the real ones; tests pass fakes.
     """
     ensure_private_dir(config.scratch_root, "scratch root")
     ensure_private_dir(config.state_dir, "state dir")
-    capacity = detect_capacity(config.reserved_cpu, config.reserved_mem, nvml=nvml)
+    gpus = discover_gpus(nvml)
+    capacity = detect_capacity(config.reserved_cpu, config.reserved_mem, cuda_devices=len(gpus))
 
     top = AgentService()
     top.setName("bai-agent")
@@ -114,6 +129,27 @@ def build_agent_service(reactor, config, docker_backend=None, etcd=None, nvml=No
     etcd_service.setName("etcd")
     etcd_service.setServiceParent(top)
     state.etcd = etcd_service
+
+    allocator = Allocator(capacity, gpus)
+    journal = EventJournal(os.path.join(config.state_dir, "events.jsonl"), reactor)
+    disk_pool = ThreadPool(minthreads=0, maxthreads=4, name="bai-agent-disk")
+    kernels = KernelRegistry(
+        reactor,
+        config,
+        docker,
+        docker_backend,
+        allocator,
+        journal,
+        connect_runner=connect_runner or default_connect_runner,
+        run_blocking=run_blocking or (lambda f, *args: deferToThreadPool(reactor, disk_pool, f, *args)),
+        runner_dir=RUNNER_DIR,
+        cluster_config=lambda: etcd_service.cluster_config,
+        thread_pool=None if run_blocking else disk_pool,
+    )
+    kernels.setName("kernels")
+    kernels.setServiceParent(top)
+    state.kernels = kernels
+    state.journal = journal
 
     def amp_listening(port):
         state.amp_port = port.getHost().port

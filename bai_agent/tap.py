@@ -4,6 +4,9 @@
 This is the only module that imports the global reactor.
 """
 
+import os
+import re
+
 from twisted.python import usage
 
 from bai_agent.config import (
@@ -19,6 +22,10 @@ from bai_agent.config import (
     parse_positive_float,
     parse_size,
 )
+from bai_agent.kernels.workspace import check_socket_room
+
+NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+SYSTEM_DIRS = {"/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot", "/proc", "/sys", "/dev", "/root", "/var", "/run"}
 
 
 class Options(usage.Options):
@@ -42,7 +49,17 @@ class Options(usage.Options):
         ["secret-file", None, None, "File holding the namespace secret (hex); overrides etcd's."],
         ["reserved-cpu", None, "0", "CPU cores kept back for the host."],
         ["reserved-mem", None, "0", "Memory kept back for the host: bytes, or 512m, 2g."],
+        ["kernel-network", None, "bridge", "Docker network of kernels ('none' for no network)."],
+        ["kernel-pids-limit", None, "1024", "Most processes one kernel may run."],
     ]
+
+    def __init__(self):
+        super().__init__()
+        self["allowed-mount-root"] = []
+
+    def opt_allowed_mount_root(self, path):
+        """A host directory whose subtrees managers may mount into kernels (repeatable)."""
+        self["allowed-mount-root"].append(path)
 
     def _parse(self, option, parser, *args):
         try:
@@ -77,6 +94,20 @@ class Options(usage.Options):
                 raise usage.UsageError("--secret-file: the secret must be at least 64 hex digits")
         for option, what in (("scratch-root", "scratch root"), ("state-dir", "state dir")):
             self._parse(option, ensure_private_dir, what)
+        self._parse("state-dir", check_socket_room)
+        roots = []
+        for root in self["allowed-mount-root"]:
+            real = os.path.realpath(root)
+            if not os.path.isabs(root) or not os.path.isdir(real):
+                raise usage.UsageError(f"--allowed-mount-root: {root!r} is not an existing absolute directory")
+            if real == "/" or real in SYSTEM_DIRS:
+                raise usage.UsageError(f"--allowed-mount-root: {root!r} would expose the host's system")
+            roots.append(real)
+        if not NETWORK_NAME.match(self["kernel-network"]):
+            raise usage.UsageError(f"--kernel-network: {self['kernel-network']!r} is not a network name")
+        pids_limit = self._parse("kernel-pids-limit", int)
+        if not 16 <= pids_limit <= 1 << 22:
+            raise usage.UsageError("--kernel-pids-limit: must be between 16 and 4194304")
         self.config = AgentConfig(
             etcd_addr=self["etcd-addr"],
             namespace=self["namespace"],
@@ -91,6 +122,9 @@ class Options(usage.Options):
             secret_file=self["secret-file"],
             reserved_cpu=self._parse("reserved-cpu", parse_cpu),
             reserved_mem=self._parse("reserved-mem", parse_size),
+            allowed_mount_roots=tuple(roots),
+            kernel_network=self["kernel-network"],
+            kernel_pids_limit=pids_limit,
         )
 
 

@@ -7,7 +7,7 @@
 Declared errors come back as the classes of ``bai_agent.protocol.errors``.
 """
 
-from twisted.internet.defer import inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import HostnameEndpoint, clientFromString, connectProtocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -53,6 +53,19 @@ class ManagerLocator(amp.CommandLocator):
         return maybeDeferred(self.on_event, event).addCallback(lambda _: {})
 
 
+class ManagerAMP(amp.AMP):
+    """The manager's end of a connection; ``lost`` fires when it closes."""
+
+    def __init__(self, locator):
+        super().__init__(locator=locator)
+        self.lost = Deferred()
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
 class AgentClient:
     """Typed calls to one agent over one authenticated AMP connection."""
 
@@ -66,7 +79,7 @@ class AgentClient:
     def connect(cls, reactor, address, secret, on_event=None, timeout=10.0):
         """Connect to ``address``, say ``Hello`` and authenticate with ``secret``."""
         endpoint = address if not isinstance(address, str) else client_endpoint(reactor, address)
-        protocol = amp.AMP(locator=ManagerLocator(on_event))
+        protocol = ManagerAMP(ManagerLocator(on_event))
         d = connectProtocol(endpoint, protocol)
         d.addTimeout(timeout, reactor)
         yield d
@@ -78,6 +91,15 @@ class AgentClient:
             client.close()
             raise
         return client
+
+    @property
+    def disconnected(self):
+        """A Deferred that fires when the connection closes."""
+        return self.protocol.lost
+
+    def set_event_handler(self, on_event):
+        """Handle ``Event`` pushes with ``on_event(event_dict)`` (may return a Deferred)."""
+        self.protocol.locator.on_event = on_event
 
     def _call(self, command, **kwargs):
         kwargs = {key: value for key, value in kwargs.items() if value is not None}

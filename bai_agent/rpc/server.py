@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from bai_agent.protocol import commands, errors
 from bai_agent.protocol.auth import new_nonce, verify_mac
+from bai_agent.rpc.events import EventFeed
 
 MAX_FAILED_AUTHENTICATIONS = 3
 
@@ -154,6 +155,47 @@ class AgentLocator(amp.CommandLocator):
             raise errors.BackendUnavailable(f"Docker is unreachable: {self.agent.docker.last_error}")
         return {"images": [image.to_json() for image in self.agent.docker.images]}
 
+    # -- kernels ---------------------------------------------------------------------
+
+    @commands.ListKernels.responder
+    def list_kernels(self):
+        return {"kernels": self.agent.kernels.records()}
+
+    @commands.CreateKernel.responder
+    def create_kernel(self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None):
+        d = self.agent.kernels.create(
+            kernel_id,
+            image,
+            resources,
+            environ=environ,
+            mounts=mounts,
+            idle_timeout=idle_timeout,
+            exec_timeout=exec_timeout,
+        )
+        return d.addCallback(lambda record: {"kernel": record})
+
+    @commands.DestroyKernel.responder
+    def destroy_kernel(self, kernel_id, reason=None):
+        return self.agent.kernels.destroy(kernel_id, reason or "user-requested")
+
+    @commands.RestartKernel.responder
+    def restart_kernel(self, kernel_id):
+        return self.agent.kernels.restart(kernel_id).addCallback(lambda record: {"kernel": record})
+
+    @commands.Reset.responder
+    def reset(self):
+        return self.agent.kernels.reset().addCallback(lambda count: {"destroyed": count})
+
+    # -- events ----------------------------------------------------------------------
+
+    @commands.Subscribe.responder
+    def subscribe(self, since):
+        if since < 0:
+            raise errors.InvalidRequest(f"since must be 0 or a seq, got {since}")
+        if self.protocol is None:
+            raise errors.InvalidRequest("Subscribe needs a connection")
+        return {"last_seq": self.protocol.subscribe(since)}
+
 
 def _describe(error: Exception) -> str:
     if isinstance(error, KeyError):
@@ -176,6 +218,7 @@ class AgentAMP(amp.AMP):
         super().__init__(locator=AgentLocator(agent, session, self))
         self._ping_call = None
         self._silence_call = None
+        self.feed = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -183,7 +226,22 @@ class AgentAMP(amp.AMP):
         self._heard()
         self._schedule_ping()
 
+    def subscribe(self, since: int) -> int:
+        """Start (or restart) the event feed of this connection after ``since``."""
+        if self.feed is not None:
+            self.feed.stop()
+        self.feed = None
+        feed = EventFeed(self.agent.journal, self, since)
+        last_seq = feed.start()  # EventsExpired escapes to the responder
+        self.feed = feed
+        # The answer goes out first; the replay follows it.
+        self.agent.clock.callLater(0, feed.resume)
+        return last_seq
+
     def connectionLost(self, reason):
+        if self.feed is not None:
+            self.feed.stop()
+            self.feed = None
         self.agent.connections.discard(self)
         for call in (self._ping_call, self._silence_call):
             if call is not None and call.active():

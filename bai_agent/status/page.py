@@ -46,9 +46,10 @@ class StatusPage:
                 "daemon_version": docker.daemon_version,
             },
             "images": [image.to_json() for image in docker.images],
-            "kernels": [],
+            "kernels": state.kernels.records() if state.kernels is not None else [],
+            "now": state.clock.seconds(),
             "connections": len(state.connections),
-            "events": [{"ts": ts, "message": message} for ts, message in state.recent_events],
+            "events": recent_events(state),
         }
 
     @app.route("/", methods=["GET", "HEAD"])
@@ -86,6 +87,27 @@ class StatusPage:
         return b"internal error; see the agent log\n"
 
 
+RECENT_EVENTS = 30
+
+
+def recent_events(state) -> list:
+    """Health changes and the journal's last events, oldest first."""
+    events = [{"ts": ts, "message": message} for ts, message in state.recent_events]
+    if state.journal is not None and state.journal.last_seq:
+        tail = state.journal.since(max(0, state.journal.last_seq - RECENT_EVENTS))
+        events += [{"ts": event.ts, "message": describe_event(event)} for event in tail]
+    return sorted(events, key=lambda event: event["ts"])[-RECENT_EVENTS:]
+
+
+def describe_event(event) -> str:
+    text = f"#{event.seq} {event.type}"
+    if event.kernel_id:
+        text += f" {event.kernel_id}"
+    if event.type == "kernel-terminated":
+        text += f" ({event.data.get('reason')}, exit code {event.data.get('exit_code')})"
+    return text
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -110,6 +132,8 @@ def _duration(seconds: float) -> str:
 
 def _amount(slot, value) -> str:
     if slot == "mem":
+        if value < 1 << 30:
+            return f"{value / (1 << 20):.0f} MiB"
         return f"{value / (1 << 30):.1f} GiB"
     if isinstance(value, float) and not value.is_integer():
         return f"{value:.2f}"
@@ -139,9 +163,14 @@ def render_html(snap: dict) -> str:
         for image in snap["images"]
     ] or ["<tr><td colspan='3' class='none'>no kernel images (labelled ai.backend.kernelspec=1)</td></tr>"]
     kernel_rows = [
-        f"<tr><td>{_e(kernel['kernel_id'])}</td><td>{_e(kernel['image'])}</td><td>{_e(kernel['status'])}</td></tr>"
+        f"<tr><td><code>{_e(kernel['kernel_id'])}</code></td><td>{_e(kernel['image'])}</td>"
+        f"<td>{_e(kernel['status'])}</td><td>{_e(_duration(snap['now'] - kernel['created_at']))}</td>"
+        f"<td>{_e(_duration(snap['now'] - kernel['last_used']))}</td>"
+        f"<td>{_e(_amount('cpu', kernel['resources'].get('cpu', 0)))}"
+        f"{' (cores ' + _e(kernel['resources']['cpuset']) + ')' if kernel['resources'].get('cpuset') else ''}</td>"
+        f"<td>{_e(_amount('mem', kernel['resources'].get('mem', 0)))}</td></tr>"
         for kernel in snap["kernels"]
-    ] or ["<tr><td colspan='3' class='none'>no kernels</td></tr>"]
+    ] or ["<tr><td colspan='7' class='none'>no kernels</td></tr>"]
     event_rows = [
         f"<tr><td>{_e(_time(event['ts']))}</td><td>{_e(event['message'])}</td></tr>"
         for event in reversed(snap["events"])
@@ -187,7 +216,7 @@ code {{ font-size: .9em; }}
 <h2>Kernel images</h2>
 <table><tr><th>name</th><th>runtime</th><th>id</th></tr>{''.join(image_rows)}</table>
 <h2>Kernels</h2>
-<table><tr><th>id</th><th>image</th><th>status</th></tr>{''.join(kernel_rows)}</table>
+<table><tr><th>id</th><th>image</th><th>status</th><th>age</th><th>idle</th><th>CPU</th><th>memory</th></tr>{''.join(kernel_rows)}</table>
 <h2>Recent events</h2>
 <table>{''.join(event_rows)}</table>
 </body></html>

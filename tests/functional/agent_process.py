@@ -2,10 +2,13 @@
 
 import json
 import os
+import pathlib
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +37,9 @@ class AgentProcess:
         self.namespace = namespace
         self.etcd_addr = etcd_addr
         self.log_path = tmp_path / f"{agent_id}.log"
+        # Short, because runner sockets live under it (a UNIX socket path has 107 bytes).
+        self.state_dir = pathlib.Path(tempfile.mkdtemp(prefix="bai-state-"))
+        self.scratch_root = tmp_path / f"{agent_id}-scratch"
         self.argv = [
             sys.executable, "-m", "twisted", "bai-agent",
             "--etcd-addr", etcd_addr,
@@ -42,8 +48,8 @@ class AgentProcess:
             "--amp-endpoint", f"tcp:{self.amp_port}:interface=127.0.0.1",
             "--advertise-host", "127.0.0.1",
             "--http-endpoint", f"tcp:{self.http_port}:interface=127.0.0.1",
-            "--scratch-root", str(tmp_path / f"{agent_id}-scratch"),
-            "--state-dir", str(tmp_path / f"{agent_id}-state"),
+            "--scratch-root", str(self.scratch_root),
+            "--state-dir", str(self.state_dir),
             "--heartbeat-interval", "1",
             *extra,
         ]
@@ -67,6 +73,13 @@ class AgentProcess:
             return self.process.wait(5)
         finally:
             self.log.close()
+
+    def remove_state(self):
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    @property
+    def secret_path(self):
+        return self.state_dir / "secret"
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

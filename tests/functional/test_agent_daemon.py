@@ -27,11 +27,7 @@ def agent(tmp_path, etcd_server, docker_host):
     process = AgentProcess(tmp_path, etcd_server.addr).start()
     yield process
     process.stop()
-
-
-def secret_file(agent, tmp_path):
-    """The secret the agent adopted, as a file for bai-agent-ctl and the client."""
-    return next(tmp_path.glob(f"{agent.agent_id}-state")) / "secret"
+    process.remove_state()
 
 
 def test_agent_registers_within_5s_and_refreshes_its_record(agent, etcd_server):
@@ -83,7 +79,7 @@ def test_unknown_agent_and_missing_etcd_are_clear_ctl_errors(agent, etcd_server)
 def test_amp_authentication_and_garbage(agent, etcd_server, tmp_path, reactor):
     agent.wait_for(lambda: etcd_record(etcd_server.url, record_key(agent)), 5, "the agent record")
     address = f"127.0.0.1:{agent.amp_port}"
-    secret = secret_file(agent, tmp_path).read_text().strip()
+    secret = agent.secret_path.read_text().strip()
 
     with pytest.raises(errors.AuthFailed):
         yield AgentClient.connect(reactor, address, "00" * 32)
@@ -134,7 +130,7 @@ def test_etcd_outage_keeps_amp_serving_and_the_record_comes_back(tmp_path, docke
     agent = AgentProcess(tmp_path, etcd.addr, agent_id="agent-outage").start()
     try:
         agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 10, "/healthz 200")
-        secret = tmp_path / "agent-outage-state" / "secret"
+        secret = agent.secret_path
         etcd.stop()
         status = agent.wait_for(
             lambda: (lambda r: r if r[0] == 503 else None)(agent.http("/healthz")), 10, "/healthz 503"
@@ -150,6 +146,7 @@ def test_etcd_outage_keeps_amp_serving_and_the_record_comes_back(tmp_path, docke
         agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 10, "/healthz 200 again")
     finally:
         agent.stop()
+        agent.remove_state()
         etcd.stop()
 
 
@@ -165,6 +162,7 @@ def test_taken_port_fails_startup_with_a_clear_message(tmp_path, etcd_server, do
             code = agent.process.wait(30)
         finally:
             agent.stop()
+            agent.remove_state()
     assert code != 0
     assert f"bai-agent: cannot listen on tcp:{port}:interface=127.0.0.1 for amp: Address already in use" in agent.log_text()
     assert "Traceback" not in agent.log_text()
@@ -177,5 +175,6 @@ def test_bad_option_is_a_usage_error(tmp_path, etcd_server):
         code = agent.process.wait(30)
     finally:
         agent.stop()
+        agent.remove_state()
     assert code != 0
     assert "--reserved-mem" in agent.log_text()

@@ -1,0 +1,102 @@
+"""
+The Docker container of a kernel: its name, labels and the Engine API create body, with
+the resource limits of its grant and the hardening every kernel gets.
+"""
+
+import math
+
+from bai_agent.kernels.workspace import KERNEL_GID, KERNEL_UID, SOCKET_NAME
+
+HOME = "/home/work"
+RUNNER_MOUNT = "/opt/bai/runner"
+RUN_MOUNT = "/run/bai"
+KERNEL_ID_LABEL = "ai.backend.kernel-id"
+AGENT_ID_LABEL = "ai.backend.agent-id"
+
+# The runner runs as root in the container only to set up user code as uid 1000; these
+# are all the capabilities it needs for that. Everything else is dropped.
+RUNNER_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "SETGID", "SETUID")
+
+
+def container_name(agent_id: str, kernel_id: str) -> str:
+    return f"kernel.{agent_id}.{kernel_id}"
+
+
+def container_labels(agent_id: str, kernel_id: str) -> dict:
+    return {KERNEL_ID_LABEL: kernel_id, AGENT_ID_LABEL: agent_id}
+
+
+def core_count(grant) -> int:
+    """What a kernel should tell its libraries about cores: its pinned or its quota's share."""
+    if grant.cpuset:
+        return len(grant.cpuset)
+    return max(1, math.ceil(grant.cpu))
+
+
+def runner_command(image) -> list:
+    return [
+        image.runtime_path,
+        "-I",
+        "-u",
+        f"{RUNNER_MOUNT}/main.py",
+        "--socket", f"{RUN_MOUNT}/{SOCKET_NAME}",
+        "--uid", str(KERNEL_UID),
+        "--gid", str(KERNEL_GID),
+        "--home", HOME,
+        "--runtime-type", image.runtime_type,
+        "--runtime-path", image.runtime_path,
+    ]
+
+
+def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limit) -> dict:
+    """The ``POST /containers/create`` body of ``kernel``."""
+    grant = kernel.grant
+    environ = dict(kernel.environ)
+    cores = str(core_count(grant))
+    for name in kernel.image.corecount_envs:
+        environ[name] = cores
+    environ.setdefault("HOME", HOME)
+    host_config = {
+        "Binds": [
+            f"{workspace.scratch_dir}:{HOME}:rw",
+            f"{runner_dir}:{RUNNER_MOUNT}:ro",
+            f"{workspace.run_dir}:{RUN_MOUNT}:rw",
+        ]
+        + [mount.bind() for mount in kernel.mounts],
+        "NetworkMode": network,
+        "Memory": grant.mem,
+        "MemorySwap": grant.mem,  # equal limits: no swap
+        "PidsLimit": pids_limit,
+        "Privileged": False,
+        "CapDrop": ["ALL"],
+        "CapAdd": list(RUNNER_CAPABILITIES),
+        "SecurityOpt": ["no-new-privileges"],
+        "IpcMode": "private",
+        "RestartPolicy": {"Name": "no"},
+        "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "2"}},
+    }
+    if grant.cpuset:
+        host_config["CpusetCpus"] = ",".join(str(core) for core in grant.cpuset)
+    if grant.cpu_quota_us:
+        host_config["CpuQuota"] = grant.cpu_quota_us
+        host_config["CpuPeriod"] = grant.cpu_period_us
+    if grant.cuda_devices:
+        host_config["DeviceRequests"] = [
+            {
+                "Driver": "nvidia",
+                "DeviceIDs": [str(index) for index in grant.cuda_devices],
+                "Capabilities": [["gpu"]],
+            }
+        ]
+    return {
+        "Image": kernel.image.id,
+        "Entrypoint": [],
+        "Cmd": runner_command(kernel.image),
+        "Env": [f"{name}={value}" for name, value in sorted(environ.items())],
+        "Labels": container_labels(agent_id, kernel.kernel_id),
+        "User": "0:0",
+        "WorkingDir": HOME,
+        "Tty": False,
+        "OpenStdin": False,
+        "HostConfig": host_config,
+    }

@@ -1,0 +1,541 @@
+"""
+The ``kernels`` service: every kernel of this agent, from ``CreateKernel`` to its end.
+
+It owns the lifecycle of each kernel (one ``Kernel`` and its lock), the resource grants
+(``Allocator``), the kernels' directories (``Workspace``, disk work in a thread pool), the
+runner links, death detection (Docker ``die``/``oom`` events plus a re-list every 10 s,
+since events can be missed), idle timeouts, and the event journal.
+
+Rules that keep it from leaking:
+
+- Operations on one kernel are serialised by the kernel's lock, and each re-checks the
+  kernel's status once it holds it. A create reserves its id before any ``yield``.
+- Every grant is released exactly once, in ``_finish``, whatever ended the kernel:
+  destroy, death, reset or a failed create. ``_finish`` also removes the container and
+  the directories and journals ``kernel-terminated``.
+"""
+
+import time
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
+from bai_agent.kernels import kernel as states
+from bai_agent.kernels.allocator import parse_resource_request
+from bai_agent.kernels.container import AGENT_ID_LABEL, KERNEL_ID_LABEL, container_config, container_name
+from bai_agent.kernels.kernel import Kernel
+from bai_agent.kernels.runner_link import RunnerError
+from bai_agent.kernels.spec import check_environ, check_kernel_id, check_timeout, resolve_mounts
+from bai_agent.kernels.workspace import Workspace
+from bai_agent.protocol import errors
+
+RELIST_INTERVAL = 10.0
+IDLE_CHECK_INTERVAL = 1.0
+RUNNER_START_TIMEOUT = 30.0
+STOP_GRACE = 2
+
+
+class KernelRegistry(Service):
+    """
+    :param reactor: the reactor (``IReactorTime`` for timers; the runner connector needs
+        ``IReactorUNIX`` too).
+    :param config: the ``AgentConfig``.
+    :param docker: the ``DockerService`` (images, health, events).
+    :param backend: the ``IDockerBackend`` containers are made with.
+    :param allocator: the ``Allocator`` of this machine.
+    :param journal: the ``EventJournal`` (opened by this service).
+    :param connect_runner: ``(reactor, socket_path, clock, timeout) -> Deferred[RunnerLink]``.
+    :param run_blocking: ``(f, *args) -> Deferred``, running disk work off the reactor thread.
+    :param cluster_config: a callable returning the etcd tunables (``idle_timeout``, ...).
+    :param thread_pool: a ``ThreadPool`` behind ``run_blocking`` to start and stop with
+        this service, if any.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        config,
+        docker,
+        backend,
+        allocator,
+        journal,
+        connect_runner,
+        run_blocking,
+        runner_dir,
+        cluster_config=dict,
+        thread_pool=None,
+    ):
+        self.reactor = reactor
+        self.config = config
+        self.docker = docker
+        self.backend = backend
+        self.allocator = allocator
+        self.journal = journal
+        self.connect_runner = connect_runner
+        self.run_blocking = run_blocking
+        self.runner_dir = runner_dir
+        self.cluster_config = cluster_config
+        self.thread_pool = thread_pool
+        self.kernels = {}
+        self._in_flight = set()
+        self._unsubscribe = None
+        self._relist = LoopingCall(self._guarded, self.reconcile)
+        self._relist.clock = reactor
+        self._idle = LoopingCall(self._guarded, self.expire_idle)
+        self._idle.clock = reactor
+
+    # -- service -------------------------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        if self.thread_pool is not None:
+            self.thread_pool.start()
+        self.journal.open()
+        self._unsubscribe = self.docker.subscribe(self._docker_event)
+        self._relist.start(RELIST_INTERVAL, now=False)
+        self._idle.start(IDLE_CHECK_INTERVAL, now=False)
+        self.journal.append("agent-started", data={"agent_id": self.config.agent_id})
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        for loop in (self._relist, self._idle):
+            if loop.running:
+                loop.stop()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._in_flight:
+            yield DeferredList(list(self._in_flight), consumeErrors=True)
+        self.journal.append("agent-stopping", data={"agent_id": self.config.agent_id})
+        for kernel in self.kernels.values():
+            if kernel.link is not None:
+                kernel.link.close("agent stopping")
+        self.journal.close()
+        if self.thread_pool is not None:
+            self.thread_pool.stop()
+
+    def _track(self, d):
+        self._in_flight.add(d)
+
+        def forget(result):
+            self._in_flight.discard(d)
+            return result
+
+        return d.addBoth(forget)
+
+    def _guarded(self, function):
+        """Periodic work never dies on one exception."""
+        d = maybeDeferred(function)
+        d.addErrback(lambda failure: self.log.failure("periodic {name} failed", failure, name=function.__name__))
+        return None
+
+    # -- queries -------------------------------------------------------------------------
+
+    def get(self, kernel_id) -> Kernel:
+        check_kernel_id(kernel_id)
+        kernel = self.kernels.get(kernel_id)
+        if kernel is None or kernel.status == states.TERMINATED:
+            raise errors.KernelNotFound(f"no kernel {kernel_id!r} on this agent")
+        return kernel
+
+    def touch(self, kernel_id) -> Kernel:
+        """Look a kernel up for a command on it, which counts as use for the idle timeout."""
+        kernel = self.get(kernel_id)
+        kernel.last_used = self.reactor.seconds()
+        return kernel
+
+    def records(self) -> list:
+        return [kernel.record() for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)]
+
+    def count(self) -> int:
+        return len(self.kernels)
+
+    # -- create --------------------------------------------------------------------------
+
+    def create(self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None):
+        """Validate, reserve the id, then start the kernel; fires with its record."""
+        if not self.running:
+            raise errors.BackendUnavailable("the agent is stopping")
+        check_kernel_id(kernel_id)
+        if not isinstance(image, str) or not image:
+            raise errors.InvalidRequest("image must be a non-empty name")
+        environ = check_environ(environ)
+        mounts = resolve_mounts(mounts, self.config.allowed_mount_roots)
+        tunables = self.cluster_config()
+        idle_timeout = check_timeout("idle_timeout", idle_timeout, tunables.get("idle_timeout", 0))
+        exec_timeout = check_timeout("exec_timeout", exec_timeout, tunables.get("exec_timeout", 0))
+        request = parse_resource_request(resources, self.allocator.capacity)
+        if kernel_id in self.kernels:
+            raise errors.KernelExists(f"kernel {kernel_id!r} exists ({self.kernels[kernel_id].status})")
+        if not self.docker.healthy:
+            raise errors.BackendUnavailable(f"Docker is unreachable: {self.docker.last_error}")
+        kernel_image = self.find_image(image)
+        if kernel_image.min_mem and request.mem < kernel_image.min_mem:
+            raise errors.InvalidRequest(
+                f"image {image} needs at least {kernel_image.min_mem} bytes of memory, asked for {request.mem}"
+            )
+        grant = self.allocator.allocate(kernel_id, request)  # InsufficientResources escapes as is
+        now = self.reactor.seconds()
+        kernel = Kernel(
+            kernel_id=kernel_id,
+            image=kernel_image,
+            grant=grant,
+            environ=environ,
+            mounts=mounts,
+            idle_timeout=idle_timeout,
+            exec_timeout=exec_timeout,
+            created_at=now,
+            last_used=now,
+        )
+        self.kernels[kernel_id] = kernel
+        return self._track(kernel.lock.run(self._create, kernel))
+
+    def find_image(self, name):
+        for kernel_image in self.docker.images:
+            if kernel_image.name == name:
+                return kernel_image
+        raise errors.ImageNotFound(f"no local kernel image {name!r} (labelled ai.backend.kernelspec=1)")
+
+    @inlineCallbacks
+    def _create(self, kernel):
+        started = time.monotonic()
+        self.journal.append("kernel-creating", kernel.kernel_id, {"image": kernel.image.name})
+        workspace = self.workspace(kernel.kernel_id)
+        try:
+            yield self.run_blocking(workspace.create)
+            yield self._start_container(kernel, workspace)
+        except Exception as e:
+            failure = Failure()
+            self.log.warn(
+                "kernel {kernel_id} could not be created: {error}", kernel_id=kernel.kernel_id, error=_describe(e)
+            )
+            yield self._finish(kernel, "creation-failed")
+            if isinstance(e, (DockerUnavailable,)):
+                raise errors.BackendUnavailable(f"Docker is unreachable: {e}")
+            if isinstance(e, errors.AgentError):
+                failure.raiseException()
+            raise errors.KernelCreationFailed(f"kernel {kernel.kernel_id} could not be started: {_describe(e)}")
+        if kernel.status != states.CREATING:
+            # Died (or was reset) while its runner was being reached: _finish has run.
+            raise errors.KernelCreationFailed(f"kernel {kernel.kernel_id} ended while starting")
+        kernel.status = states.RUNNING
+        self.journal.append("kernel-started", kernel.kernel_id, kernel.record())
+        self.log.info(
+            "kernel {kernel_id} started in {elapsed:.3f}s",
+            kernel_id=kernel.kernel_id,
+            elapsed=time.monotonic() - started,
+        )
+        return kernel.record()
+
+    @inlineCallbacks
+    def _start_container(self, kernel, workspace):
+        """Create and start the container and wait for its runner to answer."""
+        body = container_config(
+            kernel,
+            workspace,
+            self.config.agent_id,
+            self.runner_dir,
+            self.config.kernel_network,
+            self.config.kernel_pids_limit,
+        )
+        kernel.container_id = yield self.backend.create_container(
+            container_name(self.config.agent_id, kernel.kernel_id), body
+        )
+        yield self.run_blocking(workspace.save, kernel.saved_state())
+        yield self.backend.start_container(kernel.container_id)
+        link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
+        kernel.link = link
+        link.dead.addCallback(lambda reason: self._runner_lost(kernel, link, reason))
+
+    def workspace(self, kernel_id) -> Workspace:
+        return Workspace(self.config.scratch_root, self.config.state_dir, kernel_id)
+
+    # -- destroy, restart, reset ---------------------------------------------------------
+
+    def destroy(self, kernel_id, reason="user-requested"):
+        """Destroy a kernel; fires with ``{kernel_id, exit_code, stats}``."""
+        kernel = self.get(kernel_id)
+        if reason not in ("user-requested", "idle-timeout", "exec-timeout", "agent-reset"):
+            raise errors.InvalidRequest(f"reason must be user-requested, got {reason!r}")
+        if kernel.terminated is not None:
+            # A destroy (or a death) is already under way: share its answer.
+            return _share(kernel.terminated)
+        terminated = kernel.terminated = Deferred()
+
+        def retry_later(failure):
+            # Docker was away: the kernel is as it was, and a later destroy tries again.
+            kernel.terminated = None
+            return failure
+
+        d = self._track(kernel.lock.run(self._destroy, kernel, reason))
+        d.addErrback(retry_later)
+        d.addBoth(_pass_to, terminated)
+        return _share(terminated)
+
+    @inlineCallbacks
+    def _destroy(self, kernel, reason):
+        if kernel.status == states.TERMINATED:
+            return self._answer(kernel)
+        if kernel.container_id is not None:
+            try:
+                yield self.backend.stop_container(kernel.container_id, timeout=STOP_GRACE)
+                state = yield self.backend.inspect_container(kernel.container_id)
+                kernel.exit_code = state.get("State", {}).get("ExitCode")
+            except DockerNotFound:
+                pass
+            except DockerError as e:
+                raise errors.BackendUnavailable(f"could not stop kernel {kernel.kernel_id}: {e}")
+        kernel.status = states.TERMINATING
+        if kernel.link is not None:
+            kernel.link.close("kernel destroyed")
+        yield self._finish(kernel, reason)
+        return self._answer(kernel)
+
+    def _answer(self, kernel):
+        answer = {"kernel_id": kernel.kernel_id, "stats": dict(kernel.last_stats)}
+        if kernel.exit_code is not None:
+            answer["exit_code"] = kernel.exit_code
+        return answer
+
+    def restart(self, kernel_id):
+        kernel = self.touch(kernel_id)
+        if kernel.terminated is not None:
+            raise errors.KernelNotFound(f"kernel {kernel_id!r} is being destroyed")
+        return self._track(kernel.lock.run(self._restart, kernel))
+
+    @inlineCallbacks
+    def _restart(self, kernel):
+        if kernel.status != states.RUNNING:
+            raise errors.KernelNotFound(f"kernel {kernel.kernel_id!r} is {kernel.status}")
+        kernel.status = states.RESTARTING
+        if kernel.link is not None:
+            kernel.link.close("kernel restarting")
+            kernel.link = None
+        workspace = self.workspace(kernel.kernel_id)
+        old_container = kernel.container_id
+        exit_code = None
+        try:
+            try:
+                yield self.backend.stop_container(old_container, timeout=STOP_GRACE)
+                state = yield self.backend.inspect_container(old_container)
+                exit_code = state.get("State", {}).get("ExitCode")
+                yield self.backend.remove_container(old_container, force=True)
+            except DockerNotFound:
+                pass
+            kernel.container_id = None
+            self.journal.append(
+                "kernel-terminated",
+                kernel.kernel_id,
+                {"reason": "restarting", "exit_code": exit_code, "stats": dict(kernel.last_stats)},
+            )
+            yield self.run_blocking(workspace.clear_run_dir)
+            yield self._start_container(kernel, workspace)
+        except Exception as e:
+            self.log.warn("kernel {kernel_id} could not restart: {error}", kernel_id=kernel.kernel_id, error=_describe(e))
+            yield self._finish(kernel, "creation-failed")
+            raise errors.KernelCreationFailed(f"kernel {kernel.kernel_id} could not be restarted: {_describe(e)}")
+        if kernel.status != states.RESTARTING:
+            raise errors.KernelCreationFailed(f"kernel {kernel.kernel_id} ended while restarting")
+        kernel.status = states.RUNNING
+        kernel.exit_code = None
+        self.journal.append("kernel-restarted", kernel.kernel_id, kernel.record())
+        return kernel.record()
+
+    @inlineCallbacks
+    def reset(self):
+        """Destroy every kernel (reason ``agent-reset``); fires with how many."""
+        kernels = [kernel for kernel in self.kernels.values() if kernel.status != states.TERMINATED]
+        results = yield DeferredList(
+            [maybeDeferred(self.destroy, kernel.kernel_id, "agent-reset") for kernel in kernels],
+            consumeErrors=True,
+        )
+        return sum(1 for ok, _ in results if ok)
+
+    # -- death -----------------------------------------------------------------------------
+
+    def _docker_event(self, event):
+        if event.get("Type") != "container":
+            return
+        attributes = (event.get("Actor") or {}).get("Attributes") or {}
+        if attributes.get(AGENT_ID_LABEL) != self.config.agent_id:
+            return
+        kernel = self.kernels.get(attributes.get(KERNEL_ID_LABEL))
+        container_id = (event.get("Actor") or {}).get("ID") or event.get("id")
+        if kernel is None or container_id != kernel.container_id:
+            return
+        action = event.get("Action") or event.get("status")
+        if action == "oom":
+            kernel.oom_killed = True
+        elif action == "kill":
+            kernel.kill_seen = True  # someone asked Docker to signal it: not the OOM killer
+        elif action == "die":
+            exit_code = _int_or_none(attributes.get("exitCode"))
+            self._died(kernel, exit_code)
+
+    def _died(self, kernel, exit_code):
+        """The container of a kernel ended without the agent asking."""
+        if kernel.status not in (states.RUNNING, states.CREATING) or kernel.terminated is not None:
+            return
+        kernel.terminated = Deferred()
+        kernel.exit_code = exit_code
+        d = self._track(kernel.lock.run(self._reap, kernel))
+        d.addBoth(_pass_to, kernel.terminated)
+
+    @inlineCallbacks
+    def _reap(self, kernel):
+        if kernel.status == states.TERMINATED:
+            return self._answer(kernel)
+        kernel.status = states.TERMINATING
+        if kernel.link is not None:
+            kernel.link.close("container died")
+        try:
+            state = (yield self.backend.inspect_container(kernel.container_id)).get("State", {})
+            kernel.oom_killed = kernel.oom_killed or bool(state.get("OOMKilled"))
+            if kernel.exit_code is None:
+                kernel.exit_code = state.get("ExitCode")
+        except DockerNotFound:
+            pass
+        except DockerError as e:
+            self.log.warn("could not inspect dead kernel {kernel_id}: {error}", kernel_id=kernel.kernel_id, error=e)
+        # Docker 20.10 on cgroup v1 sometimes reports an OOM kill late (the ``oom`` event
+        # after ``die``) or not at all when several happen at once. The runner runs as
+        # root, so user code cannot SIGKILL it; the agent did not (this is not a destroy)
+        # and nobody asked Docker to (no ``kill`` event): a SIGKILL exit (137) is then the
+        # kernel's OOM killer.
+        oom = kernel.oom_killed or (kernel.exit_code == 137 and not kernel.kill_seen)
+        reason = "oom-killed" if oom else "self-terminated"
+        self.log.info(
+            "kernel {kernel_id} ended by itself ({reason}, exit code {exit_code})",
+            kernel_id=kernel.kernel_id,
+            reason=reason,
+            exit_code=kernel.exit_code,
+        )
+        yield self._finish(kernel, reason)
+        return self._answer(kernel)
+
+    def _runner_lost(self, kernel, link, reason):
+        """A runner link died: if the container died too, Docker tells us; check now."""
+        if kernel.link is link and kernel.status == states.RUNNING:
+            self.log.warn("lost the runner of kernel {kernel_id}: {reason}", kernel_id=kernel.kernel_id, reason=reason)
+            kernel.link = None
+            self._track(self._check_container(kernel))
+
+    @inlineCallbacks
+    def _check_container(self, kernel):
+        try:
+            state = (yield self.backend.inspect_container(kernel.container_id)).get("State", {})
+        except DockerNotFound:
+            self._died(kernel, None)
+            return
+        if not state.get("Running"):
+            self._died(kernel, state.get("ExitCode"))
+
+    @inlineCallbacks
+    def reconcile(self):
+        """Re-list our containers: a kernel whose container is gone or stopped has died."""
+        if not self.docker.healthy:
+            return
+        containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: self.config.agent_id}, all=True)
+        running = {container["Id"]: container for container in containers}
+        for kernel in list(self.kernels.values()):
+            if kernel.status != states.RUNNING or kernel.container_id is None:
+                continue
+            container = running.get(kernel.container_id)
+            if container is None:
+                self._died(kernel, None)
+            elif container.get("State") != "running":
+                self._track(self._check_container(kernel))
+
+    def expire_idle(self):
+        now = self.reactor.seconds()
+        for kernel in list(self.kernels.values()):
+            if (
+                kernel.status == states.RUNNING
+                and kernel.idle_timeout
+                and kernel.terminated is None
+                and now - kernel.last_used > kernel.idle_timeout
+            ):
+                self.log.info("kernel {kernel_id} idle for {idle:.0f}s", kernel_id=kernel.kernel_id, idle=now - kernel.last_used)
+                self.destroy(kernel.kernel_id, "idle-timeout").addErrback(
+                    lambda failure: self.log.failure("idle destroy failed", failure)
+                )
+
+    # -- the end of every kernel -----------------------------------------------------------
+
+    @inlineCallbacks
+    def _finish(self, kernel, reason):
+        """
+        Remove the container and the directories, release the grant, journal the end.
+        Runs once per kernel (the caller holds its lock and checked its status).
+        """
+        # By name when the id is unknown: a create whose answer was lost may still have
+        # made the container.
+        container = kernel.container_id or container_name(self.config.agent_id, kernel.kernel_id)
+        if container is not None:
+            try:
+                yield self.backend.remove_container(container, force=True)
+            except DockerNotFound:
+                pass
+            except DockerError as e:
+                # The re-list finds it again; never leave the grant held for it.
+                self.log.error(
+                    "could not remove container {container} of kernel {kernel_id}: {error}",
+                    container=container,
+                    kernel_id=kernel.kernel_id,
+                    error=e,
+                )
+        try:
+            yield self.run_blocking(self.workspace(kernel.kernel_id).remove)
+        except OSError as e:
+            self.log.error("could not remove the directories of kernel {kernel_id}: {error}", kernel_id=kernel.kernel_id, error=e)
+        self.allocator.release(kernel.kernel_id)
+        kernel.status = states.TERMINATED
+        kernel.link = None
+        if self.kernels.get(kernel.kernel_id) is kernel:
+            del self.kernels[kernel.kernel_id]
+        self.journal.append(
+            "kernel-terminated",
+            kernel.kernel_id,
+            {"reason": reason, "exit_code": kernel.exit_code, "stats": dict(kernel.last_stats)},
+        )
+
+
+def _share(d):
+    """A new Deferred with the result of ``d`` (which stays usable for others)."""
+    shared = Deferred()
+
+    def forward(result):
+        if isinstance(result, Failure):
+            shared.errback(result)
+        else:
+            shared.callback(result)
+        return result
+
+    d.addBoth(forward)
+    d.addErrback(lambda failure: None)  # the copies carry the failure; this one is done
+    return shared
+
+
+def _pass_to(result, d):
+    if isinstance(result, Failure):
+        d.errback(result)
+    else:
+        d.callback(result)
+
+
+def _int_or_none(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(error) -> str:
+    return str(error) or type(error).__name__

@@ -1,0 +1,380 @@
+"""
+The agent's end of the connection to a kernel's runner (``bai_agent/runner/main.py``
+has the wire protocol): a Twisted protocol over the UNIX socket in the kernel's state
+directory.
+
+``RunnerLink`` does the framing, the hello handshake, the keepalive, and answers that
+belong to a request of its own (completions, interrupt results); every other message
+(``output``, ``waiting-input``, ``build-finished``, ``finished``, ``error``) goes to the
+``handler`` its owner (the kernel) sets. ``connect_runner`` retries until the container
+has started its runner.
+
+Timers run on an injected ``IReactorTime``; nothing here imports a reactor.
+"""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from bai_agent.runner.framing import MAX_FRAME, FrameDecoder, FrameError, encode
+
+log = Logger()
+
+PROTOCOL_VERSION = 1
+
+
+class RunnerError(Exception):
+    """Base of the runner link's errors."""
+
+
+class RunnerUnavailable(RunnerError):
+    """The runner cannot be reached, or the link to it is closed."""
+
+
+class RunnerProtocolError(RunnerError):
+    """The runner does not speak our protocol (version mismatch, no hello)."""
+
+
+class RunnerLink(Protocol):
+    """
+    :param clock: ``IReactorTime`` for the keepalive and request timeouts.
+    :param keepalive_interval: seconds between pings once the handshake is done.
+    :param keepalive_timeout: the link is declared dead after this long without any
+        frame from the runner (a pong, or anything else: output also proves life).
+        Not while the owner has paused reading (see ``pauseProducing``).
+    :param max_frame: the largest frame accepted; a larger one drops the link.
+
+    ``ready`` fires with the runner's hello (a dict), or fails with
+    ``RunnerProtocolError`` / ``RunnerUnavailable``. ``dead`` fires once, with a reason
+    (str), when the link ends for any reason; the transport is closed by then.
+    ``handler`` receives every message not consumed here; messages that arrive before
+    it is set are kept and handed over when it is.
+    """
+
+    def __init__(self, clock, keepalive_interval=5.0, keepalive_timeout=15.0, max_frame=MAX_FRAME):
+        self._clock = clock
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self._decoder = FrameDecoder(max_frame)
+        self.ready = Deferred()
+        self.dead = Deferred()
+        self.hello = None
+        self._handler = None
+        self._early = []
+        self._closed = False
+        self._dead_reason = None
+        self._paused = False
+        self._last_heard = None
+        self._keepalive_call = None
+        self._next_id = 0
+        self._completions = {}  # id -> (Deferred, timeout call)
+        self._interrupts = {}
+
+    # -- the owner's API ---------------------------------------------------------
+
+    @property
+    def handler(self):
+        return self._handler
+
+    @handler.setter
+    def handler(self, handler):
+        self._handler = handler
+        early, self._early = self._early, []
+        for message in early:
+            if self._handler is None:
+                self._early.append(message)
+            else:
+                self._deliver(message)
+
+    @property
+    def alive(self):
+        return self.hello is not None and not self._closed
+
+    def send(self, message):
+        """Send one message (a dict); ``RunnerUnavailable`` if the link is closed."""
+        if self._closed or self.transport is None:
+            raise RunnerUnavailable("the link to the runner is closed")
+        self.transport.write(encode(message))
+
+    def request_completions(self, text, options=None, timeout=5.0):
+        """
+        A Deferred list of completions of ``text``. Completion is best effort: a timeout,
+        a busy kernel or a lost link give an empty list, never an error.
+        """
+        if not self.alive:
+            return succeed([])
+        request_id = self._new_id()
+        d = Deferred()
+        call = self._clock.callLater(timeout, self._expire, self._completions, request_id, [])
+        self._completions[request_id] = (d, call)
+        self.send({"type": "complete", "id": request_id, "text": text, "options": options or {}})
+        return d
+
+    def interrupt(self, timeout=5.0):
+        """A Deferred bool: whether the runner had a run to interrupt (False on timeout)."""
+        if not self.alive:
+            return succeed(False)
+        request_id = self._new_id()
+        d = Deferred()
+        call = self._clock.callLater(timeout, self._expire, self._interrupts, request_id, False)
+        self._interrupts[request_id] = (d, call)
+        self.send({"type": "interrupt", "id": request_id})
+        return d
+
+    def close(self, reason="closed by the agent"):
+        """Close the link; ``dead`` fires with ``reason``."""
+        self._declare_dead(reason)
+
+    # Backpressure: the owner stops reading when its own buffer is full; the runner
+    # then stops reading user output, and user code blocks on write.
+
+    def pauseProducing(self):
+        self._paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self):
+        self._paused = False
+        self._last_heard = self._clock.seconds()  # nothing could be heard while paused
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self):
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    # -- Protocol ---------------------------------------------------------------------
+
+    def connectionMade(self):
+        self._last_heard = self._clock.seconds()
+
+    def dataReceived(self, data):
+        self._last_heard = self._clock.seconds()
+        try:
+            messages = self._decoder.feed(data)
+        except FrameError as e:
+            for message in e.messages:
+                self._dispatch(message)
+            self._declare_dead("bad frame from the runner: %s" % (e,))
+            return
+        for message in messages:
+            if self._closed:
+                return
+            self._dispatch(message)
+
+    def connectionLost(self, reason=None):
+        why = "connection lost"
+        if reason is not None and reason.value is not None:
+            why = "connection lost: %s" % (reason.getErrorMessage(),)
+        self._declare_dead(why)
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _new_id(self):
+        self._next_id += 1
+        return self._next_id
+
+    def _dispatch(self, message):
+        kind = message["type"]
+        if self.hello is None:
+            self._handshake(message)
+        elif kind == "pong":
+            pass  # hearing it was the point
+        elif kind == "completions":
+            items = message.get("items")
+            self._answer(
+                self._completions, message.get("id"), items if isinstance(items, list) else []
+            )
+        elif kind == "interrupt-result":
+            self._answer(self._interrupts, message.get("id"), bool(message.get("ok")))
+        elif self._handler is None:
+            self._early.append(message)
+        else:
+            self._deliver(message)
+
+    def _deliver(self, message):
+        # The owner's bug must not take the link down with it (an exception escaping
+        # dataReceived would drop the connection): log it and go on.
+        try:
+            self._handler(message)
+        except Exception:
+            log.failure(
+                "runner message handler failed on a {kind} message", kind=message.get("type")
+            )
+
+    def _handshake(self, message):
+        if message["type"] != "hello":
+            self._fail_handshake(
+                RunnerProtocolError(
+                    "the runner's first message is %r, not hello" % (message["type"],)
+                )
+            )
+        elif message.get("protocol") != PROTOCOL_VERSION:
+            self._fail_handshake(
+                RunnerProtocolError(
+                    "the runner speaks protocol %r, this agent %d"
+                    % (message.get("protocol"), PROTOCOL_VERSION)
+                )
+            )
+        else:
+            self.hello = message
+            self.send({"type": "hello", "protocol": PROTOCOL_VERSION})
+            self._keepalive_call = self._clock.callLater(self.keepalive_interval, self._keepalive)
+            self.ready.callback(message)
+
+    def _fail_handshake(self, error):
+        self._declare_dead(str(error), error)
+
+    def _keepalive(self):
+        self._keepalive_call = None
+        if self._closed:
+            return
+        silent = self._clock.seconds() - self._last_heard
+        if not self._paused and silent >= self.keepalive_timeout:
+            log.warn("runner silent for {silent:.1f}s: link declared dead", silent=silent)
+            self._declare_dead("keepalive timeout: nothing from the runner for %.1fs" % (silent,))
+            return
+        self.send({"type": "ping", "id": self._new_id()})
+        self._keepalive_call = self._clock.callLater(self.keepalive_interval, self._keepalive)
+
+    def _answer(self, pending, request_id, value):
+        entry = pending.pop(request_id, None)
+        if entry is not None:
+            d, call = entry
+            if call.active():
+                call.cancel()
+            d.callback(value)
+
+    def _expire(self, pending, request_id, value):
+        entry = pending.pop(request_id, None)
+        if entry is not None:
+            entry[0].callback(value)
+
+    def _declare_dead(self, reason, handshake_error=None):
+        if self._closed:
+            return
+        self._closed = True
+        self._dead_reason = reason
+        if self._keepalive_call is not None and self._keepalive_call.active():
+            self._keepalive_call.cancel()
+        self._keepalive_call = None
+        for pending, value in ((self._completions, []), (self._interrupts, False)):
+            for request_id in list(pending):
+                self._answer(pending, request_id, value)
+        if self.transport is not None:
+            self.transport.abortConnection()
+        if not self.ready.called:
+            self.ready.errback(Failure(handshake_error or RunnerUnavailable(reason)))
+        self.dead.callback(reason)
+
+
+class _Connector(object):
+    """The retry loop of ``connect_runner``."""
+
+    def __init__(self, reactor, socket_path, clock, timeout, link_options):
+        self._reactor = reactor
+        self._socket_path = socket_path
+        self._clock = clock
+        self._deadline = clock.seconds() + timeout
+        self._timeout = timeout
+        self._link_options = link_options
+        self._delay = 0.05
+        self._last_error = "no attempt"
+        self._retry_call = None
+        self._handshake_call = None
+        self._attempt_d = None
+        self._link = None
+        self._cancelled = False
+        self.result = Deferred(self._cancel)
+
+    def start(self):
+        self._attempt()
+        return self.result
+
+    def _attempt(self):
+        self._retry_call = None
+        link = RunnerLink(self._clock, **self._link_options)
+        self._link = link
+        remaining = max(0.1, self._deadline - self._clock.seconds())
+        endpoint = UNIXClientEndpoint(
+            self._reactor, self._socket_path, timeout=max(1, int(remaining + 0.999))
+        )
+        self._attempt_d = connectProtocol(endpoint, link)
+        self._attempt_d.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, link):
+        self._attempt_d = None
+        remaining = max(0.0, self._deadline - self._clock.seconds())
+        # The socket may accept before the runner gets to the hello: bound the wait.
+        self._handshake_call = self._clock.callLater(
+            remaining, link.close, "no hello from the runner in time"
+        )
+        link.ready.addCallbacks(self._ready, self._failed, callbackArgs=(link,))
+
+    def _ready(self, hello, link):
+        self._cancel_handshake_timer()
+        if not self.result.called:
+            self.result.callback(link)
+        return hello
+
+    def _failed(self, failure):
+        self._attempt_d = None
+        self._cancel_handshake_timer()
+        if self.result.called or self._cancelled:
+            return None
+        if failure.check(RunnerProtocolError):
+            self.result.errback(failure)
+            return None
+        self._last_error = failure.getErrorMessage()
+        if self._clock.seconds() + self._delay >= self._deadline:
+            self.result.errback(
+                RunnerUnavailable(
+                    "no runner at %s within %ss (last error: %s)"
+                    % (self._socket_path, self._timeout, self._last_error)
+                )
+            )
+            return None
+        self._retry_call = self._clock.callLater(self._delay, self._attempt)
+        self._delay = min(self._delay * 2, 0.5)
+        return None
+
+    def _cancel_handshake_timer(self):
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+
+    def _cancel(self, result):
+        self._cancelled = True
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._cancel_handshake_timer()
+        if self._attempt_d is not None:
+            self._attempt_d.cancel()
+        elif self._link is not None:
+            self._link.close("connect_runner cancelled")
+
+
+def connect_runner(reactor, socket_path, clock, timeout=30.0, **link_options):
+    """
+    Connect to the runner listening at ``socket_path`` (a host path), retrying with a
+    short backoff (50 ms doubling to 500 ms) while the container starts it, for at most
+    ``timeout`` seconds. A Deferred ``RunnerLink`` whose handshake is done, or a failure:
+    ``RunnerUnavailable`` after the timeout, ``RunnerProtocolError`` at once on a version
+    mismatch. ``link_options`` go to ``RunnerLink``.
+
+    :param reactor: ``IReactorUNIX`` (and ``IReactorTime``, for the endpoint's timeout).
+    :param clock: ``IReactorTime`` for the retries and the link's timers.
+    """
+    return _Connector(reactor, socket_path, clock, timeout, link_options).start()
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "RunnerError",
+    "RunnerLink",
+    "RunnerProtocolError",
+    "RunnerUnavailable",
+    "connect_runner",
+]

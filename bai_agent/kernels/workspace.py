@@ -1,0 +1,79 @@
+"""
+The directories of a kernel on the host.
+
+- ``{scratch_root}/{kernel_id}``: the kernel's home, mounted at ``/home/work``, owned by
+  the kernel user (uid 1000); removed on destroy, kept across restarts.
+- ``{state_dir}/kernels/{key}/``: the agent's own per-kernel state (``kernel.json``) and
+  ``run/``, mounted at ``/run/bai`` and holding the runner's socket. ``key`` is a short
+  hash of the kernel id, so the socket path stays under the 107 bytes a UNIX socket
+  address may have, whatever the kernel id.
+
+Every function here blocks on the disk: the registry calls them in its thread pool.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+KERNEL_UID = 1000
+KERNEL_GID = 1000
+SOCKET_NAME = "runner.sock"
+MAX_SOCKET_PATH = 107
+
+
+def kernel_key(kernel_id: str) -> str:
+    return hashlib.sha256(kernel_id.encode("utf-8")).hexdigest()[:12]
+
+
+class Workspace:
+    """Paths of one kernel's directories, and the disk work on them."""
+
+    def __init__(self, scratch_root: str, state_dir: str, kernel_id: str):
+        self.kernel_id = kernel_id
+        self.scratch_dir = os.path.join(scratch_root, kernel_id)
+        self.state_dir = os.path.join(state_dir, "kernels", kernel_key(kernel_id))
+        self.run_dir = os.path.join(self.state_dir, "run")
+        self.socket_path = os.path.join(self.run_dir, SOCKET_NAME)
+        self.state_file = os.path.join(self.state_dir, "kernel.json")
+
+    def create(self) -> None:
+        """Make the home (owned by the kernel user) and the run dir (root only)."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        os.chmod(self.run_dir, 0o700)
+        os.mkdir(self.scratch_dir, mode=0o755)
+        os.chown(self.scratch_dir, KERNEL_UID, KERNEL_GID)
+
+    def clear_run_dir(self) -> None:
+        """A restart gets a fresh socket; a stale one would be connected to in vain."""
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def save(self, state: dict) -> None:
+        temporary = self.state_file + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.state_file)
+
+    def remove(self) -> None:
+        """Remove both directories; what is already gone is fine."""
+        for path in (self.scratch_dir, self.state_dir):
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.lexists(path):
+                # rmtree leaves what it could not remove; say so instead of leaking quietly.
+                raise OSError(f"could not remove {path}")
+
+
+def check_socket_room(state_dir: str) -> None:
+    """Raise ``ValueError`` when ``state_dir`` is too long for the runners' socket paths."""
+    longest = os.path.join(os.path.abspath(state_dir), "kernels", "0" * 12, "run", SOCKET_NAME)
+    if len(longest.encode()) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"state dir {state_dir} is too long: runner sockets under it would exceed "
+            f"{MAX_SOCKET_PATH} bytes; use a shorter path"
+        )

@@ -1,0 +1,230 @@
+"""
+The agent's side of the runner: the outbox of messages for the agent, and the one agent
+connection at a time that drains it.
+
+Run messages (output, waiting-input, build-finished, finished) go through the outbox, in
+order, and leave it only once completely written to a connection: a connection lost in
+the middle of a frame leaves that frame to the next connection, which starts where the
+last one stopped. Control answers (hello, pong, completions, interrupt-result, error)
+belong to one connection and go ahead of the outbox, between frames.
+"""
+
+import collections
+
+import framing
+import procs
+
+#: Output messages carry at most this many characters.
+CHUNK = procs.CHUNK
+#: At most this much is handed to the socket in one go.
+SEND_BATCH = 256 * 1024
+#: Control answers waiting for an agent that does not read: beyond this, the runner
+#: stops reading from that agent too.
+PRIORITY_LIMIT = 1024 * 1024
+
+
+class _Entry(object):
+    """
+    One message in the outbox. An output message stays open (``data`` None, text in
+    ``parts``) until a connection takes it, so that small writes arriving meanwhile
+    join it instead of each making a frame.
+    """
+
+    __slots__ = ("data", "on_sent", "size", "run_id", "stream", "parts", "chars")
+
+    def __init__(self, data=None, on_sent=None):
+        self.data = data
+        self.on_sent = on_sent
+        self.size = len(data) if data is not None else 0
+        self.parts = None
+
+    def open_for(self, run_id, stream, room):
+        return (
+            self.data is None
+            and self.run_id == run_id
+            and self.stream == stream
+            and self.chars < room
+        )
+
+
+class Outbox(object):
+    """Messages for the agent, in order, kept until completely written to a connection."""
+
+    #: Estimated framing and JSON overhead of an output message, for the size count.
+    OUTPUT_OVERHEAD = 80
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.entries = collections.deque()
+        self.size = 0
+
+    @property
+    def full(self):
+        return self.size >= self.limit
+
+    def add(self, message, on_sent=None):
+        entry = _Entry(framing.encode(message), on_sent)
+        self.entries.append(entry)
+        self.size += entry.size
+
+    def add_output(self, run_id, stream, text):
+        """Output text, joined to the last message while that is open and small enough."""
+        while text:
+            tail = self.entries[-1] if self.entries else None
+            if tail is None or not tail.open_for(run_id, stream, CHUNK):
+                tail = _Entry()
+                tail.run_id, tail.stream, tail.parts, tail.chars = run_id, stream, [], 0
+                tail.size = self.OUTPUT_OVERHEAD
+                self.entries.append(tail)
+                self.size += tail.size
+            piece = text[: CHUNK - tail.chars]
+            text = text[len(piece) :]
+            tail.parts.append(piece)
+            tail.chars += len(piece)
+            tail.size += len(piece)
+            self.size += len(piece)
+
+    def freeze(self, entry):
+        """The frame of ``entry``, encoded now if it was still open."""
+        if entry.data is None:
+            entry.data = framing.encode(
+                {
+                    "type": "output",
+                    "run_id": entry.run_id,
+                    "stream": entry.stream,
+                    "data": "".join(entry.parts),
+                }
+            )
+            entry.parts = None
+            self.size += len(entry.data) - entry.size
+            entry.size = len(entry.data)
+        return entry.data
+
+    def sent(self, entry):
+        head = self.entries.popleft()
+        assert head is entry
+        self.size -= entry.size
+        if entry.on_sent is not None:
+            entry.on_sent()
+
+
+class AgentConnection(object):
+    """One agent connection; ``runner`` handles its messages and owns the outbox."""
+
+    def __init__(self, runner, sock):
+        self.runner = runner
+        self.sock = sock
+        sock.setblocking(False)
+        self.decoder = framing.FrameDecoder()
+        self.priority = collections.deque()
+        self.priority_size = 0
+        self.handshaken = False
+        self.closing = False  # close once the pending answers are written
+        self.closed = False
+        self._batch = None
+        self._batch_frames = []  # (end offset, outbox entry or None) in the batch
+        self._sent = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def reply(self, message):
+        """Queue a control answer, ahead of the outbox (but never inside a frame)."""
+        if self.closed:
+            return
+        frame = framing.encode(message)
+        self.priority.append(frame)
+        self.priority_size += len(frame)
+
+    @property
+    def wants_read(self):
+        return not self.closed and not self.closing and self.priority_size < PRIORITY_LIMIT
+
+    @property
+    def wants_write(self):
+        if self.closed:
+            return False
+        return bool(
+            self._batch or self.priority or (self.handshaken and self.runner.outbox.entries)
+        )
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.runner.drop_connection(self, "read failed: %s" % (e,))
+            return
+        if not data:
+            self.runner.drop_connection(self, "closed by the agent")
+            return
+        try:
+            messages = self.decoder.feed(data)
+        except framing.FrameError as e:
+            for message in e.messages:
+                self.runner.handle(self, message)
+            self.runner.drop_connection(self, "bad frame: %s" % (e,))
+            return
+        for message in messages:
+            if self.closed or self.closing:
+                break
+            self.runner.handle(self, message)
+
+    def _fill_batch(self):
+        parts = []
+        size = 0
+        while self.priority and size < SEND_BATCH:
+            frame = self.priority.popleft()
+            self.priority_size -= len(frame)
+            parts.append(frame)
+            size += len(frame)
+            self._batch_frames.append((size, None))
+        if self.handshaken and not self.closing:
+            outbox = self.runner.outbox
+            for entry in outbox.entries:
+                if size >= SEND_BATCH:
+                    break
+                data = outbox.freeze(entry)
+                parts.append(data)
+                size += len(data)
+                self._batch_frames.append((size, entry))
+        if parts:
+            self._batch = memoryview(b"".join(parts))
+            self._sent = 0
+
+    def on_writable(self):
+        if self._batch is None:
+            self._fill_batch()
+            if self._batch is None:
+                return
+        try:
+            sent = self.sock.send(self._batch[self._sent :])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.runner.drop_connection(self, "write failed: %s" % (e,))
+            return
+        self._sent += sent
+        # Outbox messages leave the outbox only once completely written: a connection
+        # lost mid-frame leaves that frame for the next connection.
+        while self._batch_frames and self._batch_frames[0][0] <= self._sent:
+            _, entry = self._batch_frames.pop(0)
+            if entry is not None:
+                self.runner.outbox.sent(entry)
+        if self._sent == len(self._batch):
+            self._batch = None
+            if self.closing and not self.priority:
+                self.runner.drop_connection(self, "closed after an error")
+
+    def fault(self, error):
+        self.runner.drop_connection(self, "runner error: %r" % (error,))
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self._batch = None
+            self._batch_frames = []
+            self.priority.clear()
+            self.priority_size = 0
+            self.sock.close()

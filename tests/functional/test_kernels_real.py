@@ -1,0 +1,208 @@
+"""
+Kernels on the real Docker daemon, through a real agent process and the AMP client:
+create, destroy, restart, death, OOM, events across reconnects and agent restarts.
+"""
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+from bai_agent.protocol import errors
+from bai_agent.protocol.client import AgentClient
+from tests.functional.agent_process import AgentProcess, etcd_record
+
+IMAGE = "bai-kernel/python:3.11"
+
+
+def docker(*args, check=True):
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=check)
+
+
+def our_containers(agent):
+    out = docker("ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent.agent_id}").stdout
+    return out.split()
+
+
+@pytest.fixture
+def agent(tmp_path, etcd_server, docker_host):
+    process = AgentProcess(
+        tmp_path, etcd_server.addr, agent_id="agent-k", extra=["--kernel-network", "none"]
+    ).start()
+    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
+    yield process
+    process.stop()
+    for container in our_containers(process):
+        docker("rm", "-f", container, check=False)
+    process.remove_state()
+
+
+def scratch(agent, tmp_path, kernel_id=""):
+    return agent.scratch_root / kernel_id
+
+
+def secret(agent, tmp_path):
+    return agent.secret_path.read_text().strip()
+
+
+def connect(reactor, agent, tmp_path, on_event=None):
+    return AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret(agent, tmp_path), on_event=on_event)
+
+
+def sleep(reactor, seconds):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def wait_until(reactor, predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        yield sleep(reactor, 0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_create_list_destroy_on_real_docker(agent, tmp_path, reactor, etcd_server):
+    client = yield connect(reactor, agent, tmp_path)
+    try:
+        record = yield client.create_kernel("k1", IMAGE, {"cpu": 1, "mem": "128m"}, environ={"GREETING": "hi"})
+        assert record["status"] == "running"
+        (container,) = our_containers(agent)
+        inspect = json.loads(docker("inspect", container).stdout)[0]
+        host = inspect["HostConfig"]
+        assert inspect["Name"] == "/kernel.agent-k.k1"
+        assert inspect["Config"]["Labels"]["ai.backend.kernel-id"] == "k1"
+        assert host["Privileged"] is False and host["CapDrop"] == ["ALL"]
+        assert host["Memory"] == host["MemorySwap"] == 128 << 20
+        assert host["NetworkMode"] == "none"
+        assert "GREETING=hi" in inspect["Config"]["Env"]
+        top = docker("top", container).stdout
+        assert "query.py" in top or "main.py" in top
+        home = scratch(agent, tmp_path, "k1")
+        assert home.is_dir() and home.stat().st_uid == 1000
+        kernels = yield client.list_kernels()
+        assert [kernel["kernel_id"] for kernel in kernels] == ["k1"]
+        info = yield client.get_agent_info()
+        assert info["kernels"] == 1 and info["resources"]["mem"]["used"] == 128 << 20
+
+        with pytest.raises(errors.KernelExists):
+            yield client.create_kernel("k1", IMAGE, {"cpu": 1, "mem": "128m"})
+
+        answer = yield client.destroy_kernel("k1")
+        assert answer["kernel_id"] == "k1"
+        assert our_containers(agent) == []
+        assert not home.exists()
+        assert (yield client.list_kernels()) == []
+        with pytest.raises(errors.KernelNotFound):
+            yield client.destroy_kernel("k1")
+    finally:
+        client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_requests_leak_nothing_on_real_docker(agent, tmp_path, reactor):
+    client = yield connect(reactor, agent, tmp_path)
+    try:
+        for kwargs, error in [
+            ({"image": "no/such:1"}, errors.ImageNotFound),
+            ({"resources": {"cpu": -1}}, errors.InvalidRequest),
+            ({"resources": {"mem": "12q"}}, errors.InvalidRequest),
+            ({"resources": {"cpu": 1000}}, errors.InsufficientResources),
+            ({"kernel_id": "../x"}, errors.InvalidRequest),
+            ({"environ": {"A": 1}}, errors.InvalidRequest),
+            ({"mounts": [{"source": "/etc", "target": "/data", "mode": "ro"}]}, errors.InvalidRequest),
+        ]:
+            arguments = {"kernel_id": "bad", "image": IMAGE, "resources": {"cpu": 1, "mem": "128m"}}
+            arguments.update(kwargs)
+            with pytest.raises(error):
+                yield client.create_kernel(**arguments)
+        assert our_containers(agent) == []
+        assert list(scratch(agent, tmp_path).iterdir()) == []
+        info = yield client.get_agent_info()
+        assert info["resources"]["cpu"]["used"] == 0
+    finally:
+        client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_restart_keeps_the_home(agent, tmp_path, reactor):
+    client = yield connect(reactor, agent, tmp_path)
+    try:
+        first = yield client.create_kernel("k2", IMAGE, {"cpu": 0.5, "mem": "128m"})
+        (scratch(agent, tmp_path, "k2") / "kept.txt").write_text("kept")
+        second = yield client.restart_kernel("k2")
+        assert second["status"] == "running"
+        assert second["container_id"] != first["container_id"]
+        assert (scratch(agent, tmp_path, "k2") / "kept.txt").read_text() == "kept"
+        assert our_containers(agent) == [second["container_id"][:12]]
+        yield client.destroy_kernel("k2")
+    finally:
+        client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_deaths_are_reported_with_the_right_reason_and_cleaned(agent, tmp_path, reactor):
+    events = []
+    client = yield connect(reactor, agent, tmp_path, on_event=events.append)
+    try:
+        yield client.subscribe(0)
+        oom = yield client.create_kernel("oom", IMAGE, {"cpu": 0.5, "mem": "64m"})
+        killed = yield client.create_kernel("killed", IMAGE, {"cpu": 0.5, "mem": "64m"})
+        # Make the runner the OOM killer's choice, then exceed the limit.
+        docker(
+            "exec", oom["container_id"], "sh", "-c",
+            'echo 1000 > /proc/1/oom_score_adj; python3 -c "b = bytearray(300 << 20)"',
+            check=False,
+        )
+        docker("kill", killed["container_id"])
+
+        def terminated():
+            return {e["kernel_id"]: e["data"] for e in events if e["type"] == "kernel-terminated"}
+
+        yield wait_until(reactor, lambda: set(terminated()) >= {"oom", "killed"}, 15, "two kernel-terminated events")
+        assert terminated()["oom"]["reason"] == "oom-killed"
+        assert terminated()["oom"]["exit_code"] == 137
+        assert terminated()["killed"]["reason"] == "self-terminated"
+        assert our_containers(agent) == []
+        assert list(scratch(agent, tmp_path).iterdir()) == []
+        assert (yield client.list_kernels()) == []
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
+    finally:
+        client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_events_survive_a_reconnect_and_an_agent_restart(agent, tmp_path, reactor, etcd_server):
+    seen = []
+    client = yield connect(reactor, agent, tmp_path, on_event=seen.append)
+    yield client.subscribe(0)
+    yield client.create_kernel("ev", IMAGE, {"cpu": 0.5, "mem": "64m"})
+    yield wait_until(reactor, lambda: any(e["type"] == "kernel-started" for e in seen), 10, "kernel-started")
+    client.close()
+    last = max(e["seq"] for e in seen)
+
+    # Events that happen while no manager listens are kept, then replayed.
+    other = yield connect(reactor, agent, tmp_path)
+    yield other.destroy_kernel("ev")
+    other.close()
+
+    agent.stop()
+    agent.start()
+    agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 15, "/healthz 200 after restart")
+    replay = []
+    again = yield connect(reactor, agent, tmp_path, on_event=replay.append)
+    last_seq = yield again.subscribe(last)
+    yield wait_until(reactor, lambda: replay and replay[-1]["seq"] >= last_seq, 10, "the replay")
+    types = [e["type"] for e in replay]
+    assert replay[0]["seq"] == last + 1
+    assert "kernel-terminated" in types and "agent-stopping" in types and "agent-started" in types
+    assert [e["seq"] for e in replay] == list(range(last + 1, last_seq + 1))
+    again.close()

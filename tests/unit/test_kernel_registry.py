@@ -1,0 +1,456 @@
+"""
+The kernel lifecycle on the fake Docker backend and fake runners: create, destroy,
+restart, death, timeouts, serialisation, and bad input that must leak nothing.
+"""
+
+import json
+import math
+import os
+import stat
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+
+from bai_agent.config import AgentConfig
+from bai_agent.docker.interface import DockerError, DockerUnavailable
+from bai_agent.docker.service import DockerService
+from bai_agent.kernels.allocator import Allocator
+from bai_agent.kernels.journal import EventJournal
+from bai_agent.kernels.registry import KernelRegistry
+from bai_agent.protocol import errors
+from bai_agent.resources import Capacity
+from bai_agent.testing.fake_docker import FakeDockerBackend
+from bai_agent.testing.fake_runner import FakeRunners
+
+IMAGE = "bai-kernel/python:3.11"
+GIB = 1 << 30
+
+
+class Harness:
+    def __init__(self, tmp_path):
+        self.clock = Clock()
+        self.tmp = tmp_path
+        self.allowed = tmp_path / "data"
+        (self.allowed / "set").mkdir(parents=True)
+        self.backend = FakeDockerBackend()
+        self.backend.add_image(
+            IMAGE,
+            {
+                "ai.backend.kernelspec": "1",
+                "ai.backend.envs.corecount": "OMP_NUM_THREADS NPROC",
+                "ai.backend.resource.min.mem": "64m",
+            },
+        )
+        self.backend.add_image("plain/debian:12", {})
+        self.docker = DockerService(self.clock, self.backend)
+        self.docker.startService()
+        self.config = AgentConfig(
+            agent_id="a1",
+            scratch_root=str(tmp_path / "scratch"),
+            state_dir=str(tmp_path / "state"),
+            allowed_mount_roots=(str(self.allowed),),
+            kernel_network="none",
+        )
+        os.makedirs(self.config.scratch_root)
+        os.makedirs(self.config.state_dir)
+        self.allocator = Allocator(Capacity(cpu=4.0, mem=8 * GIB, cuda_device=0), [], cpu_cores=[0, 1, 2, 3])
+        self.journal = EventJournal(str(tmp_path / "state" / "events.jsonl"), self.clock, fsync=False)
+        self.runners = FakeRunners()
+        self.disk = HeldDisk()
+        self.tunables = {}
+        self.registry = KernelRegistry(
+            self.clock,
+            self.config,
+            self.docker,
+            self.backend,
+            self.allocator,
+            self.journal,
+            connect_runner=self.runners.connect,
+            run_blocking=self.disk.run,
+            runner_dir=str(tmp_path / "runner"),
+            cluster_config=lambda: self.tunables,
+        )
+        self.registry.startService()
+
+    def create(self, kernel_id="k1", image=IMAGE, resources=None, **kwargs):
+        return result(self.registry.create(kernel_id, image, resources or {"cpu": 1, "mem": "256m"}, **kwargs))
+
+    def events(self, type=None):
+        return [event for event in self.journal.since(0) if type is None or event.type == type]
+
+    def containers(self):
+        return result(self.backend.list_containers(labels={"ai.backend.agent-id": "a1"}, all=True))
+
+    def assert_nothing_leaked(self):
+        assert self.containers() == []
+        assert os.listdir(self.config.scratch_root) == []
+        assert os.listdir(os.path.join(self.config.state_dir, "kernels")) == [] if os.path.exists(
+            os.path.join(self.config.state_dir, "kernels")
+        ) else True
+        assert self.allocator.used() == {"cpu": 0, "mem": 0, "cuda.device": 0}
+        assert self.registry.kernels == {}
+
+
+class HeldDisk:
+    """Disk work done at once, or held (``hold``) until ``release``: to catch operations mid-way."""
+
+    def __init__(self):
+        self.holding = False
+        self.held = []
+
+    def run(self, f, *args):
+        if not self.holding:
+            return maybeDeferred(f, *args)
+        d = Deferred()
+        self.held.append((d, f, args))
+        return d
+
+    def hold(self):
+        self.holding = True
+
+    def release(self):
+        self.holding = False
+        while self.held:
+            d, f, args = self.held.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+
+
+def fired(d):
+    results = []
+    d.addBoth(lambda r: results.append(r) or r)
+    return bool(results)
+
+
+def result(d):
+    """The result of an already-fired Deferred, raising its failure."""
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+@pytest.fixture
+def h(tmp_path):
+    return Harness(tmp_path)
+
+
+# -- create ------------------------------------------------------------------------------
+
+
+def test_create_starts_a_hardened_container_and_answers_a_running_record(h):
+    record = h.create(environ={"GREETING": "hi"})
+    assert record["status"] == "running"
+    assert record["kernel_id"] == "k1" and record["image"] == IMAGE
+    assert record["resources"]["cpu"] == 1 and record["resources"]["mem"] == 256 << 20
+    (container,) = h.containers()
+    inspect = result(h.backend.inspect_container(container["Id"]))
+    assert inspect["Name"].lstrip("/") == "kernel.a1.k1"
+    config, host = inspect["Config"], inspect["HostConfig"]
+    assert config["Labels"]["ai.backend.kernel-id"] == "k1"
+    assert config["Labels"]["ai.backend.agent-id"] == "a1"
+    assert host["Privileged"] is False
+    assert host["CapDrop"] == ["ALL"]
+    assert "SYS_ADMIN" not in host["CapAdd"] and "NET_ADMIN" not in host["CapAdd"]
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["PidsLimit"] == 1024
+    assert host["Memory"] == host["MemorySwap"] == 256 << 20
+    assert host["CpusetCpus"] == record["resources"]["cpuset"]
+    assert host["NetworkMode"] == "none"
+    assert not any("docker.sock" in bind for bind in host["Binds"])
+    assert f"{h.config.scratch_root}/k1:/home/work:rw" in host["Binds"]
+    # The runner sets up user code as uid 1000.
+    assert config["Cmd"][config["Cmd"].index("--uid") + 1] == "1000"
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["GREETING"] == "hi" and env["OMP_NUM_THREADS"] == "1" and env["NPROC"] == "1"
+    home = os.stat(os.path.join(h.config.scratch_root, "k1"))
+    assert (home.st_uid, home.st_gid) == (1000, 1000)
+    assert [event.type for event in h.events()][-2:] == ["kernel-creating", "kernel-started"]
+    assert h.allocator.used()["mem"] == 256 << 20
+
+
+def test_fractional_cpu_gets_a_quota_and_no_cpuset(h):
+    h.create(resources={"cpu": 0.5, "mem": "128m"})
+    (container,) = h.containers()
+    host = result(h.backend.inspect_container(container["Id"]))["HostConfig"]
+    assert host["CpuQuota"] == 50000 and host["CpuPeriod"] == 100000
+    assert not host.get("CpusetCpus")
+
+
+def test_mounts_under_an_allowed_root_are_bound(h):
+    h.create(mounts=[{"source": str(h.allowed / "set"), "target": "/data/set", "mode": "ro"}])
+    (container,) = h.containers()
+    binds = result(h.backend.inspect_container(container["Id"]))["HostConfig"]["Binds"]
+    assert f"{h.allowed / 'set'}:/data/set:ro" in binds
+
+
+def test_idle_and_exec_timeouts_default_from_etcd_config(h):
+    h.tunables.update(idle_timeout=600, exec_timeout=30)
+    record = h.create()
+    assert (record["idle_timeout"], record["exec_timeout"]) == (600, 30)
+    assert h.create("k2", idle_timeout=0)["idle_timeout"] == 0
+
+
+# -- bad input: a declared error and nothing leaked ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"image": "no/such:image"}, errors.ImageNotFound),
+        ({"image": "plain/debian:12"}, errors.ImageNotFound),
+        ({"image": ""}, errors.InvalidRequest),
+        ({"resources": {"cpu": -1}}, errors.InvalidRequest),
+        ({"resources": {"cpu": math.nan}}, errors.InvalidRequest),
+        ({"resources": {"mem": "12q"}}, errors.InvalidRequest),
+        ({"resources": {"cpu": 64}}, errors.InsufficientResources),
+        ({"resources": {"mem": "1t"}}, errors.InsufficientResources),
+        ({"resources": {"cuda.device": 1}}, errors.InsufficientResources),
+        ({"resources": {"mem": "32m"}}, errors.InvalidRequest),  # below the image's min.mem
+        ({"resources": "lots"}, errors.InvalidRequest),
+        ({"kernel_id": "../evil"}, errors.InvalidRequest),
+        ({"kernel_id": ""}, errors.InvalidRequest),
+        ({"kernel_id": "x" * 65}, errors.InvalidRequest),
+        ({"environ": {"A": 1}}, errors.InvalidRequest),
+        ({"environ": {"A": None}}, errors.InvalidRequest),
+        ({"environ": {"BAD NAME": "x"}}, errors.InvalidRequest),
+        ({"environ": ["A=1"]}, errors.InvalidRequest),
+        ({"mounts": [{"source": "/", "target": "/host", "mode": "ro"}]}, errors.InvalidRequest),
+        ({"mounts": [{"source": "/etc", "target": "/data/etc", "mode": "ro"}]}, errors.InvalidRequest),
+        ({"mounts": "PLACEHOLDER_DOTDOT"}, errors.InvalidRequest),
+        ({"mounts": [{"source": "/tmp", "target": "/data/tmp", "mode": "rw"}]}, errors.InvalidRequest),
+        ({"mounts": "PLACEHOLDER_TARGET_ETC"}, errors.InvalidRequest),
+        ({"mounts": "PLACEHOLDER_BAD_MODE"}, errors.InvalidRequest),
+        ({"mounts": {"source": "/"}}, errors.InvalidRequest),
+        ({"idle_timeout": -1}, errors.InvalidRequest),
+    ],
+)
+def test_bad_create_is_a_declared_error_and_leaks_nothing(h, kwargs, error):
+    kwargs = dict(kwargs)
+    mounts = kwargs.get("mounts")
+    if mounts == "PLACEHOLDER_DOTDOT":
+        kwargs["mounts"] = [{"source": str(h.allowed / "set" / ".." / ".." / ".."), "target": "/data/up", "mode": "ro"}]
+    elif mounts == "PLACEHOLDER_TARGET_ETC":
+        kwargs["mounts"] = [{"source": str(h.allowed / "set"), "target": "/etc", "mode": "ro"}]
+    elif mounts == "PLACEHOLDER_BAD_MODE":
+        kwargs["mounts"] = [{"source": str(h.allowed / "set"), "target": "/data/x", "mode": "rwx"}]
+    with pytest.raises(error):
+        h.create(**kwargs)
+    h.assert_nothing_leaked()
+    assert h.events("kernel-creating") == []
+
+
+def test_a_symlink_out_of_an_allowed_root_is_refused(h):
+    os.symlink("/etc", h.allowed / "link")
+    with pytest.raises(errors.InvalidRequest, match="allowed mount root"):
+        h.create(mounts=[{"source": str(h.allowed / "link"), "target": "/data/l", "mode": "ro"}])
+    h.assert_nothing_leaked()
+
+
+def test_duplicate_kernel_id_is_kernel_exists(h):
+    h.create()
+    with pytest.raises(errors.KernelExists):
+        h.create()
+    assert len(h.containers()) == 1
+
+
+def test_destroy_of_an_unknown_kernel_is_kernel_not_found(h):
+    with pytest.raises(errors.KernelNotFound):
+        result(maybeDeferred(h.registry.destroy, "nope"))
+
+
+@pytest.mark.parametrize("method", ["create_container", "start_container"])
+def test_docker_failure_during_create_rolls_everything_back(h, method):
+    h.backend.fail_next(method, DockerError("boom", status=500), applied=True)
+    with pytest.raises(errors.KernelCreationFailed, match="boom"):
+        h.create()
+    h.assert_nothing_leaked()
+    (terminated,) = h.events("kernel-terminated")
+    assert terminated.data["reason"] == "creation-failed"
+
+
+def test_docker_unreachable_during_create_is_backend_unavailable_and_rolls_back(h):
+    h.backend.fail_next("create_container", DockerUnavailable("gone"))
+    with pytest.raises(errors.BackendUnavailable):
+        h.create()
+    h.assert_nothing_leaked()
+
+
+def test_runner_that_never_answers_fails_the_create_and_rolls_back(h):
+    h.runners.fail_next()
+    with pytest.raises(errors.KernelCreationFailed, match="runner"):
+        h.create()
+    h.assert_nothing_leaked()
+
+
+# -- destroy, restart, reset -------------------------------------------------------------
+
+
+def test_destroy_removes_container_scratch_dir_and_grant(h):
+    h.create()
+    answer = result(h.registry.destroy("k1"))
+    assert answer["kernel_id"] == "k1"
+    assert "stats" in answer
+    h.assert_nothing_leaked()
+    (terminated,) = h.events("kernel-terminated")
+    assert terminated.kernel_id == "k1"
+    assert terminated.data["reason"] == "user-requested"
+    assert h.runners.links[0].closed_because
+
+
+def test_two_destroys_share_one_answer_and_one_event(h):
+    h.create()
+    h.disk.hold()  # the first destroy stops at removing the directories
+    first = h.registry.destroy("k1")
+    second = h.registry.destroy("k1")
+    assert not fired(first) and not fired(second)
+    h.disk.release()
+    assert result(first) == result(second)
+    assert len(h.events("kernel-terminated")) == 1
+    with pytest.raises(errors.KernelNotFound):
+        result(maybeDeferred(h.registry.destroy, "k1"))
+
+
+def test_destroy_during_create_waits_then_destroys(h):
+    h.runners.hold()
+    creating = h.registry.create("k1", IMAGE, {"cpu": 1})
+    destroying = h.registry.destroy("k1")
+    with pytest.raises(errors.KernelExists):
+        h.create("k1")
+    assert not fired(creating) and not fired(destroying)
+    h.runners.release()
+    assert result(creating)["status"] == "running"
+    assert result(destroying)["kernel_id"] == "k1"
+    h.assert_nothing_leaked()
+
+
+def test_restart_keeps_the_home_and_grant_and_replaces_the_container(h):
+    record = h.create()
+    home = os.path.join(h.config.scratch_root, "k1", "notes.txt")
+    with open(home, "w") as f:
+        f.write("kept")
+    restarted = result(h.registry.restart("k1"))
+    assert restarted["status"] == "running"
+    assert restarted["container_id"] != record["container_id"]
+    assert restarted["resources"] == record["resources"]
+    assert open(home).read() == "kept"
+    assert len(h.containers()) == 1
+    types = [event.type for event in h.events()]
+    assert types[-2:] == ["kernel-terminated", "kernel-restarted"]
+    assert h.events("kernel-terminated")[0].data["reason"] == "restarting"
+
+
+def test_restart_during_destroy_is_kernel_not_found(h):
+    h.create()
+    h.disk.hold()
+    d = h.registry.destroy("k1")
+    assert not fired(d)
+    with pytest.raises(errors.KernelNotFound):
+        result(maybeDeferred(h.registry.restart, "k1"))
+    h.disk.release()
+    result(d)
+    h.assert_nothing_leaked()
+
+
+def test_reset_destroys_every_kernel(h):
+    for kernel_id in ("k1", "k2", "k3"):
+        h.create(kernel_id)
+    assert result(h.registry.reset()) == 3
+    h.assert_nothing_leaked()
+    assert {event.data["reason"] for event in h.events("kernel-terminated")} == {"agent-reset"}
+
+
+# -- death -------------------------------------------------------------------------------
+
+
+def test_a_dead_container_is_reported_once_and_cleaned(h):
+    record = h.create()
+    h.backend.die(record["container_id"], 3)
+    h.assert_nothing_leaked()
+    (terminated,) = h.events("kernel-terminated")
+    assert terminated.data["reason"] == "self-terminated"
+    assert terminated.data["exit_code"] == 3
+
+
+def test_an_oom_kill_is_reported_as_oom_killed(h):
+    record = h.create()
+    h.backend.die(record["container_id"], 137, oom=True)
+    (terminated,) = h.events("kernel-terminated")
+    assert terminated.data["reason"] == "oom-killed"
+    assert terminated.data["exit_code"] == 137
+    h.assert_nothing_leaked()
+
+
+@pytest.mark.parametrize("oom_event", ["after", "missing"])
+def test_an_oom_kill_docker_reports_late_or_not_at_all_is_still_oom_killed(h, oom_event):
+    record = h.create()
+    h.backend.die(record["container_id"], 137, oom=True, oom_event=oom_event)
+    (terminated,) = h.events("kernel-terminated")
+    assert terminated.data["reason"] == "oom-killed"
+    h.assert_nothing_leaked()
+
+
+def test_a_container_killed_through_docker_is_self_terminated_not_oom(h):
+    record = h.create()
+    result(h.backend.kill_container(record["container_id"]))  # like `docker kill`
+    (terminated,) = h.events("kernel-terminated")
+    assert terminated.data == {"reason": "self-terminated", "exit_code": 137, "stats": {}}
+    h.assert_nothing_leaked()
+
+
+def test_a_missed_die_event_is_found_by_the_relist(h):
+    record = h.create()
+    h.backend.set_available(False)  # the events stream breaks: the die is not seen
+    h.backend.set_available(True)
+    result(h.backend.remove_container(record["container_id"], force=True))
+    assert h.registry.kernels  # not noticed yet
+    h.docker.healthy = True
+    h.clock.advance(10)
+    h.assert_nothing_leaked()
+    assert h.events("kernel-terminated")[0].data["reason"] == "self-terminated"
+
+
+def test_a_lost_runner_with_a_dead_container_ends_the_kernel(h):
+    record = h.create()
+    h.backend.set_available(False)
+    h.backend.set_available(True)
+    result(h.backend.kill_container(record["container_id"]))
+    h.runners.links[0].close("connection lost")
+    h.assert_nothing_leaked()
+
+
+# -- timeouts and records ------------------------------------------------------------------
+
+
+def test_idle_kernel_is_destroyed_after_its_idle_timeout(h):
+    h.create(idle_timeout=30)
+    h.clock.advance(20)
+    h.registry.touch("k1")
+    h.clock.advance(20)
+    assert "k1" in h.registry.kernels
+    h.clock.advance(12)
+    h.assert_nothing_leaked()
+    assert h.events("kernel-terminated")[0].data["reason"] == "idle-timeout"
+
+
+def test_list_and_saved_state(h):
+    h.create("k1")
+    h.create("k2", resources={"cpu": 2, "mem": "1g"})
+    assert [record["kernel_id"] for record in h.registry.records()] == ["k1", "k2"]
+    assert h.allocator.used()["cpu"] == 3
+    saved = [
+        json.load(open(os.path.join(root, "kernel.json")))
+        for root, _, files in os.walk(os.path.join(h.config.state_dir, "kernels"))
+        if "kernel.json" in files
+    ]
+    assert sorted(state["kernel_id"] for state in saved) == ["k1", "k2"]
+    run_dirs = [os.path.join(root, d) for root, dirs, _ in os.walk(os.path.join(h.config.state_dir, "kernels")) for d in dirs if d == "run"]
+    assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o700 for path in run_dirs)
+
+
+def test_stop_journals_agent_stopping(h):
+    h.create()
+    result(h.registry.stopService())
+    assert h.events()[-1].type == "agent-stopping"

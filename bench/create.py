@@ -1,0 +1,202 @@
+"""
+How long a manager waits for a kernel, against what Docker alone takes.
+
+    .venv/bin/python bench/create.py [--kernels 20] [--concurrent 10]
+
+Starts its own etcd and a real agent (kernels without a network), then in one run:
+
+- agent: ``CreateKernel`` until the answer (the kernel's runner has answered), one at a
+  time, ``--kernels`` times;
+- raw: Engine API create + start of a container of the same image with the same limits,
+  mounts and command (the body the agent itself sends), one at a time, as many times;
+- then ``--concurrent`` creates of each at once.
+
+Prints p50/p95 and the ratios agent/raw. Target: agent p50 at most 1.25x raw.
+Every kernel and container it made is removed at the end.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from twisted.internet.defer import gatherResults, inlineCallbacks  # noqa: E402
+from twisted.internet.task import react  # noqa: E402
+
+from bai_agent.config import AgentConfig  # noqa: E402
+from bai_agent.docker.engine import DockerEngineClient  # noqa: E402
+from bai_agent.docker.images import kernel_image_from_inspect  # noqa: E402
+from bai_agent.kernels.allocator import Grant  # noqa: E402
+from bai_agent.kernels.container import container_config  # noqa: E402
+from bai_agent.kernels.kernel import Kernel  # noqa: E402
+from bai_agent.kernels.workspace import Workspace  # noqa: E402
+from bai_agent.protocol.client import AgentClient  # noqa: E402
+from bai_agent.service import RUNNER_DIR  # noqa: E402
+from bai_agent.testing.etcd_server import EtcdServer  # noqa: E402
+from tests.functional.agent_process import AgentProcess  # noqa: E402
+
+IMAGE = "bai-kernel/python:3.11"
+RESOURCES = {"cpu": 0.05, "mem": "64m"}  # small, so that 20 fit on a 2-core machine
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@inlineCallbacks
+def timed(call):
+    started = time.perf_counter()
+    yield call()
+    return time.perf_counter() - started
+
+
+@inlineCallbacks
+def run(reactor, args):
+    work = tempfile.mkdtemp(prefix="bai-bench-")
+    etcd = EtcdServer(os.path.join(work, "etcd"))
+    etcd.start()
+    agent = AgentProcess(
+        _Path(work), etcd.addr, namespace="bench", agent_id="bench-agent", extra=["--kernel-network", "none"]
+    )
+    agent.start()
+    docker = DockerEngineClient(reactor, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
+    raw_containers = []
+    kernel_ids = []
+    client = None
+    try:
+        agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 30, "the agent")
+        secret = agent.secret_path.read_text().strip()
+        client = yield AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret, timeout=30)
+
+        # The raw body: what the agent sends for such a kernel, in a scratch dir of our own.
+        image = kernel_image_from_inspect(IMAGE, (yield docker.inspect_image(IMAGE)))
+        config = AgentConfig(agent_id="bench-raw", scratch_root=os.path.join(work, "raw"), state_dir=work)
+        os.makedirs(config.scratch_root)
+        grant = Grant(kernel_id="raw", cpu=0.05, mem=64 << 20, cpuset=(), cpu_quota_us=5000, cuda_devices=())
+
+        def raw_body(index):
+            kernel = Kernel(
+                kernel_id=f"raw{index}", image=image, grant=grant, environ={}, mounts=(),
+                idle_timeout=0, exec_timeout=0, created_at=0.0, last_used=0.0,
+            )
+            workspace = Workspace(config.scratch_root, os.path.join(work, "raw-state"), kernel.kernel_id)
+            os.makedirs(workspace.run_dir, exist_ok=True)
+            os.makedirs(workspace.scratch_dir, exist_ok=True)
+            return container_config(kernel, workspace, "bench-raw", RUNNER_DIR, "none", 1024)
+
+        counter = iter(range(10**6))
+
+        @inlineCallbacks
+        def raw_create():
+            index = next(counter)
+            body = raw_body(index)
+            container = yield docker.create_container(f"bench-raw-{os.getpid()}-{index}", body)
+            raw_containers.append(container)
+            yield docker.start_container(container)
+
+        @inlineCallbacks
+        def agent_create():
+            kernel_id = f"bench{next(counter)}"
+            kernel_ids.append(kernel_id)
+            yield client.create_kernel(kernel_id, IMAGE, RESOURCES)
+
+        # Warm up both paths once (image layers in the page cache, connections open).
+        yield raw_create()
+        yield agent_create()
+
+        results = {"agent": [], "raw": []}
+        for _ in range(args.kernels):
+            # Interleaved, so that both see the same machine state.
+            results["raw"].append((yield timed(raw_create)))
+            results["agent"].append((yield timed(agent_create)))
+        yield cleanup(docker, client, raw_containers, kernel_ids)
+
+        concurrent = {}
+        for name, create in (("raw", raw_create), ("agent", agent_create)):
+            started = time.perf_counter()
+            durations = yield gatherResults([timed(create) for _ in range(args.concurrent)], consumeErrors=True)
+            concurrent[name] = (time.perf_counter() - started, durations)
+            yield cleanup(docker, client, raw_containers, kernel_ids)
+
+        report(results, concurrent, args)
+    finally:
+        if client is not None:
+            yield cleanup(docker, client, raw_containers, kernel_ids)
+            client.close()
+        yield docker.close()
+        agent.stop()
+        agent.remove_state()
+        etcd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@inlineCallbacks
+def cleanup(docker, client, raw_containers, kernel_ids):
+    while raw_containers:
+        container = raw_containers.pop()
+        try:
+            yield docker.remove_container(container, force=True)
+        except Exception as e:
+            print(f"could not remove {container}: {e}", file=sys.stderr)
+    while kernel_ids:
+        kernel_id = kernel_ids.pop()
+        try:
+            yield client.destroy_kernel(kernel_id)
+        except Exception as e:
+            print(f"could not destroy {kernel_id}: {e}", file=sys.stderr)
+
+
+def report(results, concurrent, args):
+    def ms(seconds):
+        return f"{seconds * 1000:8.1f}"
+
+    agent, raw = results["agent"], results["raw"]
+    rows = [
+        ("p50", statistics.median(agent), statistics.median(raw)),
+        ("p95", percentile(agent, 0.95), percentile(raw, 0.95)),
+        ("mean", statistics.mean(agent), statistics.mean(raw)),
+    ]
+    print(f"\nCreate until running, {args.kernels} kernels one at a time ({IMAGE}, cpu 0.05, mem 64m)")
+    print(f"{'':6} {'agent ms':>9} {'raw ms':>9} {'agent/raw':>10}")
+    for name, a, r in rows:
+        print(f"{name:6} {ms(a)} {ms(r)} {a / r:9.2f}x")
+    print(f"\n{args.concurrent} concurrent creates")
+    print(f"{'':6} {'wall ms':>9} {'p50 ms':>9} {'max ms':>9}")
+    for name in ("agent", "raw"):
+        wall, durations = concurrent[name]
+        print(f"{name:6} {ms(wall)} {ms(statistics.median(durations))} {ms(max(durations))}")
+    wall_ratio = concurrent["agent"][0] / concurrent["raw"][0]
+    print(f"agent/raw wall time: {wall_ratio:.2f}x")
+    p50_ratio = statistics.median(agent) / statistics.median(raw)
+    verdict = "meets" if p50_ratio <= 1.25 else "misses"
+    print(f"\ntarget: agent p50 <= 1.25x raw: {p50_ratio:.2f}x ({verdict})")
+
+
+class _Path(str):
+    """AgentProcess wants a pathlib-like tmp dir; a str with ``/`` is enough here."""
+
+    def __truediv__(self, other):
+        import pathlib
+
+        return pathlib.Path(self) / other
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", type=int, default=20)
+    parser.add_argument("--concurrent", type=int, default=10)
+    args = parser.parse_args()
+    if args.kernels < 1 or args.concurrent < 1:
+        parser.error("--kernels and --concurrent must be at least 1")
+    react(run, [args])
+
+
+if __name__ == "__main__":
+    main()

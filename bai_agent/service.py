@@ -28,13 +28,13 @@ from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
 from bai_agent.kernels.runner_link import connect_runner as default_connect_runner
 from bai_agent.resources import detect_capacity
+from bai_agent.runner import RUNNER_DIR
 from bai_agent.rpc.server import AgentAMPFactory
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
 
 log = Logger()
 
-RUNNER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner")
 
 
 class ListeningService(StreamServerEndpointService):
@@ -94,6 +94,7 @@ def build_agent_service(
     ``connect_runner`` and ``run_blocking`` (disk work off the reactor thread) default to
     the real ones; tests pass fakes.
     """
+    compile_runner()
     ensure_private_dir(config.scratch_root, "scratch root")
     ensure_private_dir(config.state_dir, "state dir")
     gpus = discover_gpus(nvml)
@@ -184,6 +185,21 @@ def build_agent_service(
     health_watch.clock = reactor
     health_watch.setServiceParent(status)
     return top
+
+
+def compile_runner():
+    """
+    Write the runner's bytecode next to it, once, before the reactor runs: the runner
+    directory is mounted read-only into kernels, and without a cache each kernel's Python
+    would compile the runner again at start. A read-only install (bytecode written at
+    install time, or not writable) is fine as it is.
+    """
+    import compileall
+
+    try:
+        compileall.compile_dir(RUNNER_DIR, quiet=2, workers=1)
+    except OSError as e:
+        log.info("runner bytecode not written: {error}", error=e)
 
 
 def _never_raise(function):

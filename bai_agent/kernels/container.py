@@ -5,11 +5,12 @@ the resource limits of its grant and the hardening every kernel gets.
 
 import math
 
-from bai_agent.kernels.workspace import KERNEL_GID, KERNEL_UID, SOCKET_NAME
+from bai_agent.kernels.workspace import KERNEL_GID, KERNEL_UID
+from bai_agent.runner import MOUNT_POINT as RUNNER_MOUNT
+from bai_agent.runner import STATE_MOUNT_POINT as RUN_MOUNT
+from bai_agent.runner import runner_command
 
 HOME = "/home/work"
-RUNNER_MOUNT = "/opt/bai/runner"
-RUN_MOUNT = "/run/bai"
 KERNEL_ID_LABEL = "ai.backend.kernel-id"
 AGENT_ID_LABEL = "ai.backend.agent-id"
 
@@ -33,19 +34,16 @@ def core_count(grant) -> int:
     return max(1, math.ceil(grant.cpu))
 
 
-def runner_command(image) -> list:
-    return [
-        image.runtime_path,
-        "-I",
-        "-u",
-        f"{RUNNER_MOUNT}/main.py",
-        "--socket", f"{RUN_MOUNT}/{SOCKET_NAME}",
-        "--uid", str(KERNEL_UID),
-        "--gid", str(KERNEL_GID),
-        "--home", HOME,
-        "--runtime-type", image.runtime_type,
-        "--runtime-path", image.runtime_path,
-    ]
+def kernel_command(image) -> list:
+    """The runner, started by the image's own interpreter."""
+    return runner_command(
+        python=image.runtime_path,
+        uid=KERNEL_UID,
+        gid=KERNEL_GID,
+        home=HOME,
+        runtime_type=image.runtime_type,
+        runtime_path=image.runtime_path,
+    )
 
 
 def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limit) -> dict:
@@ -91,7 +89,7 @@ def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limi
     return {
         "Image": kernel.image.id,
         "Entrypoint": [],
-        "Cmd": runner_command(kernel.image),
+        "Cmd": kernel_command(kernel.image),
         "Env": [f"{name}={value}" for name, value in sorted(environ.items())],
         "Labels": container_labels(agent_id, kernel.kernel_id),
         "User": "0:0",

@@ -208,9 +208,11 @@ class KernelRegistry(Service):
         started = time.monotonic()
         self.journal.append("kernel-creating", kernel.kernel_id, {"image": kernel.image.name})
         workspace = self.workspace(kernel.kernel_id)
+        steps = {}
         try:
             yield self.run_blocking(workspace.create)
-            yield self._start_container(kernel, workspace)
+            steps["dirs"] = time.monotonic() - started
+            yield self._start_container(kernel, workspace, steps)
         except Exception as e:
             failure = Failure()
             self.log.warn(
@@ -228,15 +230,18 @@ class KernelRegistry(Service):
         kernel.status = states.RUNNING
         self.journal.append("kernel-started", kernel.kernel_id, kernel.record())
         self.log.info(
-            "kernel {kernel_id} started in {elapsed:.3f}s",
+            "kernel {kernel_id} started in {elapsed:.3f}s ({steps})",
             kernel_id=kernel.kernel_id,
             elapsed=time.monotonic() - started,
+            steps=", ".join(f"{step} at {at * 1000:.0f} ms" for step, at in steps.items()),
         )
         return kernel.record()
 
     @inlineCallbacks
-    def _start_container(self, kernel, workspace):
+    def _start_container(self, kernel, workspace, steps=None):
         """Create and start the container and wait for its runner to answer."""
+        steps = {} if steps is None else steps
+        started = time.monotonic() - steps.get("dirs", 0)
         body = container_config(
             kernel,
             workspace,
@@ -248,9 +253,13 @@ class KernelRegistry(Service):
         kernel.container_id = yield self.backend.create_container(
             container_name(self.config.agent_id, kernel.kernel_id), body
         )
+        steps["created"] = time.monotonic() - started
         yield self.run_blocking(workspace.save, kernel.saved_state())
+        steps["saved"] = time.monotonic() - started
         yield self.backend.start_container(kernel.container_id)
+        steps["docker started"] = time.monotonic() - started
         link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
+        steps["runner answered"] = time.monotonic() - started
         kernel.link = link
         link.dead.addCallback(lambda reason: self._runner_lost(kernel, link, reason))
 

@@ -280,7 +280,10 @@ class _Connector(object):
         self._deadline = clock.seconds() + timeout
         self._timeout = timeout
         self._link_options = link_options
-        self._delay = 0.05
+        # A runner takes tens of milliseconds to listen, and a failed connect to a UNIX
+        # socket costs microseconds: poll often, so that the kernel is running soon after
+        # its runner is (this delay is most of what CreateKernel adds to Docker's time).
+        self._delay = 0.005
         self._last_error = "no attempt"
         self._retry_call = None
         self._handshake_call = None
@@ -337,7 +340,7 @@ class _Connector(object):
             )
             return None
         self._retry_call = self._clock.callLater(self._delay, self._attempt)
-        self._delay = min(self._delay * 2, 0.5)
+        self._delay = min(self._delay * 1.5, 0.05)
         return None
 
     def _cancel_handshake_timer(self):

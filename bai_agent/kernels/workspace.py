@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 
+from bai_agent.runner import SOCKET_NAME
+
 KERNEL_UID = 1000
 KERNEL_GID = 1000
-SOCKET_NAME = "runner.sock"
 MAX_SOCKET_PATH = 107
 
 

@@ -1,0 +1,776 @@
+"""
+bai-runner: the main process of a kernel container, started through ``main.py``:
+
+    /usr/bin/python3 -I -u /opt/bai/runner/main.py --socket /run/bai/runner.sock \\
+        --uid 1000 --gid 1000 --home /home/work \\
+        --runtime-type python --runtime-path /usr/bin/python3
+
+It listens on a UNIX socket (mode 0600, in a 0700 directory the user cannot enter) for
+the agent, one connection at a time: a new connection replaces the old one, and runs go
+on across the change. User code always runs as ``--uid``/``--gid``, in its own session.
+
+Wire protocol (version 1). Frames: 4-byte big-endian length + one UTF-8 JSON object with a
+string ``type``; at most 8 MiB; a bad frame closes that connection.
+
+runner -> agent
+  hello           {"protocol": 1, "runner_version", "python", "pid", "runtime_type",
+                   "features": [...], "active_run": run_id or null}   first, on accept
+  pong            {"id"}                                     answer to ping, at once
+  output          {"run_id", "stream": "stdout"|"stderr", "data"}   data <= 64 Ki chars
+  waiting-input   {"run_id", "prompt", "is_password"}        the run blocks until input
+  build-finished  {"run_id", "exit_code", ["skipped": true]}          batch only
+  finished        {"run_id", "exit_code"}                    last message of every run
+  interrupt-result {"ok", ["id"]}
+  completions     {"id", "items": [str, ...]}
+  error           {"code", "message", ["run_id"]}
+
+agent -> runner
+  hello      {"protocol": 1}            first; another version -> error PROTOCOL_MISMATCH
+  ping       {"id"}
+  execute    {"run_id", "mode": "query"|"batch", "code", ["options": {"build", "exec"}]}
+  input      {"run_id", "data"}
+  interrupt  {["id"]}
+  complete   {"id", "text", ["options"]}
+  cancel     {"run_id"}
+
+Exit codes: 0 ok; 1 uncaught exception (query); 130 interrupted (KeyboardInterrupt, or a
+batch command killed by SIGINT); 137 cancelled; 127 batch build failed or a command could
+not be started; 128+N the interpreter or command was killed by signal N; otherwise the
+process's own exit code (``SystemExit`` in query mode).
+
+Error codes: PROTOCOL_MISMATCH, PROTOCOL_ERROR (first message not hello), BAD_REQUEST,
+UNKNOWN_MESSAGE, RUN_CONFLICT, NOT_SUPPORTED (query on a shell runtime),
+NOT_WAITING_INPUT, NO_SUCH_RUN.
+
+Semantics worth knowing:
+- query: globals live on between runs; a last expression statement is shown like the REPL
+  (repr on stdout, and ``_``); stdout and stderr of Python code keep their relative order;
+  output written straight to fds 1 and 2 (subprocesses, os.write) arrives too, in order
+  with the rest only as far as timing allows. Output of threads between runs is held and
+  comes with the next run. ``input()``, ``sys.stdin`` and ``getpass.getpass()`` ask with
+  ``waiting-input`` (the prompt is in the message, not in the output).
+- interrupt: SIGINT to the run's process group; ``ok`` is false only when no run is
+  active. An interrupt that comes before the interpreter has begun the code is held
+  until it does. A query run then ends with ``KeyboardInterrupt`` and exit code 130.
+- cancel: SIGKILL to the run's process group; ``finished`` with 137. A query run's
+  interpreter is replaced by a fresh one (globals are lost), as after a crash.
+- complete: ``items`` complete the dotted name at the end of ``text`` from the live
+  namespace (``"print(os.pa"`` -> ``["os.pardir", "os.path", ...]``); empty at once while
+  a run is active.
+- a new connection replaces the old one; its hello names the active run, and a pending
+  ``waiting-input`` is sent again. Frames already written to the old socket are gone.
+
+Output flow control: messages for the agent wait in one outbox. While it holds
+``--outbox-limit`` bytes (4 MiB) or more, the runner stops reading user output, so user
+code blocks on write instead of the runner growing; with no agent connected the outbox
+keeps filling up to the limit, and a new connection gets it from the first message not
+yet completely written to the old one. Control answers (pong, completions, ...) bypass
+the outbox and go first.
+"""
+
+import errno
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import batch  # noqa: E402
+import interpreter  # noqa: E402
+import procs  # noqa: E402
+from connection import AgentConnection, Outbox  # noqa: E402
+
+PROTOCOL = 1
+RUNNER_VERSION = "1.0"
+
+#: Default cap of the outbox, in bytes.
+OUTBOX_LIMIT = 4 * 1024 * 1024
+#: Input sent to the interpreter but not yet taken: beyond this, completions are refused.
+TO_CHILD_LIMIT = 16 * 1024 * 1024
+#: poll() timeout: a safety net for reaping; signals wake the loop anyway.
+POLL_MS = 2000
+
+EXIT_INTERRUPTED = 130
+EXIT_CANCELLED = 137
+EXIT_NOT_STARTED = 127
+
+
+def log(message):
+    """The runner's own diagnostics go to its stderr: the container log."""
+    try:
+        sys.stderr.write("bai-runner: %s\n" % (message,))
+        sys.stderr.flush()
+    except Exception:
+        pass
+
+
+class QueryRun(object):
+    """A run in the persistent interpreter."""
+
+    mode = "query"
+
+    def __init__(self, runner, run_id, interp):
+        self.runner = runner
+        self.run_id = run_id
+        self.interp = interp
+        self.cancelled = False
+        self.waiting = None  # {"request", "prompt", "is_password", "delivered"}
+        self.started = False
+        self.interrupt_pending = False
+
+    @property
+    def pipes(self):
+        return self.interp.pipes
+
+    def interrupt(self):
+        if self.started:
+            return self.interp.interrupt()
+        # The interpreter has not begun the code yet (still starting, or reading the
+        # request): a SIGINT now would be ignored, so it is sent once the run starts.
+        self.interrupt_pending = True
+        return True
+
+    def on_started(self):
+        self.started = True
+        if self.interrupt_pending:
+            self.interrupt_pending = False
+            self.interp.interrupt()
+
+    def cancel(self):
+        self.cancelled = True
+        self.interp.kill()
+
+    def shutdown(self):
+        self.interp.kill()
+
+
+class Runner(object):
+    def __init__(self, options):
+        self.options = options
+        environ = dict(os.environ)
+        environ["HOME"] = options.home
+        try:
+            import pwd
+
+            name = pwd.getpwuid(options.uid).pw_name
+            environ.setdefault("USER", name)
+            environ.setdefault("LOGNAME", name)
+        except (ImportError, KeyError):
+            pass
+        self.identity = procs.Identity(options.uid, options.gid, options.home, environ)
+        self.supports_query = options.runtime_type == "python"
+        self.outbox = Outbox(options.outbox_limit)
+        self.conn = None
+        self.run = None
+        self.last_run_id = None
+        self.interp = None
+        self._interp_error = None
+        self._children = {}  # pid -> callback(status)
+        self._completions = {}  # our request id -> (interpreter, connection, the agent's id)
+        self._next_completion = 0
+        self._seq = 0
+        self._stopping = False
+        self.listener = None
+        self._wakeup_r = self._wakeup_w = None
+
+    # -- set-up and the loop -------------------------------------------------------
+
+    def listen(self):
+        path = self.options.socket
+        # Bind and listen under a temporary name, then rename: the socket appears at
+        # its path only once it accepts connections (and replaces a stale one).
+        temporary = "%s.%d.tmp" % (path, os.getpid())
+        for stale in (temporary, path):
+            try:
+                if stat.S_ISSOCK(os.lstat(stale).st_mode):
+                    os.unlink(stale)
+            except FileNotFoundError:
+                pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(temporary)
+        finally:
+            os.umask(old_umask)
+        os.chmod(temporary, 0o600)
+        listener.listen(8)
+        listener.setblocking(False)
+        os.rename(temporary, path)
+        self.listener = listener
+
+    def install_signals(self):
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_r, False)
+        os.set_blocking(self._wakeup_w, False)
+        signal.set_wakeup_fd(self._wakeup_w, warn_on_full_buffer=False)
+
+        def stop(signum, frame):
+            self._stopping = True
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, stop)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def serve(self):
+        self.identity.check()
+        self.listen()
+        self.install_signals()
+        if self.supports_query:
+            self.ensure_interpreter()
+        log("listening on %s (pid %d)" % (self.options.socket, os.getpid()))
+        try:
+            while not self._stopping:
+                self._iterate()
+        finally:
+            self.shutdown()
+
+    def _interest(self):
+        """fd -> (owner, on_read or None, on_write or None), from the state right now."""
+        interest = {
+            self._wakeup_r: (self, self._on_wakeup, None),
+            self.listener.fileno(): (self, self._on_accept, None),
+        }
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            on_read = conn.on_readable if conn.wants_read else None
+            on_write = conn.on_writable if conn.wants_write else None
+            if on_read or on_write:
+                interest[conn.fileno()] = (conn, on_read, on_write)
+        accepting = not self.outbox.full
+        interp = self.interp
+        if interp is not None and interp.channel_open:
+            on_read = interp.on_readable if accepting else None
+            on_write = interp.on_writable if interp.wants_write else None
+            if on_read or on_write:
+                interest[interp.channel.fileno()] = (interp, on_read, on_write)
+        # User output pipes are read only during a run (between runs, output waits in
+        # the pipe for the next run) and only while the outbox has room.
+        if self.run is not None and accepting:
+            for pipe in self.run.pipes:
+                interest[pipe.fd] = (pipe, self._pipe_reader(pipe), None)
+        return interest
+
+    def _pipe_reader(self, pipe):
+        return _PipeReader(self, pipe)
+
+    def _iterate(self):
+        interest = self._interest()
+        poller = select.poll()
+        for fd, (_, on_read, on_write) in interest.items():
+            poller.register(
+                fd, (select.POLLIN if on_read else 0) | (select.POLLOUT if on_write else 0)
+            )
+        try:
+            events = poller.poll(POLL_MS)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            events = []
+        if not events:
+            self._reap()
+        for fd, mask in events:
+            owner, on_read, on_write = interest[fd]
+            if on_read is not None and mask & (
+                select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
+            ):
+                self._dispatch(fd, owner, on_read, 1)
+            # Errors on a write-only fd go to the writer, which then finds out.
+            errors = (select.POLLHUP | select.POLLERR) if on_read is None else 0
+            if on_write is not None and mask & (select.POLLOUT | errors):
+                self._dispatch(fd, owner, on_write, 2)
+
+    def _dispatch(self, fd, owner, callback, index):
+        # A handler earlier in this round may have closed this fd, and a new fd may have
+        # taken its number: act only if it still means what it meant at poll time.
+        current = self._interest().get(fd)
+        if current is None or current[0] is not owner or current[index] != callback:
+            return
+        try:
+            callback()
+        except Exception as e:  # one fd must never take the runner down
+            import traceback  # only here: start-up time matters, failures are rare
+
+            log("error handling fd %d: %s" % (fd, traceback.format_exc()))
+            if owner is not self:
+                owner.fault(e)
+
+    def _on_wakeup(self):
+        try:
+            while os.read(self._wakeup_r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        self._reap()
+
+    def _on_accept(self):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log("accept failed: %s" % (e,))
+            return
+        if self.conn is not None:
+            self.drop_connection(self.conn, "replaced by a new connection")
+        self.conn = AgentConnection(self, sock)
+        self.conn.reply(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL,
+                "runner_version": RUNNER_VERSION,
+                "python": "%d.%d.%d" % sys.version_info[:3],
+                "pid": os.getpid(),
+                "runtime_type": self.options.runtime_type,
+                "features": self.features(),
+                "active_run": self.run.run_id if self.run is not None else None,
+            }
+        )
+
+    def features(self):
+        if self.supports_query:
+            return ["query", "batch", "user-input", "complete", "interrupt", "cancel"]
+        return ["batch", "interrupt", "cancel"]
+
+    def fault(self, error):  # pragma: no cover - the listener and wakeup pipe
+        pass
+
+    def drop_connection(self, conn, why):
+        if conn.closed:
+            return
+        log("agent connection closed: %s" % (why,))
+        conn.close()
+        if self.conn is conn:
+            self.conn = None
+        for key, (interp, owner, agent_id) in list(self._completions.items()):
+            if owner is conn:
+                self._completions[key] = (interp, None, agent_id)
+
+    # -- children ------------------------------------------------------------------
+
+    def watch_child(self, pid, callback):
+        self._children[pid] = callback
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:  # pragma: no cover
+                continue
+            if pid == 0:
+                return
+            callback = self._children.pop(pid, None)
+            if callback is not None:  # else an orphan that we (as PID 1) inherited
+                callback(status)
+
+    # -- the interpreter ----------------------------------------------------------
+
+    def ensure_interpreter(self):
+        """The running interpreter, started if need be; None if it cannot start."""
+        if self.interp is not None:
+            if self.interp.broken is None:
+                return self.interp
+            # Broken and being killed: leave it to be reaped, and start afresh.
+            self.interp = None
+        interp = interpreter.InterpreterProcess(self, self.identity, self.options.runtime_path)
+        try:
+            interp.start()
+        except procs.SpawnError as e:
+            log("cannot start the interpreter: %s" % (e,))
+            self._interp_error = str(e)
+            return None
+        self.interp = interp
+        self.watch_child(interp.pid, lambda status: self._interpreter_exited(interp, status))
+        return interp
+
+    def interpreter_ready(self, interp):
+        pass
+
+    def interpreter_started(self, interp):
+        run = self.run
+        if isinstance(run, QueryRun) and run.interp is interp:
+            run.on_started()
+
+    def interpreter_output(self, interp, stream, text):
+        run = self.run
+        if isinstance(run, QueryRun) and run.interp is interp:
+            self.emit_output(stream, text)
+        # else: leftovers of an interpreter already replaced; they belong to no run
+
+    def interpreter_waiting_input(self, interp, request, prompt, is_password):
+        run = self.run
+        if not isinstance(run, QueryRun) or run.interp is not interp:
+            return
+        run.waiting = {
+            "request": request,
+            "prompt": prompt,
+            "is_password": is_password,
+            "delivered": False,
+        }
+        self._announce_waiting(run)
+
+    def _announce_waiting(self, run):
+        waiting = run.waiting
+
+        def delivered():
+            waiting["delivered"] = True
+
+        self.outbox.add(
+            {
+                "type": "waiting-input",
+                "run_id": run.run_id,
+                "prompt": waiting["prompt"],
+                "is_password": waiting["is_password"],
+            },
+            on_sent=delivered,
+        )
+
+    def interpreter_done(self, interp, exit_code):
+        run = self.run
+        if isinstance(run, QueryRun) and run.interp is interp and not run.cancelled:
+            # Raw output (subprocesses, os.write) written during the run is in the pipes.
+            for pipe in interp.pipes:
+                pipe.drain(self.emit_output)
+            self.finish_run(run, exit_code)
+
+    def interpreter_completions(self, interp, request_id, items):
+        owner, conn, agent_id = self._completions.pop(request_id, (None, None, None))
+        if owner is interp and conn is not None and conn is self.conn:
+            conn.reply({"type": "completions", "id": agent_id, "items": items})
+
+    def interpreter_broken(self, interp, reason):
+        log("%s; killing it" % (reason,))
+        interp.killed = interp.kill()
+
+    def _interpreter_exited(self, interp, status):
+        # Everything it wrote before dying is in the channel and the pipes: take it.
+        interp.drain()
+        run = self.run
+        if isinstance(run, QueryRun) and run.interp is interp:
+            for pipe in interp.pipes:
+                pipe.drain(self.emit_output)
+            if run.cancelled:
+                self.emit_output("stderr", "*** run cancelled; a fresh interpreter is started\n")
+                exit_code = EXIT_CANCELLED
+            else:
+                if (
+                    interp.killed
+                    and os.WIFSIGNALED(status)
+                    and os.WTERMSIG(status) == signal.SIGKILL
+                ):
+                    why = interp.broken  # we killed it: say why
+                else:
+                    why = "the interpreter died (%s)" % (procs.describe_status(status),)
+                self.emit_output(
+                    "stderr", "*** %s; a fresh interpreter is started for the next run\n" % (why,)
+                )
+                exit_code = procs.exit_code(status) or (1 if interp.broken else 0)
+            self.finish_run(run, exit_code)
+        else:
+            log("the idle interpreter ended (%s)" % (procs.describe_status(status),))
+        interp.exited = True
+        interp.close()
+        if self.interp is interp:
+            self.interp = None
+        for key, (owner, conn, agent_id) in list(self._completions.items()):
+            if owner is interp:
+                del self._completions[key]
+                if conn is not None and conn is self.conn:
+                    conn.reply({"type": "completions", "id": agent_id, "items": []})
+        # A fresh one now, so the next run starts fast; but only if this one had come
+        # up fine (a broken runtime must not be restarted in a loop).
+        if interp.ready and not self._stopping:
+            self.ensure_interpreter()
+
+    # -- runs ----------------------------------------------------------------------
+
+    def emit(self, message, on_sent=None):
+        self.outbox.add(message, on_sent)
+
+    def emit_output(self, stream, text):
+        run_id = self.run.run_id if self.run is not None else self.last_run_id
+        self.outbox.add_output(run_id, stream, text)
+
+    def finish_run(self, run, exit_code):
+        if self.run is not run:
+            return
+        self.outbox.add({"type": "finished", "run_id": run.run_id, "exit_code": exit_code})
+        self.last_run_id = run.run_id
+        self.run = None
+
+    def start_query(self, run_id, code):
+        interp = self.ensure_interpreter()
+        if interp is None:
+            run = QueryRun(self, run_id, None)
+            self.run = run
+            self.emit_output(
+                "stderr", "*** cannot start the interpreter: %s\n" % (self._interp_error,)
+            )
+            self.finish_run(run, EXIT_NOT_STARTED)
+            return
+        self._seq += 1
+        self.run = QueryRun(self, run_id, interp)
+        interp.send({"type": "execute", "seq": self._seq, "code": code})
+
+    def start_batch(self, run_id, options, code):
+        run = batch.BatchRun(self, run_id, options.get("build"), options.get("exec"), code)
+        self.run = run
+        run.start()
+
+    # -- messages from the agent --------------------------------------------------------
+
+    def handle(self, conn, message):
+        if conn is not self.conn or conn.closed:
+            return
+        kind = message["type"]
+        if kind == "ping":
+            conn.reply({"type": "pong", "id": message.get("id")})
+            return
+        if not conn.handshaken:
+            self._handshake(conn, message)
+            return
+        handler = self._handlers.get(kind)
+        if handler is None:
+            conn.reply(error("UNKNOWN_MESSAGE", "unknown message type %r" % (kind[:64],)))
+            return
+        handler(self, conn, message)
+
+    def _handshake(self, conn, message):
+        if message["type"] != "hello":
+            conn.reply(error("PROTOCOL_ERROR", "the first message must be hello"))
+            conn.closing = True
+        elif message.get("protocol") != PROTOCOL:
+            conn.reply(
+                error(
+                    "PROTOCOL_MISMATCH",
+                    "this runner speaks protocol %d, not %r" % (PROTOCOL, message.get("protocol")),
+                )
+            )
+            conn.closing = True
+        else:
+            conn.handshaken = True
+            run = self.run
+            if run is not None and run.waiting is not None and run.waiting["delivered"]:
+                # The last connection got the question; this one must see it too.
+                self._announce_waiting(run)
+
+    def _on_hello(self, conn, message):
+        pass  # already shaken hands
+
+    def _on_execute(self, conn, message):
+        run_id, mode, code = message.get("run_id"), message.get("mode"), message.get("code", "")
+        options = message.get("options") or {}
+        if not isinstance(run_id, str) or not run_id:
+            conn.reply(error("BAD_REQUEST", "execute needs a run_id (a non-empty string)"))
+            return
+        if not isinstance(code, str) or not isinstance(options, dict):
+            conn.reply(error("BAD_REQUEST", "code must be a string and options an object", run_id))
+            return
+        if mode not in ("query", "batch"):
+            conn.reply(error("BAD_REQUEST", "mode must be query or batch", run_id))
+            return
+        if self.run is not None:
+            conn.reply(error("RUN_CONFLICT", "run %s is active" % (self.run.run_id,), run_id))
+            return
+        if mode == "query":
+            if not self.supports_query:
+                conn.reply(
+                    error(
+                        "NOT_SUPPORTED",
+                        "a %s runtime runs batch only" % self.options.runtime_type,
+                        run_id,
+                    )
+                )
+                return
+            self.start_query(run_id, code)
+        else:
+            for key in ("build", "exec"):
+                if options.get(key) is not None and not isinstance(options.get(key), str):
+                    conn.reply(error("BAD_REQUEST", "options.%s must be a string" % key, run_id))
+                    return
+            self.start_batch(run_id, options, code)
+
+    def _on_input(self, conn, message):
+        run_id, data = message.get("run_id"), message.get("data", "")
+        run = self.run
+        if run is None or run.run_id != run_id or run.waiting is None:
+            conn.reply(
+                error("NOT_WAITING_INPUT", "run %r is not waiting for input" % (run_id,), run_id)
+            )
+            return
+        if not isinstance(data, str):
+            conn.reply(error("BAD_REQUEST", "input data must be a string", run_id))
+            return
+        request = run.waiting["request"]
+        run.waiting = None
+        run.interp.send({"type": "input", "request": request, "data": data})
+
+    def _on_interrupt(self, conn, message):
+        ok = self.run is not None and bool(self.run.interrupt())
+        answer = {"type": "interrupt-result", "ok": ok}
+        if "id" in message:
+            answer["id"] = message["id"]
+        conn.reply(answer)
+
+    def _on_complete(self, conn, message):
+        agent_id, text = message.get("id"), message.get("text")
+        interp = self.interp
+        if (
+            not isinstance(text, str)
+            or self.run is not None  # the interpreter is busy: do not wait for it
+            or interp is None
+            or not interp.channel_open
+            or interp.queued_to_child > TO_CHILD_LIMIT
+        ):
+            conn.reply({"type": "completions", "id": agent_id, "items": []})
+            return
+        self._next_completion += 1
+        self._completions[self._next_completion] = (interp, conn, agent_id)
+        interp.send({"type": "complete", "id": self._next_completion, "text": text[-4096:]})
+
+    def _on_cancel(self, conn, message):
+        run_id = message.get("run_id")
+        run = self.run
+        if run is None or run.run_id != run_id:
+            conn.reply(error("NO_SUCH_RUN", "run %r is not active" % (run_id,), run_id))
+            return
+        run.cancel()  # "finished" (137) follows once the process is gone
+
+    _handlers = {
+        "hello": _on_hello,
+        "execute": _on_execute,
+        "input": _on_input,
+        "interrupt": _on_interrupt,
+        "complete": _on_complete,
+        "cancel": _on_cancel,
+    }
+
+    # -- the end -------------------------------------------------------------------
+
+    def shutdown(self):
+        log("shutting down")
+        if self.run is not None:
+            self.run.shutdown()
+        if self.interp is not None:
+            self.interp.kill()
+        if self.conn is not None:
+            self.conn.close()
+        if self.listener is not None:
+            self.listener.close()
+            try:
+                os.unlink(self.options.socket)
+            except OSError:
+                pass
+        # Collect what we killed (briefly: exiting reaps the rest anyway).
+        for pid in list(self._children):
+            try:
+                os.waitpid(pid, 0)
+            except (ChildProcessError, InterruptedError):
+                pass
+
+
+class _PipeReader(object):
+    """Reads one user output pipe into the current run's output."""
+
+    __slots__ = ("runner", "pipe")
+
+    def __init__(self, runner, pipe):
+        self.runner = runner
+        self.pipe = pipe
+
+    def __call__(self):
+        text, _ = self.pipe.read()
+        if text:
+            self.runner.emit_output(self.pipe.stream, text)
+
+    def __eq__(self, other):
+        return isinstance(other, _PipeReader) and other.pipe is self.pipe
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return id(self.pipe)
+
+
+def error(code, message, run_id=None):
+    answer = {"type": "error", "code": code, "message": message}
+    if run_id is not None:
+        answer["run_id"] = run_id
+    return answer
+
+
+class UsageError(Exception):
+    pass
+
+
+#: option -> (attribute, converter, default); ``None`` default means required. A small
+#: parser instead of argparse, whose import is a quarter of the runner's start-up time.
+OPTIONS = {
+    "--socket": ("socket", str, None),
+    "--uid": ("uid", int, None),
+    "--gid": ("gid", int, None),
+    "--home": ("home", str, None),
+    "--runtime-type": ("runtime_type", str, "python"),
+    "--runtime-path": ("runtime_path", str, "/usr/bin/python3"),
+    "--outbox-limit": ("outbox_limit", int, OUTBOX_LIMIT),
+}
+USAGE = "usage: main.py --socket PATH --uid N --gid N --home DIR [--runtime-type python|shell] [--runtime-path PATH] [--outbox-limit BYTES]"
+
+
+class Options(object):
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def parse_args(argv):
+    values = {attribute: default for attribute, _, default in OPTIONS.values()}
+    argv = list(argv)
+    while argv:
+        option = argv.pop(0)
+        value = None
+        if "=" in option:
+            option, value = option.split("=", 1)
+        if option not in OPTIONS:
+            raise UsageError("unknown option %s" % option)
+        if value is None:
+            if not argv:
+                raise UsageError("%s needs a value" % option)
+            value = argv.pop(0)
+        attribute, convert, _ = OPTIONS[option]
+        try:
+            values[attribute] = convert(value)
+        except ValueError:
+            raise UsageError("%s: invalid value %r" % (option, value))
+    missing = [option for option, (attribute, _, _) in OPTIONS.items() if values[attribute] is None]
+    if missing:
+        raise UsageError("missing " + ", ".join(missing))
+    if values["runtime_type"] not in ("python", "shell"):
+        raise UsageError("--runtime-type must be python or shell")
+    return Options(**values)
+
+
+def main(argv=None):
+    try:
+        options = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        sys.stderr.write("%s\n%s\n" % (e, USAGE))
+        return 2
+    runner = Runner(options)
+    try:
+        runner.serve()
+    except procs.SpawnError as e:
+        log(str(e))
+        return 2
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.ENOENT):
+            log("cannot listen on %s: %s" % (options.socket, e))
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

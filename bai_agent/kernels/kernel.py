@@ -32,6 +32,7 @@ class Kernel:
     container_id: str = None
     exit_code: int = None
     link: object = None  # RunnerLink while running
+    session: object = None  # ExecutionSession over that link
     oom_killed: bool = False
     kill_seen: bool = False  # Docker reported a kill signal sent through its API
     last_stats: dict = attrs.Factory(dict)

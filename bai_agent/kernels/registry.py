@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels.allocator import parse_resource_request
+from bai_agent.kernels.execution import ExecutionSession
 from bai_agent.kernels.container import AGENT_ID_LABEL, KERNEL_ID_LABEL, container_config, container_name
 from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.runner_link import RunnerError
@@ -151,6 +152,16 @@ class KernelRegistry(Service):
         kernel.last_used = self.reactor.seconds()
         return kernel
 
+    def _used(self, kernel):
+        kernel.last_used = self.reactor.seconds()
+
+    def session(self, kernel_id):
+        """The execution session of a running kernel (for Execute and friends)."""
+        kernel = self.touch(kernel_id)
+        if kernel.status != states.RUNNING or kernel.session is None:
+            raise errors.KernelNotRunning(f"kernel {kernel_id} is {kernel.status}")
+        return kernel.session
+
     def records(self) -> list:
         return [kernel.record() for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)]
 
@@ -261,6 +272,9 @@ class KernelRegistry(Service):
         link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
         steps["runner answered"] = time.monotonic() - started
         kernel.link = link
+        kernel.session = ExecutionSession(
+            kernel.kernel_id, link, self.reactor, kernel.exec_timeout, on_activity=lambda: self._used(kernel)
+        )
         link.dead.addCallback(lambda reason: self._runner_lost(kernel, link, reason))
 
     def workspace(self, kernel_id) -> Workspace:
@@ -327,6 +341,7 @@ class KernelRegistry(Service):
         if kernel.link is not None:
             kernel.link.close("kernel restarting")
             kernel.link = None
+            kernel.session = None
         workspace = self.workspace(kernel.kernel_id)
         old_container = kernel.container_id
         exit_code = None
@@ -434,6 +449,7 @@ class KernelRegistry(Service):
         if kernel.link is link and kernel.status == states.RUNNING:
             self.log.warn("lost the runner of kernel {kernel_id}: {reason}", kernel_id=kernel.kernel_id, reason=reason)
             kernel.link = None
+            kernel.session = None
             self._track(self._check_container(kernel))
 
     @inlineCallbacks
@@ -507,6 +523,7 @@ class KernelRegistry(Service):
         self.allocator.release(kernel.kernel_id)
         kernel.status = states.TERMINATED
         kernel.link = None
+        kernel.session = None
         if self.kernels.get(kernel.kernel_id) is kernel:
             del self.kernels[kernel.kernel_id]
         self.journal.append(

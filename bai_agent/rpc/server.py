@@ -182,6 +182,19 @@ class AgentLocator(amp.CommandLocator):
     def restart_kernel(self, kernel_id):
         return self.agent.kernels.restart(kernel_id).addCallback(lambda record: {"kernel": record})
 
+    @commands.Execute.responder
+    def execute(self, kernel_id, mode, code, run_id=None, options=None):
+        return self.agent.kernels.session(kernel_id).execute(mode, code, run_id=run_id, options=options)
+
+    @commands.InterruptKernel.responder
+    def interrupt_kernel(self, kernel_id):
+        return self.agent.kernels.session(kernel_id).interrupt()
+
+    @commands.GetCompletions.responder
+    def get_completions(self, kernel_id, text, options=None):
+        d = self.agent.kernels.session(kernel_id).completions(text, options)
+        return d.addCallback(lambda items: {"completions": items})
+
     @commands.Reset.responder
     def reset(self):
         return self.agent.kernels.reset().addCallback(lambda count: {"destroyed": count})

@@ -31,6 +31,14 @@ class FakeRunnerLink:
             self.closed_because = reason
             self.dead.callback(reason)
 
+    paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
     def request_completions(self, text, options=None, timeout=5.0):
         return succeed([])
 

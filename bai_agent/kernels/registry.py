@@ -162,6 +162,22 @@ class KernelRegistry(Service):
             raise errors.KernelNotRunning(f"kernel {kernel_id} is {kernel.status}")
         return kernel.session
 
+    @inlineCallbacks
+    def logs(self, kernel_id, tail=None):
+        """The container's output (the runner's own log), from the Engine API."""
+        kernel = self.touch(kernel_id)
+        if tail is not None and (tail < 0 or tail > 1_000_000):
+            raise errors.InvalidRequest(f"tail must be between 0 and 1000000 lines, got {tail}")
+        if kernel.container_id is None:
+            return ""
+        try:
+            text = yield self.backend.container_logs(kernel.container_id, tail=tail)
+        except DockerNotFound:
+            raise errors.KernelNotFound(f"kernel {kernel_id!r} has no container any more")
+        except DockerError as e:
+            raise errors.BackendUnavailable(f"could not read the logs of kernel {kernel_id}: {e}")
+        return text
+
     def records(self) -> list:
         return [kernel.record() for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)]
 

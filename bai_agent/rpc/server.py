@@ -195,6 +195,10 @@ class AgentLocator(amp.CommandLocator):
         d = self.agent.kernels.session(kernel_id).completions(text, options)
         return d.addCallback(lambda items: {"completions": items})
 
+    @commands.GetLogs.responder
+    def get_logs(self, kernel_id, tail=None):
+        return self.agent.kernels.logs(kernel_id, tail).addCallback(lambda text: {"logs": text})
+
     @commands.Reset.responder
     def reset(self):
         return self.agent.kernels.reset().addCallback(lambda count: {"destroyed": count})

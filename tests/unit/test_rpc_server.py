@@ -204,7 +204,7 @@ def test_text_that_is_not_utf8_is_invalid_request(harness):
 def test_known_but_unimplemented_command_is_unhandled_not_a_drop(harness):
     client, server, pump = harness.connect()
     authenticate(harness, client, pump)
-    result = harness.call(pump, client.get_logs("k1"))
+    result = harness.call(pump, client.get_kernel_stats("k1"))
     assert failure_type(result) is amp.UnhandledCommand
     assert not closed(server)
 

@@ -128,6 +128,8 @@ class AgentState:
             problems.append(f"etcd: not registered ({error or 'connecting'})")
         if not self.docker.healthy:
             problems.append(f"docker: unreachable ({self.docker.last_error or 'connecting'})")
+        elif self.kernels is not None and not self.kernels.recovered:
+            problems.append("kernels: still taking over the kernels of the last run")
         return problems
 
     def uptime(self) -> float:

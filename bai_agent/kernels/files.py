@@ -30,7 +30,9 @@ Decisions:
   that an upload can never change a file that also lives outside the home.
 - Uploads check the size cap before anything is written: an upload that would make the file
   larger than ``max_size`` is ``FileTooLarge`` and leaves the file as it was (an overwrite
-  truncates only after the checks pass; a refused upload creates nothing).
+  truncates only after the checks pass; a refused upload creates nothing). The cap
+  bounds what uploads do: appends use ``O_APPEND``, so what the kernel itself writes
+  meanwhile is kept and may take the file past the cap.
 - Directories and files an upload creates belong to the kernel user (uid/gid 1000), with
   modes 0755 and 0644.
 - A download at or past the end of the file is not an error: it answers no data and
@@ -226,6 +228,10 @@ def _directory(home: str, components: List[str], create: bool) -> Iterator[int]:
         fd = os.open(home, _DIR_FLAGS)
     except FileNotFoundError:
         raise FileNotFound("the kernel's home directory is missing") from None
+    except OSError as error:
+        if error.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise PathNotAllowed("the kernel's home is not a directory") from None
+        raise
     try:
         for index, name in enumerate(components):
             child = _open_child_directory(fd, name, components[: index + 1], create)

@@ -30,8 +30,22 @@ from bai_agent.kernels.execution import ExecutionSession
 from bai_agent.kernels.container import AGENT_ID_LABEL, KERNEL_ID_LABEL, container_config, container_name
 from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.runner_link import RunnerError
-from bai_agent.kernels.spec import check_environ, check_kernel_id, check_timeout, resolve_mounts
-from bai_agent.kernels.workspace import Workspace
+from bai_agent.kernels.spec import (
+    check_environ,
+    check_kernel_id,
+    check_kernel_id_quietly,
+    check_timeout,
+    resolve_mounts,
+)
+from bai_agent.docker.images import KernelImage
+from bai_agent.kernels.allocator import Grant
+from bai_agent.kernels.workspace import (
+    Workspace,
+    kernel_key,
+    leftover_kernel_ids,
+    load_saved_states,
+    remove_state_dirs_except,
+)
 from bai_agent.protocol import errors
 
 RELIST_INTERVAL = 10.0
@@ -84,6 +98,8 @@ class KernelRegistry(Service):
         self.cluster_config = cluster_config
         self.thread_pool = thread_pool
         self.kernels = {}
+        self.recovered = False
+        self._recovering = False
         self._in_flight = set()
         self._unsubscribe = None
         self._relist = LoopingCall(self._guarded, self.reconcile)
@@ -102,6 +118,8 @@ class KernelRegistry(Service):
         self._relist.start(RELIST_INTERVAL, now=False)
         self._idle.start(IDLE_CHECK_INTERVAL, now=False)
         self.journal.append("agent-started", data={"agent_id": self.config.agent_id})
+        self._unsubscribe_health = self.docker.subscribe(lambda event: self._maybe_recover())
+        self._maybe_recover()
 
     @inlineCallbacks
     def stopService(self):
@@ -111,6 +129,7 @@ class KernelRegistry(Service):
                 loop.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
+            self._unsubscribe_health()
             self._unsubscribe = None
         if self._in_flight:
             yield DeferredList(list(self._in_flight), consumeErrors=True)
@@ -190,6 +209,8 @@ class KernelRegistry(Service):
         """Validate, reserve the id, then start the kernel; fires with its record."""
         if not self.running:
             raise errors.BackendUnavailable("the agent is stopping")
+        if not self.recovered:
+            raise errors.BackendUnavailable("the agent is still taking over the kernels of its last run; retry")
         check_kernel_id(kernel_id)
         if not isinstance(image, str) or not image:
             raise errors.InvalidRequest("image must be a non-empty name")
@@ -287,6 +308,9 @@ class KernelRegistry(Service):
         steps["docker started"] = time.monotonic() - started
         link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
         steps["runner answered"] = time.monotonic() - started
+        self._attach(kernel, link)
+
+    def _attach(self, kernel, link):
         kernel.link = link
         kernel.session = ExecutionSession(
             kernel.kernel_id, link, self.reactor, kernel.exec_timeout, on_activity=lambda: self._used(kernel)
@@ -483,6 +507,9 @@ class KernelRegistry(Service):
         """Re-list our containers: a kernel whose container is gone or stopped has died."""
         if not self.docker.healthy:
             return
+        if not self.recovered:
+            yield self._maybe_recover()
+            return
         containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: self.config.agent_id}, all=True)
         running = {container["Id"]: container for container in containers}
         for kernel in list(self.kernels.values()):
@@ -495,6 +522,7 @@ class KernelRegistry(Service):
                 self._track(self._check_container(kernel))
 
     def expire_idle(self):
+        self._maybe_recover()  # Docker may have become reachable since the last look
         now = self.reactor.seconds()
         for kernel in list(self.kernels.values()):
             if (
@@ -507,6 +535,171 @@ class KernelRegistry(Service):
                 self.destroy(kernel.kernel_id, "idle-timeout").addErrback(
                     lambda failure: self.log.failure("idle destroy failed", failure)
                 )
+
+    # -- taking over after a restart -------------------------------------------------------
+
+    def _maybe_recover(self):
+        """Recover once Docker answers (at start, or on its first event, or at a re-list)."""
+        if self.recovered or self._recovering or not self.docker.healthy or not self.running:
+            return None
+        # Set before starting: recovery causes Docker events, which call this again.
+        self._recovering = True
+
+        def done(result):
+            self._recovering = False
+            return result
+
+        def failed(failure):
+            self.log.failure("taking over the kernels of the last run failed; retrying at the next re-list", failure)
+
+        return self._track(maybeDeferred(self.recover)).addBoth(done).addErrback(failed)
+
+    @inlineCallbacks
+    def recover(self):
+        """
+        Take over what a previous run of this agent left: its containers (found by their
+        labels; never another agent's, never one without kernel labels), their saved
+        state under the state dir, and their homes. Running kernels are adopted (grant
+        restored, runner reconnected); kernels that died meanwhile are reported
+        ``self-terminated`` with their exit code; what an interrupted create left behind
+        is removed and reported ``orphan-cleanup``.
+        """
+        containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: self.config.agent_id}, all=True)
+        saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
+        homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)
+        adopted, ended, orphans = [], [], []
+        for container in containers:
+            labels = container.get("Labels") or {}
+            kernel_id = labels.get(KERNEL_ID_LABEL)
+            if labels.get(AGENT_ID_LABEL) != self.config.agent_id or not kernel_id:
+                continue
+            if kernel_id in self.kernels:
+                continue
+            state = saved.pop(kernel_id, None)
+            homes.discard(kernel_id)
+            if state is None or state.get("container_id") != container["Id"]:
+                orphans.append(kernel_id)
+                yield self._clean_orphan(kernel_id, container["Id"])
+            elif container.get("State") == "running":
+                ok = yield self._adopt(state, container["Id"])
+                (adopted if ok else ended).append(kernel_id)
+            else:
+                ended.append(kernel_id)
+                yield self._report_ended(state, container["Id"])
+        for kernel_id, state in saved.items():
+            # Saved, but its container is gone: it ended while nobody watched.
+            homes.discard(kernel_id)
+            ended.append(kernel_id)
+            yield self._report_ended(state, None)
+        for kernel_id in homes:
+            if kernel_id not in self.kernels and check_kernel_id_quietly(kernel_id):
+                orphans.append(kernel_id)
+                yield self._clean_orphan(kernel_id, None)
+        keep = {kernel_key(kernel_id) for kernel_id in self.kernels}
+        yield self.run_blocking(remove_state_dirs_except, self.config.state_dir, keep)
+        self.recovered = True
+        self.log.info(
+            "took over from the last run: {adopted} kernel(s) adopted, {ended} ended meanwhile, {orphans} orphan(s) removed",
+            adopted=len(adopted),
+            ended=len(ended),
+            orphans=len(orphans),
+        )
+
+    @inlineCallbacks
+    def _adopt(self, state, container_id):
+        kernel_id = state["kernel_id"]
+        try:
+            grant = Grant.from_json(kernel_id, state.get("resources") or {})
+            self.allocator.restore(grant)
+        except (ValueError, errors.AgentError) as e:
+            self.log.error("cannot adopt kernel {kernel_id}: {error}", kernel_id=kernel_id, error=e)
+            yield self._report_ended(state, container_id)
+            return False
+        image = self._saved_image(state)
+        try:
+            mounts = resolve_mounts(state.get("mounts") or None, self.config.allowed_mount_roots)
+        except errors.InvalidRequest:
+            mounts = ()
+        now = self.reactor.seconds()
+        kernel = Kernel(
+            kernel_id=kernel_id,
+            image=image,
+            grant=grant,
+            environ=dict(state.get("environ") or {}),
+            mounts=mounts,
+            idle_timeout=int(state.get("idle_timeout") or 0),
+            exec_timeout=int(state.get("exec_timeout") or 0),
+            created_at=float(state.get("created_at") or now),
+            last_used=now,
+            status=states.RUNNING,
+            container_id=container_id,
+        )
+        self.kernels[kernel_id] = kernel
+        workspace = self.workspace(kernel_id)
+        try:
+            link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
+        except Exception as e:
+            self.log.warn("kernel {kernel_id}: its runner does not answer ({error})", kernel_id=kernel_id, error=e)
+            kernel.status = states.TERMINATING
+            yield self._finish(kernel, "self-terminated")
+            return False
+        self._attach(kernel, link)
+        self.log.info("adopted kernel {kernel_id}", kernel_id=kernel_id)
+        return True
+
+    def _saved_image(self, state):
+        for kernel_image in self.docker.images:
+            if kernel_image.name == state.get("image"):
+                return kernel_image
+        # The image was removed or re-tagged meanwhile: the kernel runs on as it is.
+        return KernelImage(name=str(state.get("image")), id=str(state.get("image_id")))
+
+    @inlineCallbacks
+    def _report_ended(self, state, container_id):
+        kernel_id = state["kernel_id"]
+        exit_code = None
+        if container_id is not None:
+            try:
+                exit_code = (yield self.backend.inspect_container(container_id)).get("State", {}).get("ExitCode")
+            except DockerError:
+                pass
+        try:
+            grant = Grant.from_json(kernel_id, state.get("resources") or {})
+        except ValueError:
+            grant = Grant(kernel_id=kernel_id, cpu=0.0, mem=0)
+        kernel = Kernel(
+            kernel_id=kernel_id,
+            image=self._saved_image(state),
+            grant=grant,
+            environ={},
+            mounts=(),
+            idle_timeout=0,
+            exec_timeout=0,
+            created_at=float(state.get("created_at") or 0),
+            last_used=0.0,
+            status=states.TERMINATING,
+            container_id=container_id,
+            exit_code=exit_code,
+        )
+        yield self._finish(kernel, "self-terminated")
+
+    @inlineCallbacks
+    def _clean_orphan(self, kernel_id, container_id):
+        self.log.info("removing what an interrupted create of {kernel_id} left", kernel_id=kernel_id)
+        kernel = Kernel(
+            kernel_id=kernel_id,
+            image=KernelImage(name="", id=""),
+            grant=Grant(kernel_id=kernel_id, cpu=0.0, mem=0),
+            environ={},
+            mounts=(),
+            idle_timeout=0,
+            exec_timeout=0,
+            created_at=0.0,
+            last_used=0.0,
+            status=states.TERMINATING,
+            container_id=container_id,
+        )
+        yield self._finish(kernel, "orphan-cleanup")
 
     # -- the end of every kernel -----------------------------------------------------------
 

@@ -5,7 +5,6 @@ with a message naming the argument; nothing touches the disk but ``resolve_mount
 ``realpath``.
 """
 
-import math
 import os
 import re
 
@@ -29,6 +28,10 @@ def check_kernel_id(kernel_id) -> str:
             f"kernel_id must match {KERNEL_ID_PATTERN.pattern}, got {str(kernel_id)[:80]!r}"
         )
     return kernel_id
+
+
+def check_kernel_id_quietly(kernel_id) -> bool:
+    return isinstance(kernel_id, str) and bool(KERNEL_ID_PATTERN.match(kernel_id))
 
 
 def check_environ(environ) -> dict:
@@ -114,7 +117,3 @@ def resolve_mounts(mounts, allowed_roots) -> tuple:
         targets.add(target)
         resolved.append(Mount(source=real, target=target, read_only=(mode == "ro")))
     return tuple(resolved)
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -78,3 +78,48 @@ def check_socket_room(state_dir: str) -> None:
             f"state dir {state_dir} is too long: runner sockets under it would exceed "
             f"{MAX_SOCKET_PATH} bytes; use a shorter path"
         )
+
+
+def load_saved_states(state_dir: str) -> dict:
+    """
+    ``{kernel_id: saved state}`` of every ``kernel.json`` under ``state_dir``; unreadable
+    or malformed files are skipped (the caller cleans what no state explains).
+    """
+    states = {}
+    root = os.path.join(state_dir, "kernels")
+    try:
+        keys = os.listdir(root)
+    except FileNotFoundError:
+        return states
+    for key in keys:
+        try:
+            with open(os.path.join(root, key, "kernel.json")) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict) and isinstance(state.get("kernel_id"), str) and kernel_key(state["kernel_id"]) == key:
+            states[state["kernel_id"]] = state
+    return states
+
+
+def leftover_kernel_ids(scratch_root: str) -> set:
+    """Kernel ids that still have a home under ``scratch_root``."""
+    try:
+        return {name for name in os.listdir(scratch_root) if os.path.isdir(os.path.join(scratch_root, name))}
+    except FileNotFoundError:
+        return set()
+
+
+def remove_state_dirs_except(state_dir: str, keep_keys: set) -> list:
+    """Remove ``{state_dir}/kernels/*`` not in ``keep_keys``; the removed keys."""
+    root = os.path.join(state_dir, "kernels")
+    removed = []
+    try:
+        keys = os.listdir(root)
+    except FileNotFoundError:
+        return removed
+    for key in keys:
+        if key not in keep_keys:
+            shutil.rmtree(os.path.join(root, key), ignore_errors=True)
+            removed.append(key)
+    return removed

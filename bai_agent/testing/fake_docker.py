@@ -665,8 +665,10 @@ class FakeDockerBackend:
                     status=409,
                 )
             self._signal(container, _signal.SIGKILL)
-        del self._containers[container.id]
-        self._container_event("destroy", container)
+        # Subscribers run synchronously here and may have removed it already (the real
+        # daemon would answer that second removal with 404 or 409).
+        if self._containers.pop(container.id, None) is not None:
+            self._container_event("destroy", container)
 
     def _wait(self, ref):
         container = self._container(ref)

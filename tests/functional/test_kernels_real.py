@@ -206,3 +206,45 @@ def test_events_survive_a_reconnect_and_an_agent_restart(agent, tmp_path, reacto
     assert "kernel-terminated" in types and "agent-stopping" in types and "agent-started" in types
     assert [e["seq"] for e in replay] == list(range(last + 1, last_seq + 1))
     again.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_killed_agent_adopts_its_kernels_when_it_comes_back(agent, tmp_path, reactor):
+    import signal
+
+    client = yield connect(reactor, agent, tmp_path)
+    yield client.create_kernel("survivor", IMAGE, {"cpu": 1, "mem": "128m"})
+    yield client.create_kernel("casualty", IMAGE, {"cpu": 0.5, "mem": "64m"})
+    answer = yield client.execute("survivor", "query", "remembered = 'still here'")
+    assert answer["status"] == "finished"
+    casualty = [k for k in (yield client.list_kernels()) if k["kernel_id"] == "casualty"][0]
+    client.close()
+
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    docker("kill", casualty["container_id"])  # dies while no agent watches
+    agent.start()
+    agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 15, "/healthz 200 after the restart")
+
+    events = []
+    again = yield connect(reactor, agent, tmp_path, on_event=events.append)
+    try:
+        yield wait_until(reactor, lambda: agent.http("/status.json")[0] == 200, 5, "status")
+        kernels = yield again.list_kernels()
+        assert [k["kernel_id"] for k in kernels] == ["survivor"]
+        answer = yield again.execute("survivor", "query", "print(remembered)")
+        assert answer["console"] == [["stdout", "still here\n"]]
+        info = yield again.get_agent_info()
+        assert info["resources"]["cpu"]["used"] == 1
+        yield again.subscribe(0)
+        yield wait_until(
+            reactor,
+            lambda: any(e["type"] == "kernel-terminated" and e["kernel_id"] == "casualty" for e in events),
+            5,
+            "the casualty reported",
+        )
+        (ended,) = [e for e in events if e["type"] == "kernel-terminated" and e["kernel_id"] == "casualty"]
+        assert ended["data"]["reason"] == "self-terminated" and ended["data"]["exit_code"] == 137
+        assert sorted(p.name for p in scratch(agent, tmp_path).iterdir()) == ["survivor"]
+        yield again.destroy_kernel("survivor")
+    finally:
+        again.close()

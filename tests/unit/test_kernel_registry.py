@@ -454,3 +454,84 @@ def test_stop_journals_agent_stopping(h):
     h.create()
     result(h.registry.stopService())
     assert h.events()[-1].type == "agent-stopping"
+
+
+# -- taking over after an agent restart -----------------------------------------------------
+
+
+def restarted(h):
+    """A new registry over the same Docker, directories and journal file: the agent restarted."""
+    result(h.registry.stopService())
+    h.allocator = Allocator(Capacity(cpu=4.0, mem=8 * GIB, cuda_device=0), [], cpu_cores=[0, 1, 2, 3])
+    h.journal = EventJournal(h.journal.path if hasattr(h.journal, "path") else str(h.tmp / "state" / "events.jsonl"), h.clock, fsync=False)
+    h.registry = KernelRegistry(
+        h.clock, h.config, h.docker, h.backend, h.allocator, h.journal,
+        connect_runner=h.runners.connect, run_blocking=h.disk.run,
+        runner_dir=str(h.tmp / "runner"), cluster_config=lambda: h.tunables,
+    )
+    return h.registry
+
+
+def test_restart_adopts_running_kernels_and_reports_what_ended_meanwhile(h):
+    kept = h.create("kept", resources={"cpu": 2, "mem": "1g"}, idle_timeout=100)
+    died = h.create("died")
+    last_seq = h.journal.last_seq
+    registry = restarted(h)
+    h.backend.die(died["container_id"], 7)  # while no agent watched
+    # Another agent's kernel and a container without kernel labels: never touched.
+    foreign = result(h.backend.create_container("kernel.a2.x", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a2", "ai.backend.kernel-id": "x"}}))
+    unlabelled = result(h.backend.create_container("bystander", {"Image": IMAGE}))
+    registry.startService()
+
+    assert registry.recovered
+    assert list(registry.kernels) == ["kept"]
+    adopted = registry.kernels["kept"]
+    assert adopted.status == "running" and adopted.container_id == kept["container_id"]
+    assert adopted.grant.to_json() == kept["resources"]
+    assert adopted.idle_timeout == 100
+    assert h.allocator.used()["cpu"] == 2 and h.allocator.used()["mem"] == 1 * GIB
+    assert adopted.session is not None  # the runner was reconnected
+    ended = [e for e in h.journal.since(last_seq) if e.type == "kernel-terminated"]
+    assert [(e.kernel_id, e.data["reason"], e.data["exit_code"]) for e in ended] == [("died", "self-terminated", 7)]
+    assert h.backend.container_status(foreign) == "created"
+    assert h.backend.container_status(unlabelled) == "created"
+    assert sorted(os.listdir(h.config.scratch_root)) == ["kept"]
+    assert h.journal.since(last_seq)[0].seq == last_seq + 1  # seq goes on
+
+
+def test_restart_removes_what_an_interrupted_create_left(h):
+    registry = restarted(h)
+    # A container of ours with no saved state (killed between create and save), and a
+    # home with neither state nor container (killed after making the directories).
+    orphan = result(h.backend.create_container("kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}))
+    os.mkdir(os.path.join(h.config.scratch_root, "homeless"))
+    registry.startService()
+    assert h.backend.container_status(orphan) is None
+    assert os.listdir(h.config.scratch_root) == []
+    cleaned = {e.kernel_id: e.data["reason"] for e in h.journal.since(0) if e.type == "kernel-terminated"}
+    assert cleaned == {"half": "orphan-cleanup", "homeless": "orphan-cleanup"}
+    h.assert_nothing_leaked()
+
+
+def test_a_kernel_whose_runner_does_not_answer_after_restart_is_ended(h):
+    h.create("mute")
+    registry = restarted(h)
+    h.runners.fail_next()
+    registry.startService()
+    assert registry.kernels == {}
+    (ended,) = [e for e in h.journal.since(0) if e.type == "kernel-terminated"]
+    assert ended.data["reason"] == "self-terminated"
+    h.assert_nothing_leaked()
+
+
+def test_creates_wait_for_the_take_over(h):
+    registry = restarted(h)
+    h.docker.healthy = False
+    registry.startService()
+    assert not registry.recovered
+    with pytest.raises(errors.BackendUnavailable, match="taking over"):
+        h.create("early")
+    h.docker.healthy = True
+    h.clock.advance(10)  # the re-list notices Docker is back
+    assert registry.recovered
+    assert h.create("later")["status"] == "running"

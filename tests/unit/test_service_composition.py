@@ -3,11 +3,13 @@
 import json
 
 import pytest
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from bai_agent.config import AgentConfig
 from bai_agent.service import build_agent_service
 from bai_agent.testing.fake_docker import FakeDockerBackend
+from bai_agent.testing.fake_runner import FakeRunners
 from bai_agent.testing.memory_etcd import MemoryEtcd
 
 
@@ -26,8 +28,14 @@ def parts(tmp_path):
         scratch_root=str(tmp_path / "scratch"),
         state_dir=str(tmp_path / "state"),
     )
-    service = build_agent_service(reactor, config, docker_backend=docker, etcd=etcd)
-    return reactor, etcd, docker, service
+    # Disk work at once: a MemoryReactor never runs what a thread pool hands back to it.
+    service = build_agent_service(
+        reactor, config, docker_backend=docker, etcd=etcd, run_blocking=maybeDeferred, connect_runner=FakeRunners().connect
+    )
+    yield reactor, etcd, docker, service
+    if service.running:
+        service.stopService()
+        reactor.advance(5)
 
 
 def record(etcd):
@@ -75,4 +83,6 @@ def test_unwritable_scratch_root_is_a_value_error(tmp_path):
     blocker.write_text("")
     config = AgentConfig(agent_id="n", scratch_root=str(blocker / "x"), state_dir=str(tmp_path / "s"))
     with pytest.raises(ValueError, match="cannot create scratch root"):
-        build_agent_service(MemoryReactorClock(), config, docker_backend=FakeDockerBackend(), etcd=MemoryEtcd())
+        build_agent_service(
+            MemoryReactorClock(), config, docker_backend=FakeDockerBackend(), etcd=MemoryEtcd(), run_blocking=maybeDeferred
+        )

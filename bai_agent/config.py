@@ -133,6 +133,7 @@ class AgentConfig:
     allowed_mount_roots: tuple = ()
     kernel_network: str = "bridge"
     kernel_pids_limit: int = 1024
+    max_upload_size: int = 100 << 20
 
     @property
     def etcd_url(self) -> str:

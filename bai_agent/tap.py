@@ -51,6 +51,7 @@ class Options(usage.Options):
         ["reserved-mem", None, "0", "Memory kept back for the host: bytes, or 512m, 2g."],
         ["kernel-network", None, "bridge", "Docker network of kernels ('none' for no network)."],
         ["kernel-pids-limit", None, "1024", "Most processes one kernel may run."],
+        ["max-upload-size", None, "100m", "Largest file UploadFile may make in a kernel's home."],
     ]
 
     def __init__(self):
@@ -105,6 +106,9 @@ class Options(usage.Options):
             roots.append(real)
         if not NETWORK_NAME.match(self["kernel-network"]):
             raise usage.UsageError(f"--kernel-network: {self['kernel-network']!r} is not a network name")
+        max_upload_size = self._parse("max-upload-size", parse_size)
+        if max_upload_size < 1:
+            raise usage.UsageError("--max-upload-size: must be at least one byte")
         pids_limit = self._parse("kernel-pids-limit", int)
         if not 16 <= pids_limit <= 1 << 22:
             raise usage.UsageError("--kernel-pids-limit: must be between 16 and 4194304")
@@ -125,6 +129,7 @@ class Options(usage.Options):
             allowed_mount_roots=tuple(roots),
             kernel_network=self["kernel-network"],
             kernel_pids_limit=pids_limit,
+            max_upload_size=max_upload_size,
         )
 
 

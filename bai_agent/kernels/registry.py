@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
+from bai_agent.kernels import files
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels.allocator import parse_resource_request
 from bai_agent.kernels.execution import ExecutionSession
@@ -180,6 +181,23 @@ class KernelRegistry(Service):
         if kernel.status != states.RUNNING or kernel.session is None:
             raise errors.KernelNotRunning(f"kernel {kernel_id} is {kernel.status}")
         return kernel.session
+
+    # -- files (disk work in the thread pool, on the host side of /home/work) -------------
+
+    def upload(self, kernel_id, path, data, append):
+        kernel = self.touch(kernel_id)
+        home = self.workspace(kernel.kernel_id).scratch_dir
+        return self.run_blocking(files.upload, home, path, data, append, self.config.max_upload_size)
+
+    def download(self, kernel_id, path, offset, length):
+        kernel = self.touch(kernel_id)
+        home = self.workspace(kernel.kernel_id).scratch_dir
+        return self.run_blocking(files.download, home, path, offset, length)
+
+    def list_files(self, kernel_id, path):
+        kernel = self.touch(kernel_id)
+        home = self.workspace(kernel.kernel_id).scratch_dir
+        return self.run_blocking(files.list_files, home, path)
 
     @inlineCallbacks
     def logs(self, kernel_id, tail=None):

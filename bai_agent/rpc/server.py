@@ -195,6 +195,19 @@ class AgentLocator(amp.CommandLocator):
         d = self.agent.kernels.session(kernel_id).completions(text, options)
         return d.addCallback(lambda items: {"completions": items})
 
+    @commands.UploadFile.responder
+    def upload_file(self, kernel_id, path, data, append):
+        return self.agent.kernels.upload(kernel_id, path, data, append).addCallback(lambda size: {"size": size})
+
+    @commands.DownloadFile.responder
+    def download_file(self, kernel_id, path, offset, length):
+        d = self.agent.kernels.download(kernel_id, path, offset, length)
+        return d.addCallback(lambda result: {"data": result[0], "size": result[1], "eof": result[2]})
+
+    @commands.ListFiles.responder
+    def list_files(self, kernel_id, path=None):
+        return self.agent.kernels.list_files(kernel_id, path or ".").addCallback(lambda entries: {"files": entries})
+
     @commands.GetLogs.responder
     def get_logs(self, kernel_id, tail=None):
         return self.agent.kernels.logs(kernel_id, tail).addCallback(lambda text: {"logs": text})

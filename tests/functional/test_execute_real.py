@@ -26,7 +26,7 @@ def agent(tmp_path_factory, etcd_server, docker_host):
     assert build.returncode == 0, build.stderr
     process = AgentProcess(
         tmp_path_factory.mktemp("exec"), etcd_server.addr, agent_id="agent-x",
-        extra=["--kernel-network", "none"],
+        extra=["--kernel-network", "none", "--max-upload-size", "5m"],
     ).start()
     process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
     yield process

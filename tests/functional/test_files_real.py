@@ -1,0 +1,63 @@
+"""File commands on a real kernel through a real agent: the path rules hold over AMP."""
+
+import os
+
+import pytest
+import pytest_twisted
+
+from bai_agent.protocol import errors
+from tests.functional.test_execute_real import agent, client, run_to_end, text  # noqa: F401 (fixtures)
+from tests.functional.test_kernels_real import IMAGE
+
+
+@pytest_twisted.inlineCallbacks
+def test_upload_download_list_and_the_kernel_sees_the_files(client, agent):  # noqa: F811
+    yield client.create_kernel("f", IMAGE, {"cpu": 0.5, "mem": "128m"})
+    blob = os.urandom(3 * (1 << 20) + 17)
+    size = 0
+    for offset in range(0, len(blob), 1 << 20):
+        answer = yield client.upload_file("f", "data/blob.bin", blob[offset : offset + (1 << 20)], append=offset > 0)
+        size = answer["size"]
+    assert size == len(blob)
+    got = b""
+    while True:
+        answer = yield client.download_file("f", "data/blob.bin", offset=len(got), length=1 << 20)
+        got += answer["data"]
+        if answer["eof"]:
+            break
+    assert got == blob
+    listing = yield client.list_files("f", "data")
+    assert [(e["name"], e["type"], e["size"]) for e in listing] == [("blob.bin", "file", len(blob))]
+    console, _ = yield run_to_end(client, "f", "query", "import os; print(os.path.getsize('data/blob.bin'))")
+    assert text(console) == f"{len(blob)}\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_paths_out_of_the_home_are_refused(client, agent):  # noqa: F811
+    yield client.create_kernel("g", IMAGE, {"cpu": 0.5, "mem": "128m"})
+    yield run_to_end(client, "g", "query", "import os; os.symlink('/', 'root'); os.mkdir('d')")
+    for path in ("/etc/passwd", "../x", "a/../../x", "root", "root/etc/passwd"):
+        with pytest.raises(errors.PathNotAllowed):
+            yield client.download_file("g", path, 0, 100)
+        with pytest.raises(errors.PathNotAllowed):
+            yield client.upload_file("g", path, b"x")
+    with pytest.raises(errors.FileNotFound):
+        yield client.download_file("g", "missing.txt", 0, 10)
+    with pytest.raises(errors.InvalidRequest):
+        yield client.download_file("g", "d", 0, 10)  # a directory
+    with pytest.raises(errors.InvalidRequest):
+        yield client.download_file("g", "x", 0, (1 << 20) + 1)
+    with pytest.raises(errors.KernelNotFound):
+        yield client.list_files("ghost")
+
+
+@pytest_twisted.inlineCallbacks
+def test_upload_past_the_size_cap_is_file_too_large(client, agent):  # noqa: F811
+    yield client.create_kernel("h", IMAGE, {"cpu": 0.5, "mem": "128m"})
+    chunk = b"x" * (1 << 20)
+    for _ in range(5):
+        yield client.upload_file("h", "big", chunk, append=True)
+    with pytest.raises(errors.FileTooLarge):
+        yield client.upload_file("h", "big", b"x", append=True)
+    listing = yield client.list_files("h")
+    assert [e["size"] for e in listing if e["name"] == "big"] == [5 << 20]

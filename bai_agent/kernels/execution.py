@@ -9,6 +9,8 @@ output and status messages, and answers ``Execute`` calls:
   and the output so far, or at once with ``continued`` when the output buffer is full;
 - output that arrived before a status goes with that status, output after it with the
   next call, so a batch run's build output and exec output never mix;
+- output stays JSON-escaped as the runner sent it, and the ``console`` is assembled as
+  JSON bytes (``RawJson``): the agent never decodes and re-encodes it;
 - the buffer is capped: past ``BUFFER_LIMIT`` bytes the agent stops reading the runner's
   socket, the runner stops reading user output, and user code blocks on write until the
   manager collects with ``continue``. So any amount of output arrives whole, in order,
@@ -19,6 +21,7 @@ reported the previous one finished, and discards what no manager collected of it
 """
 
 import collections
+import json
 import math
 import uuid
 
@@ -27,6 +30,7 @@ from twisted.logger import Logger
 
 from bai_agent.config import KERNEL_ID_PATTERN
 from bai_agent.protocol import errors
+from bai_agent.protocol.arguments import RawJson
 
 MAX_CODE_BYTES = 1 << 20
 BUFFER_LIMIT = 8 << 20
@@ -51,15 +55,23 @@ class Run:
         self.timed_out = False
         self.timeout_call = None
 
-    def add_output(self, stream, data):
+    def add_output(self, stream, text):
+        self.add_raw_output(stream, json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8"))
+
+    def add_raw_output(self, stream, raw):
+        """Output still JSON-escaped, as the runner sent it (see ``split_output_frame``)."""
         if self.console and self.console[-1][0] == stream:
-            self.console[-1][1].append(data)
+            self.console[-1][1].append(raw)
         else:
-            self.console.append([stream, [data]])
-        self.buffered += len(data)
+            self.console.append([stream, [raw]])
+        self.buffered += len(raw)
 
     def take_console(self):
-        console = [[stream, "".join(pieces)] for stream, pieces in self.console]
+        console = RawJson(
+            b"["
+            + b",".join(b'["' + stream.encode("ascii") + b'","' + b"".join(pieces) + b'"]' for stream, pieces in self.console)
+            + b"]"
+        )
         self.console, self.buffered = [], 0
         return console
 
@@ -202,9 +214,12 @@ class ExecutionSession:
         kind = message.get("type")
         if run is None or message.get("run_id") not in (None, run.run_id):
             return  # the tail of a discarded run
-        if kind == "output":
+        if kind in ("output", "output-raw"):
             stream = "stderr" if message.get("stream") == "stderr" else "stdout"
-            run.add_output(stream, str(message.get("data", "")))
+            if kind == "output-raw":
+                run.add_raw_output(stream, message["raw"])
+            else:
+                run.add_output(stream, str(message.get("data", "")))
             if run.buffered >= BUFFER_LIMIT and not self.paused:
                 # The manager reads slowly: stop reading the runner until it collects.
                 self.paused = True

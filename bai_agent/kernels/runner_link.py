@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bai_agent.runner.framing import MAX_FRAME, FrameDecoder, FrameError, encode
+from bai_agent.runner.framing import MAX_FRAME, FrameDecoder, FrameError, decode_message, encode
 
 log = Logger()
 
@@ -57,7 +57,7 @@ class RunnerLink(Protocol):
         self._clock = clock
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
-        self._decoder = FrameDecoder(max_frame)
+        self._decoder = FrameDecoder(max_frame, messages=False)
         self.ready = Deferred()
         self.dead = Deferred()
         self.hello = None
@@ -153,16 +153,26 @@ class RunnerLink(Protocol):
     def dataReceived(self, data):
         self._last_heard = self._clock.seconds()
         try:
-            messages = self._decoder.feed(data)
+            payloads = self._decoder.feed(data)
         except FrameError as e:
-            for message in e.messages:
-                self._dispatch(message)
-            self._declare_dead("bad frame from the runner: %s" % (e,))
-            return
-        for message in messages:
+            payloads, broken = e.messages, e
+        else:
+            broken = None
+        for payload in payloads:
             if self._closed:
                 return
+            output = split_output_frame(payload)
+            if output is not None:
+                self._dispatch(output)
+                continue
+            try:
+                message = decode_message(payload)
+            except FrameError as e:
+                broken = e
+                break
             self._dispatch(message)
+        if broken is not None:
+            self._declare_dead("bad frame from the runner: %s" % (broken,))
 
     def connectionLost(self, reason=None):
         why = "connection lost"
@@ -381,3 +391,36 @@ __all__ = [
     "RunnerUnavailable",
     "connect_runner",
 ]
+
+
+_OUTPUT_HEAD = b'{"type":"output","run_id":"'
+_STREAMS = {b'","stream":"stdout","data":"': "stdout", b'","stream":"stderr","data":"': "stderr"}
+_STREAM_PART = len(b'","stream":"stdout","data":"')
+
+
+def split_output_frame(payload):
+    """
+    An ``output`` frame as ``{"type": "output-raw", "run_id", "stream", "raw"}`` where
+    ``raw`` is the data still JSON-escaped (UTF-8 bytes, without the quotes); None for
+    any other frame.
+
+    Output is nearly all of what a runner sends, and the agent only passes it on inside
+    the ``console`` JSON of an ``Execute`` answer: escaped it came, escaped it goes, so
+    the agent never decodes and re-encodes it. This relies on the runner writing output
+    frames compactly with their keys in this order (``runner/connection.py``); any
+    other frame, or an output frame written otherwise, takes the ordinary path.
+    """
+    if not payload.startswith(_OUTPUT_HEAD) or not payload.endswith(b'"}'):
+        return None
+    start = len(_OUTPUT_HEAD)
+    end = payload.find(b'"', start)
+    if end < 0:
+        return None
+    run_id = payload[start:end]
+    stream = _STREAMS.get(payload[end : end + _STREAM_PART])
+    if stream is None or b"\\" in run_id:
+        return None
+    raw = payload[end + _STREAM_PART : -2]
+    if raw.endswith(b"\\") and (len(raw) - len(raw.rstrip(b"\\"))) % 2:
+        return None  # the closing quote was escaped: not the shape we expect
+    return {"type": "output-raw", "run_id": run_id.decode("ascii", "replace"), "stream": stream, "raw": raw}

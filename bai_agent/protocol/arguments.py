@@ -71,7 +71,30 @@ class BigUnicode(Big):
         return data.decode("utf-8")
 
 
+class RawJson:
+    """
+    A JSON document already encoded (UTF-8 bytes), sent as is where a ``Json`` or
+    ``BigJson`` value is expected: for output the agent passes on without decoding.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def value(self):
+        return _load_json(self.data)
+
+    def __eq__(self, other):
+        return self.value() == (other.value() if isinstance(other, RawJson) else other)
+
+    def __repr__(self):
+        return f"RawJson({self.data[:60]!r}{'...' if len(self.data) > 60 else ''})"
+
+
 def _dump_json(value) -> bytes:
+    if isinstance(value, RawJson):
+        return value.data
     return json.dumps(value, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 

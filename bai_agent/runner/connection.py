@@ -87,6 +87,9 @@ class Outbox(object):
     def freeze(self, entry):
         """The frame of ``entry``, encoded now if it was still open."""
         if entry.data is None:
+            # Keep this key order and the compact encoding: the agent passes the escaped
+            # data on without decoding it when the frame has exactly this shape
+            # (kernels/runner_link.py, split_output_frame).
             entry.data = framing.encode(
                 {
                     "type": "output",

@@ -6,6 +6,7 @@ from twisted.internet.task import Clock
 from bai_agent.kernels import execution
 from bai_agent.kernels.execution import BUFFER_LIMIT, ExecutionSession
 from bai_agent.protocol import errors
+from bai_agent.protocol.arguments import RawJson
 from bai_agent.testing.fake_runner import FakeRunnerLink
 
 
@@ -28,6 +29,8 @@ def answer_of(d):
     results = []
 
     def keep(result):
+        if isinstance(result, dict) and isinstance(result.get("console"), RawJson):
+            result = dict(result, console=result["console"].value())
         results.append(result)
         return None if hasattr(result, "raiseException") else result
 

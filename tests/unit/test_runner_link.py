@@ -1,3 +1,4 @@
+import json
 """RunnerLink on a task.Clock and a StringTransport; connect_runner on a real reactor."""
 
 import os
@@ -14,6 +15,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from bai_agent.kernels.runner_link import split_output_frame
 from bai_agent.kernels.runner_link import (
     RunnerLink,
     RunnerProtocolError,
@@ -129,9 +131,9 @@ def test_messages_go_to_the_handler_and_early_ones_wait_for_it(harness):
     harness.runner_says(output)
     got = []
     harness.link.handler = got.append
-    assert got == [output]
+    assert got == [RAW_A]
     harness.runner_says(finished)
-    assert got == [output, finished]
+    assert got == [RAW_A, finished]
 
 
 def test_messages_right_after_hello_reach_a_handler_set_when_ready_fires(harness):
@@ -143,7 +145,31 @@ def test_messages_right_after_hello_reach_a_handler_set_when_ready_fires(harness
     harness.link.ready.addCallback(on_ready)
     output = {"type": "output", "run_id": "r", "stream": "stdout", "data": "a"}
     harness.runner_says(HELLO, output)
-    assert got == [output]
+    assert got == [RAW_A]
+
+
+# Output frames reach the owner still JSON-escaped (split_output_frame).
+RAW_A = {"type": "output-raw", "run_id": "r", "stream": "stdout", "raw": b"a"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain", "", 'quote " and backslash \\', "ends with backslash \\", "tab\t nl\n é ☃ 🐍", "\x00\x1f"],
+)
+def test_output_frames_are_split_without_decoding_and_stay_valid_json(text):
+    payload = encode({"type": "output", "run_id": "run-1", "stream": "stderr", "data": text})[4:]
+    split = split_output_frame(payload)
+    assert (split["run_id"], split["stream"]) == ("run-1", "stderr")
+    assert json.loads(b'"' + split["raw"] + b'"') == text
+
+
+def test_other_frames_and_other_shapes_take_the_ordinary_path():
+    for message in (
+        {"type": "finished", "run_id": "r", "exit_code": 0},
+        {"run_id": "r", "type": "output", "stream": "stdout", "data": "x"},  # other key order
+        {"type": "output", "run_id": "r", "stream": "other", "data": "x"},
+    ):
+        assert split_output_frame(encode(message)[4:]) is None
 
 
 def test_a_failing_handler_does_not_drop_the_link(harness):

@@ -8,6 +8,7 @@ current user. The runner directory is copied alone to a temporary place, as it i
 mounted alone in containers, so that nothing outside it can be imported by accident.
 """
 
+import json
 import ast
 import os
 import shutil
@@ -890,7 +891,7 @@ def test_runner_link_drives_a_real_runner(reactor, runner):
     link.send({"type": "execute", "run_id": "a", "mode": "query", "code": "import os\nprint('hi')"})
     done = yield finished
     assert done["exit_code"] == 0
-    assert [m["data"] for m in messages if m["type"] == "output"] == ["hi\n"]
+    assert [json.loads(b"\"" + m["raw"] + b"\"") for m in messages if m["type"] == "output-raw"] == ["hi\n"]
     items = yield link.request_completions("os.pa", {})
     assert "os.path" in items
     ok = yield link.interrupt()

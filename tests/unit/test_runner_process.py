@@ -8,8 +8,8 @@ current user. The runner directory is copied alone to a temporary place, as it i
 mounted alone in containers, so that nothing outside it can be imported by accident.
 """
 
-import json
 import ast
+import json
 import os
 import shutil
 import signal

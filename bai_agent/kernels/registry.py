@@ -681,42 +681,13 @@ class KernelRegistry(Service):
                 exit_code = (yield self.backend.inspect_container(container_id)).get("State", {}).get("ExitCode")
             except DockerError:
                 pass
-        try:
-            grant = Grant.from_json(kernel_id, state.get("resources") or {})
-        except ValueError:
-            grant = Grant(kernel_id=kernel_id, cpu=0.0, mem=0)
-        kernel = Kernel(
-            kernel_id=kernel_id,
-            image=self._saved_image(state),
-            grant=grant,
-            environ={},
-            mounts=(),
-            idle_timeout=0,
-            exec_timeout=0,
-            created_at=float(state.get("created_at") or 0),
-            last_used=0.0,
-            status=states.TERMINATING,
-            container_id=container_id,
-            exit_code=exit_code,
-        )
+        kernel = _ending_kernel(kernel_id, container_id, exit_code)
         yield self._finish(kernel, "self-terminated")
 
     @inlineCallbacks
     def _clean_orphan(self, kernel_id, container_id):
         self.log.info("removing what an interrupted create of {kernel_id} left", kernel_id=kernel_id)
-        kernel = Kernel(
-            kernel_id=kernel_id,
-            image=KernelImage(name="", id=""),
-            grant=Grant(kernel_id=kernel_id, cpu=0.0, mem=0),
-            environ={},
-            mounts=(),
-            idle_timeout=0,
-            exec_timeout=0,
-            created_at=0.0,
-            last_used=0.0,
-            status=states.TERMINATING,
-            container_id=container_id,
-        )
+        kernel = _ending_kernel(kernel_id, container_id)
         yield self._finish(kernel, "orphan-cleanup")
 
     # -- the end of every kernel -----------------------------------------------------------
@@ -758,6 +729,24 @@ class KernelRegistry(Service):
             kernel.kernel_id,
             {"reason": reason, "exit_code": kernel.exit_code, "stats": dict(kernel.last_stats)},
         )
+
+
+def _ending_kernel(kernel_id, container_id, exit_code=None):
+    """A kernel found at take-over only to be ended: just what ``_finish`` needs (it holds no grant)."""
+    return Kernel(
+        kernel_id=kernel_id,
+        image=KernelImage(name="", id=""),
+        grant=Grant(kernel_id=kernel_id, cpu=0.0, mem=0),
+        environ={},
+        mounts=(),
+        idle_timeout=0,
+        exec_timeout=0,
+        created_at=0.0,
+        last_used=0.0,
+        status=states.TERMINATING,
+        container_id=container_id,
+        exit_code=exit_code,
+    )
 
 
 def _share(d):

@@ -8,6 +8,9 @@
     bai-agent-ctl kernels AGENT          # list its kernels
     bai-agent-ctl destroy AGENT KERNEL   # destroy / restart one
     bai-agent-ctl events AGENT --follow  # print its events as they happen
+    bai-agent-ctl run AGENT KERNEL -c CODE  # run code (or FILE; - is stdin), output as it comes
+    bai-agent-ctl interrupt AGENT KERNEL    # interrupt the run active on a kernel
+    bai-agent-ctl repl AGENT             # a Python prompt on a new kernel, destroyed at the end
 
 AGENT is an agent id (looked up in etcd) or a HOST:PORT to dial directly. The etcd address,
 namespace and secret are found like the agent finds them: ``--etcd-addr``, ``--namespace``,
@@ -17,6 +20,7 @@ namespace and secret are found like the agent finds them: ``--etcd-addr``, ``--n
 import argparse
 import datetime
 import json
+import signal
 import sys
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -25,6 +29,7 @@ from bai_agent.config import parse_host_port
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from bai_agent.protocol.discovery import list_agents, read_secret
+from bai_agent.repl import DEFAULT_FLUSH_TIMEOUT, EXIT_INTERRUPTED, KernelRun, LineSource, StreamTerminal
 
 
 class CtlError(Exception):
@@ -65,7 +70,73 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("agent", help="agent id, or HOST:PORT")
     events.add_argument("--since", type=int, default=0, help="last seq already seen (default: all kept)")
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    run = sub.add_parser(
+        "run",
+        help="run code on a kernel, printing its output as it comes",
+        description="Run code on a kernel: stdout and stderr as they come, input() answered from "
+        "the terminal, Ctrl-C interrupts the run (twice: stop waiting). The exit status is the "
+        "run's exit code (124 when it exceeded the kernel's exec timeout).",
+    )
+    run.add_argument("agent", help="agent id, or HOST:PORT")
+    run.add_argument("kernel_id")
+    run.add_argument("file", nargs="?", help="file holding the code ('-': standard input)")
+    run.add_argument("-c", dest="code", metavar="CODE", help="the code to run")
+    run.add_argument(
+        "--batch", action="store_true",
+        help="batch mode: --build, then --exec (or the code as a shell script), instead of the interpreter",
+    )
+    run.add_argument("--build", metavar="CMD", help="batch mode: shell command run first")
+    run.add_argument("--exec", dest="exec_command", metavar="CMD", help="batch mode: shell command run next")
+    run.add_argument(
+        "--flush-timeout", type=float, default=DEFAULT_FLUSH_TIMEOUT,
+        help="seconds the agent gathers output before sending it (default %(default)s)",
+    )
+    interrupt = sub.add_parser("interrupt", help="interrupt the run active on a kernel")
+    interrupt.add_argument("agent", help="agent id, or HOST:PORT")
+    interrupt.add_argument("kernel_id")
+    repl = sub.add_parser(
+        "repl",
+        help="an interactive Python prompt on a new kernel",
+        description="Create a kernel and type Python into it, like the Python prompt. "
+        "Ctrl-D or exit() leaves; the kernel is destroyed however the prompt ends.",
+    )
+    repl.add_argument("agent", help="agent id, or HOST:PORT")
+    repl.add_argument("--image", default="bai-kernel/python:3.11", help="kernel image (default %(default)s)")
+    repl.add_argument("--cpu", type=float, help="cores (default: the agent's default, 1)")
+    repl.add_argument("--mem", help="memory, bytes or 512m, 2g (default: 512m)")
+    repl.add_argument("--kernel-id", help="the kernel's id (default: repl-<random>)")
+    repl.add_argument(
+        "--flush-timeout", type=float, default=DEFAULT_FLUSH_TIMEOUT,
+        help="seconds the agent gathers output before sending it (default %(default)s)",
+    )
     return parser
+
+
+def read_code(args, stdin=None):
+    """The code and execution options that ``run``'s arguments ask for."""
+    if args.code is not None and args.file is not None:
+        raise CtlError("give the code either with -c or as FILE, not both")
+    if not args.batch and (args.build is not None or args.exec_command is not None):
+        raise CtlError("--build and --exec are for batch mode: add --batch")
+    if args.flush_timeout < 0:
+        raise CtlError("--flush-timeout must not be negative")
+    code = args.code
+    if args.file == "-":
+        code = (stdin or sys.stdin).read()
+    elif args.file is not None:
+        try:
+            with open(args.file, encoding="utf-8") as source:
+                code = source.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CtlError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}")
+    if args.batch:
+        if code is None and args.exec_command is None:
+            raise CtlError("batch mode needs --exec CMD, or code (-c CODE or FILE) to run as a shell script")
+        options = {key: value for key, value in (("build", args.build), ("exec", args.exec_command)) if value}
+        return "batch", code or "", options
+    if code is None:
+        raise CtlError("no code: give -c CODE, or FILE ('-' for standard input)")
+    return "query", code, {}
 
 
 def _create_arguments(args) -> dict:
@@ -162,7 +233,13 @@ def _resource(record, slot):
 
 
 @inlineCallbacks
-def run(reactor, args, out):
+def run(reactor, args, out, err=None, stdin=None):
+    """Carry out one command; fires with the exit status when it is not 0 (or None)."""
+    err = err or sys.stderr
+    stdin = stdin or sys.stdin
+    if args.command == "run":
+        # The code is read first: a missing file is an error before any connection.
+        mode, code, options = read_code(args, stdin)
     etcd = _etcd(reactor, args)
     try:
         if args.command == "agents":
@@ -225,6 +302,11 @@ def run(reactor, args, out):
                 out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
             elif args.command == "events":
                 yield _events(reactor, client, args, out)
+            elif args.command == "interrupt":
+                yield client.interrupt_kernel(args.kernel_id)
+            elif args.command == "run":
+                status = yield _run_code(reactor, client, args, mode, code, options, out, err, stdin)
+                return status
         finally:
             client.close()
     finally:
@@ -257,22 +339,98 @@ def _events(reactor, client, args, out):
     yield caught_up
 
 
+@inlineCallbacks
+def _run_code(reactor, client, args, mode, code, options, out, err, stdin):
+    """
+    Run code and show it as it comes; the exit status. The first Ctrl-C interrupts the
+    run (which then ends with 130, unless its code catches it); a second stops waiting.
+    """
+    if args.file == "-":
+        # Standard input held the code: input() lines come from the terminal, if any.
+        lines = LineSource(reactor, lambda: open("/dev/tty", encoding="utf-8", errors="replace"))
+    else:
+        lines = LineSource(reactor, lambda: stdin)
+    kernel_run = KernelRun(client, args.kernel_id, StreamTerminal(reactor, out, err, lines), args.flush_timeout)
+    ended = Deferred()
+    presses = []
+
+    def on_interrupt():
+        presses.append(None)
+        if len(presses) == 1:
+            err.write("\nbai-agent-ctl: interrupting the run (Ctrl-C again to stop waiting for it)\n")
+            err.flush()
+            kernel_run.interrupt().addErrback(lambda failure: failure.trap(errors.KernelNotRunning))
+        elif not ended.called:
+            err.write(
+                f"\nbai-agent-ctl: stopped waiting; the run may still be active on kernel {args.kernel_id}\n"
+            )
+            ended.callback(EXIT_INTERRUPTED)
+
+    def relay(result):
+        # After a second Ctrl-C nobody waits for how the run ends any more.
+        if not ended.called:
+            ended.callback(result)
+
+    # Python calls the handler in the main thread, between two of the reactor's steps; the
+    # work is handed to the reactor like any other event.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: reactor.callFromThread(on_interrupt))
+    try:
+        kernel_run.start(mode, code, options).addBoth(relay)
+        try:
+            result = yield ended
+        except errors.RunConflict as e:
+            raise CtlError(f"kernel {args.kernel_id} is busy: {e}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if isinstance(result, int):
+        return result
+    if result.status == "exec-timeout":
+        err.write(f"bai-agent-ctl: the run exceeded the exec timeout of kernel {args.kernel_id}\n")
+    return result.exit_status
+
+
+@inlineCallbacks
+def _connect_alone(reactor, args):
+    """An authenticated client, with the etcd connection used to find it closed again."""
+    etcd = _etcd(reactor, args)
+    try:
+        client = yield _connect(reactor, args, etcd)
+    finally:
+        etcd.close()
+    return client
+
+
 def main(argv=None):
     from twisted.internet.task import react
 
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "repl"):
+        # What a run prints is shown, whatever the terminal's encoding cannot show.
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="replace")
+    if args.command == "repl":
+        from bai_agent.repl import main as repl_main
+
+        raise SystemExit(repl_main(args, lambda reactor: _connect_alone(reactor, args), user_errors=(CtlError,)))
 
     def command(reactor):
         d = run(reactor, args, sys.stdout)
 
+        def exit_status(status):
+            if status:
+                raise SystemExit(status)
+
         def report(failure):
+            if failure.check(SystemExit):
+                return failure
             if failure.check(CtlError):
                 sys.stderr.write(f"bai-agent-ctl: {failure.value}\n")
             else:
                 sys.stderr.write(f"bai-agent-ctl: {failure.type.__name__}: {failure.getErrorMessage()}\n")
             raise SystemExit(1)
 
-        return d.addErrback(report)
+        return d.addCallback(exit_status).addErrback(report)
 
     react(command, [])
 

@@ -1,0 +1,719 @@
+"""
+``bai-agent-ctl run`` and ``repl`` without an agent: block gathering, console rendering,
+one run driven through its statuses by a scripted client, input and interrupts, the REPL's
+prompt loop with a terminal and a reactor bridge that answer at once.
+"""
+
+import argparse
+import concurrent.futures
+import io
+import queue
+import signal
+import threading
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.task import Clock
+
+from bai_agent import ctl
+from bai_agent.protocol import errors
+from bai_agent.repl import (
+    CONTINUATION_PROMPT,
+    PROMPT,
+    CodeBlock,
+    Completer,
+    Console,
+    KernelRun,
+    LineSource,
+    QueueTerminal,
+    ReactorThread,
+    ReplSession,
+    RunResult,
+    SessionEnded,
+    StreamTerminal,
+    console_text,
+    is_exit_command,
+    render_console,
+    split_prompt,
+)
+
+
+def answer(status, console=(), exit_code=None, options=None, run_id="r1"):
+    result = {"run_id": run_id, "status": status, "console": [list(entry) for entry in console]}
+    if exit_code is not None:
+        result["exit_code"] = exit_code
+    if options is not None:
+        result["options"] = options
+    return result
+
+
+class ScriptedClient:
+    """An AgentClient stand-in: ``execute`` answers from a script, in order."""
+
+    def __init__(self, answers=()):
+        self.answers = list(answers)
+        self.calls = []
+        self.interrupts = 0
+        self.interrupt_error = None
+        self.created = []
+        self.destroyed = []
+        self.create_error = None
+        self.destroy_error = None
+        self.closed = False
+        self.disconnected = Deferred()
+        self.completions = []
+
+    def execute(self, kernel_id, mode, code="", run_id=None, options=None):
+        self.calls.append({"kernel_id": kernel_id, "mode": mode, "code": code, "run_id": run_id, "options": options})
+        if not self.answers:
+            return fail(AssertionError(f"unexpected Execute {mode} {code!r}"))
+        result = self.answers.pop(0)
+        if isinstance(result, Deferred):
+            return result
+        if isinstance(result, BaseException):
+            return fail(result)
+        return succeed(result)
+
+    def interrupt_kernel(self, kernel_id):
+        self.interrupts += 1
+        if self.interrupt_error is not None:
+            return fail(self.interrupt_error)
+        return succeed({})
+
+    def create_kernel(self, kernel_id, image, resources):
+        self.created.append((kernel_id, image, resources))
+        return fail(self.create_error) if self.create_error else succeed({"kernel_id": kernel_id})
+
+    def destroy_kernel(self, kernel_id):
+        self.destroyed.append(kernel_id)
+        return fail(self.destroy_error) if self.destroy_error else succeed({"kernel_id": kernel_id})
+
+    def get_completions(self, kernel_id, text):
+        self.completion_text = text
+        return succeed(self.completions)
+
+    def close(self):
+        self.closed = True
+
+
+class RecordingTerminal:
+    def __init__(self, lines=()):
+        self.shown = []
+        self.asked = []
+        self.lines = list(lines)
+        self.pending = None
+
+    def show(self, console):
+        self.shown.append(console)
+
+    def read_input(self, prompt, is_password):
+        self.asked.append((prompt, is_password))
+        if self.lines:
+            return succeed(self.lines.pop(0))
+        self.pending = Deferred()
+        return self.pending
+
+
+def result_of(d):
+    results = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    if hasattr(results[0], "raiseException"):
+        results[0].raiseException()
+    return results[0]
+
+
+# -- blocks of lines ---------------------------------------------------------------------------
+
+
+def test_a_simple_statement_is_a_block_by_itself():
+    block = CodeBlock()
+    assert block.prompt == PROMPT
+    assert block.push("x = 6*7") == "x = 6*7"
+    assert block.prompt == PROMPT
+
+
+def test_a_compound_statement_goes_on_until_an_empty_line():
+    block = CodeBlock()
+    assert block.push("for i in range(2):") is None
+    assert block.prompt == CONTINUATION_PROMPT
+    assert block.push("    print(i)") is None
+    assert block.push("") == "for i in range(2):\n    print(i)\n"
+    assert block.prompt == PROMPT
+
+
+def test_one_line_compound_statement_waits_for_the_empty_line_like_python():
+    block = CodeBlock()
+    assert block.push("while True: pass") is None
+    assert block.push("") == "while True: pass\n"
+
+
+def test_open_brackets_and_strings_continue_until_closed():
+    block = CodeBlock()
+    assert block.push("f(1,") is None
+    assert block.push("  2)") == "f(1,\n  2)"
+    assert block.push('s = """a') is None
+    assert block.push('b"""') == 's = """a\nb"""'
+
+
+def test_a_syntax_error_completes_the_block_so_the_kernel_reports_it():
+    block = CodeBlock()
+    assert block.push("x = = 1") == "x = = 1"
+    assert block.push("def f():") is None
+    assert block.push("") == "def f():\n"
+
+
+def test_empty_lines_at_the_prompt_are_skipped():
+    block = CodeBlock()
+    assert block.push("") is None
+    assert block.push("   ") is None
+    assert block.prompt == PROMPT
+
+
+def test_finish_and_reset_drop_or_return_an_unfinished_block():
+    block = CodeBlock()
+    block.push("if x:")
+    block.push("    y = 1")
+    assert block.finish() == "if x:\n    y = 1"
+    assert block.finish() is None
+    block.push("if x:")
+    block.reset()
+    assert block.prompt == PROMPT
+
+
+@pytest.mark.parametrize("source", ["exit()", "quit()", " exit ( ) ", "quit", "exit"])
+def test_exit_commands(source):
+    assert is_exit_command(source)
+
+
+@pytest.mark.parametrize("source", ["exit(1)", "print(exit)", "exited()", "x = exit"])
+def test_other_code_is_not_an_exit_command(source):
+    assert not is_exit_command(source)
+
+
+# -- console entries ---------------------------------------------------------------------------
+
+
+def test_render_console_keeps_order_and_streams():
+    out, err = [], []
+    render_console(
+        [["stdout", "a\n"], ["stderr", "oops\n"], ["stdout", "b"], ["stdout", ""]],
+        lambda text: out.append(("out", text)) or err.append(("out", text)),
+        lambda text: err.append(("err", text)),
+    )
+    assert err == [("out", "a\n"), ("err", "oops\n"), ("out", "b")]
+
+
+def test_media_and_html_are_named_not_dumped():
+    assert console_text(["media", ["image/png", "iVBOR"]]) == ("stdout", "[image/png output, 5 characters not shown]\n")
+    assert console_text(["html", "<b>x</b>"]) == ("stdout", "[html output, 8 characters not shown]\n")
+    assert console_text(["widget", {}]) == ("stdout", "[widget output not shown]\n")
+
+
+def test_split_prompt_takes_the_unfinished_last_line_of_stdout():
+    assert split_prompt([["stdout", "hello\nwho? "]]) == ([["stdout", "hello\n"]], "who? ")
+    assert split_prompt([["stderr", "w\n"], ["stdout", "who? "]]) == ([["stderr", "w\n"]], "who? ")
+    assert split_prompt([["stdout", "done\n"]]) == ([["stdout", "done\n"]], "")
+    assert split_prompt([["stderr", "who? "]]) == ([["stderr", "who? "]], "")
+    assert split_prompt([]) == ([], "")
+
+
+@pytest.mark.parametrize(
+    "result, status",
+    [
+        (RunResult("finished", 0), 0),
+        (RunResult("finished", 3), 3),
+        (RunResult("finished", None), 0),
+        (RunResult("finished", 130), 130),
+        (RunResult("finished", 300), 1),
+        (RunResult("exec-timeout", 137), 124),
+    ],
+)
+def test_exit_status_of_a_run(result, status):
+    assert result.exit_status == status
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+def test_a_run_shows_each_answer_and_collects_with_continue():
+    client = ScriptedClient(
+        [
+            answer("continued", [["stdout", "1\n"]]),
+            answer("continued", []),
+            answer("finished", [["stdout", "2\n"], ["stderr", "e\n"]], exit_code=0),
+        ]
+    )
+    terminal = RecordingTerminal()
+    result = result_of(KernelRun(client, "k1", terminal, flush_timeout=0.2).start("query", "print(1)"))
+    assert result == RunResult("finished", 0)
+    assert terminal.shown == [[["stdout", "1\n"]], [], [["stdout", "2\n"], ["stderr", "e\n"]]]
+    assert [(call["mode"], call["run_id"], call["options"]) for call in client.calls] == [
+        ("query", None, {"flush_timeout": 0.2}),
+        ("continue", "r1", {"flush_timeout": 0.2}),
+        ("continue", "r1", {"flush_timeout": 0.2}),
+    ]
+    assert client.calls[0]["code"] == "print(1)"
+
+
+def test_batch_options_go_with_the_first_call_and_build_finished_is_collected_past():
+    client = ScriptedClient(
+        [
+            answer("build-finished", [["stdout", "built\n"]], exit_code=0),
+            answer("finished", [["stdout", "ran\n"]], exit_code=4),
+        ]
+    )
+    terminal = RecordingTerminal()
+    result = result_of(KernelRun(client, "k1", terminal).start("batch", "", {"build": "make", "exec": "./a"}))
+    assert result.exit_status == 4
+    assert client.calls[0]["options"] == {"build": "make", "exec": "./a", "flush_timeout": 0.2}
+    assert client.calls[1]["mode"] == "continue"
+
+
+def test_waiting_input_asks_the_terminal_with_the_prompt_and_sends_the_line():
+    client = ScriptedClient(
+        [
+            answer("waiting-input", [["stdout", "hi\nwho? "]], options={"is_password": False}),
+            answer("waiting-input", [["stdout", "pw: "]], options={"is_password": True}),
+            answer("finished", [["stdout", "bob\n"]], exit_code=0),
+        ]
+    )
+    terminal = RecordingTerminal(["bob", "secret"])
+    result = result_of(KernelRun(client, "k1", terminal).start("query", "..."))
+    assert result.exit_code == 0
+    assert terminal.asked == [("who? ", False), ("pw: ", True)]
+    assert terminal.shown[0] == [["stdout", "hi\n"]]
+    assert [(call["mode"], call["code"], call["run_id"]) for call in client.calls[1:]] == [
+        ("input", "bob", "r1"),
+        ("input", "secret", "r1"),
+    ]
+
+
+def test_interrupt_while_waiting_for_input_cancels_the_read_and_collects_the_end():
+    client = ScriptedClient(
+        [
+            answer("waiting-input", [["stdout", "who? "]], options={"is_password": False}),
+            answer("finished", [["stderr", "KeyboardInterrupt\n"]], exit_code=130),
+        ]
+    )
+    terminal = RecordingTerminal()
+    run = KernelRun(client, "k1", terminal)
+    d = run.start("query", "input('who? ')")
+    assert terminal.pending is not None and not d.called
+    result_of(run.interrupt())
+    assert client.interrupts == 1
+    assert result_of(d) == RunResult("finished", 130)
+    assert client.calls[-1]["mode"] == "continue"
+
+
+def test_a_failed_interrupt_leaves_the_input_read_pending():
+    client = ScriptedClient([answer("waiting-input", [], options={})])
+    client.interrupt_error = errors.KernelNotRunning("nothing runs")
+    terminal = RecordingTerminal()
+    run = KernelRun(client, "k1", terminal)
+    d = run.start("query", "input()")
+    with pytest.raises(errors.KernelNotRunning):
+        result_of(run.interrupt())
+    assert not terminal.pending.called and not d.called
+
+
+def test_exec_timeout_ends_the_run():
+    client = ScriptedClient([answer("continued"), answer("exec-timeout", exit_code=137)])
+    result = result_of(KernelRun(client, "k1", RecordingTerminal()).start("query", "while 1: pass"))
+    assert result.status == "exec-timeout" and result.exit_status == 124
+
+
+def test_declared_errors_reach_the_caller():
+    client = ScriptedClient([errors.RunConflict("busy")])
+    with pytest.raises(errors.RunConflict):
+        result_of(KernelRun(client, "k1", RecordingTerminal()).start("query", "1"))
+
+
+# -- run's terminal ------------------------------------------------------------------------------
+
+
+class ThreadCalls:
+    """``callFromThread`` into a queue that the test runs, like a reactor's thread would."""
+
+    def __init__(self):
+        self.calls = queue.Queue()
+
+    def callFromThread(self, function, *args):
+        self.calls.put((function, args))
+
+    def run_one(self, timeout=5):
+        function, args = self.calls.get(timeout=timeout)
+        function(*args)
+
+
+def test_line_source_reads_in_a_thread_and_keeps_a_line_whose_read_was_cancelled():
+    reactor = ThreadCalls()
+    lines = LineSource(reactor, lambda: io.StringIO("one\ntwo\nlast"))
+    first = lines.read_line()
+    reactor.run_one()
+    assert result_of(first) == "one"
+    cancelled = lines.read_line()
+    cancelled.cancel()
+    reactor.run_one()
+    assert result_of(lines.read_line()) == "two"
+    third = lines.read_line()
+    reactor.run_one()
+    assert result_of(third) == "last"
+    end = lines.read_line()
+    reactor.run_one()
+    assert result_of(end) is None
+    assert result_of(lines.read_line()) is None
+
+
+def test_stream_terminal_shows_output_and_answers_empty_lines_after_the_end():
+    reactor = ThreadCalls()
+    out, err = io.StringIO(), io.StringIO()
+    terminal = StreamTerminal(reactor, out, err, LineSource(reactor, lambda: io.StringIO("bob\n")))
+    terminal.show([["stdout", "a\n"], ["stderr", "b\n"]])
+    d = terminal.read_input("who? ", False)
+    reactor.run_one()
+    assert result_of(d) == "bob"
+    d = terminal.read_input("again? ", False)
+    reactor.run_one()
+    assert result_of(d) == ""
+    assert result_of(terminal.read_input("", False)) == ""
+    assert out.getvalue() == "a\nwho? again? "
+    assert err.getvalue().count("no more input") == 1
+
+
+# -- ctl run's arguments -------------------------------------------------------------------------
+
+
+def parse(*argv):
+    return ctl.build_parser().parse_args(list(argv))
+
+
+def test_run_takes_code_from_c_from_a_file_or_from_stdin(tmp_path):
+    assert ctl.read_code(parse("run", "a", "k", "-c", "print(1)")) == ("query", "print(1)", {})
+    source = tmp_path / "code.py"
+    source.write_text("print(2)\n")
+    assert ctl.read_code(parse("run", "a", "k", str(source))) == ("query", "print(2)\n", {})
+    assert ctl.read_code(parse("run", "a", "k", "-"), io.StringIO("print(3)")) == ("query", "print(3)", {})
+
+
+def test_batch_mode_takes_build_and_exec():
+    assert ctl.read_code(parse("run", "a", "k", "--batch", "--build", "make", "--exec", "./a")) == (
+        "batch", "", {"build": "make", "exec": "./a"},
+    )
+    assert ctl.read_code(parse("run", "a", "k", "--batch", "-c", "echo hi")) == ("batch", "echo hi", {})
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["file.py", "-c", "1"], "not both"),
+        ([], "no code"),
+        (["-c", "1", "--exec", "x"], "--batch"),
+        (["--batch"], "needs --exec"),
+        (["/no/such/file.py"], "cannot read /no/such/file.py"),
+        (["-c", "1", "--flush-timeout", "-1"], "flush-timeout"),
+    ],
+)
+def test_bad_run_arguments_are_one_line_errors(argv, message):
+    with pytest.raises(ctl.CtlError, match=message):
+        ctl.read_code(parse("run", "a", "k", *argv))
+
+
+def test_repl_and_interrupt_arguments():
+    args = parse("repl", "agent-1", "--image", "img", "--cpu", "0.5", "--mem", "1g", "--kernel-id", "mine")
+    assert (args.agent, args.image, args.cpu, args.mem, args.kernel_id) == ("agent-1", "img", 0.5, "1g", "mine")
+    assert parse("repl", "agent-1").kernel_id is None
+    args = parse("interrupt", "agent-1", "k")
+    assert (args.command, args.kernel_id) == ("interrupt", "k")
+
+
+class ImmediateReactor(Clock):
+    def callFromThread(self, function, *args):
+        function(*args)
+
+
+def run_code(client, argv, stdin=""):
+    args = parse("run", "a", "k", *argv)
+    mode, code, options = ctl.read_code(args)
+    out, err = io.StringIO(), io.StringIO()
+    d = ctl._run_code(ImmediateReactor(), client, args, mode, code, options, out, err, io.StringIO(stdin))
+    return d, out, err
+
+
+def test_run_code_prints_and_returns_the_exit_status():
+    client = ScriptedClient([answer("finished", [["stdout", "out\n"], ["stderr", "err\n"]], exit_code=3)])
+    d, out, err = run_code(client, ["-c", "x"])
+    assert result_of(d) == 3
+    assert (out.getvalue(), err.getvalue()) == ("out\n", "err\n")
+
+
+def test_run_code_says_when_the_exec_timeout_ended_it():
+    d, out, err = run_code(ScriptedClient([answer("exec-timeout", exit_code=137)]), ["-c", "x"])
+    assert result_of(d) == 124
+    assert "exec timeout of kernel k" in err.getvalue()
+
+
+def test_run_code_reports_a_busy_kernel():
+    d, _, _ = run_code(ScriptedClient([errors.RunConflict("run r0 is still active")]), ["-c", "x"])
+    with pytest.raises(ctl.CtlError, match="busy"):
+        result_of(d)
+
+
+def test_first_ctrl_c_interrupts_the_run_and_the_second_stops_waiting():
+    pending = Deferred()
+    client = ScriptedClient([answer("continued"), pending])
+    before = signal.getsignal(signal.SIGINT)
+    d, _, err = run_code(client, ["-c", "while 1: pass"])
+    handler = signal.getsignal(signal.SIGINT)
+    assert handler is not before
+    handler(signal.SIGINT, None)
+    assert client.interrupts == 1 and not d.called
+    assert "interrupting" in err.getvalue()
+    handler(signal.SIGINT, None)
+    assert result_of(d) == 130
+    assert "stopped waiting" in err.getvalue()
+    assert signal.getsignal(signal.SIGINT) is before
+    pending.callback(answer("finished", exit_code=130))  # late: nobody waits, nothing breaks
+
+
+# -- the REPL --------------------------------------------------------------------------------------
+
+
+class ImmediateBridge:
+    """``ReactorThread``'s calls, made at once in this thread."""
+
+    def __init__(self):
+        self.reactor = Clock()
+
+    def submit(self, function, *args, **kwargs):
+        future = concurrent.futures.Future()
+        d = function(*args, **kwargs)
+        d = d if isinstance(d, Deferred) else succeed(d)
+        d.addCallbacks(future.set_result, lambda failure: future.set_exception(failure.value))
+        return future
+
+    def call_soon(self, function, *args):
+        function(*args)
+
+
+class ScriptedIO:
+    """A person at the terminal: lines (or exceptions to raise) in order."""
+
+    interactive = True
+
+    def __init__(self, lines):
+        self.lines = list(lines)
+        self.prompts = []
+        self.out = []
+        self.err = []
+
+    def read_line(self, prompt, fresh_line=True):
+        self.prompts.append(prompt)
+        if not self.lines:
+            raise EOFError
+        line = self.lines.pop(0)
+        if isinstance(line, BaseException) or (isinstance(line, type) and issubclass(line, BaseException)):
+            raise line
+        return line
+
+    def read_password(self, prompt):
+        self.prompts.append(("password", prompt))
+        return self.read_line(prompt)
+
+    def write_out(self, text):
+        self.out.append(text)
+
+    def write_err(self, text):
+        self.err.append(text)
+
+
+def console(answers, lines):
+    client = ScriptedClient(answers)
+    session = ReplSession(Clock(), None, client, "k1")
+    return Console(ImmediateBridge(), session, ScriptedIO(lines)), client
+
+
+def test_repl_runs_complete_blocks_and_shows_their_output():
+    repl, client = console(
+        [
+            answer("finished", [["stdout", "42\n"]], exit_code=0),
+            answer("finished", [["stdout", "0\n1\n"]], exit_code=0),
+        ],
+        ["print(6*7)", "for i in range(2):", "    print(i)", ""],
+    )
+    assert repl.loop() == 0
+    assert [call["code"] for call in client.calls] == ["print(6*7)", "for i in range(2):\n    print(i)\n"]
+    assert repl.io.out == ["42\n", "0\n1\n", "\n"]
+    assert repl.io.prompts == [PROMPT, PROMPT, CONTINUATION_PROMPT, CONTINUATION_PROMPT, PROMPT]
+
+
+def test_repl_exit_leaves_without_running_it():
+    repl, client = console([], ["exit()", "print('never')"])
+    assert repl.loop() == 0
+    assert client.calls == []
+
+
+def test_repl_runs_an_unfinished_block_at_the_end_of_input():
+    repl, client = console([answer("finished", exit_code=0)], ["if True:", "    x = 1"])
+    assert repl.loop() == 0
+    assert client.calls[0]["code"] == "if True:\n    x = 1"
+
+
+def test_ctrl_c_at_the_prompt_drops_the_block():
+    repl, client = console([answer("finished", exit_code=0)], ["if True:", KeyboardInterrupt, "x = 2"])
+    assert repl.loop() == 0
+    assert [call["code"] for call in client.calls] == ["x = 2"]
+    assert "KeyboardInterrupt" in "".join(repl.io.err)
+
+
+def test_repl_answers_input_from_the_person():
+    repl, client = console(
+        [
+            answer("waiting-input", [["stdout", "who? "]], options={"is_password": False}),
+            answer("waiting-input", [["stdout", "pw: "]], options={"is_password": True}),
+            answer("finished", exit_code=0),
+        ],
+        ["name = input('who? ')", "bob", "hunter2"],
+    )
+    assert repl.loop() == 0
+    assert [(call["mode"], call["code"]) for call in client.calls[1:]] == [("input", "bob"), ("input", "hunter2")]
+    assert repl.io.prompts[1:3] == ["who? ", ("password", "pw: ")]
+
+
+def test_ctrl_c_while_the_run_waits_for_input_interrupts_it():
+    repl, client = console(
+        [
+            answer("waiting-input", [["stdout", "who? "]], options={"is_password": False}),
+            answer("finished", [["stderr", "KeyboardInterrupt\n"]], exit_code=130),
+        ],
+        ["input('who? ')", KeyboardInterrupt, "exit()"],
+    )
+    assert repl.loop() == 0
+    assert client.interrupts == 1
+    assert [call["mode"] for call in client.calls] == ["query", "continue"]
+    assert repl.io.err == ["KeyboardInterrupt\n"]
+
+
+def test_a_busy_kernel_is_reported_and_the_repl_goes_on():
+    repl, client = console([errors.RunConflict("busy"), answer("finished", exit_code=0)], ["1", "2"])
+    assert repl.loop() == 0
+    assert "RunConflict: busy" in "".join(repl.io.err)
+    assert len(client.calls) == 2
+
+
+@pytest.mark.parametrize("error", [errors.KernelNotRunning("it died"), errors.KernelNotFound("idle timeout")])
+def test_a_kernel_gone_ends_the_repl(error):
+    repl, _ = console([error], ["1", "2"])
+    with pytest.raises(SessionEnded, match="not running"):
+        repl.loop()
+
+
+def test_completions_come_from_the_kernel_only_at_the_prompt():
+    repl, client = console([], [])
+    client.completions = ["os.path", "os.pathsep"]
+    assert repl.complete("os.pa") == []
+    repl.at_prompt = True
+    assert repl.complete("print(os.pa") == ["os.path", "os.pathsep"]
+    assert client.completion_text == "print(os.pa"
+
+
+class FakeReadline:
+    def __init__(self, line):
+        self.line = line
+
+    def get_line_buffer(self):
+        return self.line
+
+    def get_endidx(self):
+        return len(self.line)
+
+
+def test_completer_indents_blank_lines_and_filters_matches():
+    assert Completer(FakeReadline("    "), lambda line: ["x"])("", 0) == "    "
+    completer = Completer(FakeReadline("print(os.pa"), lambda line: ["os.path", "os.pathsep", "other"])
+    assert [completer("os.pa", state) for state in range(4)] == ["os.path", "os.pathsep", None, None]
+
+
+def test_session_open_creates_and_close_destroys():
+    client = ScriptedClient()
+    session = result_of(ReplSession.open(Clock(), lambda reactor: succeed(client), "k1", "img", {"cpu": 1}))
+    assert client.created == [("k1", "img", {"cpu": 1})]
+    result_of(session.close())
+    assert client.destroyed == ["k1"] and client.closed
+
+
+def test_a_failed_creation_is_cleaned_up_but_someone_elses_kernel_is_left():
+    client = ScriptedClient()
+    client.create_error = errors.KernelCreationFailed("no")
+    with pytest.raises(errors.KernelCreationFailed):
+        result_of(ReplSession.open(Clock(), lambda reactor: succeed(client), "k1", "img", {}))
+    assert client.destroyed == ["k1"]
+    client = ScriptedClient()
+    client.create_error = errors.KernelExists("taken")
+    with pytest.raises(errors.KernelExists):
+        result_of(ReplSession.open(Clock(), lambda reactor: succeed(client), "k1", "img", {}))
+    assert client.destroyed == [] and client.closed
+
+
+def test_close_reconnects_when_the_connection_was_lost_and_accepts_a_kernel_already_gone():
+    lost, fresh = ScriptedClient(), ScriptedClient()
+    lost.disconnected.callback(None)
+    fresh.destroy_error = errors.KernelNotFound("gone")
+    session = ReplSession(Clock(), lambda reactor: succeed(fresh), lost, "k1")
+    result_of(session.close())
+    assert (lost.destroyed, fresh.destroyed) == ([], ["k1"])
+    assert lost.closed and fresh.closed
+
+
+def test_interrupt_with_nothing_running_is_no_error():
+    client = ScriptedClient()
+    client.interrupt_error = errors.KernelNotRunning("idle")
+    session = ReplSession(Clock(), None, client, "k1")
+    result_of(session.interrupt())
+    session.current = KernelRun(client, "k1", RecordingTerminal())
+    result_of(session.interrupt())
+    assert client.interrupts == 1
+
+
+def test_queue_terminal_posts_output_and_input_requests():
+    events = queue.Queue()
+    terminal = QueueTerminal(events)
+    terminal.show([])
+    terminal.show([["stdout", "x"]])
+    d = terminal.read_input("who? ", True)
+    assert events.get_nowait() == ("output", [["stdout", "x"]])
+    assert events.get_nowait()[:3] == ("input", "who? ", True)
+    assert events.empty() and not d.called
+
+
+def test_reactor_thread_runs_calls_in_the_reactor_and_returns_results():
+    reactor = SelectReactor()
+    bridge = ReactorThread(reactor)
+    bridge.start()
+    try:
+        assert bridge.submit(lambda: threading.current_thread().name).result(5) == "bai-reactor"
+        assert bridge.submit(lambda: succeed(7)).result(5) == 7
+        with pytest.raises(ValueError):
+            bridge.submit(lambda: fail(ValueError("x"))).result(5)
+        got = concurrent.futures.Future()
+        bridge.call_soon(got.set_result, 1)
+        assert got.result(5) == 1
+    finally:
+        bridge.stop()
+    assert not bridge.thread.is_alive()
+
+
+def test_ctl_repl_passes_the_connection_and_user_errors(monkeypatch):
+    seen = {}
+
+    def fake_main(args, connect, user_errors=()):
+        seen.update(args=args, connect=connect, user_errors=user_errors)
+        return 3
+
+    monkeypatch.setattr("bai_agent.repl.main", fake_main)
+    with pytest.raises(SystemExit) as exit_info:
+        ctl.main(["repl", "agent-1"])
+    assert exit_info.value.code == 3
+    assert seen["user_errors"] == (ctl.CtlError,) and callable(seen["connect"])
+    assert isinstance(seen["args"], argparse.Namespace)

@@ -8,6 +8,9 @@
     bai-agent-ctl kernels AGENT          # list its kernels
     bai-agent-ctl destroy AGENT KERNEL   # destroy / restart one
     bai-agent-ctl events AGENT --follow  # print its events as they happen
+    bai-agent-ctl run AGENT KERNEL -c CODE   # run code, output as it comes (or FILE)
+    bai-agent-ctl upload/download/ls/logs AGENT KERNEL ...
+    bai-agent-ctl repl AGENT             # a Python prompt on a new kernel
     bai-agent-ctl run AGENT KERNEL -c CODE  # run code (or FILE; - is stdin), output as it comes
     bai-agent-ctl interrupt AGENT KERNEL    # interrupt the run active on a kernel
     bai-agent-ctl repl AGENT             # a Python prompt on a new kernel, destroyed at the end
@@ -20,6 +23,7 @@ namespace and secret are found like the agent finds them: ``--etcd-addr``, ``--n
 import argparse
 import datetime
 import json
+import os
 import signal
 import sys
 
@@ -94,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     interrupt = sub.add_parser("interrupt", help="interrupt the run active on a kernel")
     interrupt.add_argument("agent", help="agent id, or HOST:PORT")
     interrupt.add_argument("kernel_id")
+    upload = sub.add_parser("upload", help="copy a local file into a kernel's home")
+    upload.add_argument("agent", help="agent id, or HOST:PORT")
+    upload.add_argument("kernel_id")
+    upload.add_argument("source", help="local file (- for stdin)")
+    upload.add_argument("target", nargs="?", help="path under /home/work (default: the file's name)")
+    download = sub.add_parser("download", help="copy a file out of a kernel's home")
+    download.add_argument("agent", help="agent id, or HOST:PORT")
+    download.add_argument("kernel_id")
+    download.add_argument("source", help="path under /home/work")
+    download.add_argument("target", nargs="?", help="local file (default: the file's name; - for stdout)")
+    listing = sub.add_parser("ls", help="list a directory of a kernel's home")
+    listing.add_argument("agent", help="agent id, or HOST:PORT")
+    listing.add_argument("kernel_id")
+    listing.add_argument("path", nargs="?", default=".", help="path under /home/work (default: the home)")
+    logs = sub.add_parser("logs", help="print a kernel's container log")
+    logs.add_argument("agent", help="agent id, or HOST:PORT")
+    logs.add_argument("kernel_id")
+    logs.add_argument("--tail", type=int, help="only the last N lines")
     repl = sub.add_parser(
         "repl",
         help="an interactive Python prompt on a new kernel",
@@ -110,6 +132,66 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the agent gathers output before sending it (default %(default)s)",
     )
     return parser
+
+
+CHUNK = 1 << 20  # the most UploadFile and DownloadFile move in one call
+
+
+@inlineCallbacks
+def _upload(client, args):
+    """Send a local file in 1 MiB calls; fires with the size in the kernel."""
+    target = args.target or os.path.basename(args.source)
+    if not target or args.source == "-" and not args.target:
+        raise CtlError("upload from stdin needs a target path")
+    try:
+        source = sys.stdin.buffer if args.source == "-" else open(args.source, "rb")
+    except OSError as e:
+        raise CtlError(f"cannot read {args.source}: {e.strerror}")
+    size = 0
+    first = True
+    try:
+        while True:
+            chunk = source.read(CHUNK)
+            if not chunk and not first:
+                break
+            answer = yield client.upload_file(args.kernel_id, target, chunk, append=not first)
+            size = answer["size"]
+            first = False
+            if len(chunk) < CHUNK:
+                break
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+    return size
+
+
+@inlineCallbacks
+def _download(client, args, out):
+    """Fetch a file in 1 MiB calls into a local file (or stdout)."""
+    target = args.target or os.path.basename(args.source.rstrip("/"))
+    if not target:
+        raise CtlError("download needs a target path")
+    try:
+        sink = sys.stdout.buffer if target == "-" else open(target + ".part", "wb")
+    except OSError as e:
+        raise CtlError(f"cannot write {target}: {e.strerror}")
+    offset = 0
+    try:
+        while True:
+            answer = yield client.download_file(args.kernel_id, args.source, offset=offset, length=CHUNK)
+            sink.write(answer["data"])
+            offset += len(answer["data"])
+            if answer["eof"] or not answer["data"]:
+                break
+    except BaseException:
+        if sink is not sys.stdout.buffer:
+            sink.close()
+            os.unlink(target + ".part")
+        raise
+    if sink is not sys.stdout.buffer:
+        sink.close()
+        os.replace(target + ".part", target)  # never a half file under the real name
+        out.write(f"{offset} bytes to {target}\n")
 
 
 def read_code(args, stdin=None):
@@ -304,6 +386,24 @@ def run(reactor, args, out, err=None, stdin=None):
                 yield _events(reactor, client, args, out)
             elif args.command == "interrupt":
                 yield client.interrupt_kernel(args.kernel_id)
+            elif args.command == "upload":
+                size = yield _upload(client, args)
+                out.write(f"{size} bytes\n")
+            elif args.command == "download":
+                yield _download(client, args, out)
+            elif args.command == "ls":
+                entries = yield client.list_files(args.kernel_id, args.path)
+                if args.json:
+                    out.write(json.dumps(entries, indent=2) + "\n")
+                else:
+                    rows = [
+                        [oct(entry["mode"])[2:], entry["type"], entry["size"], _time(entry["mtime"]), entry["name"]]
+                        for entry in entries
+                    ]
+                    _table(rows, ["MODE", "TYPE", "SIZE", "MODIFIED (UTC)", "NAME"], out)
+            elif args.command == "logs":
+                text = yield client.get_logs(args.kernel_id, tail=args.tail)
+                out.write(text)
             elif args.command == "run":
                 status = yield _run_code(reactor, client, args, mode, code, options, out, err, stdin)
                 return status

@@ -61,3 +61,26 @@ def test_upload_past_the_size_cap_is_file_too_large(client, agent):  # noqa: F81
         yield client.upload_file("h", "big", b"x", append=True)
     listing = yield client.list_files("h")
     assert [e["size"] for e in listing if e["name"] == "big"] == [5 << 20]
+
+
+@pytest_twisted.inlineCallbacks
+def test_ctl_upload_download_ls_logs(client, agent, tmp_path):  # noqa: F811
+    yield client.create_kernel("c", IMAGE, {"cpu": 0.5, "mem": "128m"})
+    address = f"127.0.0.1:{agent.amp_port}"
+    source = tmp_path / "in.bin"
+    source.write_bytes(os.urandom((1 << 20) * 2 + 5))
+    secret = agent.secret_path
+    done = agent.ctl("upload", address, "c", str(source), "sub/in.bin", secret_file=secret)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{(1 << 20) * 2 + 5} bytes"
+    listing = agent.ctl("ls", address, "c", "sub", secret_file=secret)
+    assert "in.bin" in listing.stdout and str((1 << 20) * 2 + 5) in listing.stdout
+    back = tmp_path / "back.bin"
+    done = agent.ctl("download", address, "c", "sub/in.bin", str(back), secret_file=secret)
+    assert done.returncode == 0, done.stderr
+    assert back.read_bytes() == source.read_bytes()
+    refused = agent.ctl("download", address, "c", "../../etc/passwd", str(tmp_path / "no"), secret_file=secret)
+    assert refused.returncode == 1 and "PathNotAllowed" in refused.stderr
+    assert not (tmp_path / "no").exists() and not (tmp_path / "no.part").exists()
+    logs = agent.ctl("logs", address, "c", "--tail", "5", secret_file=secret)
+    assert "listening on /run/bai/runner.sock" in logs.stdout

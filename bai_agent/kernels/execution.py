@@ -116,13 +116,15 @@ class ExecutionSession:
             raise errors.InvalidRequest(f"code is larger than {MAX_CODE_BYTES} bytes")
         if run_id is not None and not KERNEL_ID_PATTERN.match(run_id):
             raise errors.InvalidRequest(f"run_id must match {KERNEL_ID_PATTERN.pattern}")
-        if self.waiter is not None:
-            raise errors.RunConflict("another Execute call is waiting on this kernel's run")
         self.on_activity()
         if mode in ("query", "batch"):
             self._start(mode, code, run_id or uuid.uuid4().hex, options)
         else:
             run = self._active(run_id, mode)
+            if self.waiter is not None:
+                # A call is still waiting on this run (often one whose manager went
+                # away): it gets what was collected so far, and this one takes over.
+                self._maybe_answer(flushing=True)
             if mode == "input":
                 if not self._waiting_input:
                     raise errors.InvalidRequest(f"run {run.run_id} is not waiting for input")

@@ -115,10 +115,13 @@ def test_one_run_at_a_time(session):
     session.execute("query", "next", run_id="r3")
 
 
-def test_two_waiting_calls_on_one_run_conflict(session):
-    session.execute("query", "loop", run_id="r1")
-    with pytest.raises(errors.RunConflict):
-        session.execute("continue", "", run_id="r1")
+def test_a_continue_takes_over_from_a_call_still_waiting(session):
+    first = session.execute("query", "loop", run_id="r1")
+    runner(session, "r1", out("early"))
+    second = session.execute("continue", "", run_id="r1")
+    assert answer_of(first) == {"run_id": "r1", "status": "continued", "console": [["stdout", "early"]]}
+    runner(session, "r1", out("late"), {"type": "finished", "exit_code": 0})
+    assert answer_of(second)["console"] == [["stdout", "late"]]
 
 
 @pytest.mark.parametrize(

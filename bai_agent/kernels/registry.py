@@ -103,6 +103,7 @@ class KernelRegistry(Service):
         self._recovering = False
         self._in_flight = set()
         self._unsubscribe = None
+        self._unsubscribe_health = None
         self._relist = LoopingCall(self._guarded, self.reconcile)
         self._relist.clock = reactor
         self._idle = LoopingCall(self._guarded, self.expire_idle)
@@ -128,10 +129,10 @@ class KernelRegistry(Service):
         for loop in (self._relist, self._idle):
             if loop.running:
                 loop.stop()
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe_health()
-            self._unsubscribe = None
+        for unsubscribe in (self._unsubscribe, self._unsubscribe_health):
+            if unsubscribe is not None:
+                unsubscribe()
+        self._unsubscribe = self._unsubscribe_health = None
         if self._in_flight:
             yield DeferredList(list(self._in_flight), consumeErrors=True)
         self.journal.append("agent-stopping", data={"agent_id": self.config.agent_id})
@@ -504,7 +505,8 @@ class KernelRegistry(Service):
 
     def _runner_lost(self, kernel, link, reason):
         """A runner link died: if the container died too, Docker tells us; check now."""
-        if kernel.link is link and kernel.status == states.RUNNING:
+        if kernel.link is link and kernel.status == states.RUNNING and self.running:
+            # (When the agent stops, it closes the links itself: the kernels live on.)
             self.log.warn("lost the runner of kernel {kernel_id}: {reason}", kernel_id=kernel.kernel_id, reason=reason)
             kernel.link = None
             kernel.session = None
@@ -519,6 +521,22 @@ class KernelRegistry(Service):
             return
         if not state.get("Running"):
             self._died(kernel, state.get("ExitCode"))
+            return
+        # The container lives: the link broke (a keepalive missed, say). Reconnect; a
+        # runner that stays silent is as good as dead, and ends the kernel.
+        try:
+            link = yield self.connect_runner(
+                self.reactor, self.workspace(kernel.kernel_id).socket_path, self.reactor, RUNNER_START_TIMEOUT
+            )
+        except Exception as e:
+            self.log.error("kernel {kernel_id}: its runner does not answer ({error}); ending it", kernel_id=kernel.kernel_id, error=e)
+            self._died(kernel, None)  # reported self-terminated; _finish removes the container
+            return
+        if kernel.status == states.RUNNING and kernel.link is None:
+            self._attach(kernel, link)
+            self.log.info("kernel {kernel_id}: runner reconnected", kernel_id=kernel.kernel_id)
+        else:
+            link.close("the kernel moved on meanwhile")
 
     @inlineCallbacks
     def reconcile(self):

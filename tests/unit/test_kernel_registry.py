@@ -535,3 +535,21 @@ def test_creates_wait_for_the_take_over(h):
     h.clock.advance(10)  # the re-list notices Docker is back
     assert registry.recovered
     assert h.create("later")["status"] == "running"
+
+
+def test_a_broken_link_to_a_live_container_is_reconnected(h):
+    h.create()
+    first = h.runners.links[0]
+    first.close("keepalive timeout")
+    kernel = h.registry.kernels["k1"]
+    assert kernel.status == "running"
+    assert kernel.link is h.runners.links[1] and kernel.session is not None
+    assert h.events("kernel-terminated") == []
+
+
+def test_a_live_container_whose_runner_stays_silent_is_ended(h):
+    h.create()
+    h.runners.fail_next()
+    h.runners.links[0].close("keepalive timeout")
+    h.assert_nothing_leaked()
+    assert h.events("kernel-terminated")[0].data["reason"] == "self-terminated"

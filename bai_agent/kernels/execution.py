@@ -34,6 +34,9 @@ from bai_agent.protocol.arguments import RawJson
 
 MAX_CODE_BYTES = 1 << 20
 BUFFER_LIMIT = 8 << 20
+#: A waiting call is answered once this much output is buffered: smaller answers keep the
+#: runner, the agent and the manager busy at once instead of taking turns.
+ANSWER_AT = 2 << 20
 DEFAULT_FLUSH_TIMEOUT = 2.0
 MAX_FLUSH_TIMEOUT = 300.0
 MODES = ("query", "batch", "input", "continue")
@@ -168,7 +171,7 @@ class ExecutionSession:
         run = self.run
         if run.statuses:
             status, exit_code, console, options = run.statuses.popleft()
-        elif flushing or run.buffered >= BUFFER_LIMIT:
+        elif flushing or run.buffered >= ANSWER_AT:
             status, exit_code, console, options = "continued", None, run.take_console(), None
         else:
             return

@@ -4,7 +4,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from bai_agent.kernels import execution
-from bai_agent.kernels.execution import BUFFER_LIMIT, ExecutionSession
+from bai_agent.kernels.execution import ANSWER_AT, BUFFER_LIMIT, ExecutionSession
 from bai_agent.protocol import errors
 from bai_agent.protocol.arguments import RawJson
 from bai_agent.testing.fake_runner import FakeRunnerLink
@@ -152,22 +152,22 @@ def test_continue_or_input_with_a_wrong_run_id_is_invalid(session, clock):
         session.execute("input", "data", run_id="r1")
 
 
-def test_a_full_buffer_pauses_the_runner_and_answers_at_once(session, link):
+def test_a_waiting_call_is_answered_early_and_a_full_buffer_pauses_the_runner(session, link):
     d = session.execute("query", "flood", run_id="r1", options={"flush_timeout": 60})
     chunk = "x" * 65536
-    for _ in range(BUFFER_LIMIT // len(chunk)):
+    for _ in range(ANSWER_AT // len(chunk)):
         runner(session, "r1", out(chunk))
     first = answer_of(d)
     assert first["status"] == "continued"
-    assert sum(len(data) for _, data in first["console"]) == BUFFER_LIMIT
-    assert link.paused is False  # answered, so reading resumed
+    assert sum(len(data) for _, data in first["console"]) == ANSWER_AT
+    assert link.paused is False
     # Without a waiting call the buffer fills and reading stops until someone collects.
     for _ in range(BUFFER_LIMIT // len(chunk)):
         runner(session, "r1", out(chunk))
     assert link.paused is True
     second = answer_of(session.execute("continue", "", run_id="r1"))
     assert sum(len(data) for _, data in second["console"]) == BUFFER_LIMIT
-    assert link.paused is False
+    assert link.paused is False  # collected, so reading resumed
 
 
 def test_exec_timeout_cancels_the_run_and_says_so(clock, link):

@@ -33,6 +33,7 @@ class Kernel:
     exit_code: int = None
     link: object = None  # RunnerLink while running
     session: object = None  # ExecutionSession over that link
+    reconnecting: object = None  # Deferred of a runner reconnection under way
     oom_killed: bool = False
     kill_seen: bool = False  # Docker reported a kill signal sent through its API
     last_stats: dict = attrs.Factory(dict)

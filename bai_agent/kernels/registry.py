@@ -18,7 +18,7 @@ Rules that keep it from leaking:
 import time
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -505,7 +505,7 @@ class KernelRegistry(Service):
 
     def _runner_lost(self, kernel, link, reason):
         """A runner link died: if the container died too, Docker tells us; check now."""
-        if kernel.link is link and kernel.status == states.RUNNING and self.running:
+        if kernel.link is link and kernel.status == states.RUNNING and kernel.terminated is None and self.running:
             # (When the agent stops, it closes the links itself: the kernels live on.)
             self.log.warn("lost the runner of kernel {kernel_id}: {reason}", kernel_id=kernel.kernel_id, reason=reason)
             kernel.link = None
@@ -523,15 +523,24 @@ class KernelRegistry(Service):
             self._died(kernel, state.get("ExitCode"))
             return
         # The container lives: the link broke (a keepalive missed, say). Reconnect; a
-        # runner that stays silent is as good as dead, and ends the kernel.
+        # runner that stays silent is as good as dead, and ends the kernel. The attempt
+        # is cancelled if the kernel ends meanwhile (_finish): a later kernel of the same
+        # id has the same socket path, and a runner takes the newest connection.
+        if kernel.status != states.RUNNING or kernel.terminated is not None:
+            return
+        kernel.reconnecting = self.connect_runner(
+            self.reactor, self.workspace(kernel.kernel_id).socket_path, self.reactor, RUNNER_START_TIMEOUT
+        )
         try:
-            link = yield self.connect_runner(
-                self.reactor, self.workspace(kernel.kernel_id).socket_path, self.reactor, RUNNER_START_TIMEOUT
-            )
+            link = yield kernel.reconnecting
+        except CancelledError:
+            return
         except Exception as e:
             self.log.error("kernel {kernel_id}: its runner does not answer ({error}); ending it", kernel_id=kernel.kernel_id, error=e)
             self._died(kernel, None)  # reported self-terminated; _finish removes the container
             return
+        finally:
+            kernel.reconnecting = None
         if kernel.status == states.RUNNING and kernel.link is None:
             self._attach(kernel, link)
             self.log.info("kernel {kernel_id}: runner reconnected", kernel_id=kernel.kernel_id)
@@ -716,6 +725,8 @@ class KernelRegistry(Service):
         Remove the container and the directories, release the grant, journal the end.
         Runs once per kernel (the caller holds its lock and checked its status).
         """
+        if kernel.reconnecting is not None:
+            kernel.reconnecting.cancel()
         # By name when the id is unknown: a create whose answer was lost may still have
         # made the container.
         container = kernel.container_id or container_name(self.config.agent_id, kernel.kernel_id)

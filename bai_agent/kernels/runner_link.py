@@ -13,8 +13,8 @@ Timers run on an injected ``IReactorTime``; nothing here imports a reactor.
 """
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -280,6 +280,18 @@ class RunnerLink(Protocol):
         self.dead.callback(reason)
 
 
+class _QuietFactory(Factory):
+    """Builds the one link of an attempt; quiet, since attempts come every few ms."""
+
+    noisy = False
+
+    def __init__(self, link):
+        self.link = link
+
+    def buildProtocol(self, addr):
+        return self.link
+
+
 class _Connector(object):
     """The retry loop of ``connect_runner``."""
 
@@ -314,7 +326,7 @@ class _Connector(object):
         endpoint = UNIXClientEndpoint(
             self._reactor, self._socket_path, timeout=max(1, int(remaining + 0.999))
         )
-        self._attempt_d = connectProtocol(endpoint, link)
+        self._attempt_d = endpoint.connect(_QuietFactory(link))
         self._attempt_d.addCallbacks(self._connected, self._failed)
 
     def _connected(self, link):

@@ -77,8 +77,9 @@ class FakeRunners:
         self._holding = False
         held, self.held = self.held, []
         for d, link in held:
-            self.links.append(link)
-            d.callback(link)
+            if not d.called:  # not cancelled meanwhile
+                self.links.append(link)
+                d.callback(link)
 
     def fail_next(self, error=None):
         self._failures.append(error or RunnerUnavailable("the runner did not answer"))

@@ -553,3 +553,14 @@ def test_a_live_container_whose_runner_stays_silent_is_ended(h):
     h.runners.links[0].close("keepalive timeout")
     h.assert_nothing_leaked()
     assert h.events("kernel-terminated")[0].data["reason"] == "self-terminated"
+
+
+def test_a_reconnect_under_way_is_cancelled_when_the_kernel_ends(h):
+    h.create()
+    h.runners.hold()
+    h.runners.links[0].close("keepalive timeout")  # a reconnect starts and waits
+    assert len(h.runners.held) == 1
+    result(h.registry.destroy("k1"))
+    pending, _ = h.runners.held[0]
+    assert pending.called  # cancelled: it can never take a later kernel's runner
+    h.assert_nothing_leaked()

@@ -61,7 +61,9 @@ SLEEP_CMD = [PYTHON, "-c", "import time; time.sleep(60)"]
 PRINT_CMD = [
     PYTHON,
     "-c",
-    "import sys; print('out'); sys.stdout.flush(); print('err', file=sys.stderr)",
+    # The pause: Docker reads stdout and stderr from two pipes, so output written close
+    # together may be logged in either order (a flaky test found it).
+    "import sys, time; print('out'); sys.stdout.flush(); time.sleep(0.3); print('err', file=sys.stderr)",
 ]
 
 #: Writes 200 MB (every page touched) and says so if it survives.

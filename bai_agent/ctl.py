@@ -510,9 +510,15 @@ def main(argv=None):
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(errors="replace")
     if args.command == "repl":
+        # The command line's composition root, as tap.py is the daemon's: the one place
+        # that takes the global reactor, to run it in a thread beside the terminal.
+        from twisted.internet import reactor
+
         from bai_agent.repl import main as repl_main
 
-        raise SystemExit(repl_main(args, lambda reactor: _connect_alone(reactor, args), user_errors=(CtlError,)))
+        raise SystemExit(
+            repl_main(reactor, args, lambda reactor: _connect_alone(reactor, args), user_errors=(CtlError,))
+        )
 
     def command(reactor):
         d = run(reactor, args, sys.stdout)

@@ -721,15 +721,13 @@ def repl_resources(args) -> dict:
     return resources
 
 
-def main(args, connect, user_errors=(), stdin=None, stdout=None, stderr=None) -> int:
+def main(reactor, args, connect, user_errors=(), stdin=None, stdout=None, stderr=None) -> int:
     """
-    ``bai-agent-ctl repl``: the exit status. ``connect(reactor)`` fires with an
-    authenticated ``AgentClient``; exceptions in ``user_errors`` are reported in one line.
-    The kernel is destroyed however the REPL ends: ``exit()``, end of input, an error,
-    SIGTERM or SIGHUP.
+    ``bai-agent-ctl repl``: the exit status. ``reactor`` is not running yet: it is run in
+    a thread of its own here. ``connect(reactor)`` fires with an authenticated
+    ``AgentClient``; exceptions in ``user_errors`` are reported in one line. The kernel is
+    destroyed however the REPL ends: ``exit()``, end of input, an error, SIGTERM or SIGHUP.
     """
-    from twisted.internet import reactor
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr

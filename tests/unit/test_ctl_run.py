@@ -707,8 +707,8 @@ def test_reactor_thread_runs_calls_in_the_reactor_and_returns_results():
 def test_ctl_repl_passes_the_connection_and_user_errors(monkeypatch):
     seen = {}
 
-    def fake_main(args, connect, user_errors=()):
-        seen.update(args=args, connect=connect, user_errors=user_errors)
+    def fake_main(reactor, args, connect, user_errors=()):
+        seen.update(reactor=reactor, args=args, connect=connect, user_errors=user_errors)
         return 3
 
     monkeypatch.setattr("bai_agent.repl.main", fake_main)
@@ -717,3 +717,4 @@ def test_ctl_repl_passes_the_connection_and_user_errors(monkeypatch):
     assert exit_info.value.code == 3
     assert seen["user_errors"] == (ctl.CtlError,) and callable(seen["connect"])
     assert isinstance(seen["args"], argparse.Namespace)
+    assert hasattr(seen["reactor"], "callFromThread")  # the reactor is handed in

@@ -17,12 +17,12 @@ KERNEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 AGENT_ID_PATTERN = KERNEL_ID_PATTERN
 
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
 def parse_size(value) -> int:
-    """Bytes from an int or a string like ``512m``, ``2g``, ``1.5G``, ``1024``."""
+    """Bytes from an int or a string like ``512m``, ``2g``, ``1.5G``, ``512MiB``, ``1024``."""
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, int):
@@ -37,7 +37,7 @@ def parse_size(value) -> int:
         raise ValueError(f"not a size: {value!r}")
     match = _SIZE_PATTERN.match(value)
     if match is None:
-        raise ValueError(f"not a size (use bytes or a number with k, m, g, t): {value!r}")
+        raise ValueError(f"not a size (use bytes or a number with k, m, g, t, p): {value!r}")
     number, unit = match.groups()
     size = float(number) * _SIZE_UNITS[unit.lower()]
     if not math.isfinite(size) or size >= 1 << 63:

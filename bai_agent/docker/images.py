@@ -13,6 +13,8 @@ from typing import Mapping, Optional, Tuple
 import attr
 from twisted.logger import Logger
 
+from bai_agent.config import parse_size
+
 log = Logger()
 
 KERNELSPEC_LABEL = "ai.backend.kernelspec"
@@ -29,28 +31,6 @@ DEFAULT_RUNTIME_PATH = "/usr/bin/python3"
 FEATURES = ("query", "batch", "user-input")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_BYTE_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$", re.IGNORECASE)
-_UNIT_EXPONENT = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_byte_size(value):
-    """
-    Parse a byte size: an integer (``1048576``), or a number with a binary unit
-    (``256m``, ``1g``, ``1.5G``, ``512MiB``, ``64kb``). Raise ``ValueError`` otherwise.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a byte size: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"negative byte size: {value!r}")
-        return value
-    if not isinstance(value, str):
-        raise ValueError(f"not a byte size: {value!r}")
-    m = _BYTE_SIZE.match(value.strip())
-    if m is None:
-        raise ValueError(f"not a byte size: {value!r}")
-    number, unit = m.groups()
-    return int(float(number) * 1024 ** _UNIT_EXPONENT[unit.lower()])
 
 
 def _freeze_labels(labels):
@@ -126,7 +106,7 @@ def _spec_from_labels(labels, image):
     min_mem = 0
     if MIN_MEM_LABEL in labels:
         try:
-            min_mem = parse_byte_size(labels[MIN_MEM_LABEL])
+            min_mem = parse_size(labels[MIN_MEM_LABEL])
         except ValueError as e:
             raise _InvalidSpec(f"{MIN_MEM_LABEL}: {e}")
 

@@ -6,11 +6,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import LogLevel, capturedLogs
 
+from bai_agent.config import parse_size
 from bai_agent.docker.images import (
     KernelImage,
     kernel_image_from_inspect,
     kernel_images_from_inspect,
-    parse_byte_size,
 )
 
 IMAGE_ID = "sha256:" + "ab" * 32
@@ -134,14 +134,14 @@ def test_unknown_features_are_dropped_with_a_warning():
         (4096, 4096),
     ],
 )
-def test_parse_byte_size(text, size):
-    assert parse_byte_size(text) == size
+def test_min_mem_sizes_parse_like_every_size(text, size):
+    assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "m", "1.g", "-5", "5 bytes", "1e9", "0x10", None, True, -1, 1.5])
-def test_parse_byte_size_rejects_nonsense(text):
+def test_min_mem_sizes_refuse_nonsense(text):
     with pytest.raises(ValueError):
-        parse_byte_size(text)
+        parse_size(text)
 
 
 @pytest.mark.parametrize(

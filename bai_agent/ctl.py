@@ -33,7 +33,14 @@ from bai_agent.config import parse_host_port
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from bai_agent.protocol.discovery import list_agents, read_secret
-from bai_agent.repl import DEFAULT_FLUSH_TIMEOUT, EXIT_INTERRUPTED, KernelRun, LineSource, StreamTerminal
+from bai_agent.repl import (
+    DEFAULT_FLUSH_TIMEOUT,
+    EXIT_INTERRUPTED,
+    KernelRun,
+    LineSource,
+    StreamTerminal,
+    repl_resources,
+)
 
 
 class CtlError(Exception):
@@ -222,11 +229,7 @@ def read_code(args, stdin=None):
 
 
 def _create_arguments(args) -> dict:
-    resources = {}
-    if args.cpu is not None:
-        resources["cpu"] = args.cpu
-    if args.mem is not None:
-        resources["mem"] = int(args.mem) if args.mem.isdigit() else args.mem
+    resources = repl_resources(args)
     if args.gpus is not None:
         resources["cuda.device"] = args.gpus
     environ = {}

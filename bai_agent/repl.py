@@ -713,6 +713,7 @@ def _wait_for_session(future, io):
 
 
 def repl_resources(args) -> dict:
+    """The ``resources`` of ``--cpu`` and ``--mem`` (of ``repl`` and ``create``)."""
     resources = {}
     if getattr(args, "cpu", None) is not None:
         resources["cpu"] = args.cpu

@@ -17,10 +17,8 @@ Every kernel and container it made is removed at the end.
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,10 +33,8 @@ from bai_agent.kernels.allocator import Grant  # noqa: E402
 from bai_agent.kernels.container import container_config  # noqa: E402
 from bai_agent.kernels.kernel import Kernel  # noqa: E402
 from bai_agent.kernels.workspace import Workspace  # noqa: E402
-from bai_agent.protocol.client import AgentClient  # noqa: E402
 from bai_agent.runner import RUNNER_DIR  # noqa: E402
-from bai_agent.testing.etcd_server import EtcdServer  # noqa: E402
-from tests.functional.agent_process import AgentProcess  # noqa: E402
+from bench.harness import BenchAgent, percentile  # noqa: E402
 
 IMAGE = "bai-kernel/python:3.11"
 # One whole core (pinned, no CFS quota) for the kernels measured one at a time: a quota
@@ -46,12 +42,6 @@ IMAGE = "bai-kernel/python:3.11"
 # Each is destroyed, untimed, before the next. The concurrent ones share the machine.
 RESOURCES = {"cpu": 1, "mem": "128m"}
 CONCURRENT_RESOURCES = {"cpu": 0.2, "mem": "64m"}
-
-
-def percentile(values, fraction):
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 @inlineCallbacks
@@ -63,21 +53,15 @@ def timed(call):
 
 @inlineCallbacks
 def run(reactor, args):
-    work = tempfile.mkdtemp(prefix="bai-bench-")
-    etcd = EtcdServer(os.path.join(work, "etcd"))
-    etcd.start()
-    agent = AgentProcess(
-        _Path(work), etcd.addr, namespace="bench", agent_id="bench-agent", extra=["--kernel-network", "none"]
-    )
-    agent.start()
+    bench = BenchAgent()
+    work = str(bench.work)
     docker = DockerEngineClient(reactor, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
     raw_containers = []
     kernel_ids = []
     client = None
     try:
-        agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 30, "the agent")
-        secret = agent.secret_path.read_text().strip()
-        client = yield AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret, timeout=30)
+        bench.start()
+        client = yield bench.connect(reactor)
 
         # The raw body: what the agent sends for such a kernel, in a scratch dir of our own.
         image = kernel_image_from_inspect(IMAGE, (yield docker.inspect_image(IMAGE)))
@@ -143,10 +127,7 @@ def run(reactor, args):
             yield cleanup(docker, client, raw_containers, kernel_ids)
             client.close()
         yield docker.close()
-        agent.stop()
-        agent.remove_state()
-        etcd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        bench.stop()
 
 
 @inlineCallbacks
@@ -189,15 +170,6 @@ def report(results, concurrent, args):
     p50_ratio = statistics.median(agent) / statistics.median(raw)
     verdict = "meets" if p50_ratio <= 1.25 else "misses"
     print(f"\ntarget: agent p50 <= 1.25x raw: {p50_ratio:.2f}x ({verdict})")
-
-
-class _Path(str):
-    """AgentProcess wants a pathlib-like tmp dir; a str with ``/`` is enough here."""
-
-    def __truediv__(self, other):
-        import pathlib
-
-        return pathlib.Path(self) / other
 
 
 def main():

@@ -24,11 +24,9 @@ removed at the end.
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,10 +35,7 @@ from twisted.internet.defer import inlineCallbacks  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
 
-from bai_agent.protocol.client import AgentClient  # noqa: E402
-from bai_agent.testing.etcd_server import EtcdServer  # noqa: E402
-from bench.create import _Path, percentile  # noqa: E402
-from tests.functional.agent_process import AgentProcess  # noqa: E402
+from bench.harness import BenchAgent, percentile  # noqa: E402
 
 IMAGE = "bai-kernel/python:3.11"
 KERNEL_ID = "bench-exec"
@@ -164,19 +159,12 @@ def jupyter_runs(runs, warmup=20):
 
 @inlineCallbacks
 def run(reactor, args):
-    work = tempfile.mkdtemp(prefix="bai-bench-")
-    etcd = EtcdServer(os.path.join(work, "etcd"))
-    etcd.start()
-    agent = AgentProcess(
-        _Path(work), etcd.addr, namespace="bench", agent_id="bench-agent", extra=["--kernel-network", "none"]
-    )
-    agent.start()
+    bench = BenchAgent()
     client = None
     created = False
     try:
-        agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 30, "the agent")
-        secret = agent.secret_path.read_text().strip()
-        client = yield AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret, timeout=30)
+        bench.start()
+        client = yield bench.connect(reactor)
         record = yield client.create_kernel(KERNEL_ID, IMAGE, RESOURCES)
         created = True
         container = record["container_id"]
@@ -215,11 +203,10 @@ def run(reactor, args):
                 except Exception as e:
                     print(f"could not destroy {KERNEL_ID}: {e}", file=sys.stderr)
             client.close()
-        agent.stop()
-        remove_leftovers(agent.agent_id)
-        agent.remove_state()
-        etcd.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if bench.agent is not None:
+            bench.agent.stop()
+            remove_leftovers(bench.agent.agent_id)
+        bench.stop()
 
 
 def remove_leftovers(agent_id):

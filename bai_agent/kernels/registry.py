@@ -30,7 +30,6 @@ from bai_agent.kernels.allocator import parse_resource_request
 from bai_agent.kernels.execution import ExecutionSession
 from bai_agent.kernels.container import AGENT_ID_LABEL, KERNEL_ID_LABEL, container_config, container_name
 from bai_agent.kernels.kernel import Kernel
-from bai_agent.kernels.runner_link import RunnerError
 from bai_agent.kernels.spec import (
     check_environ,
     check_kernel_id,

@@ -4,18 +4,16 @@ create, destroy, restart, death, OOM, events across reconnects and agent restart
 """
 
 import json
-import os
 import subprocess
 import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
-from tests.functional.agent_process import AgentProcess, etcd_record
+from tests.functional.agent_process import AgentProcess
 
 IMAGE = "bai-kernel/python:3.11"
 

@@ -6,8 +6,6 @@ operator reserved for the host (``--reserved-cpu``, ``--reserved-mem``).
 import attrs
 import psutil
 
-SLOTS = ("cpu", "mem", "cuda.device")
-
 
 @attrs.frozen
 class Capacity:

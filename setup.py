@@ -18,6 +18,7 @@ setup(
         "attrs>=23.1",
         "treq>=23.11,<27",
         "prometheus_client>=0.17,<1",
+        "nvidia-ml-py>=12.535",
     ],
     extras_require={
         "test": [

@@ -33,6 +33,7 @@ class AgentState:
         self.http_port = None
         self.kernels = None  # the KernelRegistry, attached by the composition root
         self.journal = None
+        self.stats = None  # the StatsCollector (bai_agent.stats.collector), attached likewise
         self.recent_events = collections.deque(maxlen=100)
         self._health_seen = {}
 

@@ -29,6 +29,8 @@ class AgentState:
         self.metrics = metrics
         self.started_at = clock.seconds()
         self.connections = set()
+        self.commands_in_flight = set()  # Deferreds of AMP commands not yet answered
+        self.stopping = False  # a graceful stop began: no new connections or commands
         self.amp_port = None
         self.http_port = None
         self.kernels = None  # the KernelRegistry, attached by the composition root
@@ -109,7 +111,7 @@ class AgentState:
             "version": self.version,
             "protocol": PROTOCOL_VERSION,
             "namespace": self.config.namespace,
-            "status": "running",
+            "status": "stopping" if self.stopping else "running",
             "amp_endpoint": self.amp_address(),
             "status_url": self.status_url(),
             "started_at": self.started_at,
@@ -124,6 +126,8 @@ class AgentState:
     def problems(self) -> list:
         """Why the agent is unhealthy; empty when etcd registration and Docker are both fine."""
         problems = []
+        if self.stopping:
+            problems.append("agent: stopping")
         if self.etcd is None or not self.etcd.registered:
             error = self.etcd.last_error if self.etcd is not None else None
             problems.append(f"etcd: not registered ({error or 'connecting'})")

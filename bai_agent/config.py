@@ -134,6 +134,8 @@ class AgentConfig:
     kernel_network: str = "bridge"
     kernel_pids_limit: int = 1024
     max_upload_size: int = 100 << 20
+    stop_grace_period: float = 10.0
+    destroy_kernels_on_stop: bool = False
 
     @property
     def etcd_url(self) -> str:

@@ -8,7 +8,7 @@ import os
 
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
@@ -32,6 +32,7 @@ from bai_agent.runner import RUNNER_DIR
 from bai_agent.rpc.server import AgentAMPFactory
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
+from bai_agent.stopping import GracefulStop
 
 log = Logger()
 
@@ -64,16 +65,23 @@ class ListeningService(StreamServerEndpointService):
 
 class AgentService(MultiService):
     """
-    The ``bai-agent`` service: its children stop in reverse order, then the clients the
+    The ``bai-agent`` service. A stop first runs ``graceful_stop`` (see
+    ``bai_agent.stopping``), then its children stop in reverse order, then the clients the
     composition root made for them are closed.
     """
 
     def __init__(self):
         super().__init__()
         self.owned_clients = []
+        self.graceful_stop = None
 
     def stopService(self):
-        d = maybeDeferred(super().stopService)
+        if self.graceful_stop is not None:
+            d = self.graceful_stop.run()
+            d.addErrback(lambda failure: log.failure("the graceful part of the stop failed", failure))
+        else:
+            d = succeed(None)
+        d.addCallback(lambda _: MultiService.stopService(self))
 
         def close_clients(_):
             for client in self.owned_clients:
@@ -152,7 +160,12 @@ def build_agent_service(
     state.kernels = kernels
     state.journal = journal
 
+    graceful_stop = top.graceful_stop = GracefulStop(
+        reactor, state, config.stop_grace_period, config.destroy_kernels_on_stop
+    )
+
     def amp_listening(port):
+        graceful_stop.amp_port = port
         state.amp_port = port.getHost().port
         log.info("AMP listening on {address}", address=state.amp_address())
         etcd_service.refresh_now()

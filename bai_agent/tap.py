@@ -52,6 +52,12 @@ class Options(usage.Options):
         ["kernel-network", None, "bridge", "Docker network of kernels ('none' for no network)."],
         ["kernel-pids-limit", None, "1024", "Most processes one kernel may run."],
         ["max-upload-size", None, "100m", "Largest file UploadFile may make in a kernel's home."],
+        ["stop-grace-period", None, "10", "Seconds a graceful stop (SIGTERM) waits for commands in flight (0 to 3600)."],
+    ]
+
+    optFlags = [
+        ["destroy-kernels-on-stop", None, "Destroy all kernels on a graceful stop (default: they keep running "
+         "and the next start takes them over)."],
     ]
 
     def __init__(self):
@@ -112,6 +118,9 @@ class Options(usage.Options):
         pids_limit = self._parse("kernel-pids-limit", int)
         if not 16 <= pids_limit <= 1 << 22:
             raise usage.UsageError("--kernel-pids-limit: must be between 16 and 4194304")
+        grace = self._parse("stop-grace-period", float)
+        if not 0 <= grace <= 3600:
+            raise usage.UsageError("--stop-grace-period: must be between 0 and 3600 seconds")
         self.config = AgentConfig(
             etcd_addr=self["etcd-addr"],
             namespace=self["namespace"],
@@ -130,6 +139,8 @@ class Options(usage.Options):
             kernel_network=self["kernel-network"],
             kernel_pids_limit=pids_limit,
             max_upload_size=max_upload_size,
+            stop_grace_period=grace,
+            destroy_kernels_on_stop=bool(self["destroy-kernels-on-stop"]),
         )
 
 

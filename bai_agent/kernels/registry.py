@@ -52,6 +52,9 @@ RELIST_INTERVAL = 10.0
 IDLE_CHECK_INTERVAL = 1.0
 RUNNER_START_TIMEOUT = 30.0
 STOP_GRACE = 2
+# The reasons a manager may give to DestroyKernel; the agent's own (``agent-stopping`` on
+# ``--destroy-kernels-on-stop``, ``oom-killed``, ...) are not for managers to claim.
+DESTROY_REASONS = ("user-requested", "idle-timeout", "exec-timeout", "agent-reset")
 
 
 class KernelRegistry(Service):
@@ -101,6 +104,7 @@ class KernelRegistry(Service):
         self.recovered = False
         self._recovering = False
         self._in_flight = set()
+        self._announced_stopping = False
         self._unsubscribe = None
         self._unsubscribe_health = None
         self._relist = LoopingCall(self._guarded, self.reconcile)
@@ -134,13 +138,19 @@ class KernelRegistry(Service):
         self._unsubscribe = self._unsubscribe_health = None
         if self._in_flight:
             yield DeferredList(list(self._in_flight), consumeErrors=True)
-        self.journal.append("agent-stopping", data={"agent_id": self.config.agent_id})
+        self.announce_stopping()
         for kernel in self.kernels.values():
             if kernel.link is not None:
                 kernel.link.close("agent stopping")
         self.journal.close()
         if self.thread_pool is not None:
             self.thread_pool.stop()
+
+    def announce_stopping(self):
+        """Journal ``agent-stopping`` (once per run): the last event of this run."""
+        if not self._announced_stopping:
+            self._announced_stopping = True
+            self.journal.append("agent-stopping", data={"agent_id": self.config.agent_id})
 
     def _track(self, d):
         self._in_flight.add(d)
@@ -343,8 +353,11 @@ class KernelRegistry(Service):
     def destroy(self, kernel_id, reason="user-requested"):
         """Destroy a kernel; fires with ``{kernel_id, exit_code, stats}``."""
         kernel = self.get(kernel_id)
-        if reason not in ("user-requested", "idle-timeout", "exec-timeout", "agent-reset"):
-            raise errors.InvalidRequest(f"reason must be user-requested, got {reason!r}")
+        if reason not in DESTROY_REASONS:
+            raise errors.InvalidRequest(f"reason must be one of {', '.join(DESTROY_REASONS)}; got {reason!r}")
+        return self._destroy_kernel(kernel, reason)
+
+    def _destroy_kernel(self, kernel, reason):
         if kernel.terminated is not None:
             # A destroy (or a death) is already under way: share its answer.
             return _share(kernel.terminated)
@@ -430,14 +443,21 @@ class KernelRegistry(Service):
         self.journal.append("kernel-restarted", kernel.kernel_id, kernel.record())
         return kernel.record()
 
-    @inlineCallbacks
     def reset(self):
         """Destroy every kernel (reason ``agent-reset``); fires with how many."""
+        return self.destroy_all("agent-reset")
+
+    @inlineCallbacks
+    def destroy_all(self, reason):
+        """Destroy every kernel with ``reason`` (``agent-reset``, ``agent-stopping``); fires with how many."""
         kernels = [kernel for kernel in self.kernels.values() if kernel.status != states.TERMINATED]
         results = yield DeferredList(
-            [maybeDeferred(self.destroy, kernel.kernel_id, "agent-reset") for kernel in kernels],
+            [maybeDeferred(self._destroy_kernel, kernel, reason) for kernel in kernels],
             consumeErrors=True,
         )
+        for ok, failure in results:
+            if not ok:
+                self.log.warn("a kernel could not be destroyed ({reason}): {error}", reason=reason, error=failure.getErrorMessage())
         return sum(1 for ok, _ in results if ok)
 
     # -- death -----------------------------------------------------------------------------

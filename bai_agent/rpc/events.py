@@ -40,6 +40,11 @@ class EventFeed:
         """Send what is pending (called once the ``Subscribe`` answer has gone out)."""
         self._pump()
 
+    @property
+    def caught_up(self) -> bool:
+        """Whether the manager acknowledged every event there is (or the feed ended)."""
+        return self.stopped or self.acknowledged >= self.journal.last_seq
+
     def stop(self):
         if not self.stopped:
             self.stopped = True

@@ -23,6 +23,17 @@ from bai_agent.rpc.events import EventFeed
 
 MAX_FAILED_AUTHENTICATIONS = 3
 
+# During a graceful stop, new work is refused; these still answer, so that a manager can
+# tell who it talks to, stay connected and collect the events up to ``agent-stopping``.
+ALLOWED_WHILE_STOPPING = frozenset(
+    command.commandName for command in (commands.Hello, commands.Authenticate, commands.Ping, commands.Subscribe)
+)
+
+
+def _forget(result, pending, d):
+    pending.discard(d)
+    return result
+
 
 class AgentSession:
     """What the agent knows about one manager connection."""
@@ -57,6 +68,9 @@ class AgentLocator(amp.CommandLocator):
             if name not in commands.UNAUTHENTICATED_COMMANDS and not self.session.authenticated:
                 result = fail(errors.NotAuthenticated("authenticate first (Hello, then Authenticate)"))
                 result = result.addErrback(self._declared, command)
+            elif self.agent.stopping and name not in ALLOWED_WHILE_STOPPING:
+                result = fail(errors.BackendUnavailable("the agent is stopping; retry on another agent or later"))
+                result = result.addErrback(self._declared, command)
             else:
                 try:
                     command.parseArguments(box, self)
@@ -66,6 +80,9 @@ class AgentLocator(amp.CommandLocator):
                 else:
                     result = maybeDeferred(responder, box).addErrback(self._undeclared, name)
             result.addBoth(self._observe, name, started)
+            if not result.called:
+                self.agent.commands_in_flight.add(result)
+                result.addBoth(_forget, self.agent.commands_in_flight, result)
             return result
 
         return guarded
@@ -322,6 +339,8 @@ class AgentAMPFactory(Factory):
         self.agent = agent
 
     def buildProtocol(self, addr):
+        if self.agent.stopping:
+            return None  # closes the connection: the agent is going away
         peer = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
         protocol = AgentAMP(self.agent, AgentSession(peer))
         protocol.factory = self

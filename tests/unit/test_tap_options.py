@@ -26,6 +26,7 @@ def test_defaults(tmp_path, monkeypatch):
     assert config.heartbeat_interval == 3.0
     assert config.reserved_cpu == 0 and config.reserved_mem == 0
     assert config.agent_id  # from the host name
+    assert config.stop_grace_period == 10.0 and config.destroy_kernels_on_stop is False
     assert parse(tmp_path).agent_id == config.agent_id  # stable
 
 
@@ -48,7 +49,10 @@ def test_values_are_parsed(tmp_path):
         "--heartbeat-interval", "0.5",
         "--agent-id", "node-7",
         "--namespace", "prod",
+        "--stop-grace-period", "2.5",
+        "--destroy-kernels-on-stop",
     )
+    assert config.stop_grace_period == 2.5 and config.destroy_kernels_on_stop is True
     assert config.reserved_mem == 2 << 30
     assert config.reserved_cpu == 1.5
     assert config.heartbeat_interval == 0.5
@@ -75,6 +79,10 @@ def test_values_are_parsed(tmp_path):
         ("--reserved-mem", "12q"),
         ("--reserved-mem", "-5"),
         ("--secret-file", "/nonexistent/secret"),
+        ("--stop-grace-period", "-1"),
+        ("--stop-grace-period", "nan"),
+        ("--stop-grace-period", "soon"),
+        ("--stop-grace-period", "7200"),
     ],
 )
 def test_bad_values_fail_with_a_usage_error_naming_the_option(tmp_path, option, value):

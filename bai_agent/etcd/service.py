@@ -52,6 +52,11 @@ class _Superseded(Exception):
     """The step belongs to a registration that a failure or a stop has replaced."""
 
 
+# The record is written in full when it changes and at least this often (seconds); the
+# heartbeats between only keep the lease alive.
+FULL_RECORD_EVERY = 60.0
+
+
 def lease_ttl_for(heartbeat_interval):
     """The record's lease TTL: three heartbeats, at least ``MIN_LEASE_TTL`` seconds."""
     return max(MIN_LEASE_TTL, int(math.ceil(3 * heartbeat_interval)))
@@ -182,6 +187,12 @@ class EtcdService(Service):
         self.registered = False
         self.last_error = None
         self.last_heartbeat_at = None
+        # How late the last keep-alive was answered against its schedule, and the worst.
+        self.heartbeat_delay = 0.0
+        self.heartbeat_delay_max = 0.0
+        self._heartbeat_due = None
+        self._written_record = None  # what the last full put held, without heartbeat_at
+        self._written_at = 0.0
         self.lease_id = None
         self._lease_ttl = None
         self._abandoned_leases = []
@@ -427,6 +438,7 @@ class EtcdService(Service):
         if self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
         self._heartbeat_call = self._reactor.callLater(delay, self._heartbeat)
+        self._heartbeat_due = self._reactor.seconds() + delay
 
     def _heartbeat(self):
         self._heartbeat_call = None
@@ -438,10 +450,24 @@ class EtcdService(Service):
 
     @inlineCallbacks
     def _beat(self, generation):
+        """
+        Keep the lease alive: that is the short refresh, every interval. The record itself
+        is written only when it changed, or every ``FULL_RECORD_EVERY`` seconds.
+        """
         self._check(generation)
         yield self._etcd.keep_alive(self.lease_id)
+        self._note_heartbeat_delay()
+        self.last_heartbeat_at = self._reactor.seconds()
         self._check(generation)
-        yield self._put_record("running")
+        record = self._current_record("running")
+        if record != self._written_record or self._reactor.seconds() - self._written_at >= FULL_RECORD_EVERY:
+            yield self._put(record)
+
+    def _note_heartbeat_delay(self):
+        if self._heartbeat_due is None:
+            return
+        self.heartbeat_delay = max(0.0, self._reactor.seconds() - self._heartbeat_due)
+        self.heartbeat_delay_max = max(self.heartbeat_delay_max, self.heartbeat_delay)
 
     def _beat_ok(self, _, generation):
         if generation != self._generation or self._stopping:
@@ -454,15 +480,24 @@ class EtcdService(Service):
         self._check(generation)
         yield self._put_record("running")
 
-    @inlineCallbacks
-    def _put_record(self, status):
+    def _current_record(self, status):
         record = dict(self._record_source())
+        record.pop("heartbeat_at", None)
+        if status != "running" or "status" not in record:
+            record["status"] = status
+        return record
+
+    def _put_record(self, status):
+        return self._put(self._current_record(status))
+
+    @inlineCallbacks
+    def _put(self, record):
         now = self._reactor.seconds()
-        record["status"] = status
-        record["heartbeat_at"] = now
-        body = json.dumps(record, sort_keys=True).encode("utf-8")
+        body = json.dumps(dict(record, heartbeat_at=now), sort_keys=True).encode("utf-8")
+        self._written_record = None
         yield self._etcd.put(self.record_key, body, lease_id=self.lease_id)
-        self.last_heartbeat_at = now
+        self._written_record = record
+        self._written_at = self.last_heartbeat_at = now
 
     # -- lease TTL changes -----------------------------------------------------------
 

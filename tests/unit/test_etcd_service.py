@@ -5,6 +5,7 @@ import os
 import stat
 
 import pytest
+from twisted.internet.task import deferLater
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -26,10 +27,17 @@ class CountingEtcd(MemoryEtcd):
         MemoryEtcd.__init__(self, clock)
         self.config_reads = 0
 
+    keep_alive_delay = 0.0
+
     def get_prefix(self, prefix):
         if prefix == CONFIG:
             self.config_reads += 1
         return MemoryEtcd.get_prefix(self, prefix)
+
+    def keep_alive(self, lease_id):
+        if not self.keep_alive_delay:
+            return MemoryEtcd.keep_alive(self, lease_id)
+        return deferLater(self.clock, self.keep_alive_delay, MemoryEtcd.keep_alive, self, lease_id)
 
 
 class HangingEtcd(MemoryEtcd):
@@ -137,23 +145,42 @@ def test_lease_ttl_is_three_heartbeats_but_at_least_ten_seconds(etcd, make_servi
     assert etcd.lease_ttl(service.lease_id) == 15
 
 
-def test_record_refreshed_every_interval_and_lease_kept_alive(clock, etcd, make_service, record):
+def test_lease_kept_alive_every_interval_record_written_on_change(clock, etcd, make_service, record):
     service = make_service()
     service.startService()
     lease_id = service.lease_id
-    clock.advance(2.9)
+    clock.advance(3.0)
+    # Nothing changed: the heartbeat only kept the lease alive.
     assert stored_record(etcd)["heartbeat_at"] == 0.0
-    clock.advance(0.1)
-    assert stored_record(etcd)["heartbeat_at"] == 3.0
+    assert service.last_heartbeat_at == 3.0
     record["kernels"] = 2
-    for _ in range(20):  # 60 s: far beyond the TTL, kept alive by the heartbeats
-        clock.advance(3.0)
+    clock.advance(3.0)
     found = stored_record(etcd)
-    assert found["heartbeat_at"] == 63.0
+    assert found["heartbeat_at"] == 6.0
     assert found["kernels"] == 2
+    for _ in range(19):  # 57 s more: far beyond the TTL, kept alive by the heartbeats
+        clock.advance(3.0)
     assert service.lease_id == lease_id
     assert etcd.lease_remaining(lease_id) == 10
     assert service.last_heartbeat_at == 63.0
+    assert stored_record(etcd)["heartbeat_at"] == 6.0
+    clock.advance(3.0)  # 60 s after the last full write: written again, unchanged
+    assert stored_record(etcd)["heartbeat_at"] == 66.0
+
+
+def test_heartbeat_delay_measured_against_schedule(clock, etcd, make_service):
+    service = make_service()
+    service.startService()
+    clock.advance(3.0)
+    assert service.heartbeat_delay == 0.0
+    etcd.keep_alive_delay = 0.5
+    clock.advance(3.0)
+    clock.advance(0.5)
+    assert service.heartbeat_delay == 0.5
+    etcd.keep_alive_delay = 0.0
+    clock.advance(3.0)
+    assert service.heartbeat_delay == 0.0
+    assert service.heartbeat_delay_max == 0.5
 
 
 def test_refresh_now_puts_record_at_once(clock, etcd, make_service, record):
@@ -466,11 +493,11 @@ def test_heartbeat_interval_change_applies_live(clock, etcd, make_service):
     assert stored_record(etcd)["heartbeat_at"] == 1.0
 
     clock.advance(5.9)  # the old 3 s schedule no longer applies
-    assert stored_record(etcd)["heartbeat_at"] == 1.0
+    assert service.last_heartbeat_at == 1.0
     clock.advance(0.1)
-    assert stored_record(etcd)["heartbeat_at"] == 7.0
+    assert service.last_heartbeat_at == 7.0
     clock.advance(6.0)
-    assert stored_record(etcd)["heartbeat_at"] == 13.0
+    assert service.last_heartbeat_at == 13.0
 
     result_of(etcd.delete(CONFIG + b"heartbeat_interval"))  # back to the agent's own
     assert service.heartbeat_interval == 3.0
@@ -492,7 +519,7 @@ def test_small_interval_change_keeps_the_lease(clock, etcd, make_service):
     result_of(etcd.put(CONFIG + b"heartbeat_interval", b"2"))  # TTL stays 10
     assert service.lease_id == lease_id
     clock.advance(2.0)
-    assert stored_record(etcd)["heartbeat_at"] == 2.0
+    assert service.last_heartbeat_at == 2.0
 
 
 # -- stop ----------------------------------------------------------------------------

@@ -15,32 +15,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bai_agent.backoff import Backoff
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 from bai_agent.docker.images import kernel_images_from_inspect
 
 log = Logger()
-
-
-class Backoff:
-    """
-    Delays for retrying: ``initial`` seconds doubling up to ``maximum``, each shortened
-    by up to ``jitter`` (a fraction) drawn from ``random`` so that agents spread out.
-    """
-
-    def __init__(self, random, initial=1.0, maximum=30.0, jitter=0.2):
-        self._random = random
-        self._initial = initial
-        self._maximum = maximum
-        self._jitter = jitter
-        self.attempts = 0
-
-    def next_delay(self):
-        base = min(self._maximum, self._initial * 2 ** min(self.attempts, 32))
-        self.attempts += 1
-        return base * (1.0 - self._jitter * self._random())
-
-    def reset(self):
-        self.attempts = 0
 
 
 class _CachedImage:

@@ -33,6 +33,7 @@ from twisted.internet.defer import (
 )
 from twisted.logger import Logger
 
+from bai_agent.backoff import Backoff
 from bai_agent.etcd.interface import EtcdError, LeaseNotFound
 
 MIN_LEASE_TTL = 10
@@ -169,7 +170,7 @@ class EtcdService(Service):
         self.namespace = namespace
         self.agent_id = agent_id
         self._record_source = record_source
-        self._random = random
+        self._backoff = Backoff(random, initial=BACKOFF_INITIAL, maximum=BACKOFF_MAX, jitter=0.5)
         self.key_prefix = "/bai/{}/".format(namespace)
         self.config_prefix = (self.key_prefix + "config/agent/").encode("utf-8")
         self.secret_key = self.config_prefix + SECRET_NAME.encode("ascii")
@@ -202,7 +203,7 @@ class EtcdService(Service):
         self._retry_call = None
         self._heartbeat_call = None
         self._watch = None
-        self._attempts = 0
+        self._backoff.reset()
         self._refresh_wanted = False
         # Bumped by every failure and by stop: steps of an older registration see it and
         # give up instead of scheduling more work.
@@ -242,7 +243,7 @@ class EtcdService(Service):
         Service.startService(self)
         self._stopping = False
         self._generation += 1
-        self._attempts = 0
+        self._backoff.reset()
         self.log.info("joining etcd namespace {namespace} as {agent_id}",
                       namespace=self.namespace, agent_id=self.agent_id)
         self._connect()
@@ -326,11 +327,6 @@ class EtcdService(Service):
         if not self._stopping and self._retry_call is None and self._heartbeat_call is None:
             self._retry_call = self._reactor.callLater(BACKOFF_MAX, self._connect)
 
-    def _backoff_delay(self):
-        base = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** self._attempts)
-        self._attempts = min(self._attempts + 1, 30)  # 2 ** attempts must stay a float
-        return base * (0.5 + 0.5 * self._random())
-
     def _failed(self, failure, generation, step):
         if failure.check(_Superseded) or generation != self._generation or self._stopping:
             return None
@@ -349,7 +345,7 @@ class EtcdService(Service):
                           error=self.last_error)
             self._connect()
             return None
-        delay = self._backoff_delay()
+        delay = self._backoff.next_delay()
         if failure.check(EtcdError):
             self.log.warn("etcd {step} failed ({error}){lost}; retrying in {delay:.1f}s",
                           step=step, error=self.last_error, delay=delay,
@@ -400,7 +396,7 @@ class EtcdService(Service):
             return
         self.registered = True
         self.last_error = None
-        self._attempts = 0
+        self._backoff.reset()
         self.log.info("registered {key} under lease {lease_id:x} (TTL {ttl}s)",
                       key=self.record_key.decode("utf-8"), lease_id=self.lease_id,
                       ttl=self._lease_ttl)

@@ -5,7 +5,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
 from bai_agent.docker.interface import DockerUnavailable
-from bai_agent.docker.service import Backoff, DockerService
+from bai_agent.backoff import Backoff
+from bai_agent.docker.service import DockerService
 from bai_agent.testing.fake_docker import FakeDockerBackend
 
 KERNEL = {"ai.backend.kernelspec": "1", "ai.backend.runtime-type": "python"}
@@ -22,7 +23,7 @@ def fake():
     return FakeDockerBackend()
 
 
-def make_service(clock, backend, relist_interval=RELIST, random=lambda: 0.0):
+def make_service(clock, backend, relist_interval=RELIST, random=lambda: 1.0):
     service = DockerService(clock, backend, relist_interval=relist_interval, random=random)
     service.setName("docker")
     return service

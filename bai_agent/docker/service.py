@@ -57,6 +57,7 @@ class DockerService(Service):
         self.api_version = None
         self.daemon_version = None
         self._subscribers = []
+        self._connected_listeners = []
         self._stream = None
         self._stream_opened_at = None
         self._retry_call = None
@@ -82,6 +83,21 @@ class DockerService(Service):
         def unsubscribe():
             if entry in self._subscribers:
                 self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def on_connected(self, callback):
+        """
+        Call ``callback()`` every time the daemon answers again (at start and after an
+        outage), once the events stream is open: events missed meanwhile are only found by
+        looking. Return a callable that unsubscribes.
+        """
+        entry = [callback]
+        self._connected_listeners.append(entry)
+
+        def unsubscribe():
+            if entry in self._connected_listeners:
+                self._connected_listeners.remove(entry)
 
         return unsubscribe
 
@@ -164,6 +180,11 @@ class DockerService(Service):
             api_version=self.api_version,
         )
         self._open_stream()
+        for (callback,) in list(self._connected_listeners):
+            try:
+                callback()
+            except Exception:
+                log.failure("a Docker connection listener failed")
         yield self.refresh_images()
 
     def _schedule_connect(self):

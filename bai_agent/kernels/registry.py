@@ -107,6 +107,7 @@ class KernelRegistry(Service):
         self._announced_stopping = False
         self._unsubscribe = None
         self._unsubscribe_health = None
+        self._unsubscribe_connected = None
         self._relist = LoopingCall(self._guarded, self.reconcile)
         self._relist.clock = reactor
         self._idle = LoopingCall(self._guarded, self.expire_idle)
@@ -124,6 +125,7 @@ class KernelRegistry(Service):
         self._idle.start(IDLE_CHECK_INTERVAL, now=False)
         self.journal.append("agent-started", data={"agent_id": self.config.agent_id})
         self._unsubscribe_health = self.docker.subscribe(lambda event: self._maybe_recover())
+        self._unsubscribe_connected = self.docker.on_connected(self._docker_connected)
         self._maybe_recover()
 
     @inlineCallbacks
@@ -132,10 +134,10 @@ class KernelRegistry(Service):
         for loop in (self._relist, self._idle):
             if loop.running:
                 loop.stop()
-        for unsubscribe in (self._unsubscribe, self._unsubscribe_health):
+        for unsubscribe in (self._unsubscribe, self._unsubscribe_health, self._unsubscribe_connected):
             if unsubscribe is not None:
                 unsubscribe()
-        self._unsubscribe = self._unsubscribe_health = None
+        self._unsubscribe = self._unsubscribe_health = self._unsubscribe_connected = None
         if self._in_flight:
             yield DeferredList(list(self._in_flight), consumeErrors=True)
         self.announce_stopping()
@@ -566,9 +568,20 @@ class KernelRegistry(Service):
         else:
             link.close("the kernel moved on meanwhile")
 
+    def _docker_connected(self):
+        """Docker answers again (after an outage, say): look at once for what happened meanwhile."""
+        if self.recovered:
+            self._guarded(self.reconcile)
+        else:
+            self._maybe_recover()
+
     @inlineCallbacks
     def reconcile(self):
-        """Re-list our containers: a kernel whose container is gone or stopped has died."""
+        """
+        Re-list our containers: a kernel whose container is gone or stopped has died; a
+        container of ours that no kernel owns (its removal failed while Docker was away)
+        is removed.
+        """
         if not self.docker.healthy:
             return
         if not self.recovered:
@@ -576,6 +589,10 @@ class KernelRegistry(Service):
             return
         containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: self.config.agent_id}, all=True)
         running = {container["Id"]: container for container in containers}
+        for container in containers:
+            kernel_id = (container.get("Labels") or {}).get(KERNEL_ID_LABEL)
+            if kernel_id and kernel_id not in self.kernels:
+                self._track(self._remove_stray(kernel_id, container["Id"]))
         for kernel in list(self.kernels.values()):
             if kernel.status != states.RUNNING or kernel.container_id is None:
                 continue
@@ -584,6 +601,18 @@ class KernelRegistry(Service):
                 self._died(kernel, None)
             elif container.get("State") != "running":
                 self._track(self._check_container(kernel))
+
+    @inlineCallbacks
+    def _remove_stray(self, kernel_id, container_id):
+        if kernel_id in self.kernels:
+            return  # a new kernel of that id owns its own container; this one is older
+        self.log.warn(
+            "removing container {container} of ended kernel {kernel_id}", container=container_id[:12], kernel_id=kernel_id
+        )
+        try:
+            yield self.backend.remove_container(container_id, force=True)
+        except DockerNotFound:
+            pass
 
     def expire_idle(self):
         self._maybe_recover()  # Docker may have become reachable since the last look

@@ -412,6 +412,30 @@ def test_a_missed_die_event_is_found_by_the_relist(h):
     assert h.events("kernel-terminated")[0].data["reason"] == "self-terminated"
 
 
+def test_kernels_that_died_while_docker_was_away_are_reported_when_it_answers_again(h):
+    record = h.create()
+    h.backend.set_available(False)  # the daemon goes away; its events stream breaks
+    assert not h.docker.healthy
+    h.backend.set_available(True)  # back, but the agent has not reconnected yet
+    result(h.backend.remove_container(record["container_id"], force=True))  # unseen
+    assert h.registry.kernels
+    h.clock.advance(2)  # the reconnect, long before the next 10 s re-list
+    h.assert_nothing_leaked()
+    [terminated] = h.events("kernel-terminated")
+    assert terminated.data["reason"] == "self-terminated"
+
+
+def test_a_container_whose_removal_failed_is_removed_by_the_relist(h):
+    record = h.create()
+    h.backend.fail_next("remove_container", DockerError("device busy"))
+    result(h.registry.destroy("k1"))
+    assert [c["Id"] for c in h.containers()] == [record["container_id"]]  # left behind
+    assert h.allocator.used()["cpu"] == 0  # but nothing else held for it
+    h.clock.advance(10)
+    h.assert_nothing_leaked()
+    assert len(h.events("kernel-terminated")) == 1
+
+
 def test_a_lost_runner_with_a_dead_container_ends_the_kernel(h):
     record = h.create()
     h.backend.set_available(False)

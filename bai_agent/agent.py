@@ -13,6 +13,8 @@ from bai_agent.protocol.commands import PROTOCOL_VERSION
 
 log = Logger()
 
+MEASURED_MEM_STEP = 128 << 20
+
 
 class AgentState:
     """
@@ -90,11 +92,36 @@ class AgentState:
         return self.kernels.allocator.used()
 
     def resources(self) -> dict:
+        """Per slot: ``capacity``, ``used`` (granted to kernels) and ``measured`` (in use now, when sampled)."""
         used = self.used_resources()
-        return {
-            slot: {"capacity": capacity, "used": used.get(slot, 0)}
-            for slot, capacity in self.capacity_slots().items()
-        }
+        measured = self.measured_use()
+        resources = {}
+        for slot, capacity in self.capacity_slots().items():
+            resources[slot] = {"capacity": capacity, "used": used.get(slot, 0)}
+            if slot in measured:
+                resources[slot]["measured"] = measured[slot]
+        return resources
+
+    def measured_use(self) -> dict:
+        """
+        What the node uses now, from the last statistics sample, in slot units: ``cpu``
+        busy cores, ``mem`` bytes, ``cuda.device`` busy devices. Rounded (0.1 core, 128 MiB,
+        0.1 device), so that the etcd record changes only when the use really does.
+        """
+        node = self.stats.node_latest() if self.stats is not None else None
+        if not node:
+            return {}
+        measured = {}
+        cpu = node.get("cpu") or {}
+        if isinstance(cpu.get("percent"), (int, float)) and isinstance(cpu.get("count"), int):
+            measured["cpu"] = round(cpu["percent"] / 100.0 * cpu["count"], 1)
+        mem = node.get("mem") or {}
+        if isinstance(mem.get("used"), int):
+            measured["mem"] = round(mem["used"] / MEASURED_MEM_STEP) * MEASURED_MEM_STEP
+        utils = [gpu["util_percent"] for gpu in node.get("gpus") or () if isinstance(gpu.get("util_percent"), (int, float))]
+        if utils:
+            measured["cuda.device"] = round(sum(utils) / 100.0, 1)
+        return measured
 
     def capacity_slots(self) -> dict:
         if self.kernels is not None:

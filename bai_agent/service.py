@@ -1,7 +1,7 @@
 """
 The composition root: ``build_agent_service`` makes the one ``MultiService`` named
 ``bai-agent`` with its named children, started in this order and stopped in reverse:
-``docker``, ``etcd``, ``kernels``, ``amp``, ``status``.
+``docker``, ``etcd``, ``kernels``, ``stats``, ``amp``, ``status``.
 """
 
 import os
@@ -30,11 +30,18 @@ from bai_agent.kernels.runner_link import connect_runner as default_connect_runn
 from bai_agent.resources import detect_capacity
 from bai_agent.runner import RUNNER_DIR
 from bai_agent.rpc.server import AgentAMPFactory
+from bai_agent.stats.cgroups import CgroupReader
+from bai_agent.stats.collector import StatsCollector
+from bai_agent.stats.gpu import GpuStats
+from bai_agent.stats.node import NodeStats
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
 from bai_agent.stopping import GracefulStop
 
 log = Logger()
+
+# Seconds between two statistics rounds (kernels, node, GPUs).
+STATS_INTERVAL = 5.0
 
 
 
@@ -94,13 +101,13 @@ class AgentService(MultiService):
 
 
 def build_agent_service(
-    reactor, config, docker_backend=None, etcd=None, nvml=None, connect_runner=None, run_blocking=None
+    reactor, config, docker_backend=None, etcd=None, nvml=None, connect_runner=None, run_blocking=None, cgroups=None
 ) -> MultiService:
     """
     Build the agent from a validated ``AgentConfig``. ``docker_backend`` (an
     ``IDockerBackend``), ``etcd`` (an ``IEtcd``), ``nvml`` (the pynvml module),
-    ``connect_runner`` and ``run_blocking`` (disk work off the reactor thread) default to
-    the real ones; tests pass fakes.
+    ``connect_runner``, ``run_blocking`` (disk work off the reactor thread) and
+    ``cgroups`` (a ``CgroupReader``) default to the real ones; tests pass fakes.
     """
     compile_runner()
     ensure_private_dir(config.scratch_root, "scratch root")
@@ -159,6 +166,21 @@ def build_agent_service(
     kernels.setServiceParent(top)
     state.kernels = kernels
     state.journal = journal
+
+    if gpus and nvml is None:
+        import pynvml as nvml  # discovery found devices, so it imports
+    stats = StatsCollector(
+        reactor,
+        cgroups or CgroupReader(),
+        kernels.stats_targets,
+        run_blocking=kernels.run_blocking,
+        node=NodeStats(config.scratch_root),
+        gpus=GpuStats(nvml, gpus) if gpus else None,
+        interval=STATS_INTERVAL,
+    )
+    stats.setName("stats")
+    stats.setServiceParent(top)
+    kernels.stats = state.stats = stats
 
     graceful_stop = top.graceful_stop = GracefulStop(
         reactor, state, config.stop_grace_period, config.destroy_kernels_on_stop

@@ -47,6 +47,7 @@ from bai_agent.kernels.workspace import (
     remove_state_dirs_except,
 )
 from bai_agent.protocol import errors
+from bai_agent.stats.collector import KernelTarget, empty_sample
 
 RELIST_INTERVAL = 10.0
 IDLE_CHECK_INTERVAL = 1.0
@@ -101,6 +102,7 @@ class KernelRegistry(Service):
         self.cluster_config = cluster_config
         self.thread_pool = thread_pool
         self.kernels = {}
+        self.stats = None  # the StatsCollector, attached by the composition root
         self.recovered = False
         self._recovering = False
         self._in_flight = set()
@@ -226,6 +228,43 @@ class KernelRegistry(Service):
         except DockerError as e:
             raise errors.BackendUnavailable(f"could not read the logs of kernel {kernel_id}: {e}")
         return text
+
+    def stats_targets(self) -> list:
+        """The kernels the statistics collector samples: those with a running container."""
+        return [
+            self._stats_target(kernel)
+            for kernel in self.kernels.values()
+            if kernel.status == states.RUNNING and kernel.container_id is not None
+        ]
+
+    @inlineCallbacks
+    def kernel_stats(self, kernel_id) -> dict:
+        """The latest statistics sample of a kernel (a fresh one if it has none yet)."""
+        kernel = self.get(kernel_id)
+        if self.stats is None:
+            raise errors.BackendUnavailable("this agent collects no statistics")
+        latest = self.stats.latest(kernel_id)
+        if latest is None and kernel.status == states.RUNNING and kernel.container_id is not None:
+            latest = yield self.stats.sample_kernel(self._stats_target(kernel))
+        return latest if latest is not None else empty_sample(self.reactor.seconds())
+
+    def _stats_target(self, kernel):
+        return KernelTarget(kernel.kernel_id, kernel.container_id, self.workspace(kernel.kernel_id).scratch_dir)
+
+    @inlineCallbacks
+    def _sample_before_stop(self, kernel):
+        """The last sample, taken while the container still runs: it goes into the answer and the event."""
+        if self.stats is None or kernel.container_id is None:
+            return
+        kernel.last_stats = yield self.stats.sample_kernel(self._stats_target(kernel))
+
+    def _last_sample(self, kernel):
+        """After the container ended: the latest sample there is; the collector forgets the kernel."""
+        if self.stats is not None:
+            latest = self.stats.latest(kernel.kernel_id)
+            if latest is not None:
+                kernel.last_stats = latest
+            self.stats.forget(kernel.kernel_id)
 
     def records(self) -> list:
         return [kernel.record() for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)]
@@ -380,6 +419,7 @@ class KernelRegistry(Service):
         if kernel.status == states.TERMINATED:
             return self._answer(kernel)
         if kernel.container_id is not None:
+            yield self._sample_before_stop(kernel)
             try:
                 yield self.backend.stop_container(kernel.container_id, timeout=STOP_GRACE)
                 state = yield self.backend.inspect_container(kernel.container_id)
@@ -419,6 +459,7 @@ class KernelRegistry(Service):
         old_container = kernel.container_id
         exit_code = None
         try:
+            yield self._sample_before_stop(kernel)
             try:
                 yield self.backend.stop_container(old_container, timeout=STOP_GRACE)
                 state = yield self.backend.inspect_container(old_container)
@@ -427,6 +468,7 @@ class KernelRegistry(Service):
             except DockerNotFound:
                 pass
             kernel.container_id = None
+            self._last_sample(kernel)
             self.journal.append(
                 "kernel-terminated",
                 kernel.kernel_id,
@@ -796,6 +838,7 @@ class KernelRegistry(Service):
         except OSError as e:
             self.log.error("could not remove the directories of kernel {kernel_id}: {error}", kernel_id=kernel.kernel_id, error=e)
         self.allocator.release(kernel.kernel_id)
+        self._last_sample(kernel)
         kernel.status = states.TERMINATED
         kernel.link = None
         kernel.session = None

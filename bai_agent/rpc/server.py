@@ -61,7 +61,9 @@ class AgentLocator(amp.CommandLocator):
         command = commands.COMMANDS_BY_NAME.get(name)
         if command is None:
             return None
-        responder = super().locateResponder(name) or self._not_implemented(name)
+        responder = super().locateResponder(name)
+        if responder is None:
+            return None
 
         def guarded(box):
             started = time.monotonic()
@@ -86,16 +88,6 @@ class AgentLocator(amp.CommandLocator):
             return result
 
         return guarded
-
-    def _not_implemented(self, name):
-        def answer(box):
-            return fail(
-                amp.RemoteAmpError(
-                    amp.UNHANDLED_ERROR_CODE, f"{name.decode()} is not implemented by this agent"
-                )
-            )
-
-        return answer
 
     def _declared(self, failure, command):
         code = command.allErrors[failure.trap(*command.allErrors)]
@@ -211,6 +203,10 @@ class AgentLocator(amp.CommandLocator):
     def get_completions(self, kernel_id, text, options=None):
         d = self.agent.kernels.session(kernel_id).completions(text, options)
         return d.addCallback(lambda items: {"completions": items})
+
+    @commands.GetKernelStats.responder
+    def get_kernel_stats(self, kernel_id):
+        return self.agent.kernels.kernel_stats(kernel_id).addCallback(lambda stats: {"stats": stats})
 
     @commands.UploadFile.responder
     def upload_file(self, kernel_id, path, data, append):

@@ -9,7 +9,7 @@ import os
 import stat
 
 import pytest
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import succeed, Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from bai_agent.config import AgentConfig
@@ -588,3 +588,70 @@ def test_a_reconnect_under_way_is_cancelled_when_the_kernel_ends(h):
     pending, _ = h.runners.held[0]
     assert pending.called  # cancelled: it can never take a later kernel's runner
     h.assert_nothing_leaked()
+
+
+# -- statistics ------------------------------------------------------------------------
+
+
+class StubStats:
+    """The collector's side the registry uses: latest, sample_kernel, forget."""
+
+    def __init__(self):
+        self.samples = {}
+        self.fresh = {}
+        self.forgotten = []
+        self.sampled = []
+
+    def latest(self, kernel_id):
+        return self.samples.get(kernel_id)
+
+    def sample_kernel(self, target):
+        self.sampled.append(target)
+        sample = self.fresh.get(target.kernel_id)
+        if sample is not None:
+            self.samples[target.kernel_id] = sample
+        return succeed(sample or self.samples.get(target.kernel_id))
+
+    def forget(self, kernel_id):
+        self.forgotten.append(kernel_id)
+        self.samples.pop(kernel_id, None)
+
+
+def test_stats_targets_are_the_running_kernels_with_their_homes(h):
+    record = h.create()
+    [target] = h.registry.stats_targets()
+    assert target.kernel_id == "k1" and target.container_id == record["container_id"]
+    assert target.scratch_dir == os.path.join(h.config.scratch_root, "k1")
+
+
+def test_destroy_answers_and_reports_the_sample_taken_before_the_stop(h):
+    h.registry.stats = stats = StubStats()
+    h.create()
+    stats.samples["k1"] = {"cpu_used_ms": 10}
+    stats.fresh["k1"] = {"cpu_used_ms": 1500, "mem_bytes": 1 << 20}
+    answer = result(h.registry.destroy("k1"))
+    assert answer["stats"] == {"cpu_used_ms": 1500, "mem_bytes": 1 << 20}
+    assert h.events("kernel-terminated")[0].data["stats"] == answer["stats"]
+    assert stats.forgotten == ["k1"]
+
+
+def test_a_death_reports_the_latest_periodic_sample(h):
+    h.registry.stats = stats = StubStats()
+    record = h.create()
+    stats.samples["k1"] = {"cpu_used_ms": 42}
+    h.backend.kill_container(record["container_id"])
+    [terminated] = h.events("kernel-terminated")
+    assert terminated.data["stats"] == {"cpu_used_ms": 42}
+    assert stats.forgotten == ["k1"]
+
+
+def test_kernel_stats_gives_the_latest_or_a_fresh_sample(h):
+    h.registry.stats = stats = StubStats()
+    with pytest.raises(errors.KernelNotFound):
+        result(h.registry.kernel_stats("nope"))
+    h.create()
+    stats.fresh["k1"] = {"cpu_used_ms": 7}
+    assert result(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 7}  # none yet: sampled now
+    stats.samples["k1"] = {"cpu_used_ms": 9}
+    assert result(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 9}
+    assert len(stats.sampled) == 1

@@ -46,7 +46,7 @@ def record(etcd):
 def test_one_multiservice_with_named_children_in_order(parts):
     _, _, _, service = parts
     assert service.name == "bai-agent"
-    assert [child.name for child in service] == ["docker", "etcd", "kernels", "amp", "status"]
+    assert [child.name for child in service] == ["docker", "etcd", "kernels", "stats", "amp", "status"]
 
 
 def test_started_agent_listens_registers_and_reports_healthy(parts):

@@ -55,6 +55,7 @@ TERMINATION_REASONS = frozenset(
         "oom-killed",
         "self-terminated",
         "agent-reset",
+        "agent-stopping",
         "restarting",
         "orphan-cleanup",
         "creation-failed",

@@ -65,7 +65,8 @@ def test_event_types_are_the_protocol_ones():
         "kernel-terminated",
     }
     assert "oom-killed" in TERMINATION_REASONS
-    assert len(TERMINATION_REASONS) == 9
+    # PROTOCOL.md's nine, plus agent-stopping (--destroy-kernels-on-stop).
+    assert len(TERMINATION_REASONS) == 10 and "agent-stopping" in TERMINATION_REASONS
 
 
 def test_event_round_trips_through_json():

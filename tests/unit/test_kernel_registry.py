@@ -655,3 +655,20 @@ def test_kernel_stats_gives_the_latest_or_a_fresh_sample(h):
     stats.samples["k1"] = {"cpu_used_ms": 9}
     assert result(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 9}
     assert len(stats.sampled) == 1
+
+
+def test_destroy_all_on_stop_reports_agent_stopping_and_leaks_nothing(h):
+    h.create("k1")
+    h.create("k2")
+    assert result(h.registry.destroy_all("agent-stopping")) == 2
+    h.assert_nothing_leaked()
+    assert sorted((e.kernel_id, e.data["reason"]) for e in h.events("kernel-terminated")) == [
+        ("k1", "agent-stopping"),
+        ("k2", "agent-stopping"),
+    ]
+
+
+def test_managers_cannot_claim_the_agents_own_reasons(h):
+    h.create()
+    with pytest.raises(errors.InvalidRequest):
+        h.registry.destroy("k1", "agent-stopping")

@@ -324,6 +324,8 @@ class EventJournal:
         first_seq = self._events[0].seq if self._events else self._last_seq + 1
         if seq == 0:
             return list(self._events)
+        if seq >= self._last_seq:
+            return []
         if seq < first_seq - 1:
             raise EventsExpired(
                 f"events after seq {seq} are no longer kept; the oldest kept is {first_seq}"

@@ -235,6 +235,10 @@ class AgentLocator(amp.CommandLocator):
     def subscribe(self, since):
         if since < 0:
             raise errors.InvalidRequest(f"since must be 0 or a seq, got {since}")
+        last_seq = self.agent.journal.last_seq
+        if since > last_seq:
+            # A seq this agent never gave: following it would skip every event up to it.
+            raise errors.InvalidRequest(f"since {since} is after the last event seq {last_seq} of this agent")
         if self.protocol is None:
             raise errors.InvalidRequest("Subscribe needs a connection")
         return {"last_seq": self.protocol.subscribe(since)}
@@ -304,6 +308,18 @@ class AgentAMP(amp.AMP):
                 "closing connection from {peer}: {error}", peer=self.session.peer, error=_describe(e)
             )
             self.transport.loseConnection()
+
+    def unhandledError(self, failure):
+        """
+        A command sent without ``_ask`` failed: there is nobody to answer, so log it and
+        keep the connection (AMP would drop it, as for a failure of its own).
+        """
+        if failure.check(amp.RemoteAmpError):
+            self.log.info(
+                "a command from {peer} that asked for no answer failed: {error}", peer=self.session.peer, error=failure.value
+            )
+            return
+        super().unhandledError(failure)
 
     def _heard(self):
         timeout = 3 * self.agent.heartbeat_interval()

@@ -9,6 +9,7 @@ from twisted.logger import Logger
 
 import bai_agent
 from bai_agent.protocol.commands import PROTOCOL_VERSION
+from bai_agent.status import readings
 
 
 log = Logger()
@@ -108,17 +109,16 @@ class AgentState:
         busy cores, ``mem`` bytes, ``cuda.device`` busy devices. Rounded (0.1 core, 128 MiB,
         0.1 device), so that the etcd record changes only when the use really does.
         """
-        node = self.stats.node_latest() if self.stats is not None else None
+        node = readings.node_sample(self)  # checked: odd readings are None
         if not node:
             return {}
         measured = {}
-        cpu = node.get("cpu") or {}
-        if isinstance(cpu.get("percent"), (int, float)) and isinstance(cpu.get("count"), int):
+        cpu, mem = node["cpu"], node["mem"]
+        if cpu["percent"] is not None and isinstance(cpu["count"], int):
             measured["cpu"] = round(cpu["percent"] / 100.0 * cpu["count"], 1)
-        mem = node.get("mem") or {}
-        if isinstance(mem.get("used"), int):
+        if isinstance(mem["used"], int):
             measured["mem"] = round(mem["used"] / MEASURED_MEM_STEP) * MEASURED_MEM_STEP
-        utils = [gpu["util_percent"] for gpu in node.get("gpus") or () if isinstance(gpu.get("util_percent"), (int, float))]
+        utils = [gpu["util_percent"] for gpu in node["gpus"] if gpu["util_percent"] is not None]
         if utils:
             measured["cuda.device"] = round(sum(utils) / 100.0, 1)
         return measured

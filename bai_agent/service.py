@@ -80,7 +80,19 @@ class AgentService(MultiService):
     def __init__(self):
         super().__init__()
         self.owned_clients = []
+        self.thread_pools = []
         self.graceful_stop = None
+
+    def startService(self):
+        try:
+            super().startService()
+        except BaseException:
+            # A child failed to start (a taken port raises SystemExit): the process is
+            # about to exit, and must not hang on a worker thread an earlier child started.
+            for pool in self.thread_pools:
+                if pool.started:
+                    pool.stop()
+            raise
 
     def stopService(self):
         if self.graceful_stop is not None:
@@ -149,6 +161,8 @@ def build_agent_service(
     allocator = Allocator(capacity, gpus)
     journal = EventJournal(os.path.join(config.state_dir, "events.jsonl"), reactor)
     disk_pool = ThreadPool(minthreads=0, maxthreads=4, name="bai-agent-disk")
+    if run_blocking is None:
+        top.thread_pools.append(disk_pool)
     kernels = KernelRegistry(
         reactor,
         config,

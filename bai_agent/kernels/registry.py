@@ -147,7 +147,7 @@ class KernelRegistry(Service):
             if kernel.link is not None:
                 kernel.link.close("agent stopping")
         self.journal.close()
-        if self.thread_pool is not None:
+        if self.thread_pool is not None and self.thread_pool.started:
             self.thread_pool.stop()
 
     def announce_stopping(self):
@@ -779,8 +779,26 @@ class KernelRegistry(Service):
             yield self._finish(kernel, "self-terminated")
             return False
         self._attach(kernel, link)
+        self._announce_adopted(kernel)
         self.log.info("adopted kernel {kernel_id}", kernel_id=kernel_id)
         return True
+
+    def _announce_adopted(self, kernel):
+        """
+        A kernel adopted after the last run was killed between starting its container and
+        journaling that it started (or restarted): managers saw ``kernel-creating`` (or
+        ``kernel-terminated`` with reason ``restarting``) and then nothing. Finish the story.
+        """
+        last = None
+        for event in self.journal.since(0):
+            if event.kernel_id == kernel.kernel_id:
+                last = event
+        if last is None:
+            return
+        if last.type == "kernel-creating":
+            self.journal.append("kernel-started", kernel.kernel_id, kernel.record())
+        elif last.type == "kernel-terminated" and last.data.get("reason") == "restarting":
+            self.journal.append("kernel-restarted", kernel.kernel_id, kernel.record())
 
     def _saved_image(self, state):
         for kernel_image in self.docker.images:

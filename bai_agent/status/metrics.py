@@ -1,10 +1,19 @@
 """
 Prometheus metrics of one agent, in a registry of its own (never the global one, so that
 several agents in one process, as in tests, do not collide).
+
+The agent's own work (AMP command latency and errors) is counted as it happens; everything
+else is read from ``AgentState`` at scrape time: health, allocation, the statistics of each
+kernel (label ``kernel_id``), of the machine and of each NVIDIA device (label ``device``, the
+NVML index), the event journal and the etcd heartbeat's delay. Names follow Prometheus
+conventions: base units (seconds, bytes), shares as ``_ratio`` (0..1; a kernel's CPU ratio
+counts cores, so 2.0 is two cores busy), ``_total`` only on counters.
 """
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+from bai_agent.status import readings
 
 COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -25,11 +34,6 @@ class AgentMetrics:
             "bai_agent_amp_command_errors",
             "AMP commands answered with an error, by command and error code",
             ["command", "code"],
-            registry=self.registry,
-        )
-        self.heartbeat_delay = Gauge(
-            "bai_agent_heartbeat_delay_seconds",
-            "How late the last etcd heartbeat was against the heartbeat interval",
             registry=self.registry,
         )
         self.state = None
@@ -57,6 +61,10 @@ class _StateCollector:
         return []
 
     def collect(self):
+        # A family without samples (no kernels yet, a reading the machine lacks) is left out.
+        return [family for family in self._families() if family.samples]
+
+    def _families(self):
         state = self.state
         info = InfoMetricFamily("bai_agent", "Identity of this agent")
         info.add_metric(
@@ -82,6 +90,174 @@ class _StateCollector:
             used.add_metric([slot], amounts["used"])
         yield capacity
         yield used
+        yield from _agent_metrics(state)
+        records = state.kernels.records() if state.kernels is not None else []
+        yield from _kernel_metrics(records, readings.kernel_samples(state))
+        node = readings.node_sample(state)
+        if node is not None:
+            yield from _node_metrics(node)
+            yield from _gpu_metrics(node["gpus"], records)
+
+
+def _agent_metrics(state):
+    last_delay, largest_delay = readings.heartbeat_delays(state)
+    yield _gauge(
+        "bai_agent_heartbeat_delay_seconds",
+        "How late the last etcd heartbeat ran against its schedule",
+        last_delay,
+    )
+    yield _gauge(
+        "bai_agent_heartbeat_delay_max_seconds",
+        "The largest etcd heartbeat delay since the agent started",
+        largest_delay,
+    )
+    if state.etcd is not None and readings.number(state.etcd.last_heartbeat_at) is not None:
+        yield _gauge(
+            "bai_agent_heartbeat_last_timestamp_seconds",
+            "When the last etcd heartbeat was written (unix time)",
+            state.etcd.last_heartbeat_at,
+        )
+    entries, last_seq = readings.journal_size(state)
+    yield _gauge("bai_agent_events_journal_entries", "Events kept in the event journal", entries)
+    yield _gauge("bai_agent_events_last_seq", "Sequence number of the last event in the journal", last_seq)
+    seconds = readings.sample_seconds(state)
+    if seconds is not None:
+        yield _gauge(
+            "bai_agent_stats_sample_seconds",
+            "CPU time the last statistics round took",
+            seconds,
+        )
+
+
+# (sample field, metric name without _total, help, scale): counters of each kernel.
+_KERNEL_COUNTERS = (
+    ("cpu_used_ms", "bai_agent_kernel_cpu_seconds", "CPU time the kernel used", 1e-3),
+    ("io_read_bytes", "bai_agent_kernel_io_read_bytes", "Bytes the kernel read from block devices", 1),
+    ("io_write_bytes", "bai_agent_kernel_io_write_bytes", "Bytes the kernel wrote to block devices", 1),
+    ("net_rx_bytes", "bai_agent_kernel_network_receive_bytes", "Bytes the kernel received", 1),
+    ("net_tx_bytes", "bai_agent_kernel_network_transmit_bytes", "Bytes the kernel sent", 1),
+)
+_KERNEL_GAUGES = (
+    ("cpu_util", "bai_agent_kernel_cpu_usage_ratio", "CPU use over the last sample, in cores (1 = one core busy)", 1e-2),
+    ("mem_bytes", "bai_agent_kernel_memory_bytes", "Memory the kernel uses", 1),
+    ("mem_max_bytes", "bai_agent_kernel_memory_peak_bytes", "The most memory the kernel has used", 1),
+    ("pids", "bai_agent_kernel_pids", "Processes and threads in the kernel", 1),
+    ("scratch_bytes", "bai_agent_kernel_scratch_bytes", "Size of the kernel's scratch directory", 1),
+    ("sampled_at", "bai_agent_kernel_sample_timestamp_seconds", "When the kernel was last sampled (unix time)", 1),
+)
+
+
+def _kernel_metrics(records, samples):
+    info = InfoMetricFamily("bai_agent_kernel", "Image and status of each kernel", labels=["kernel_id"])
+    created = GaugeMetricFamily(
+        "bai_agent_kernel_created_timestamp_seconds", "When each kernel was created (unix time)", labels=["kernel_id"]
+    )
+    last_used = GaugeMetricFamily(
+        "bai_agent_kernel_last_used_timestamp_seconds", "When each kernel was last used (unix time)", labels=["kernel_id"]
+    )
+    cpu_granted = GaugeMetricFamily(
+        "bai_agent_kernel_cpu_granted_cores", "CPU cores granted to each kernel", labels=["kernel_id"]
+    )
+    mem_granted = GaugeMetricFamily(
+        "bai_agent_kernel_memory_granted_bytes", "Memory granted to each kernel", labels=["kernel_id"]
+    )
+    for record in records:
+        kernel_id = record["kernel_id"]
+        info.add_metric([kernel_id], {"image": str(record.get("image")), "status": str(record.get("status"))})
+        for family, value in (
+            (created, record.get("created_at")),
+            (last_used, record.get("last_used")),
+            (cpu_granted, (record.get("resources") or {}).get("cpu")),
+            (mem_granted, (record.get("resources") or {}).get("mem")),
+        ):
+            if readings.number(value) is not None:
+                family.add_metric([kernel_id], value)
+    yield from (info, created, last_used, cpu_granted, mem_granted)
+    for field, name, documentation, scale in _KERNEL_COUNTERS:
+        family = CounterMetricFamily(name, documentation, labels=["kernel_id"])
+        for kernel_id, sample in sorted(samples.items()):
+            if field in sample:
+                family.add_metric([kernel_id], sample[field] * scale)
+        yield family
+    for field, name, documentation, scale in _KERNEL_GAUGES:
+        family = GaugeMetricFamily(name, documentation, labels=["kernel_id"])
+        for kernel_id, sample in sorted(samples.items()):
+            if field in sample:
+                family.add_metric([kernel_id], sample[field] * scale)
+        yield family
+
+
+def _node_metrics(node):
+    def gauge(name, documentation, value):
+        family = GaugeMetricFamily(name, documentation)
+        if value is not None:
+            family.add_metric([], value)
+        return family
+
+    cpu, mem, disk, net = node["cpu"], node["mem"], node["disk"], node["net"]
+    yield gauge("bai_agent_node_sample_timestamp_seconds", "When the machine was last sampled (unix time)", node["sampled_at"])
+    yield gauge("bai_agent_node_cpus", "CPU cores of the machine", cpu["count"])
+    yield gauge(
+        "bai_agent_node_cpu_usage_ratio",
+        "CPU use of the whole machine over the last sample (1 = every core busy)",
+        None if cpu["percent"] is None else cpu["percent"] / 100,
+    )
+    per_core = GaugeMetricFamily(
+        "bai_agent_node_cpu_core_usage_ratio", "CPU use of each core over the last sample", labels=["core"]
+    )
+    for core, percent in enumerate(cpu["per_core"]):
+        if percent is not None:
+            per_core.add_metric([str(core)], percent / 100)
+    yield per_core
+    yield gauge("bai_agent_node_memory_total_bytes", "Memory of the machine", mem["total"])
+    yield gauge("bai_agent_node_memory_used_bytes", "Memory in use on the machine", mem["used"])
+    yield gauge("bai_agent_node_memory_available_bytes", "Memory available to new processes", mem["available"])
+    for key, documentation in (
+        ("total", "Size of the file system holding the kernels' scratch directories"),
+        ("used", "Bytes used on the scratch file system"),
+        ("free", "Bytes free on the scratch file system"),
+    ):
+        family = GaugeMetricFamily(f"bai_agent_node_scratch_disk_{key}_bytes", documentation, labels=["path"])
+        if disk[key] is not None:
+            family.add_metric([disk["path"] or ""], disk[key])
+        yield family
+    for key, name, documentation in (
+        ("rx_bytes", "bai_agent_node_network_receive_bytes", "Bytes the machine received"),
+        ("tx_bytes", "bai_agent_node_network_transmit_bytes", "Bytes the machine sent"),
+    ):
+        family = CounterMetricFamily(name, documentation)
+        if net[key] is not None:
+            family.add_metric([], net[key])
+        yield family
+
+
+def _gpu_metrics(gpus, records):
+    holders = {}
+    for record in records:
+        for device in readings.kernel_gpus(record):
+            holders[device] = record["kernel_id"]
+    info = InfoMetricFamily("bai_agent_gpu", "Identity of each NVIDIA device", labels=["device"])
+    up = GaugeMetricFamily("bai_agent_gpu_up", "1 when NVML answered for the device", labels=["device"])
+    granted = GaugeMetricFamily(
+        "bai_agent_gpu_granted", "1 when the device is granted to a kernel", labels=["device"]
+    )
+    util = GaugeMetricFamily(
+        "bai_agent_gpu_utilization_ratio", "Share of time the device was busy over NVML's last period", labels=["device"]
+    )
+    mem_used = GaugeMetricFamily("bai_agent_gpu_memory_used_bytes", "Device memory in use", labels=["device"])
+    mem_total = GaugeMetricFamily("bai_agent_gpu_memory_total_bytes", "Device memory", labels=["device"])
+    for gpu in gpus:
+        device = str(gpu["index"])
+        info.add_metric([device], {"uuid": gpu["uuid"], "name": gpu["name"]})
+        up.add_metric([device], 0 if gpu["error"] else 1)
+        granted.add_metric([device], 1 if gpu["index"] in holders else 0)
+        if gpu["util_percent"] is not None:
+            util.add_metric([device], gpu["util_percent"] / 100)
+        if gpu["mem_used"] is not None:
+            mem_used.add_metric([device], gpu["mem_used"])
+        if gpu["mem_total"] is not None:
+            mem_total.add_metric([device], gpu["mem_total"])
+    yield from (info, up, granted, util, mem_used, mem_total)
 
 
 def _gauge(name, documentation, value):

@@ -2,15 +2,24 @@
 The status page (Klein): ``/`` for people, ``/status.json`` for scripts, ``/healthz`` for
 supervisors and load balancers, ``/metrics`` for Prometheus. No route ever shows a
 traceback: failures are logged and answered with a plain 500.
+
+``/`` is rendered on the server and complete without JavaScript (it then reloads itself
+every few seconds); with JavaScript, a small inline script (``assets.SCRIPT``) fetches
+``/status.json`` instead and redraws the sections in place, with the same markup. The page
+loads nothing from elsewhere, which its Content-Security-Policy enforces.
 """
 
 import datetime
 import html
 import json
+import math
 
 from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
+
+from bai_agent.status import readings
+from bai_agent.status.assets import REFRESH_SECONDS, SCRIPT, STYLE
 
 log = Logger()
 
@@ -25,6 +34,10 @@ class StatusPage:
         state = self.state
         etcd = state.etcd
         docker = state.docker
+        heartbeat_delay, heartbeat_delay_max = readings.heartbeat_delays(state)
+        journal_entries, journal_last_seq = readings.journal_size(state)
+        kernels = state.kernels.records() if state.kernels is not None else []
+        node = readings.node_sample(state)
         return {
             "agent": state.record(),
             "healthy": not state.problems(),
@@ -37,6 +50,8 @@ class StatusPage:
                 "last_error": etcd.last_error if etcd else None,
                 "last_heartbeat_at": etcd.last_heartbeat_at if etcd else None,
                 "heartbeat_interval": state.heartbeat_interval(),
+                "heartbeat_delay": heartbeat_delay,
+                "heartbeat_delay_max": heartbeat_delay_max,
             },
             "docker": {
                 "host": state.config.docker_host,
@@ -46,21 +61,31 @@ class StatusPage:
                 "daemon_version": docker.daemon_version,
             },
             "images": [image.to_json() for image in docker.images],
-            "kernels": state.kernels.records() if state.kernels is not None else [],
+            "kernels": kernels,
             "now": state.clock.seconds(),
             "connections": len(state.connections),
             "events": recent_events(state),
+            "journal": {"entries": journal_entries, "last_seq": journal_last_seq},
+            "stats": {
+                "node": node,
+                "kernels": readings.kernel_samples(state),
+                "sample_seconds": readings.sample_seconds(state),
+            },
+            "gpus": gpu_devices(node, kernels),
         }
 
     @app.route("/", methods=["GET", "HEAD"])
     def index(self, request):
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        request.setHeader(b"Cache-Control", b"no-store")
         return render_html(self.snapshot()).encode("utf-8")
 
     @app.route("/status.json", methods=["GET", "HEAD"])
     def status_json(self, request):
         request.setHeader(b"Content-Type", b"application/json")
-        return json.dumps(self.snapshot(), indent=2, sort_keys=True).encode("utf-8")
+        snapshot = strict_json_value(self.snapshot())
+        return json.dumps(snapshot, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request):
@@ -87,7 +112,24 @@ class StatusPage:
         return b"internal error; see the agent log\n"
 
 
+#: Inline style and script only; data from the agent itself; nothing from anywhere else.
+CONTENT_SECURITY_POLICY = (
+    b"default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    b"connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'"
+)
+
 RECENT_EVENTS = 30
+
+
+def strict_json_value(value):
+    """``value`` with every NaN or infinity replaced by None: JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
 
 
 def recent_events(state) -> list:
@@ -108,6 +150,30 @@ def describe_event(event) -> str:
     return text
 
 
+def gpu_devices(node, kernels) -> list:
+    """
+    Every NVIDIA device the page shows: those in the machine's last sample, plus any granted
+    to a kernel but missing from it; each with ``kernel_id``, the kernel holding it (or None).
+    """
+    holders = {}
+    for kernel in kernels:
+        for device in readings.kernel_gpus(kernel):
+            holders[device] = kernel["kernel_id"]
+    devices = {gpu["index"]: dict(gpu) for gpu in (node["gpus"] if node else ())}
+    for index in holders:
+        devices.setdefault(
+            index,
+            {"index": index, "uuid": "", "name": "", "util_percent": None, "mem_used": None,
+             "mem_total": None, "error": None},
+        )
+    for index, device in devices.items():
+        device["kernel_id"] = holders.get(index)
+    return [devices[index] for index in sorted(devices)]
+
+
+# -- rendering; assets.SCRIPT has the same functions in JavaScript, keep the two alike ----
+
+
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
 
@@ -119,7 +185,7 @@ def _time(ts) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(seconds)
+    seconds = max(0, int(seconds))
     days, seconds = divmod(seconds, 86400)
     hours, seconds = divmod(seconds, 3600)
     minutes, seconds = divmod(seconds, 60)
@@ -130,14 +196,32 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {seconds}s"
 
 
-def _amount(slot, value) -> str:
-    if slot == "mem":
-        if value < 1 << 30:
-            return f"{value / (1 << 20):.0f} MiB"
-        return f"{value / (1 << 30):.1f} GiB"
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.2f}"
-    return str(int(value))
+def _bytes(value) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(value) >= size:
+            amount = value / size
+            return f"{amount:.1f} {unit}" if amount < 10 else f"{amount:.0f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _cores(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+
+
+def _percent(value) -> str:
+    # Halves round up, as JavaScript's toFixed(0) does (Python's format rounds them to even).
+    return "-" if value is None else f"{math.floor(value + 0.5)}%"
+
+
+def _share(part, whole) -> float:
+    """``part`` of ``whole`` in percent, 0..100; 0 when either is unknown."""
+    if part is None or not whole:
+        return 0.0
+    return max(0.0, min(100.0, 100.0 * part / whole))
 
 
 def _health(ok: bool, text: str) -> str:
@@ -145,79 +229,234 @@ def _health(ok: bool, text: str) -> str:
     return f'<span class="pill {css}">{_e(text)}</span>'
 
 
-def render_html(snap: dict) -> str:
-    agent = snap["agent"]
-    etcd = snap["etcd"]
-    docker = snap["docker"]
-    resource_rows = []
-    for slot, amounts in agent["resources"].items():
-        capacity, used = amounts["capacity"], amounts["used"]
-        share = 0 if not capacity else min(100, 100 * used / capacity)
-        resource_rows.append(
-            f"<tr><th>{_e(slot)}</th><td><div class='bar'><div style='width:{share:.0f}%'></div></div></td>"
-            f"<td>{_e(_amount(slot, used))} of {_e(_amount(slot, capacity))}</td></tr>"
+def _bar(allocated, measured, title="") -> str:
+    """
+    A bar: ``allocated`` (percent) as the light band, ``measured`` (percent) as the dark
+    strip beneath it; either may be None (not known: no band).
+    """
+    parts = []
+    if allocated is not None:
+        parts.append(f'<span class="alloc" style="width:{allocated:.1f}%"></span>')
+    if measured is not None:
+        parts.append(f'<span class="use" style="width:{measured:.1f}%"></span>')
+    return f'<div class="bar" title="{_e(title)}">{"".join(parts)}</div>'
+
+
+def _none(columns, text) -> str:
+    return f'<tr><td colspan="{columns}" class="none">{_e(text)}</td></tr>'
+
+
+def render_summary(snap) -> str:
+    agent, etcd = snap["agent"], snap["etcd"]
+    overall = _health(snap["healthy"], "healthy" if snap["healthy"] else "unhealthy")
+    problems = "".join(f"<li>{_e(problem)}</li>" for problem in snap["problems"])
+    return (
+        f'<h1>bai-agent <code>{_e(agent["agent_id"])}</code> {overall}</h1>'
+        f'<div class="meta">version {_e(agent["version"])} &middot; namespace {_e(etcd["namespace"])}'
+        f' &middot; up {_e(_duration(snap["uptime"]))} &middot; AMP {_e(agent["amp_endpoint"] or "-")}'
+        f' &middot; {_e(snap["connections"])} manager connection(s) &middot; {_e(agent["kernels"])} kernel(s)'
+        f' &middot; as of {_e(_time(snap["now"]))}</div>'
+        + (f'<ul class="problems">{problems}</ul>' if problems else "")
+    )
+
+
+def render_health(snap) -> str:
+    etcd, docker, journal, stats = snap["etcd"], snap["docker"], snap["journal"], snap["stats"]
+    if etcd["registered"]:
+        etcd_detail = etcd["address"]
+    else:
+        etcd_detail = f"{etcd['last_error'] or 'connecting'} · {etcd['address']}"
+    if docker["healthy"]:
+        docker_detail = f"API {docker['api_version']}, Docker {docker['daemon_version']} · {docker['host']}"
+    else:
+        docker_detail = f"{docker['last_error'] or 'connecting'} · {docker['host']}"
+    interval, delay, delay_max = etcd["heartbeat_interval"], etcd["heartbeat_delay"], etcd["heartbeat_delay_max"]
+    sampled = stats["node"]["sampled_at"] if stats["node"] else None
+    sampling = (
+        "not sampled yet"
+        if sampled is None
+        else f"last {_time(sampled)}"
+        + (f", took {stats['sample_seconds'] * 1000:.1f} ms CPU" if stats["sample_seconds"] is not None else "")
+    )
+    late = ' class="warn"' if delay >= interval > 0 else ""
+    return (
+        "<table>"
+        f'<tr><th>etcd</th><td>{_health(etcd["registered"], "registered" if etcd["registered"] else "not registered")}</td>'
+        f'<td class="meta">{_e(etcd_detail)}</td></tr>'
+        f'<tr><th>heartbeat</th><td class="num"><span{late}>{delay:.3f} s late</span> (max {delay_max:.3f} s)</td>'
+        f'<td class="meta">every {interval:g} s, last {_e(_time(etcd["last_heartbeat_at"]))}</td></tr>'
+        f'<tr><th>Docker</th><td>{_health(docker["healthy"], "reachable" if docker["healthy"] else "unreachable")}</td>'
+        f'<td class="meta">{_e(docker_detail)}</td></tr>'
+        f'<tr><th>events</th><td class="num">{_e(journal["entries"])} kept</td>'
+        f'<td class="meta">last seq {_e(journal["last_seq"])}</td></tr>'
+        f'<tr><th>statistics</th><td colspan="2" class="meta">{_e(sampling)}</td></tr>'
+        "</table>"
+    )
+
+
+def _resource_row(label, bar, text, extra="") -> str:
+    return f'<tr><th>{label}</th><td>{bar}{extra}</td><td class="num">{text}</td></tr>'
+
+
+def render_resources(snap) -> str:
+    resources = snap["agent"]["resources"]
+    node = snap["stats"]["node"]
+    rows = []
+    cpu = resources.get("cpu", {"capacity": 0, "used": 0})
+    cpu_count = node["cpu"]["count"] if node else None
+    cpu_percent = node["cpu"]["percent"] if node else None
+    text = f"{_e(_cores(cpu['used']))} of {_e(_cores(cpu['capacity']))} cores allocated"
+    if cpu_percent is not None:
+        busy = cpu_percent / 100 * cpu_count if cpu_count else None
+        text += f"<br>{_e(_percent(cpu_percent))} busy" + (f" ({_e(_cores(busy))} of {_e(cpu_count)} cores)" if busy is not None else "")
+    cores = ""
+    if node and node["cpu"]["per_core"]:
+        cores = '<div class="cores">' + "".join(
+            f'<span title="core {index}: {_e(_percent(percent))}"><i style="height:{_share(percent, 100):.0f}%"></i></span>'
+            for index, percent in enumerate(node["cpu"]["per_core"])
+        ) + "</div>"
+    rows.append(
+        _resource_row(
+            "CPU",
+            _bar(_share(cpu["used"], cpu["capacity"]), None if cpu_percent is None else _share(cpu_percent, 100)),
+            text,
+            cores,
         )
-    image_rows = [
+    )
+    mem = resources.get("mem", {"capacity": 0, "used": 0})
+    text = f"{_e(_bytes(mem['used']))} of {_e(_bytes(mem['capacity']))} allocated"
+    measured = None
+    if node and node["mem"]["total"]:
+        measured = _share(node["mem"]["used"], node["mem"]["total"])
+        text += f"<br>{_e(_bytes(node['mem']['used']))} of {_e(_bytes(node['mem']['total']))} in use"
+    rows.append(_resource_row("memory", _bar(_share(mem["used"], mem["capacity"]), measured), text))
+    if node and node["disk"]["total"]:
+        disk = node["disk"]
+        rows.append(
+            _resource_row(
+                "scratch disk",
+                _bar(None, _share(disk["used"], disk["total"])),
+                f"{_e(_bytes(disk['used']))} of {_e(_bytes(disk['total']))} used"
+                f'<br><span class="meta path">{_e(disk["path"] or "")}</span>',
+            )
+        )
+    gpus = resources.get("cuda.device", {"capacity": 0, "used": 0})
+    if gpus["capacity"] or snap["gpus"]:
+        rows.append(
+            _resource_row(
+                "GPUs",
+                _bar(_share(gpus["used"], gpus["capacity"]), None),
+                f"{_e(_cores(gpus['used']))} of {_e(_cores(gpus['capacity']))} allocated",
+            )
+        )
+    for gpu in snap["gpus"]:
+        holder = f"kernel {gpu['kernel_id']}" if gpu["kernel_id"] else "free"
+        if gpu["error"]:
+            text = f'<span class="warn">{_e(gpu["error"])}</span> &middot; {_e(holder)}'
+        else:
+            text = f"{_e(_percent(gpu['util_percent']))} busy &middot; {_e(holder)}"
+            if gpu["mem_total"]:
+                text += f"<br>{_e(_bytes(gpu['mem_used']))} of {_e(_bytes(gpu['mem_total']))} memory"
+        rows.append(
+            _resource_row(
+                f'GPU {_e(gpu["index"])}<br><span class="meta">{_e(gpu["name"])}</span>',
+                _bar(100.0 if gpu["kernel_id"] else 0.0, None if gpu["util_percent"] is None else _share(gpu["util_percent"], 100)),
+                text,
+            )
+        )
+    return (
+        '<table class="resources">' + "".join(rows) + "</table>"
+        '<div class="legend"><span class="alloc"></span> allocated to kernels'
+        f' <span class="use"></span> measured use{"" if node else " (not sampled yet)"}</div>'
+    )
+
+
+def render_kernels(snap) -> str:
+    now = snap["now"]
+    samples = snap["stats"]["kernels"]
+    rows = []
+    for kernel in snap["kernels"]:
+        sample = samples.get(kernel["kernel_id"], {})
+        resources = kernel.get("resources") or {}
+        granted_cpu = resources.get("cpu")
+        granted_mem = resources.get("mem")
+        used_cores = sample["cpu_util"] / 100 if "cpu_util" in sample else None
+        cpuset = f' <span class="meta">cores {_e(resources["cpuset"])}</span>' if resources.get("cpuset") else ""
+        mem_used = sample.get("mem_bytes")
+        gpus = ", ".join(str(device) for device in readings.kernel_gpus(kernel)) or "-"
+        status = kernel["status"]
+        rows.append(
+            f'<tr><td><code>{_e(kernel["kernel_id"])}</code></td><td>{_e(kernel["image"])}</td>'
+            f'<td class="status-{_e(status)}">{_e(status)}</td>'
+            f'<td class="num">{_e(_duration(now - kernel["created_at"]))}</td>'
+            f'<td class="num">{_e(_duration(now - kernel["last_used"]))}</td>'
+            f'<td>{_bar(None, None if used_cores is None else _share(used_cores, granted_cpu))}</td>'
+            f'<td class="num">{_e(_cores(used_cores))} of {_e(_cores(granted_cpu))}{cpuset}</td>'
+            f'<td>{_bar(None, None if mem_used is None else _share(mem_used, granted_mem))}</td>'
+            f'<td class="num">{_e(_bytes(mem_used))} of {_e(_bytes(granted_mem))}</td>'
+            f'<td class="num">{_e(gpus)}</td>'
+            f'<td class="num">{_e(_bytes(sample.get("scratch_bytes")))}</td></tr>'
+        )
+    return (
+        '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>'
+        '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>'
+        "<th>GPUs</th><th>scratch</th></tr>"
+        + ("".join(rows) or _none(11, "no kernels"))
+        + "</table>"
+    )
+
+
+def render_images(snap) -> str:
+    rows = [
         f"<tr><td>{_e(image['name'])}</td><td>{_e(image['runtime_type'])}</td>"
         f"<td><code>{_e(image['id'][:19])}</code></td></tr>"
         for image in snap["images"]
-    ] or ["<tr><td colspan='3' class='none'>no kernel images (labelled ai.backend.kernelspec=1)</td></tr>"]
-    kernel_rows = [
-        f"<tr><td><code>{_e(kernel['kernel_id'])}</code></td><td>{_e(kernel['image'])}</td>"
-        f"<td>{_e(kernel['status'])}</td><td>{_e(_duration(snap['now'] - kernel['created_at']))}</td>"
-        f"<td>{_e(_duration(snap['now'] - kernel['last_used']))}</td>"
-        f"<td>{_e(_amount('cpu', kernel['resources'].get('cpu', 0)))}"
-        f"{' (cores ' + _e(kernel['resources']['cpuset']) + ')' if kernel['resources'].get('cpuset') else ''}</td>"
-        f"<td>{_e(_amount('mem', kernel['resources'].get('mem', 0)))}</td></tr>"
-        for kernel in snap["kernels"]
-    ] or ["<tr><td colspan='7' class='none'>no kernels</td></tr>"]
-    event_rows = [
-        f"<tr><td>{_e(_time(event['ts']))}</td><td>{_e(event['message'])}</td></tr>"
-        for event in reversed(snap["events"])
-    ] or ["<tr><td colspan='2' class='none'>no events yet</td></tr>"]
-    etcd_text = "registered" if etcd["registered"] else f"not registered: {etcd['last_error'] or 'connecting'}"
-    docker_text = (
-        f"API {docker['api_version']}, Docker {docker['daemon_version']}"
-        if docker["healthy"]
-        else f"unreachable: {docker['last_error'] or 'connecting'}"
+    ]
+    return (
+        "<table><tr><th>name</th><th>runtime</th><th>id</th></tr>"
+        + ("".join(rows) or _none(3, "no kernel images (labelled ai.backend.kernelspec=1)"))
+        + "</table>"
     )
-    overall = _health(snap["healthy"], "healthy" if snap["healthy"] else "unhealthy")
+
+
+def render_events(snap) -> str:
+    rows = [
+        f'<tr><td class="num when">{_e(_time(event["ts"]))}</td><td>{_e(event["message"])}</td></tr>'
+        for event in reversed(snap["events"])
+    ]
+    return "<table>" + ("".join(rows) or _none(2, "no events yet")) + "</table>"
+
+
+SECTIONS = (
+    ("summary", render_summary),
+    ("health", render_health),
+    ("resources", render_resources),
+    ("kernels", render_kernels),
+    ("images", render_images),
+    ("events", render_events),
+)
+
+
+def render_html(snap: dict) -> str:
+    parts = {name: render(snap) for name, render in SECTIONS}
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="refresh" content="5">
-<title>bai-agent {_e(agent['agent_id'])}</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; background: #fafafa; }}
-h1 {{ font-size: 1.5em; margin-bottom: .2em; }}
-h2 {{ font-size: 1.1em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }}
-table {{ border-collapse: collapse; min-width: 40em; }}
-th, td {{ text-align: left; padding: .25em .8em .25em 0; vertical-align: middle; }}
-.pill {{ padding: .1em .6em; border-radius: 1em; color: white; font-weight: 600; }}
-.ok {{ background: #2e7d32; }} .bad {{ background: #c62828; }}
-.bar {{ width: 20em; height: .9em; background: #e0e0e0; border-radius: .3em; overflow: hidden; }}
-.bar div {{ height: 100%; background: #1565c0; }}
-.none {{ color: #888; font-style: italic; }}
-.meta {{ color: #555; }}
-code {{ font-size: .9em; }}
-</style></head>
+<noscript><meta http-equiv="refresh" content="{REFRESH_SECONDS}"></noscript>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>bai-agent {_e(snap['agent']['agent_id'])}</title>
+<style>{STYLE}</style></head>
 <body>
-<h1>bai-agent <code>{_e(agent['agent_id'])}</code> {overall}</h1>
-<div class="meta">version {_e(agent['version'])} &middot; namespace {_e(etcd['namespace'])}
-&middot; up {_e(_duration(snap['uptime']))} &middot; AMP {_e(agent['amp_endpoint'] or '-')}
-&middot; {snap['connections']} manager connection(s)</div>
-<h2>Health</h2>
-<table>
-<tr><th>etcd</th><td>{_health(etcd['registered'], etcd_text)}</td>
-<td class="meta">{_e(etcd['address'])}, heartbeat every {etcd['heartbeat_interval']:g} s, last {_e(_time(etcd['last_heartbeat_at']))}</td></tr>
-<tr><th>Docker</th><td>{_health(docker['healthy'], docker_text)}</td><td class="meta">{_e(docker['host'])}</td></tr>
-</table>
-<h2>Resources</h2>
-<table>{''.join(resource_rows)}</table>
-<h2>Kernel images</h2>
-<table><tr><th>name</th><th>runtime</th><th>id</th></tr>{''.join(image_rows)}</table>
-<h2>Kernels</h2>
-<table><tr><th>id</th><th>image</th><th>status</th><th>age</th><th>idle</th><th>CPU</th><th>memory</th></tr>{''.join(kernel_rows)}</table>
-<h2>Recent events</h2>
-<table>{''.join(event_rows)}</table>
+<header id="summary">{parts['summary']}</header>
+<div id="refresh" class="meta">reloads every {REFRESH_SECONDS} s</div>
+<div class="columns">
+<section><h2>Health</h2><div id="health">{parts['health']}</div></section>
+<section><h2>Resources</h2><div id="resources">{parts['resources']}</div></section>
+</div>
+<section><h2>Kernels</h2><div id="kernels">{parts['kernels']}</div></section>
+<div class="columns">
+<section><h2>Recent events</h2><div id="events">{parts['events']}</div></section>
+<section><h2>Kernel images</h2><div id="images">{parts['images']}</div></section>
+</div>
+<script>{SCRIPT}</script>
 </body></html>
 """

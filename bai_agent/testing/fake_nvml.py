@@ -11,7 +11,8 @@ return types (checked against nvidia-ml-py 13.x):
   ``names_as_bytes=True``, as nvidia-ml-py before 11.515 and the old ``pynvml`` answered)
 - ``nvmlDeviceGetMemoryInfo(h)`` -> a ctypes structure with ``total``, ``free``, ``used``
   (``version=`` gives the v2 structure, which adds ``reserved``)
-- ``nvmlDeviceGetUtilizationRates(h)`` -> a ctypes structure with ``gpu``, ``memory`` (percent)
+- ``nvmlDeviceGetUtilizationRates(h)`` -> a ctypes structure with ``gpu``, ``memory`` (percent);
+  ``NVMLError_NotSupported`` for a device made with ``utilization_supported=False``
 
 Like the real library it counts ``nvmlInit``/``nvmlShutdown`` calls, answers
 ``NVMLError_Uninitialized`` outside them, and its errors are ``NVMLError`` subclasses with
@@ -109,6 +110,9 @@ class FakeGpu:
     gpu_utilization: int = 0
     memory_utilization: int = 0
     lost: bool = False
+    #: False: ``nvmlDeviceGetUtilizationRates`` raises ``NVMLError_NotSupported``, as it
+    #: does for MIG instances and some older boards
+    utilization_supported: bool = True
 
 
 def fake_gpus(count: int, name: str = "NVIDIA H100 80GB HBM3", memory_total: int = 80 * (1 << 30)):
@@ -201,6 +205,8 @@ class FakeNvml:
 
     def nvmlDeviceGetUtilizationRates(self, handle) -> c_nvmlUtilization_t:
         gpu = self._gpu(handle)
+        if not gpu.utilization_supported:
+            raise NVMLError_NotSupported()
         return c_nvmlUtilization_t(gpu=gpu.gpu_utilization, memory=gpu.memory_utilization)
 
     def _require_init(self) -> None:

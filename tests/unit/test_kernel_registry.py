@@ -523,6 +523,27 @@ def test_restart_adopts_running_kernels_and_reports_what_ended_meanwhile(h):
     assert h.journal.since(last_seq)[0].seq == last_seq + 1  # seq goes on
 
 
+@pytest.mark.parametrize(
+    "last_event, data, announced",
+    [
+        ("kernel-creating", {"image": IMAGE}, "kernel-started"),  # killed before kernel-started
+        ("kernel-terminated", {"reason": "restarting", "exit_code": 0, "stats": {}}, "kernel-restarted"),
+        ("kernel-started", {}, None),  # the usual case: nothing more to say
+    ],
+)
+def test_adopting_a_kernel_whose_start_was_never_announced_announces_it(h, last_event, data, announced):
+    h.create("k1")
+    registry = restarted(h)
+    h.journal.open()
+    h.journal.append(last_event, "k1", data)  # what the killed run had journaled last
+    h.journal.close()
+    last_seq = h.journal.last_seq
+    registry.startService()
+    assert list(registry.kernels) == ["k1"]
+    after = [(e.type, e.kernel_id) for e in h.journal.since(last_seq) if e.kernel_id]
+    assert after == ([(announced, "k1")] if announced else [])
+
+
 def test_restart_removes_what_an_interrupted_create_left(h):
     registry = restarted(h)
     # A container of ours with no saved state (killed between create and save), and a

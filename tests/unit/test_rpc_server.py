@@ -43,6 +43,8 @@ class StubEtcd:
     last_error: str = None
     last_heartbeat_at: float = None
     heartbeat_interval: float = 3.0
+    heartbeat_delay: float = 0.0
+    heartbeat_delay_max: float = 0.0
 
 
 class Harness:

@@ -1,0 +1,116 @@
+"""
+Utilisation and memory of the machine's NVIDIA devices, through NVML.
+
+``GpuStats`` takes the ``pynvml``-like module (``bai_agent.testing.fake_nvml.FakeNvml`` in
+tests) and the devices that discovery found (``bai_agent.kernels.gpus.discover_gpus``).
+``open`` initialises NVML once for the agent's lifetime and ``close`` shuts it down;
+``sample`` answers one entry per device. NVML calls block (some take milliseconds):
+the collector makes them in its worker thread.
+
+Nothing here raises. NVML that does not initialise means no GPU statistics (``[]``); a
+device that fails is reported as ``{"index", "uuid", "name", "error"}`` without numbers,
+and its handle is looked up again at the next sample (a lost GPU may come back after a
+reset). A device whose utilisation NVML does not support (MIG instances, some older
+boards) keeps its memory numbers with ``util_percent`` ``None``.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from bai_agent.kernels.gpus import GpuDevice
+
+log = Logger()
+
+
+class GpuStats:
+    def __init__(self, nvml, devices):
+        devices = list(devices)
+        for device in devices:
+            if not isinstance(device, GpuDevice):
+                raise TypeError(f"expected GpuDevice, not {device!r}")
+        self._nvml = nvml
+        self.devices = devices
+        self._handles: dict[int, object] = {}
+        self.opened = False
+        self.open_error: str | None = None
+
+    def open(self) -> bool:
+        """
+        Initialise NVML (once); False when it does not initialise, with the reason in
+        ``open_error``. It blocks (NVML loads the driver's library), so the collector
+        calls it in its worker thread and logs ``open_error`` itself.
+        """
+        if self.opened:
+            return True
+        if not self.devices:
+            return False  # nothing to ask about; leave NVML alone
+        try:
+            self._nvml.nvmlInit()
+        except Exception as error:
+            self.open_error = _describe(error)
+            return False
+        self.open_error = None
+        self.opened = True
+        return True
+
+    def close(self) -> None:
+        if not self.opened:
+            return
+        self.opened = False
+        self._handles.clear()
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception as error:
+            log.warn("NVML did not shut down cleanly: {error}", error=_describe(error))
+
+    def sample(self) -> list[dict]:
+        """One entry per device, in index order; ``[]`` when NVML is not open."""
+        if not self.opened:
+            return []
+        return [self._sample_device(device) for device in self.devices]
+
+    def _handle(self, device: GpuDevice):
+        handle = self._handles.get(device.index)
+        if handle is None:
+            handle = self._nvml.nvmlDeviceGetHandleByIndex(device.index)
+            uuid = _text(self._nvml.nvmlDeviceGetUUID(handle))
+            if uuid != device.uuid:
+                # Indexes moved (a driver reload, a device gone): never report another
+                # device's numbers under this one's name.
+                raise LookupError(f"index {device.index} is now {uuid}, not {device.uuid}")
+            self._handles[device.index] = handle
+        return handle
+
+    def _sample_device(self, device: GpuDevice) -> dict:
+        entry = {"index": device.index, "uuid": device.uuid, "name": device.name}
+        try:
+            handle = self._handle(device)
+            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            mem_used, mem_total = int(memory.used), int(memory.total)
+            util = self._utilisation(handle)
+        except Exception as error:
+            self._handles.pop(device.index, None)
+            entry["error"] = _describe(error)
+            return entry
+        entry.update(util_percent=util, mem_used=mem_used, mem_total=mem_total)
+        return entry
+
+    def _utilisation(self, handle):
+        try:
+            return float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except Exception as error:
+            not_supported = getattr(self._nvml, "NVMLError_NotSupported", None)
+            if not_supported is not None and isinstance(error, not_supported):
+                return None
+            raise
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _describe(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"

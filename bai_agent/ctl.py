@@ -7,6 +7,7 @@
     bai-agent-ctl create AGENT KERNEL    # create a kernel (--image, --cpu, --mem, ...)
     bai-agent-ctl kernels AGENT          # list its kernels
     bai-agent-ctl destroy AGENT KERNEL   # destroy / restart one
+    bai-agent-ctl stats AGENT KERNEL     # its latest statistics sample
     bai-agent-ctl events AGENT --follow  # print its events as they happen
     bai-agent-ctl run AGENT KERNEL -c CODE   # run code, output as it comes (or FILE)
     bai-agent-ctl upload/download/ls/logs AGENT KERNEL ...
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro|rw]", help="bind mount (repeatable)")
     create.add_argument("--idle-timeout", type=int, help="seconds without commands before it is destroyed (0: never)")
     create.add_argument("--exec-timeout", type=int, help="seconds one run may take (0: no limit)")
-    for name, text in (("destroy", "destroy a kernel"), ("restart", "restart a kernel")):
+    for name, text in (("destroy", "destroy a kernel"), ("restart", "restart a kernel"), ("stats", "a kernel's latest statistics")):
         command = sub.add_parser(name, help=text)
         command.add_argument("agent", help="agent id, or HOST:PORT")
         command.add_argument("kernel_id")
@@ -385,6 +386,9 @@ def run(reactor, args, out, err=None, stdin=None):
             elif args.command == "restart":
                 record = yield client.restart_kernel(args.kernel_id)
                 out.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            elif args.command == "stats":
+                stats = yield client.get_kernel_stats(args.kernel_id)
+                out.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
             elif args.command == "events":
                 yield _events(reactor, client, args, out)
             elif args.command == "interrupt":

@@ -1,5 +1,6 @@
 """File commands on a real kernel through a real agent: the path rules hold over AMP."""
 
+import json
 import os
 
 import pytest
@@ -84,3 +85,8 @@ def test_ctl_upload_download_ls_logs(client, agent, tmp_path):  # noqa: F811
     assert not (tmp_path / "no").exists() and not (tmp_path / "no.part").exists()
     logs = agent.ctl("logs", address, "c", "--tail", "5", secret_file=secret)
     assert "listening on /run/bai/runner.sock" in logs.stdout
+    stats = agent.ctl("stats", address, "c", secret_file=secret)
+    assert stats.returncode == 0, stats.stderr
+    sample = json.loads(stats.stdout)
+    assert sample["pids"] >= 1 and sample["mem_bytes"] > 0  # the runner is there
+    assert {"cpu_used_ms", "cpu_util", "scratch_bytes", "sampled_at"} <= set(sample)

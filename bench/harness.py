@@ -15,7 +15,9 @@ from tests.functional.agent_process import AgentProcess
 
 
 class BenchAgent:
-    def __init__(self):
+    def __init__(self, extra=()):
+        """``extra``: more agent command-line arguments; later ones win (``--heartbeat-interval 3``)."""
+        self.extra = list(extra)
         self.work = pathlib.Path(tempfile.mkdtemp(prefix="bai-bench-"))
         self.etcd = EtcdServer(self.work / "etcd")
         self.agent = None
@@ -24,7 +26,8 @@ class BenchAgent:
         """Start etcd and the agent, and wait until the agent is healthy (blocking)."""
         self.etcd.start()  # picks its ports, which the agent needs
         self.agent = AgentProcess(
-            self.work, self.etcd.addr, namespace="bench", agent_id="bench-agent", extra=["--kernel-network", "none"]
+            self.work, self.etcd.addr, namespace="bench", agent_id="bench-agent",
+            extra=["--kernel-network", "none", *self.extra],
         )
         self.agent.start()
         self.agent.wait_for(lambda: self.agent.http("/healthz")[0] == 200, 30, "the agent")

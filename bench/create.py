@@ -53,7 +53,7 @@ def timed(call):
 
 @inlineCallbacks
 def run(reactor, args):
-    bench = BenchAgent()
+    bench = BenchAgent(agent_id=f"bench-create-{os.getpid()}")
     work = str(bench.work)
     docker = DockerEngineClient(reactor, os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
     raw_containers = []

@@ -159,7 +159,7 @@ def jupyter_runs(runs, warmup=20):
 
 @inlineCallbacks
 def run(reactor, args):
-    bench = BenchAgent()
+    bench = BenchAgent(agent_id=f"bench-exec-{os.getpid()}")
     client = None
     created = False
     try:

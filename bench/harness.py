@@ -15,9 +15,14 @@ from tests.functional.agent_process import AgentProcess
 
 
 class BenchAgent:
-    def __init__(self, extra=()):
-        """``extra``: more agent command-line arguments; later ones win (``--heartbeat-interval 3``)."""
+    def __init__(self, extra=(), agent_id="bench-agent"):
+        """
+        ``extra``: more agent command-line arguments; later ones win (``--heartbeat-interval 3``).
+        ``agent_id``: its containers carry it as a label, so a bench that may run beside
+        another gives one of its own and removes only its own leftovers.
+        """
         self.extra = list(extra)
+        self.agent_id = agent_id
         self.work = pathlib.Path(tempfile.mkdtemp(prefix="bai-bench-"))
         self.etcd = EtcdServer(self.work / "etcd")
         self.agent = None
@@ -26,7 +31,7 @@ class BenchAgent:
         """Start etcd and the agent, and wait until the agent is healthy (blocking)."""
         self.etcd.start()  # picks its ports, which the agent needs
         self.agent = AgentProcess(
-            self.work, self.etcd.addr, namespace="bench", agent_id="bench-agent",
+            self.work, self.etcd.addr, namespace="bench", agent_id=self.agent_id,
             extra=["--kernel-network", "none", *self.extra],
         )
         self.agent.start()

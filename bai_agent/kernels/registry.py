@@ -862,6 +862,12 @@ class KernelRegistry(Service):
         kernel.session = None
         if self.kernels.get(kernel.kernel_id) is kernel:
             del self.kernels[kernel.kernel_id]
+        self.log.info(
+            "kernel {kernel_id} terminated ({reason}, exit code {exit_code})",
+            kernel_id=kernel.kernel_id,
+            reason=reason,
+            exit_code=kernel.exit_code,
+        )
         self.journal.append(
             "kernel-terminated",
             kernel.kernel_id,

@@ -10,19 +10,9 @@ than breaking the scrape or producing JSON that a browser refuses.
 
 import math
 
-KERNEL_SAMPLE_FIELDS = (
-    "cpu_used_ms",
-    "cpu_util",
-    "mem_bytes",
-    "mem_max_bytes",
-    "io_read_bytes",
-    "io_write_bytes",
-    "net_rx_bytes",
-    "net_tx_bytes",
-    "pids",
-    "scratch_bytes",
-    "sampled_at",
-)
+from bai_agent.stats.collector import SAMPLE_KEYS
+
+KERNEL_SAMPLE_FIELDS = SAMPLE_KEYS
 
 
 def number(value):

@@ -1,5 +1,6 @@
 """Run a real agent (``python -m twisted bai-agent``) as a child process, for functional tests."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -130,3 +131,30 @@ def etcd_record(etcd_url, key: str):
     if not kvs:
         return None
     return json.loads(base64.b64decode(kvs[0]["value"]))
+
+
+def docker(*args, check=True):
+    """The docker CLI against the test Docker daemon."""
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=check)
+
+
+def containers_of(agent_id):
+    """Short ids of every container labelled with ``agent_id``, running or not."""
+    return docker("ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent_id}").stdout.split()
+
+
+@contextlib.contextmanager
+def running_agent(tmp_path, etcd_addr, agent_id, extra=()):
+    """
+    A healthy agent process whose kernels have no network; afterwards it is stopped and its
+    containers and state are removed, whatever the test did.
+    """
+    process = AgentProcess(tmp_path, etcd_addr, agent_id=agent_id, extra=["--kernel-network", "none", *extra]).start()
+    try:
+        process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
+        yield process
+    finally:
+        process.stop()
+        for container in containers_of(agent_id):
+            docker("rm", "-f", container, check=False)
+        process.remove_state()

@@ -7,7 +7,6 @@ stay healthy and log no unhandled error.
 
 import json
 import random
-import subprocess
 
 import pytest
 import pytest_twisted
@@ -23,7 +22,7 @@ from bai_agent.protocol import commands
 from bai_agent.protocol.auth import compute_mac
 from bai_agent.protocol.client import AgentClient
 from tests import amp_strategies as boxes
-from tests.functional.agent_process import AgentProcess
+from tests.functional.agent_process import containers_of, running_agent
 
 pytestmark = pytest.mark.functional
 
@@ -33,25 +32,14 @@ KNOWN_KERNELS = ("fz1",)
 BAD_LOG_LINES = ("Unhandled Error", "Unhandled error in Deferred", "failed unexpectedly")
 
 
-def docker(*args):
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
-
-
 def our_containers():
-    return docker("ps", "-aq", "--filter", f"label=ai.backend.agent-id={AGENT_ID}").stdout.split()
+    return containers_of(AGENT_ID)
 
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory, etcd_server, docker_host):
-    process = AgentProcess(
-        tmp_path_factory.mktemp("fuzz"), etcd_server.addr, agent_id=AGENT_ID, extra=["--kernel-network", "none"]
-    ).start()
-    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
-    yield process
-    process.stop()
-    for container in our_containers():
-        docker("rm", "-f", container)
-    process.remove_state()
+    with running_agent(tmp_path_factory.mktemp("fuzz"), etcd_server.addr, AGENT_ID) as process:
+        yield process
 
 
 @pytest.fixture

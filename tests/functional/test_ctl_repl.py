@@ -18,31 +18,20 @@ import time
 
 import pytest
 
-from tests.functional.agent_process import AgentProcess, env
+from tests.functional.agent_process import containers_of, env, running_agent
 
 IMAGE = "bai-kernel/python:3.11"
 
 
-def docker(*args, check=True):
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=check)
-
-
 def our_containers(agent):
-    return docker("ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent.agent_id}").stdout.split()
+    return containers_of(agent.agent_id)
 
 
 @pytest.fixture
 def agent(tmp_path, etcd_server, docker_host):
-    process = AgentProcess(
-        # An id of its own: container names and labels do not meet another run's on this Docker.
-        tmp_path, etcd_server.addr, agent_id=f"agent-ctl-{os.getpid()}", extra=["--kernel-network", "none"]
-    ).start()
-    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
-    yield process
-    process.stop()
-    for container in our_containers(process):
-        docker("rm", "-f", container, check=False)
-    process.remove_state()
+    # An id of its own: container names and labels do not meet another run's on this Docker.
+    with running_agent(tmp_path, etcd_server.addr, f"agent-ctl-{os.getpid()}") as process:
+        yield process
 
 
 def ctl_argv(agent, *args):

@@ -4,7 +4,6 @@ create, destroy, restart, death, OOM, events across reconnects and agent restart
 """
 
 import json
-import subprocess
 import time
 
 import pytest
@@ -13,31 +12,19 @@ from twisted.internet.task import deferLater
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
-from tests.functional.agent_process import AgentProcess
+from tests.functional.agent_process import containers_of, docker, running_agent
 
 IMAGE = "bai-kernel/python:3.11"
 
 
-def docker(*args, check=True):
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=check)
-
-
 def our_containers(agent):
-    out = docker("ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent.agent_id}").stdout
-    return out.split()
+    return containers_of(agent.agent_id)
 
 
 @pytest.fixture
 def agent(tmp_path, etcd_server, docker_host):
-    process = AgentProcess(
-        tmp_path, etcd_server.addr, agent_id="agent-k", extra=["--kernel-network", "none"]
-    ).start()
-    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
-    yield process
-    process.stop()
-    for container in our_containers(process):
-        docker("rm", "-f", container, check=False)
-    process.remove_state()
+    with running_agent(tmp_path, etcd_server.addr, "agent-k") as process:
+        yield process
 
 
 def scratch(agent, tmp_path, kernel_id=""):

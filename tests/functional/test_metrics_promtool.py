@@ -13,8 +13,8 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 
 from bai_agent.protocol.client import AgentClient
-from tests.functional.agent_process import AgentProcess
-from tests.functional.test_kernels_real import IMAGE, docker, our_containers
+from tests.functional.agent_process import running_agent
+from tests.functional.test_kernels_real import IMAGE
 from tests.unit.test_status_metrics import BusyAgent
 
 pytestmark = pytest.mark.functional
@@ -53,15 +53,8 @@ def test_metrics_of_kernels_gpus_and_commands_pass_promtool(tmp_path):
 
 @pytest.fixture
 def agent(tmp_path, etcd_server, docker_host):
-    process = AgentProcess(
-        tmp_path, etcd_server.addr, agent_id="agent-prom", extra=["--kernel-network", "none"]
-    ).start()
-    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
-    yield process
-    process.stop()
-    for container in our_containers(process):
-        docker("rm", "-f", container, check=False)
-    process.remove_state()
+    with running_agent(tmp_path, etcd_server.addr, "agent-prom") as process:
+        yield process
 
 
 @pytest_twisted.inlineCallbacks

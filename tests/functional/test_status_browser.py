@@ -28,8 +28,8 @@ from twisted.web.server import Site
 
 from bai_agent.protocol.client import AgentClient
 from bai_agent.status.page import StatusPage, render_html
-from tests.functional.agent_process import REPO, AgentProcess
-from tests.functional.test_kernels_real import IMAGE, docker, our_containers
+from tests.functional.agent_process import REPO, running_agent
+from tests.functional.test_kernels_real import IMAGE
 from tests.unit.test_status_metrics import BusyAgent
 
 pytestmark = pytest.mark.functional
@@ -174,15 +174,8 @@ class Visible(HTMLParser):
 
 @pytest.fixture
 def agent(tmp_path, etcd_server, docker_host):
-    process = AgentProcess(
-        tmp_path, etcd_server.addr, agent_id="agent-browser", extra=["--kernel-network", "none"]
-    ).start()
-    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
-    yield process
-    process.stop()
-    for container in our_containers(process):
-        docker("rm", "-f", container, check=False)
-    process.remove_state()
+    with running_agent(tmp_path, etcd_server.addr, "agent-browser") as process:
+        yield process
 
 
 def status(agent) -> dict:

@@ -47,11 +47,14 @@ async def etcdctl(reactor, server, *args):
     return out.decode()
 
 
-def make_record_source(agent_id, counter):
+def make_record_source(agent_id, counter, kernels=None):
+    """``kernels``: a one-item list the test may change, to change the record."""
+    kernels = kernels if kernels is not None else [0]
+
     def record_source():
         counter.append(None)
         return {"agent_id": agent_id, "version": "0.1.0", "protocol": 1,
-                "kernels": 0, "amp_endpoint": "127.0.0.1:6001"}
+                "kernels": kernels[0], "amp_endpoint": "127.0.0.1:6001"}
     return record_source
 
 
@@ -69,8 +72,9 @@ async def test_record_registered_refreshed_and_revoked_on_stop(reactor, etcd_ser
     key = "/bai/{}/agents/{}".format(namespace, agent_id).encode()
     agent_etcd = TxEtcd(reactor, etcd_server.url)
     observer = TxEtcd(reactor, etcd_server.url)
+    kernels = [0]
     service = EtcdService(reactor, agent_etcd, namespace, agent_id,
-                          make_record_source(agent_id, []), heartbeat_interval=0.5,
+                          make_record_source(agent_id, [], kernels), heartbeat_interval=0.5,
                           secret_cache_path=str(tmp_path / "secret"))
     service.setName("etcd")
     try:
@@ -94,10 +98,18 @@ async def test_record_registered_refreshed_and_revoked_on_stop(reactor, etcd_ser
 
         first_beat = record["heartbeat_at"]
 
-        async def refreshed():
+        async def kept_alive():
+            return (service.last_heartbeat_at or 0) > first_beat
+        await wait_for(reactor, kept_alive, 3, "a heartbeat (lease keep-alive)")
+        ttl = await etcdctl(reactor, etcd_server, "lease", "timetolive", "{:x}".format(service.lease_id))
+        assert "remaining(" in ttl and int(ttl.split("remaining(")[1].split("s")[0]) >= 8
+
+        kernels[0] = 2  # the record changed: written at the next heartbeat
+
+        async def rewritten():
             current = await record_getter(observer, key)()
-            return current and current["heartbeat_at"] > first_beat
-        await wait_for(reactor, refreshed, 3, "a refreshed record")
+            return current and current["kernels"] == 2 and current["heartbeat_at"] > first_beat
+        await wait_for(reactor, rewritten, 3, "the changed record")
 
         await service.stopService()
         # Revoked, not left to expire: gone as soon as stop has finished.

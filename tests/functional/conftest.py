@@ -1,12 +1,19 @@
 """
-Fixtures for functional tests: a real etcd server per test session, and the real Docker
-daemon. A missing component fails the test with a clear message; nothing is skipped.
+Fixtures for functional tests: a real etcd server per test session, the real Docker
+daemon, and an agent with a client for the tests of Execute and files. A missing component
+fails the test with a clear message; nothing is skipped.
 """
 
-import pytest
+import subprocess
 
+import pytest
+import pytest_twisted
+
+from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.docker_host import require_docker
 from bai_agent.testing.etcd_server import EtcdServer
+from tests.functional.agent_process import docker, running_agent
+from tests.functional.executing import IMAGE, SHELL_IMAGE
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +29,30 @@ def etcd_server(tmp_path_factory):
 def docker_host():
     """The DOCKER_HOST-style address of a running Docker daemon (fails if none)."""
     return require_docker()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory, etcd_server, docker_host):
+    """
+    A real agent for running code and moving files (uploads capped at 5 MiB), with the
+    shell-runtime image built for it. Modules that need another agent define their own.
+    """
+    build = subprocess.run(
+        ["docker", "build", "-q", "-t", SHELL_IMAGE, "-"],
+        input=f"FROM {IMAGE}\nLABEL ai.backend.runtime-type=shell\n",
+        capture_output=True, text=True, timeout=120,
+    )
+    assert build.returncode == 0, build.stderr
+    with running_agent(tmp_path_factory.mktemp("exec"), etcd_server.addr, "agent-x", ["--max-upload-size", "5m"]) as process:
+        yield process
+    docker("rmi", "-f", SHELL_IMAGE, check=False)
+
+
+@pytest.fixture
+def client(agent, reactor):
+    """An authenticated client of ``agent``; its kernels are reset afterwards."""
+    secret = agent.secret_path.read_text().strip()
+    client = pytest_twisted.blockon(AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret))
+    yield client
+    pytest_twisted.blockon(client.reset())
+    client.close()

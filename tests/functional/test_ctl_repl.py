@@ -20,8 +20,6 @@ import pytest
 
 from tests.functional.agent_process import containers_of, env, running_agent
 
-IMAGE = "bai-kernel/python:3.11"
-
 
 def our_containers(agent):
     return containers_of(agent.agent_id)

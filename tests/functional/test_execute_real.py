@@ -3,62 +3,12 @@ Running code in kernels on real Docker through a real agent: every Execute mode,
 interrupts, completions, crashes, big output, timeouts, logs, and bad calls.
 """
 
-import subprocess
-
 import pytest
 import pytest_twisted
 
 from bai_agent.protocol import errors
-from bai_agent.protocol.client import AgentClient
-from tests.functional.agent_process import AgentProcess
-from tests.functional.test_kernels_real import IMAGE, docker, our_containers
-
-SHELL_IMAGE = "bai-test/shell-runtime:1"
-
-
-@pytest.fixture(scope="module")
-def agent(tmp_path_factory, etcd_server, docker_host):
-    build = subprocess.run(
-        ["docker", "build", "-q", "-t", SHELL_IMAGE, "-"],
-        input=f"FROM {IMAGE}\nLABEL ai.backend.runtime-type=shell\n",
-        capture_output=True, text=True, timeout=120,
-    )
-    assert build.returncode == 0, build.stderr
-    process = AgentProcess(
-        tmp_path_factory.mktemp("exec"), etcd_server.addr, agent_id="agent-x",
-        extra=["--kernel-network", "none", "--max-upload-size", "5m"],
-    ).start()
-    process.wait_for(lambda: process.http("/healthz")[0] == 200, 15, "/healthz 200")
-    yield process
-    process.stop()
-    for container in our_containers(process):
-        docker("rm", "-f", container, check=False)
-    process.remove_state()
-    docker("rmi", "-f", SHELL_IMAGE, check=False)
-
-
-@pytest.fixture
-def client(agent, reactor):
-    secret = agent.secret_path.read_text().strip()
-    client = pytest_twisted.blockon(AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret))
-    yield client
-    pytest_twisted.blockon(client.reset())
-    client.close()
-
-
-@pytest_twisted.inlineCallbacks
-def run_to_end(client, kernel_id, mode, code="", options=None):
-    """Execute, then continue until the run ends; the joined console and the last answer."""
-    answer = yield client.execute(kernel_id, mode, code, options=options)
-    console = list(answer["console"])
-    while answer["status"] in ("continued", "build-finished"):
-        answer = yield client.execute(kernel_id, "continue", run_id=answer["run_id"], options=options)
-        console += answer["console"]
-    return console, answer
-
-
-def text(console, stream=None):
-    return "".join(data for kind, data in console if stream in (None, kind))
+from tests.functional.agent_process import docker
+from tests.functional.executing import IMAGE, SHELL_IMAGE, run_to_end, text
 
 
 @pytest_twisted.inlineCallbacks

@@ -7,12 +7,11 @@ import pytest
 import pytest_twisted
 
 from bai_agent.protocol import errors
-from tests.functional.test_execute_real import agent, client, run_to_end, text  # noqa: F401 (fixtures)
-from tests.functional.test_kernels_real import IMAGE
+from tests.functional.executing import IMAGE, run_to_end, text
 
 
 @pytest_twisted.inlineCallbacks
-def test_upload_download_list_and_the_kernel_sees_the_files(client, agent):  # noqa: F811
+def test_upload_download_list_and_the_kernel_sees_the_files(client, agent):
     yield client.create_kernel("f", IMAGE, {"cpu": 0.5, "mem": "128m"})
     blob = os.urandom(3 * (1 << 20) + 17)
     size = 0
@@ -34,7 +33,7 @@ def test_upload_download_list_and_the_kernel_sees_the_files(client, agent):  # n
 
 
 @pytest_twisted.inlineCallbacks
-def test_paths_out_of_the_home_are_refused(client, agent):  # noqa: F811
+def test_paths_out_of_the_home_are_refused(client, agent):
     yield client.create_kernel("g", IMAGE, {"cpu": 0.5, "mem": "128m"})
     yield run_to_end(client, "g", "query", "import os; os.symlink('/', 'root'); os.mkdir('d')")
     for path in ("/etc/passwd", "../x", "a/../../x", "root", "root/etc/passwd"):
@@ -53,7 +52,7 @@ def test_paths_out_of_the_home_are_refused(client, agent):  # noqa: F811
 
 
 @pytest_twisted.inlineCallbacks
-def test_upload_past_the_size_cap_is_file_too_large(client, agent):  # noqa: F811
+def test_upload_past_the_size_cap_is_file_too_large(client, agent):
     yield client.create_kernel("h", IMAGE, {"cpu": 0.5, "mem": "128m"})
     chunk = b"x" * (1 << 20)
     for _ in range(5):
@@ -65,7 +64,7 @@ def test_upload_past_the_size_cap_is_file_too_large(client, agent):  # noqa: F81
 
 
 @pytest_twisted.inlineCallbacks
-def test_ctl_upload_download_ls_logs(client, agent, tmp_path):  # noqa: F811
+def test_ctl_upload_download_ls_logs(client, agent, tmp_path):
     yield client.create_kernel("c", IMAGE, {"cpu": 0.5, "mem": "128m"})
     address = f"127.0.0.1:{agent.amp_port}"
     source = tmp_path / "in.bin"

@@ -13,8 +13,7 @@ from twisted.internet.task import deferLater
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import containers_of, docker, running_agent
-
-IMAGE = "bai-kernel/python:3.11"
+from tests.functional.executing import IMAGE
 
 
 def our_containers(agent):

@@ -18,8 +18,8 @@ from twisted.internet.threads import deferToThread
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import AgentProcess
+from tests.functional.executing import IMAGE
 
-IMAGE = "bai-kernel/python:3.11"
 pytestmark = pytest.mark.functional
 
 AGENT_ID = "agent-ra"

@@ -172,7 +172,24 @@ def _stop_gracefully_on_sigterm(reactor):
     """
     import signal
 
+    signal.signal(signal.SIGTERM, sigterm_handler(reactor))
+    # Once the reactor has stopped the process is exiting anyway; Python would put back the
+    # default action while it finalizes, and a late SIGTERM would then kill it "by signal".
+    reactor.addSystemEventTrigger("after", "shutdown", signal.signal, signal.SIGTERM, signal.SIG_IGN)
+
+
+def sigterm_handler(reactor):
+    """The first SIGTERM starts the graceful stop; later ones only say it is under way."""
+    from twisted.logger import Logger
+
+    log = Logger()
+    received = []
+
     def handler(signum, frame):
+        if received:
+            reactor.callFromThread(log.info, "SIGTERM again: the graceful stop is already under way")
+            return
+        received.append(signum)
         reactor.callFromThread(reactor.stop)
 
-    signal.signal(signal.SIGTERM, handler)
+    return handler

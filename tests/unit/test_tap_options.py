@@ -113,3 +113,24 @@ def test_help_documents_every_option():
         "reserved-cpu", "reserved-mem",
     ):
         assert f"--{option}" in text
+
+
+def test_a_second_sigterm_does_not_stop_the_reactor_twice():
+    from bai_agent.tap import sigterm_handler
+
+    class Reactor:
+        def __init__(self):
+            self.calls = []
+
+        def callFromThread(self, f, *args):
+            self.calls.append(f)
+
+        def stop(self):
+            pass
+
+    reactor = Reactor()
+    handler = sigterm_handler(reactor)
+    handler(15, None)
+    handler(15, None)
+    assert reactor.calls.count(reactor.stop) == 1
+    assert len(reactor.calls) == 2  # the second one is only logged

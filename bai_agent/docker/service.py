@@ -77,14 +77,7 @@ class DockerService(Service):
         Call ``callback(event)`` with every raw Docker event (dicts, as the daemon sends
         them). Return a callable that unsubscribes. A callback's exception is logged.
         """
-        entry = [callback]  # identity, so that the same callback may subscribe twice
-        self._subscribers.append(entry)
-
-        def unsubscribe():
-            if entry in self._subscribers:
-                self._subscribers.remove(entry)
-
-        return unsubscribe
+        return _add_listener(self._subscribers, callback)
 
     def on_connected(self, callback):
         """
@@ -92,14 +85,7 @@ class DockerService(Service):
         outage), once the events stream is open: events missed meanwhile are only found by
         looking. Return a callable that unsubscribes.
         """
-        entry = [callback]
-        self._connected_listeners.append(entry)
-
-        def unsubscribe():
-            if entry in self._connected_listeners:
-                self._connected_listeners.remove(entry)
-
-        return unsubscribe
+        return _add_listener(self._connected_listeners, callback)
 
     def refresh_images(self):
         """
@@ -316,6 +302,18 @@ class DockerService(Service):
         self.images = images
         if self.healthy:
             self.last_error = None
+
+
+def _add_listener(listeners, callback):
+    """Append ``callback`` to ``listeners``; return a callable that removes it (once)."""
+    entry = [callback]  # identity, so that the same callback may be added twice
+
+    def remove():
+        if entry in listeners:
+            listeners.remove(entry)
+
+    listeners.append(entry)
+    return remove
 
 
 def _describe(error):

@@ -702,6 +702,8 @@ class KernelRegistry(Service):
         containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: self.config.agent_id}, all=True)
         saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
         homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)
+        # What the last run told managers last about each kernel, read once for all of them.
+        last_events = {event.kernel_id: event for event in self.journal.since(0) if event.kernel_id}
         adopted, ended, orphans = [], [], []
         for container in containers:
             labels = container.get("Labels") or {}
@@ -716,7 +718,7 @@ class KernelRegistry(Service):
                 orphans.append(kernel_id)
                 yield self._clean_orphan(kernel_id, container["Id"])
             elif container.get("State") == "running":
-                ok = yield self._adopt(state, container["Id"])
+                ok = yield self._adopt(state, container["Id"], last_events.get(kernel_id))
                 (adopted if ok else ended).append(kernel_id)
             else:
                 ended.append(kernel_id)
@@ -741,7 +743,7 @@ class KernelRegistry(Service):
         )
 
     @inlineCallbacks
-    def _adopt(self, state, container_id):
+    def _adopt(self, state, container_id, last_event=None):
         kernel_id = state["kernel_id"]
         try:
             grant = Grant.from_json(kernel_id, state.get("resources") or {})
@@ -779,20 +781,17 @@ class KernelRegistry(Service):
             yield self._finish(kernel, "self-terminated")
             return False
         self._attach(kernel, link)
-        self._announce_adopted(kernel)
+        self._announce_adopted(kernel, last_event)
         self.log.info("adopted kernel {kernel_id}", kernel_id=kernel_id)
         return True
 
-    def _announce_adopted(self, kernel):
+    def _announce_adopted(self, kernel, last):
         """
         A kernel adopted after the last run was killed between starting its container and
         journaling that it started (or restarted): managers saw ``kernel-creating`` (or
-        ``kernel-terminated`` with reason ``restarting``) and then nothing. Finish the story.
+        ``kernel-terminated`` with reason ``restarting``) and then nothing (``last``, the
+        kernel's last event). Finish the story.
         """
-        last = None
-        for event in self.journal.since(0):
-            if event.kernel_id == kernel.kernel_id:
-                last = event
         if last is None:
             return
         if last.type == "kernel-creating":

@@ -1,0 +1,1 @@
+"""The machine itself: its mounts, disks and kernels' scratch space."""

@@ -145,6 +145,9 @@ class AgentState:
             "resources": self.resources(),
             "images": sorted({image.name for image in self.docker.images}),
             "kernels": self.kernel_count(),
+            # PROTOCOL.md section 6: while true, the kernels of the last run are still being
+            # adopted or ended (commands on them wait or answer BACKEND_UNAVAILABLE).
+            "taking_over": self.kernels is not None and not self.kernels.taken_over,
         }
         if self.etcd is not None and self.etcd.last_heartbeat_at is not None:
             record["heartbeat_at"] = self.etcd.last_heartbeat_at
@@ -160,7 +163,7 @@ class AgentState:
             problems.append(f"etcd: not registered ({error or 'connecting'})")
         if not self.docker.healthy:
             problems.append(f"docker: unreachable ({self.docker.last_error or 'connecting'})")
-        elif self.kernels is not None and not self.kernels.recovered:
+        elif self.kernels is not None and not self.kernels.taken_over:
             problems.append("kernels: still taking over the kernels of the last run")
         return problems
 

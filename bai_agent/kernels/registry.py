@@ -15,6 +15,7 @@ Rules that keep it from leaking:
   the directories and journals ``kernel-terminated``.
 """
 
+import math
 import time
 
 from twisted.application.service import Service
@@ -56,6 +57,7 @@ STOP_GRACE = 2
 # The reasons a manager may give to DestroyKernel; the agent's own (``agent-stopping`` on
 # ``--destroy-kernels-on-stop``, ``oom-killed``, ...) are not for managers to claim.
 DESTROY_REASONS = ("user-requested", "idle-timeout", "exec-timeout", "agent-reset")
+TAKING_OVER = "the agent is still taking over the kernels of its last run; retry"
 
 
 class KernelRegistry(Service):
@@ -103,7 +105,8 @@ class KernelRegistry(Service):
         self.thread_pool = thread_pool
         self.kernels = {}
         self.stats = None  # the StatsCollector, attached by the composition root
-        self.recovered = False
+        self.recovered = False  # every kernel of the last run is known (the take-over's first part)
+        self.taken_over = False  # and every one is adopted or ended (its second part)
         self._recovering = False
         self._in_flight = set()
         self._announced_stopping = False
@@ -140,6 +143,11 @@ class KernelRegistry(Service):
             if unsubscribe is not None:
                 unsubscribe()
         self._unsubscribe = self._unsubscribe_health = self._unsubscribe_connected = None
+        for kernel in self.kernels.values():
+            # A runner being reached (the take-over, a broken link) is not waited for: the
+            # kernel lives on, and the next run takes it over.
+            if kernel.reconnecting is not None:
+                kernel.reconnecting.cancel()
         if self._in_flight:
             yield DeferredList(list(self._in_flight), consumeErrors=True)
         self.announce_stopping()
@@ -177,6 +185,9 @@ class KernelRegistry(Service):
         check_kernel_id(kernel_id)
         kernel = self.kernels.get(kernel_id)
         if kernel is None or kernel.status == states.TERMINATED:
+            if not self.recovered:
+                # It may be a kernel of the last run, not found yet: never a false "gone".
+                raise errors.BackendUnavailable(TAKING_OVER)
             raise errors.KernelNotFound(f"no kernel {kernel_id!r} on this agent")
         return kernel
 
@@ -192,8 +203,11 @@ class KernelRegistry(Service):
     def session(self, kernel_id):
         """The execution session of a running kernel (for Execute and friends)."""
         kernel = self.touch(kernel_id)
-        if kernel.status != states.RUNNING or kernel.session is None:
+        if kernel.status != states.RUNNING:
             raise errors.KernelNotRunning(f"kernel {kernel_id} is {kernel.status}")
+        if kernel.session is None:
+            # Running, but its runner is being reached (after a restart, or a broken link).
+            raise errors.BackendUnavailable(f"kernel {kernel_id} is running; the agent is reconnecting to its runner, retry")
         return kernel.session
 
     # -- files (disk work in the thread pool, on the host side of /home/work) -------------
@@ -266,7 +280,14 @@ class KernelRegistry(Service):
                 kernel.last_stats = latest
             self.stats.forget(kernel.kernel_id)
 
+    def list_records(self) -> list:
+        """``ListKernels``: every kernel, or ``BackendUnavailable`` while some may still be unknown."""
+        if not self.recovered:
+            raise errors.BackendUnavailable(TAKING_OVER)
+        return self.records()
+
     def records(self) -> list:
+        """The kernels known now (for the page and the record; ``list_records`` for managers)."""
         return [kernel.record() for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)]
 
     def count(self) -> int:
@@ -279,7 +300,7 @@ class KernelRegistry(Service):
         if not self.running:
             raise errors.BackendUnavailable("the agent is stopping")
         if not self.recovered:
-            raise errors.BackendUnavailable("the agent is still taking over the kernels of its last run; retry")
+            raise errors.BackendUnavailable(TAKING_OVER)
         check_kernel_id(kernel_id)
         if not isinstance(image, str) or not image:
             raise errors.InvalidRequest("image must be a non-empty name")
@@ -698,60 +719,80 @@ class KernelRegistry(Service):
         restored, runner reconnected); kernels that died meanwhile are reported
         ``self-terminated`` with their exit code; what an interrupted create left behind
         is removed and reported ``orphan-cleanup``.
+
+        It runs in two parts (PROTOCOL.md section 6). The first only reads (one container
+        list, the state files, the homes) and registers every kernel it found: the ones
+        to adopt as ``running``, the ones to end as ``terminating``. From then on
+        (``recovered``) every command answers the truth about every kernel; until then
+        kernel commands and ``ListKernels`` answer ``BACKEND_UNAVAILABLE``. The second part
+        is the slow one: reconnecting runners (up to ``RUNNER_START_TIMEOUT`` for a silent
+        one), stopping and removing containers and homes; each kernel's part holds its
+        lock, so that a command on it waits for it. ``taken_over`` tells when it is done.
         """
         containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: self.config.agent_id}, all=True)
         saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
         homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)
         # What the last run told managers last about each kernel, read once for all of them.
         last_events = {event.kernel_id: event for event in self.journal.since(0) if event.kernel_id}
-        adopted, ended, orphans = [], [], []
+        adopting, ending = [], []  # (kernel, last event) and (kernel, reason)
         for container in containers:
             labels = container.get("Labels") or {}
             kernel_id = labels.get(KERNEL_ID_LABEL)
-            if labels.get(AGENT_ID_LABEL) != self.config.agent_id or not kernel_id:
+            if labels.get(AGENT_ID_LABEL) != self.config.agent_id or not check_kernel_id_quietly(kernel_id):
                 continue
             if kernel_id in self.kernels:
                 continue
             state = saved.pop(kernel_id, None)
             homes.discard(kernel_id)
             if state is None or state.get("container_id") != container["Id"]:
-                orphans.append(kernel_id)
-                yield self._clean_orphan(kernel_id, container["Id"])
-            elif container.get("State") == "running":
-                ok = yield self._adopt(state, container["Id"], last_events.get(kernel_id))
-                (adopted if ok else ended).append(kernel_id)
+                ending.append((self._register_ending(kernel_id, container["Id"]), "orphan-cleanup"))
+                continue
+            kernel = self._register_adopted(state, container["Id"]) if container.get("State") == "running" else None
+            if kernel is not None:
+                adopting.append((kernel, last_events.get(kernel_id)))
             else:
-                ended.append(kernel_id)
-                yield self._report_ended(state, container["Id"])
+                ending.append((self._register_ending(kernel_id, container["Id"]), "self-terminated"))
         for kernel_id, state in saved.items():
             # Saved, but its container is gone: it ended while nobody watched.
             homes.discard(kernel_id)
-            ended.append(kernel_id)
-            yield self._report_ended(state, None)
+            if kernel_id not in self.kernels:
+                ending.append((self._register_ending(kernel_id, None), "self-terminated"))
         for kernel_id in homes:
             if kernel_id not in self.kernels and check_kernel_id_quietly(kernel_id):
-                orphans.append(kernel_id)
-                yield self._clean_orphan(kernel_id, None)
+                ending.append((self._register_ending(kernel_id, None), "orphan-cleanup"))
+        # State dirs that no kernel explains (a create killed before it saved): removed
+        # before any new kernel can be made, so that none of its directories is taken.
         keep = {kernel_key(kernel_id) for kernel_id in self.kernels}
         yield self.run_blocking(remove_state_dirs_except, self.config.state_dir, keep)
         self.recovered = True
         self.log.info(
-            "took over from the last run: {adopted} kernel(s) adopted, {ended} ended meanwhile, {orphans} orphan(s) removed",
-            adopted=len(adopted),
-            ended=len(ended),
-            orphans=len(orphans),
+            "taking over from the last run: {adopting} kernel(s) to adopt, {ending} to end",
+            adopting=len(adopting),
+            ending=len(ending),
+        )
+        work = [self._track(kernel.lock.run(self._reconnect_adopted, kernel, last)) for kernel, last in adopting]
+        work += [self._track(kernel.lock.run(self._end_found, kernel, reason)) for kernel, reason in ending]
+        results = yield DeferredList(work, consumeErrors=True)
+        for ok, failure in results:
+            if not ok:
+                self.log.failure("a part of the take-over failed", failure)
+        adopted = sum(1 for kernel, _ in adopting if kernel.status == states.RUNNING)
+        self.taken_over = True
+        self.log.info(
+            "took over from the last run: {adopted} kernel(s) adopted, {ended} ended",
+            adopted=adopted,
+            ended=len(ending) + len(adopting) - adopted,
         )
 
-    @inlineCallbacks
-    def _adopt(self, state, container_id, last_event=None):
+    def _register_adopted(self, state, container_id):
+        """A running kernel of the last run, registered as ``running`` (its runner is reconnected next)."""
         kernel_id = state["kernel_id"]
         try:
             grant = Grant.from_json(kernel_id, state.get("resources") or {})
             self.allocator.restore(grant)
-        except (ValueError, errors.AgentError) as e:
+        except (ValueError, TypeError, errors.AgentError) as e:
             self.log.error("cannot adopt kernel {kernel_id}: {error}", kernel_id=kernel_id, error=e)
-            yield self._report_ended(state, container_id)
-            return False
+            return None
         image = self._saved_image(state)
         try:
             mounts = resolve_mounts(state.get("mounts") or None, self.config.allowed_mount_roots)
@@ -764,26 +805,66 @@ class KernelRegistry(Service):
             grant=grant,
             environ=dict(state.get("environ") or {}),
             mounts=mounts,
-            idle_timeout=int(state.get("idle_timeout") or 0),
-            exec_timeout=int(state.get("exec_timeout") or 0),
-            created_at=float(state.get("created_at") or now),
+            idle_timeout=_int_or_none(state.get("idle_timeout")) or 0,
+            exec_timeout=_int_or_none(state.get("exec_timeout")) or 0,
+            created_at=_float_or(state.get("created_at"), now),
             last_used=now,
             status=states.RUNNING,
             container_id=container_id,
         )
         self.kernels[kernel_id] = kernel
-        workspace = self.workspace(kernel_id)
+        return kernel
+
+    def _register_ending(self, kernel_id, container_id):
+        """A kernel of the last run found only to be ended: ``terminating`` until it is."""
+        kernel = _ending_kernel(kernel_id, container_id)
+        kernel.terminated = Deferred()
+        self.kernels[kernel_id] = kernel
+        return kernel
+
+    @inlineCallbacks
+    def _reconnect_adopted(self, kernel, last_event):
+        if kernel.status != states.RUNNING:
+            return  # it died meanwhile, and its death was handled first
+        kernel.reconnecting = self.connect_runner(
+            self.reactor, self.workspace(kernel.kernel_id).socket_path, self.reactor, RUNNER_START_TIMEOUT
+        )
         try:
-            link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
+            link = yield kernel.reconnecting
+        except CancelledError:
+            return
         except Exception as e:
-            self.log.warn("kernel {kernel_id}: its runner does not answer ({error})", kernel_id=kernel_id, error=e)
-            kernel.status = states.TERMINATING
-            yield self._finish(kernel, "self-terminated")
-            return False
+            self.log.warn("kernel {kernel_id}: its runner does not answer ({error})", kernel_id=kernel.kernel_id, error=e)
+            if kernel.status == states.RUNNING and kernel.terminated is None:
+                kernel.status = states.TERMINATING
+                kernel.terminated = Deferred()
+                yield self._finish(kernel, "self-terminated")
+                kernel.terminated.callback(self._answer(kernel))
+            return
+        finally:
+            kernel.reconnecting = None
+        if kernel.status != states.RUNNING:
+            link.close("the kernel moved on meanwhile")
+            return
         self._attach(kernel, link)
         self._announce_adopted(kernel, last_event)
-        self.log.info("adopted kernel {kernel_id}", kernel_id=kernel_id)
-        return True
+        self.log.info("adopted kernel {kernel_id}", kernel_id=kernel.kernel_id)
+
+    @inlineCallbacks
+    def _end_found(self, kernel, reason):
+        """End a kernel the take-over found dead or half-made: exit code, then ``_finish``."""
+        if kernel.status == states.TERMINATED:
+            return
+        if reason == "orphan-cleanup":
+            self.log.info("removing what an interrupted create of {kernel_id} left", kernel_id=kernel.kernel_id)
+        elif kernel.container_id is not None:
+            try:
+                state = yield self.backend.inspect_container(kernel.container_id)
+                kernel.exit_code = state.get("State", {}).get("ExitCode")
+            except DockerError:
+                pass
+        yield self._finish(kernel, reason)
+        kernel.terminated.callback(self._answer(kernel))
 
     def _announce_adopted(self, kernel, last):
         """
@@ -805,24 +886,6 @@ class KernelRegistry(Service):
                 return kernel_image
         # The image was removed or re-tagged meanwhile: the kernel runs on as it is.
         return KernelImage(name=str(state.get("image")), id=str(state.get("image_id")))
-
-    @inlineCallbacks
-    def _report_ended(self, state, container_id):
-        kernel_id = state["kernel_id"]
-        exit_code = None
-        if container_id is not None:
-            try:
-                exit_code = (yield self.backend.inspect_container(container_id)).get("State", {}).get("ExitCode")
-            except DockerError:
-                pass
-        kernel = _ending_kernel(kernel_id, container_id, exit_code)
-        yield self._finish(kernel, "self-terminated")
-
-    @inlineCallbacks
-    def _clean_orphan(self, kernel_id, container_id):
-        self.log.info("removing what an interrupted create of {kernel_id} left", kernel_id=kernel_id)
-        kernel = _ending_kernel(kernel_id, container_id)
-        yield self._finish(kernel, "orphan-cleanup")
 
     # -- the end of every kernel -----------------------------------------------------------
 
@@ -920,6 +983,14 @@ def _int_or_none(value):
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _float_or(value, default) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) else default
 
 
 def _describe(error) -> str:

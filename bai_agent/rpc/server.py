@@ -168,7 +168,7 @@ class AgentLocator(amp.CommandLocator):
 
     @commands.ListKernels.responder
     def list_kernels(self):
-        return {"kernels": self.agent.kernels.records()}
+        return {"kernels": self.agent.kernels.list_records()}
 
     @commands.CreateKernel.responder
     def create_kernel(self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None):

@@ -582,6 +582,64 @@ def test_creates_wait_for_the_take_over(h):
     assert h.create("later")["status"] == "running"
 
 
+def test_before_the_take_over_knows_its_kernels_nothing_is_said_to_be_gone(h):
+    h.create("k1")
+    registry = restarted(h)
+    h.docker.healthy = False  # the take-over cannot even list the containers yet
+    registry.startService()
+    for call in (
+        registry.list_records,
+        lambda: registry.get("k1"),
+        lambda: registry.session("k1"),
+        lambda: registry.destroy("k1"),
+        lambda: registry.upload("k1", "f", b"x", False),
+    ):
+        with pytest.raises(errors.BackendUnavailable, match="taking over"):
+            call()
+    with pytest.raises(errors.InvalidRequest):
+        registry.get("bad id")
+
+
+def test_while_runners_are_reconnected_every_kernel_is_listed_and_commands_wait_or_say_unavailable(h):
+    h.create("alive")
+    h.create("other")
+    registry = restarted(h)
+    h.runners.hold()  # the runners of the last run answer slowly
+    registry.startService()
+    # The first part is done: every kernel is known, though no runner answered yet.
+    assert registry.recovered and not registry.taken_over
+    listed = {record["kernel_id"]: record["status"] for record in registry.list_records()}
+    assert listed == {"alive": "running", "other": "running"}
+    with pytest.raises(errors.BackendUnavailable, match="reconnecting"):
+        registry.session("alive")
+    destroyed = registry.destroy("alive")  # waits for the reconnection, then destroys
+    assert not fired(destroyed)
+    assert len(h.runners.held) == 2
+    h.runners.release()
+    assert result(destroyed)["kernel_id"] == "alive"
+    assert registry.taken_over
+    assert registry.session("other") is not None
+    ended = {e.kernel_id: e.data["reason"] for e in h.journal.since(0) if e.type == "kernel-terminated"}
+    assert ended == {"alive": "user-requested"}
+
+
+def test_a_new_kernel_cannot_take_the_id_of_one_the_take_over_is_still_ending(h):
+    registry = restarted(h)
+    orphan = result(h.backend.create_container("kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}))
+    h.disk.hold()
+    registry.startService()
+    while not registry.recovered:  # the reads of the first part, one by one
+        d, f, args = h.disk.held.pop(0)
+        maybeDeferred(f, *args).chainDeferred(d)
+    assert registry.kernels["half"].status == "terminating"
+    with pytest.raises(errors.KernelExists):
+        registry.create("half", IMAGE, {"cpu": 1, "mem": "256m"})
+    h.disk.release()
+    assert h.backend.container_status(orphan) is None
+    assert "half" not in registry.kernels
+    assert h.create("half")["status"] == "running"
+
+
 def test_a_broken_link_to_a_live_container_is_reconnected(h):
     h.create()
     first = h.runners.links[0]

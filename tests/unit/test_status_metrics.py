@@ -54,6 +54,7 @@ class FakeKernels:
     def __init__(self, capacity, gpus):
         self.allocator = Allocator(capacity, gpus, cpu_cores=[0, 1, 2, 3])
         self.recovered = True
+        self.taken_over = True
         self.kernels = {}
 
     def add(self, kernel_id, image, cpu, mem, gpus=0, created_at=NOW, last_used=NOW, status="running"):

@@ -46,14 +46,22 @@ def kernel_command(image) -> list:
     )
 
 
+def user_environment(kernel) -> dict:
+    """
+    The environment of the kernel's user processes: the manager's ``environ`` and the
+    image's core-count variables. The runner reads it from the run directory; it is never
+    the container's environment, which the runner (root) starts with.
+    """
+    environ = dict(kernel.environ)
+    cores = str(core_count(kernel.grant))
+    for name in kernel.image.corecount_envs:
+        environ[name] = cores
+    return environ
+
+
 def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limit) -> dict:
     """The ``POST /containers/create`` body of ``kernel``."""
     grant = kernel.grant
-    environ = dict(kernel.environ)
-    cores = str(core_count(grant))
-    for name in kernel.image.corecount_envs:
-        environ[name] = cores
-    environ.setdefault("HOME", HOME)
     host_config = {
         "Binds": [
             f"{workspace.scratch_dir}:{HOME}:rw",
@@ -90,7 +98,7 @@ def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limi
         "Image": kernel.image.id,
         "Entrypoint": [],
         "Cmd": kernel_command(kernel.image),
-        "Env": [f"{name}={value}" for name, value in sorted(environ.items())],
+        "Env": [f"HOME={HOME}"],
         "Labels": container_labels(agent_id, kernel.kernel_id),
         "User": "0:0",
         "WorkingDir": HOME,

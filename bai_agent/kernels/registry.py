@@ -29,7 +29,13 @@ from bai_agent.kernels import files
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels.allocator import parse_resource_request
 from bai_agent.kernels.execution import ExecutionSession
-from bai_agent.kernels.container import AGENT_ID_LABEL, KERNEL_ID_LABEL, container_config, container_name
+from bai_agent.kernels.container import (
+    AGENT_ID_LABEL,
+    KERNEL_ID_LABEL,
+    container_config,
+    container_name,
+    user_environment,
+)
 from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.spec import (
     check_environ,
@@ -393,6 +399,7 @@ class KernelRegistry(Service):
         )
         steps["created"] = time.monotonic() - started
         yield self.run_blocking(workspace.save, kernel.saved_state())
+        yield self.run_blocking(workspace.write_environ, user_environment(kernel))
         steps["saved"] = time.monotonic() - started
         yield self.backend.start_container(kernel.container_id)
         steps["docker started"] = time.monotonic() - started

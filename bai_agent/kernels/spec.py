@@ -13,7 +13,39 @@ import attrs
 from bai_agent.config import KERNEL_ID_PATTERN
 from bai_agent.protocol.errors import InvalidRequest
 
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # matched whole (fullmatch): no trailing newline
+# Names that the dynamic loader, the C library or an interpreter read at start-up to run or
+# load other code (glibc's "unsecure" variables, which it drops for setuid programs, and
+# Python's start-up hooks). The runner never runs with the kernel's environment, but a
+# root process in the container that inherited one of these by mistake would run user
+# code as root: they are refused outright (PROTOCOL.md section 6).
+LOADER_PREFIXES = ("LD_",)
+LOADER_NAMES = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "MALLOC_TRACE",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TZDIR",
+        "GLIBC_TUNABLES",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+        "PYTHONHOME",
+        "PYTHONEXECUTABLE",
+        "PYTHONBREAKPOINT",
+        "PERL5OPT",
+        "PERL5LIB",
+        "RUBYOPT",
+        "NODE_OPTIONS",
+        "BASH_ENV",
+    }
+)
 MAX_ENV_ENTRIES = 1000
 MAX_ENV_VALUE = 32 * 1024
 MAX_MOUNTS = 64
@@ -43,12 +75,16 @@ def check_environ(environ) -> dict:
     if len(environ) > MAX_ENV_ENTRIES:
         raise InvalidRequest(f"environ has more than {MAX_ENV_ENTRIES} entries")
     for name, value in environ.items():
-        if not ENV_NAME.match(name):
-            raise InvalidRequest(f"environ name {name[:80]!r} is not a valid variable name")
+        if not ENV_NAME.fullmatch(name):
+            raise InvalidRequest(f"environ name {name[:80]!r} is not a valid variable name (letters, digits, '_')")
+        if name.startswith(LOADER_PREFIXES) or name in LOADER_NAMES:
+            raise InvalidRequest(
+                f"environ name {name} is refused: the dynamic loader or an interpreter's start-up reads it"
+            )
         if not isinstance(value, str):
             raise InvalidRequest(f"environ value of {name} must be a string, got {type(value).__name__}")
-        if "\0" in value or len(value) > MAX_ENV_VALUE:
-            raise InvalidRequest(f"environ value of {name} contains NUL or is longer than {MAX_ENV_VALUE}")
+        if "\0" in value or "\n" in value or len(value) > MAX_ENV_VALUE:
+            raise InvalidRequest(f"environ value of {name} contains NUL or a newline, or is longer than {MAX_ENV_VALUE}")
     return dict(environ)
 
 

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 
-from bai_agent.runner import SOCKET_NAME
+from bai_agent.runner import ENVIRON_NAME, SOCKET_NAME
 
 KERNEL_UID = 1000
 KERNEL_GID = 1000
@@ -36,6 +36,7 @@ class Workspace:
         self.state_dir = os.path.join(state_dir, "kernels", kernel_key(kernel_id))
         self.run_dir = os.path.join(self.state_dir, "run")
         self.socket_path = os.path.join(self.run_dir, SOCKET_NAME)
+        self.environ_file = os.path.join(self.run_dir, ENVIRON_NAME)
         self.state_file = os.path.join(self.state_dir, "kernel.json")
 
     def create(self) -> None:
@@ -54,12 +55,11 @@ class Workspace:
             pass
 
     def save(self, state: dict) -> None:
-        temporary = self.state_file + ".tmp"
-        with open(temporary, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, self.state_file)
+        _write_atomically(self.state_file, state)
+
+    def write_environ(self, environ: dict) -> None:
+        """The user processes' environment, for the runner (root-only, beside its socket)."""
+        _write_atomically(self.environ_file, environ)
 
     def remove(self) -> None:
         """Remove both directories; what is already gone is fine."""
@@ -68,6 +68,16 @@ class Workspace:
             if os.path.lexists(path):
                 # rmtree leaves what it could not remove; say so instead of leaking quietly.
                 raise OSError(f"could not remove {path}")
+
+
+def _write_atomically(path: str, value) -> None:
+    temporary = path + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def check_socket_room(state_dir: str) -> None:

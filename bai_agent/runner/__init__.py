@@ -27,6 +27,10 @@ STATE_MOUNT_POINT = "/run/bai"
 #: The socket's file name inside the per-kernel state directory.
 SOCKET_NAME = "runner.sock"
 
+#: The file, beside the socket, that holds the kernel's environment for user processes
+#: (a JSON object the agent writes; the runner itself never runs with it).
+ENVIRON_NAME = "environ.json"
+
 
 def runner_command(
     python="/usr/bin/python3",
@@ -37,6 +41,7 @@ def runner_command(
     runtime_path="/usr/bin/python3",
     mount_point=MOUNT_POINT,
     socket_path=STATE_MOUNT_POINT + "/" + SOCKET_NAME,
+    environ_file=STATE_MOUNT_POINT + "/" + ENVIRON_NAME,
 ):
     """The container command (argv list) that starts the runner."""
     return [
@@ -56,4 +61,6 @@ def runner_command(
         runtime_type,
         "--runtime-path",
         runtime_path,
+        "--environ-file",
+        environ_file,
     ]

@@ -79,6 +79,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import batch  # noqa: E402
+import jsoncodec  # noqa: E402
 import interpreter  # noqa: E402
 import procs  # noqa: E402
 from connection import AgentConnection, Outbox  # noqa: E402
@@ -150,7 +151,10 @@ class QueryRun(object):
 class Runner(object):
     def __init__(self, options):
         self.options = options
+        # The runner's own environment is the container's (the image's, and HOME): nothing
+        # a manager chose. The kernel's environment is for the user's processes only.
         environ = dict(os.environ)
+        environ.update(read_user_environ(getattr(options, "environ_file", "")))
         environ["HOME"] = options.home
         try:
             import pwd
@@ -706,6 +710,36 @@ class UsageError(Exception):
     pass
 
 
+def read_user_environ(path):
+    """
+    The kernel's environment for user processes, from ``path`` (a JSON object of strings
+    that the agent wrote in the root-only run directory); empty when there is no such
+    file. Entries that are not strings, or that no ``execve`` could carry, are dropped.
+    """
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 * 1024 * 1024)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log("cannot read the kernel environment %s: %s" % (path, e))
+        return {}
+    try:
+        environ = jsoncodec.loads(data.decode("utf-8"))
+    except ValueError as e:
+        log("the kernel environment %s is not JSON: %s" % (path, e))
+        return {}
+    if not isinstance(environ, dict):
+        return {}
+    return {
+        name: value
+        for name, value in environ.items()
+        if isinstance(name, str) and isinstance(value, str) and name and "=" not in name
+        and "\0" not in name and "\0" not in value
+    }
+
+
 #: option -> (attribute, converter, default); ``None`` default means required. A small
 #: parser instead of argparse, whose import is a quarter of the runner's start-up time.
 OPTIONS = {
@@ -716,8 +750,12 @@ OPTIONS = {
     "--runtime-type": ("runtime_type", str, "python"),
     "--runtime-path": ("runtime_path", str, "/usr/bin/python3"),
     "--outbox-limit": ("outbox_limit", int, OUTBOX_LIMIT),
+    "--environ-file": ("environ_file", str, ""),
 }
-USAGE = "usage: main.py --socket PATH --uid N --gid N --home DIR [--runtime-type python|shell] [--runtime-path PATH] [--outbox-limit BYTES]"
+USAGE = (
+    "usage: main.py --socket PATH --uid N --gid N --home DIR [--runtime-type python|shell] "
+    "[--runtime-path PATH] [--outbox-limit BYTES] [--environ-file PATH]"
+)
 
 
 class Options(object):

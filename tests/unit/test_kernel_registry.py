@@ -163,8 +163,15 @@ def test_create_starts_a_hardened_container_and_answers_a_running_record(h):
     assert f"{h.config.scratch_root}/k1:/home/work:rw" in host["Binds"]
     # The runner sets up user code as uid 1000.
     assert config["Cmd"][config["Cmd"].index("--uid") + 1] == "1000"
-    env = dict(item.split("=", 1) for item in config["Env"])
-    assert env["GREETING"] == "hi" and env["OMP_NUM_THREADS"] == "1" and env["NPROC"] == "1"
+    # The runner (root) starts with nothing a manager chose; the kernel's environment
+    # waits for user processes in the root-only run directory.
+    assert config["Env"] == ["HOME=/home/work"]
+    assert config["Cmd"][config["Cmd"].index("--environ-file") + 1] == "/run/bai/environ.json"
+    workspace = h.registry.workspace("k1")
+    with open(workspace.environ_file) as f:
+        env = json.load(f)
+    assert env == {"GREETING": "hi", "OMP_NUM_THREADS": "1", "NPROC": "1"}
+    assert stat.S_IMODE(os.stat(workspace.environ_file).st_mode) == 0o600
     home = os.stat(os.path.join(h.config.scratch_root, "k1"))
     assert (home.st_uid, home.st_gid) == (1000, 1000)
     assert [event.type for event in h.events()][-2:] == ["kernel-creating", "kernel-started"]

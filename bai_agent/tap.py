@@ -24,7 +24,7 @@ from bai_agent.config import (
 )
 from bai_agent.kernels.workspace import check_socket_room
 
-NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 SYSTEM_DIRS = {"/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot", "/proc", "/sys", "/dev", "/root", "/var", "/run"}
 
 

@@ -43,7 +43,7 @@ log = Logger()
 #: The oldest Engine API the agent speaks (Docker 20.10).
 MIN_API_VERSION = "1.41"
 
-_API_VERSION_RE = re.compile(r"^\d+\.\d+$")
+_API_VERSION_RE = re.compile(r"^\d+\.\d+\Z")
 
 
 def api_version_key(version):

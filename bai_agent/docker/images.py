@@ -30,7 +30,7 @@ DEFAULT_RUNTIME_PATH = "/usr/bin/python3"
 #: Known features, in the order ``KernelImage.features`` lists them.
 FEATURES = ("query", "batch", "user-input")
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _freeze_labels(labels):

@@ -35,9 +35,9 @@ import re
 import threading
 
 #: What a container id may look like; anything else would be a path, not a name.
-_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 #: A cgroup parent: relative path components of the same safe characters.
-_PARENT_PART = re.compile(r"^[A-Za-z0-9_@:.-]+$")
+_PARENT_PART = re.compile(r"^[A-Za-z0-9_@:.-]+\Z")
 
 V1_CONTROLLERS = ("cpuacct", "memory", "blkio", "pids")
 

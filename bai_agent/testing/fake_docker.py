@@ -27,7 +27,7 @@ from bai_agent.docker.interface import (
 
 log = Logger()
 
-_CONTAINER_NAME = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+_CONTAINER_NAME = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+\Z")
 
 #: Signals whose default action is to do nothing: a fake container survives them.
 _HARMLESS_SIGNALS = {_signal.SIGCHLD, _signal.SIGCONT, _signal.SIGURG, _signal.SIGWINCH}

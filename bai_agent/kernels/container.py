@@ -59,8 +59,11 @@ def user_environment(kernel) -> dict:
     return environ
 
 
-def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limit) -> dict:
-    """The ``POST /containers/create`` body of ``kernel``."""
+def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limit, mount_binds=()) -> dict:
+    """
+    The ``POST /containers/create`` body of ``kernel``; ``mount_binds`` are the ``Binds``
+    entries of its mounts, pinned (``pinned_mounts.pin``), never the manager's paths.
+    """
     grant = kernel.grant
     host_config = {
         "Binds": [
@@ -68,7 +71,7 @@ def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limi
             f"{runner_dir}:{RUNNER_MOUNT}:ro",
             f"{workspace.run_dir}:{RUN_MOUNT}:rw",
         ]
-        + [mount.bind() for mount in kernel.mounts],
+        + list(mount_binds),
         "NetworkMode": network,
         "Memory": grant.mem,
         "MemorySwap": grant.mem,  # equal limits: no swap

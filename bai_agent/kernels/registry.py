@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
-from bai_agent.kernels import files
+from bai_agent.kernels import files, pinned_mounts
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels.allocator import parse_resource_request
 from bai_agent.kernels.execution import ExecutionSession
@@ -386,23 +386,33 @@ class KernelRegistry(Service):
         """Create and start the container and wait for its runner to answer."""
         steps = {} if steps is None else steps
         started = time.monotonic() - steps.get("dirs", 0)
-        body = container_config(
-            kernel,
-            workspace,
-            self.config.agent_id,
-            self.runner_dir,
-            self.config.kernel_network,
-            self.config.kernel_pids_limit,
+        # Mount sources are checked again at every (re)create, and Docker is handed what
+        # was checked, pinned; the pins go once the container has its own mounts.
+        binds = yield self.run_blocking(
+            pinned_mounts.pin, workspace.state_dir, kernel.mounts, self.config.allowed_mount_roots
         )
-        kernel.container_id = yield self.backend.create_container(
-            container_name(self.config.agent_id, kernel.kernel_id), body
-        )
-        steps["created"] = time.monotonic() - started
-        yield self.run_blocking(workspace.save, kernel.saved_state())
-        yield self.run_blocking(workspace.write_environ, user_environment(kernel))
-        steps["saved"] = time.monotonic() - started
-        yield self.backend.start_container(kernel.container_id)
-        steps["docker started"] = time.monotonic() - started
+        try:
+            body = container_config(
+                kernel,
+                workspace,
+                self.config.agent_id,
+                self.runner_dir,
+                self.config.kernel_network,
+                self.config.kernel_pids_limit,
+                mount_binds=binds,
+            )
+            kernel.container_id = yield self.backend.create_container(
+                container_name(self.config.agent_id, kernel.kernel_id), body
+            )
+            steps["created"] = time.monotonic() - started
+            yield self.run_blocking(workspace.save, kernel.saved_state())
+            yield self.run_blocking(workspace.write_environ, user_environment(kernel))
+            steps["saved"] = time.monotonic() - started
+            yield self.backend.start_container(kernel.container_id)
+            steps["docker started"] = time.monotonic() - started
+        finally:
+            if binds:
+                yield self.run_blocking(pinned_mounts.unpin, workspace.state_dir)
         link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
         steps["runner answered"] = time.monotonic() - started
         self._attach(kernel, link)

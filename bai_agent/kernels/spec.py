@@ -11,6 +11,7 @@ import re
 import attrs
 
 from bai_agent.config import KERNEL_ID_PATTERN
+from bai_agent.kernels import pinned_mounts
 from bai_agent.protocol.errors import InvalidRequest
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # matched whole (fullmatch): no trailing newline
@@ -50,8 +51,12 @@ MAX_ENV_ENTRIES = 1000
 MAX_ENV_VALUE = 32 * 1024
 MAX_MOUNTS = 64
 MAX_TIMEOUT = 365 * 24 * 3600
-# Targets a mount must never cover: the kernel's own plumbing and the system.
-RESERVED_TARGETS = ("/", "/home/work", "/run/bai", "/opt/bai", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/var", "/boot", "/root")
+# Targets a mount must never cover, nor lie under: the kernel's own plumbing (its home,
+# the runner at /opt/bai, its socket at /run/bai, /tmp) and the system.
+RESERVED_TARGETS = (
+    "/", "/home", "/run", "/opt", "/tmp", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin",
+    "/lib", "/lib32", "/lib64", "/libx32", "/var", "/boot", "/root",
+)
 
 
 def check_kernel_id(kernel_id) -> str:
@@ -103,9 +108,6 @@ class Mount:
     target: str  # an absolute path in the container
     read_only: bool
 
-    def bind(self) -> str:
-        return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
-
     def to_json(self) -> dict:
         return {"source": self.source, "target": self.target, "mode": "ro" if self.read_only else "rw"}
 
@@ -114,7 +116,9 @@ def resolve_mounts(mounts, allowed_roots) -> tuple:
     """
     Check the manager's ``mounts`` against the operator's allowed roots. A source is
     resolved (symlinks followed) before the check, so ``..`` and links cannot escape a
-    root; ``/`` and system directories are never mountable, as sources or targets.
+    root; ``/`` and system directories are never mountable, as sources or targets. What
+    Docker mounts is checked again, and pinned, at every container start
+    (``pinned_mounts``).
     """
     if mounts is None:
         return ()
@@ -144,12 +148,14 @@ def resolve_mounts(mounts, allowed_roots) -> tuple:
         if target in targets:
             raise InvalidRequest(f"{where}.target {target} is mounted twice")
         real = os.path.realpath(source)
-        if ":" in real:
-            raise InvalidRequest(f"{where}.source must not contain ':'")
         if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots if root != "/"):
             raise InvalidRequest(f"{where}.source {source} is not under an allowed mount root")
-        if not os.path.exists(real):
-            raise InvalidRequest(f"{where}.source {source} does not exist")
+        # What was resolved must open without following a symlink: a link swapped in
+        # after the realpath is refused here, and again before every container start.
+        try:
+            os.close(pinned_mounts.open_source(real, roots))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"{where}.source {source}: {e}") from None
         targets.add(target)
         resolved.append(Mount(source=real, target=target, read_only=(mode == "ro")))
     return tuple(resolved)

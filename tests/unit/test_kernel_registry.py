@@ -190,7 +190,31 @@ def test_mounts_under_an_allowed_root_are_bound(h):
     h.create(mounts=[{"source": str(h.allowed / "set"), "target": "/data/set", "mode": "ro"}])
     (container,) = h.containers()
     binds = result(h.backend.inspect_container(container["Id"]))["HostConfig"]["Binds"]
-    assert f"{h.allowed / 'set'}:/data/set:ro" in binds
+    # Docker gets the checked directory pinned under the kernel's state dir, not the path.
+    pin = os.path.join(h.registry.workspace("k1").state_dir, "mounts", "0")
+    assert f"{pin}:/data/set:ro" in binds
+    assert not os.path.exists(pin)  # unpinned once the container started
+
+
+def test_a_mount_source_swapped_for_a_symlink_is_refused_at_the_restart(h, tmp_path):
+    outside = tmp_path / "host-secrets"
+    outside.mkdir()
+    h.create(mounts=[{"source": str(h.allowed / "set"), "target": "/data/set", "mode": "rw"}])
+    seen = []
+    create_container = h.backend.create_container
+
+    def spying(name, body):
+        seen.extend(sorted(os.listdir(body["HostConfig"]["Binds"][-1].split(":")[0])))
+        return create_container(name, body)
+
+    h.backend.create_container = spying
+    os.rmdir(h.allowed / "set")
+    os.symlink(outside, h.allowed / "set")
+    (outside / "shadow").write_text("root only")
+    with pytest.raises(errors.KernelCreationFailed, match="symlink"):
+        result(h.registry.restart("k1"))
+    assert seen == []  # never handed to Docker
+    h.assert_nothing_leaked()
 
 
 def test_idle_and_exec_timeouts_default_from_etcd_config(h):

@@ -56,13 +56,29 @@ def parse_host_port(value: str, default_port=None):
     return host, int(port)
 
 
-def parse_positive_float(value, maximum=None) -> float:
-    number = float(value)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"expected a positive number, got {value!r}")
-    if maximum is not None and number > maximum:
-        raise ValueError(f"expected at most {maximum}, got {value!r}")
-    return number
+#: The longest idle or exec timeout, in seconds, whether from a manager or from etcd.
+MAX_TIMEOUT = 365 * 24 * 3600
+#: The heartbeat intervals allowed, in seconds, on the command line and in etcd.
+HEARTBEAT_INTERVAL_RANGE = (0.5, 300.0)
+
+
+def parse_timeout(value) -> int:
+    """Whole seconds between 0 (never) and ``MAX_TIMEOUT``, from an int or its text."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected whole seconds, got {value!r}")
+    seconds = int(value)
+    if not 0 <= seconds <= MAX_TIMEOUT:
+        raise ValueError(f"must be whole seconds between 0 and {MAX_TIMEOUT}, got {value!r}")
+    return seconds
+
+
+def parse_heartbeat_interval(value) -> float:
+    """Seconds between heartbeats, within ``HEARTBEAT_INTERVAL_RANGE``."""
+    interval = float(value)
+    low, high = HEARTBEAT_INTERVAL_RANGE
+    if not low <= interval <= high:  # also rejects nan
+        raise ValueError(f"must be between {low} and {high} seconds, got {value!r}")
+    return interval
 
 
 def parse_cpu(value) -> float:

@@ -18,8 +18,8 @@ from bai_agent.config import (
     default_docker_host,
     ensure_private_dir,
     parse_cpu,
+    parse_heartbeat_interval,
     parse_host_port,
-    parse_positive_float,
     parse_size,
 )
 from bai_agent.kernels.workspace import check_socket_room
@@ -88,9 +88,7 @@ class Options(usage.Options):
         docker_host = self["docker-host"] or default_docker_host()
         if not docker_host.startswith(("unix://", "tcp://")):
             raise usage.UsageError(f"--docker-host: expected unix:///path or tcp://host:port, got {docker_host!r}")
-        heartbeat = self._parse("heartbeat-interval", parse_positive_float, 300)
-        if heartbeat < 0.5:
-            raise usage.UsageError("--heartbeat-interval: must be at least 0.5 seconds")
+        heartbeat = self._parse("heartbeat-interval", parse_heartbeat_interval)
         if self["secret-file"] is not None:
             try:
                 with open(self["secret-file"]) as secret_file:

@@ -34,13 +34,13 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 
 from bai_agent.backoff import Backoff
+from bai_agent.config import parse_heartbeat_interval, parse_timeout
 from bai_agent.etcd.interface import EtcdError, LeaseNotFound
 
 MIN_LEASE_TTL = 10
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 10.0
 STOP_TIMEOUT = 2.0
-HEARTBEAT_INTERVAL_RANGE = (0.5, 300.0)
 SECRET_NAME = "secret"
 _SECRET_PATTERN = re.compile(r"[0-9a-fA-F]{64,}\Z")
 
@@ -100,25 +100,11 @@ def write_secret_cache(path, secret):
         raise
 
 
-def _parse_heartbeat_interval(text):
-    interval = float(text)
-    low, high = HEARTBEAT_INTERVAL_RANGE
-    if not low <= interval <= high:  # also rejects nan
-        raise ValueError("must be between {} and {} seconds".format(low, high))
-    return interval
-
-
-def _parse_seconds(text):
-    seconds = int(text)
-    if seconds < 0:
-        raise ValueError("must be >= 0")
-    return seconds
-
-
+# The same checks as the command line's and a manager's: a value in etcd is no more trusted.
 CONFIG_PARSERS = {
-    "heartbeat_interval": _parse_heartbeat_interval,
-    "idle_timeout": _parse_seconds,
-    "exec_timeout": _parse_seconds,
+    "heartbeat_interval": parse_heartbeat_interval,
+    "idle_timeout": parse_timeout,
+    "exec_timeout": parse_timeout,
 }
 
 

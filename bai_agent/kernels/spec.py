@@ -10,7 +10,7 @@ import re
 
 import attrs
 
-from bai_agent.config import KERNEL_ID_PATTERN
+from bai_agent.config import KERNEL_ID_PATTERN, MAX_TIMEOUT
 from bai_agent.kernels import pinned_mounts
 from bai_agent.protocol.errors import InvalidRequest
 
@@ -50,7 +50,6 @@ LOADER_NAMES = frozenset(
 MAX_ENV_ENTRIES = 1000
 MAX_ENV_VALUE = 32 * 1024
 MAX_MOUNTS = 64
-MAX_TIMEOUT = 365 * 24 * 3600
 # Targets a mount must never cover, nor lie under: the kernel's own plumbing (its home,
 # the runner at /opt/bai, its socket at /run/bai, /tmp) and the system.
 RESERVED_TARGETS = (

@@ -437,6 +437,17 @@ def test_config_read_at_start_validated_and_bad_values_ignored(etcd, make_servic
     assert service.heartbeat_interval == 3.0
 
 
+
+@pytest.mark.parametrize("raw", [b"99999999999999999999", b"31536001", b"1e9", b"true", b"-0x1"])
+def test_timeouts_out_of_the_managers_range_are_ignored(etcd, make_service, raw):
+    # A huge exec_timeout once made every Execute fail and left kernels on RUN_CONFLICT.
+    result_of(etcd.put(CONFIG + b"exec_timeout", raw))
+    result_of(etcd.put(CONFIG + b"idle_timeout", raw))
+    service = make_service()
+    service.startService()
+    assert service.cluster_config == {}
+
+
 @pytest.mark.parametrize("raw", [b"0.1", b"301", b"nan", b"inf", b"x"])
 def test_out_of_range_heartbeat_interval_is_ignored(etcd, make_service, raw):
     service = make_service()

@@ -310,7 +310,7 @@ class _Connector(object):
         self._retry_call = None
         self._handshake_call = None
         self._attempt_d = None
-        self._link = None
+        self._handshaking = None  # the link of an attempt that connected, awaiting its hello
         self._cancelled = False
         self.result = Deferred(self._cancel)
 
@@ -321,7 +321,6 @@ class _Connector(object):
     def _attempt(self):
         self._retry_call = None
         link = RunnerLink(self._clock, **self._link_options)
-        self._link = link
         remaining = max(0.1, self._deadline - self._clock.seconds())
         endpoint = UNIXClientEndpoint(
             self._reactor, self._socket_path, timeout=max(1, int(remaining + 0.999))
@@ -331,6 +330,7 @@ class _Connector(object):
 
     def _connected(self, link):
         self._attempt_d = None
+        self._handshaking = link
         remaining = max(0.0, self._deadline - self._clock.seconds())
         # The socket may accept before the runner gets to the hello: bound the wait.
         self._handshake_call = self._clock.callLater(
@@ -346,6 +346,7 @@ class _Connector(object):
 
     def _failed(self, failure):
         self._attempt_d = None
+        self._handshaking = None
         self._cancel_handshake_timer()
         if self.result.called or self._cancelled:
             return None
@@ -377,8 +378,10 @@ class _Connector(object):
         self._cancel_handshake_timer()
         if self._attempt_d is not None:
             self._attempt_d.cancel()
-        elif self._link is not None:
-            self._link.close("connect_runner cancelled")
+        elif self._handshaking is not None:
+            # Only a link that connected has a hello to wait for (and a handler of its
+            # failure); a failed attempt's link has neither and is left alone.
+            self._handshaking.close("connect_runner cancelled")
 
 
 def connect_runner(reactor, socket_path, clock, timeout=30.0, **link_options):

@@ -104,3 +104,32 @@ def test_a_manager_reconciling_right_after_a_restart_never_sees_a_living_kernel_
     assert info["taking_over"] is False
     yield client.reset()
     client.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_stopping_while_a_runner_is_being_reached_is_clean_and_quick(agent, reactor):
+    secret = agent.secret_path.read_text().strip()
+    client = yield AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret)
+    frozen = yield client.create_kernel("frozen", IMAGE, {"cpu": 0.5, "mem": "64m"})
+    client.close()
+    pid = runner_pid(frozen["container_id"])
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        agent.start()
+        client = yield connect_when_listening(reactor, agent, secret, time.monotonic() + 20)
+        client.close()
+        # The reconnection would wait 30 s for the frozen runner; a stop cancels it
+        # (and is not killed for taking longer than its supervisor would wait).
+        assert agent.stop(signal.SIGTERM, timeout=25) == 0
+        log = agent.log_text()
+        assert "Unhandled error in Deferred" not in log, log[-3000:]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    agent.start()
+    agent.wait_for(lambda: agent.http("/healthz")[0] == 200, 20, "/healthz 200 once the runner answers")
+    client = yield AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret)
+    kernels = yield client.list_kernels()
+    assert [k["kernel_id"] for k in kernels] == ["frozen"]
+    yield client.reset()
+    client.close()

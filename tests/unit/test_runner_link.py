@@ -422,6 +422,33 @@ def test_connect_runner_can_be_cancelled():
     assert [c for c in reactor.getDelayedCalls() if c.active()] == []
 
 
+def test_cancelling_between_two_attempts_leaves_no_unhandled_error():
+    # At stop, a reconnection waiting to retry was cancelled; the failed attempt's link was
+    # then closed, and its never-awaited ``ready`` logged "Unhandled error in Deferred".
+    import gc
+
+    from twisted.logger import globalLogPublisher
+
+    reactor = MemoryReactorClock()
+    d = connect_runner(reactor, "/run/x.sock", reactor, timeout=30)
+    path, factory, timeout = reactor.unixClients[-1][:3]
+    factory.clientConnectionFailed(reactor.connectors[-1], Failure(ConnectError("refused")))
+    assert [c for c in reactor.getDelayedCalls() if c.active()]  # a retry is waiting
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        d.cancel()
+        assert failure_of(d).check(CancelledError)
+        assert [c for c in reactor.getDelayedCalls() if c.active()] == []
+        del d, factory
+        reactor.unixClients.clear()
+        reactor.connectors.clear()
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert [event.get("log_format") for event in logged if event.get("isError") or event.get("log_failure")] == []
+
+
 def test_connect_runner_retries_on_the_injected_clock():
     reactor = MemoryReactorClock()
     d = connect_runner(reactor, "/run/x.sock", reactor, timeout=1.0)

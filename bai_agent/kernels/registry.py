@@ -780,7 +780,11 @@ class KernelRegistry(Service):
         # State dirs that no kernel explains (a create killed before it saved): removed
         # before any new kernel can be made, so that none of its directories is taken.
         keep = {kernel_key(kernel_id) for kernel_id in self.kernels}
-        yield self.run_blocking(remove_state_dirs_except, self.config.state_dir, keep)
+        try:
+            yield self.run_blocking(remove_state_dirs_except, self.config.state_dir, keep)
+        except Exception:
+            # Registered kernels must get their second part whatever: never fail here.
+            self.log.failure("could not remove the state dirs no kernel explains")
         self.recovered = True
         self.log.info(
             "taking over from the last run: {adopting} kernel(s) to adopt, {ending} to end",

@@ -21,6 +21,16 @@ def compute_mac(secret: str, nonce: bytes) -> str:
     return hmac.new(secret.encode("utf-8"), nonce, hashlib.sha256).hexdigest()
 
 
-def verify_mac(secret: str, nonce: bytes, mac: str) -> bool:
-    expected = compute_mac(secret, nonce)
-    return hmac.compare_digest(expected.encode("ascii"), mac.strip().lower().encode("utf-8"))
+def verify_mac(secret: str, nonce: bytes, mac) -> bool:
+    """
+    Whether ``mac`` is exactly what ``compute_mac`` gives (lowercase hex, nothing around
+    it), compared in constant time. Anything else, another type or text that is not
+    ASCII included, is ``False``, never an exception.
+    """
+    if not isinstance(mac, str):
+        return False
+    try:
+        given = mac.encode("ascii")
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(compute_mac(secret, nonce).encode("ascii"), given)

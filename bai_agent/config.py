@@ -152,6 +152,8 @@ class AgentConfig:
     max_upload_size: int = 100 << 20
     stop_grace_period: float = 10.0
     destroy_kernels_on_stop: bool = False
+    # Seconds a manager connection has to authenticate (bai_agent.rpc.limits.AUTHENTICATION_DEADLINE).
+    authentication_deadline: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
 
     @property
     def etcd_url(self) -> str:

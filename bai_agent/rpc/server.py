@@ -7,21 +7,37 @@ turns unparseable arguments into ``INVALID_REQUEST`` and any undeclared failure 
 ``BACKEND_UNAVAILABLE`` (logged), so no exception ever reaches AMP and drops a connection
 that did nothing wrong. Bytes that are not AMP, and unknown command names, close that one
 connection.
+
+What a connection may cost is bounded (``bai_agent.rpc.limits``): boxes of a few KiB until
+it authenticates, within the authentication deadline, and at most
+``MAX_WAITING_CONNECTIONS`` such connections at once; the protocol's own limits after.
+Lines a stranger can cause (failed authentications, connections closed for bad bytes,
+dropped connections) are rate-limited (``bai_agent.lograte``).
 """
 
 import time
 
 from twisted.internet.defer import fail, maybeDeferred
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from bai_agent.lograte import LogRate
 from bai_agent.protocol import commands, errors
 from bai_agent.protocol.auth import new_nonce, verify_mac
 from bai_agent.rpc.events import EventFeed
+from bai_agent.rpc.limits import (
+    AUTHENTICATED,
+    MAX_WAITING_CONNECTIONS,
+    UNAUTHENTICATED,
+    BoundedBoxReceiver,
+    WaitingRoom,
+)
 
 MAX_FAILED_AUTHENTICATIONS = 3
+#: Seconds a connection closed for a rotated secret may take to flush its answers.
+HANG_UP_GRACE = 2.0
 
 # During a graceful stop, new work is refused; these still answer, so that a manager can
 # tell who it talks to, stay connected and collect the events up to ``agent-stopping``.
@@ -42,6 +58,7 @@ class AgentSession:
         self.peer = peer
         self.nonce = new_nonce()
         self.authenticated = False
+        self.secret = None  # the secret it authenticated with: a rotation ends the session
         self.failed_authentications = 0
 
 
@@ -134,10 +151,15 @@ class AgentLocator(amp.CommandLocator):
             raise errors.BackendUnavailable("the agent has no secret yet (etcd unreachable); retry later")
         if verify_mac(secret, self.session.nonce, mac):
             self.session.authenticated = True
+            self.session.secret = secret
+            if self.protocol is not None:
+                self.protocol.session_authenticated()
             self.log.info("manager {peer} authenticated", peer=self.session.peer)
             return {}
         self.session.failed_authentications += 1
-        self.log.warn(
+        self._log_rate().emit(
+            "failed authentication",
+            LogLevel.warn,
             "manager {peer} failed to authenticate ({count} of {limit})",
             peer=self.session.peer,
             count=self.session.failed_authentications,
@@ -147,6 +169,11 @@ class AgentLocator(amp.CommandLocator):
             # Let the error answer go out first, then hang up.
             self.agent.clock.callLater(0, self.protocol.transport.loseConnection)
         raise errors.AuthFailed("the MAC does not match this namespace's secret")
+
+    def _log_rate(self):
+        if self.protocol is not None:
+            return self.protocol.log_rate
+        return LogRate(self.agent.clock, self.log)
 
     @commands.Ping.responder
     def ping(self, payload):
@@ -250,28 +277,97 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-class AgentAMP(amp.AMP):
+class AgentAMP(BoundedBoxReceiver, amp.AMP):
     """
     One manager connection: pings the manager every heartbeat interval and drops it when
     nothing was heard for three intervals; closes itself, and only itself, on bytes that
-    are not AMP.
+    are not AMP, on a box past its limit, and when it has not authenticated by the
+    deadline. ``waiting`` is the agent's ``WaitingRoom`` of unauthenticated connections,
+    ``log_rate`` its ``LogRate``.
     """
 
     log = Logger()
 
-    def __init__(self, agent, session: AgentSession):
+    def __init__(self, agent, session: AgentSession, waiting: WaitingRoom, log_rate: LogRate):
         self.agent = agent
         self.session = session
+        self.waiting = waiting
+        self.log_rate = log_rate
         super().__init__(locator=AgentLocator(agent, session, self))
         self._ping_call = None
         self._silence_call = None
+        self._deadline_call = None
+        self._hang_up_call = None
         self.feed = None
+
+    def makeConnection(self, transport):
+        # Not amp.AMP's, which logs every connection made and lost: two lines per connect,
+        # which anyone can cause. The agent logs what matters itself, at a bounded rate.
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def connectionMade(self):
         super().connectionMade()
         self.agent.connections.add(self)
         self._heard()
         self._schedule_ping()
+        deadline = self.agent.config.authentication_deadline
+        self._deadline_call = self.agent.clock.callLater(deadline, self._authentication_overdue)
+        for oldest in self.waiting.enter(self):
+            oldest.evict()
+
+    # -- limits ----------------------------------------------------------------------
+
+    def box_limit(self):
+        return AUTHENTICATED if self.session.authenticated else UNAUTHENTICATED
+
+    def box_limit_exceeded(self, reason):
+        self.log_rate.emit(
+            "oversized box", LogLevel.warn, "closing connection from {peer}: {reason}", peer=self.session.peer, reason=reason
+        )
+        self.transport.abortConnection()
+
+    def session_authenticated(self):
+        """The manager authenticated: it no longer waits, and may send the protocol's largest boxes."""
+        self.waiting.leave(self)
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
+
+    def _authentication_overdue(self):
+        self._deadline_call = None
+        self.waiting.leave(self)
+        self.log_rate.emit(
+            "authentication deadline",
+            LogLevel.info,
+            "closing connection from {peer}: it did not authenticate within {deadline:g} s",
+            peer=self.session.peer,
+            deadline=self.agent.config.authentication_deadline,
+        )
+        self.transport.abortConnection()
+
+    def evict(self):
+        """Close this waiting connection to make room for a newer one (see ``WaitingRoom``)."""
+        self.log_rate.emit(
+            "waiting connection closed",
+            LogLevel.warn,
+            "closing unauthenticated connection from {peer}: {limit} connections are waiting to authenticate",
+            peer=self.session.peer,
+            limit=self.waiting.capacity,
+        )
+        self.transport.abortConnection()
+
+    def end_session(self, why: str):
+        """
+        Close an authenticated connection (its secret was rotated): commands are no longer
+        taken, answers already written go out within ``HANG_UP_GRACE`` seconds.
+        """
+        self.session.authenticated = False
+        self.log.info("closing the session of manager {peer}: {why}", peer=self.session.peer, why=why)
+        self.transport.loseConnection()
+        if self._hang_up_call is None:
+            self._hang_up_call = self.agent.clock.callLater(HANG_UP_GRACE, self.transport.abortConnection)
 
     def subscribe(self, since: int) -> int:
         """Start (or restart) the event feed of this connection after ``since``."""
@@ -290,11 +386,13 @@ class AgentAMP(amp.AMP):
             self.feed.stop()
             self.feed = None
         self.agent.connections.discard(self)
-        for call in (self._ping_call, self._silence_call):
+        self.waiting.leave(self)
+        for call in (self._ping_call, self._silence_call, self._deadline_call, self._hang_up_call):
             if call is not None and call.active():
                 call.cancel()
-        self._ping_call = self._silence_call = None
-        super().connectionLost(reason)
+        self._ping_call = self._silence_call = self._deadline_call = self._hang_up_call = None
+        amp.BinaryBoxProtocol.connectionLost(self, reason)  # amp.AMP's only adds a log line
+        self.transport = None
 
     def ampBoxReceived(self, box):
         self._heard()
@@ -304,8 +402,8 @@ class AgentAMP(amp.AMP):
                 raise amp.UnhandledCommand(f"unknown command {command[:64]!r}")
             super().ampBoxReceived(box)
         except Exception as e:
-            self.log.warn(
-                "closing connection from {peer}: {error}", peer=self.session.peer, error=_describe(e)
+            self.log_rate.emit(
+                "bad bytes", LogLevel.warn, "closing connection from {peer}: {error}", peer=self.session.peer, error=_describe(e)
             )
             self.transport.loseConnection()
 
@@ -329,8 +427,12 @@ class AgentAMP(amp.AMP):
             self._silence_call = self.agent.clock.callLater(timeout, self._silent)
 
     def _silent(self):
-        self.log.info("dropping silent manager connection {peer}", peer=self.session.peer)
-        self.transport.loseConnection()
+        self.log_rate.emit(
+            "silent connection", LogLevel.info, "dropping silent manager connection {peer}", peer=self.session.peer
+        )
+        # Nothing heard for three intervals: the peer does not read either, so waiting for
+        # the answers to flush could hold the connection for ever.
+        self.transport.abortConnection()
 
     def _schedule_ping(self):
         self._ping_call = self.agent.clock.callLater(self.agent.heartbeat_interval(), self._ping)
@@ -343,17 +445,44 @@ class AgentAMP(amp.AMP):
 
 
 class AgentAMPFactory(Factory):
-    """Builds one ``AgentAMP`` per manager connection."""
+    """
+    Builds one ``AgentAMP`` per manager connection; all of them share one ``WaitingRoom``
+    (at most ``max_waiting`` unauthenticated connections) and one ``LogRate``.
+    """
 
     noisy = False
+    log = Logger()
 
-    def __init__(self, agent):
+    def __init__(self, agent, max_waiting: int = MAX_WAITING_CONNECTIONS):
         self.agent = agent
+        self.waiting = WaitingRoom(max_waiting)
+        self.log_rate = LogRate(agent.clock, AgentAMP.log)
+
+    def stopFactory(self):
+        self.log_rate.stop()  # say what was suppressed, now rather than never
 
     def buildProtocol(self, addr):
         if self.agent.stopping:
             return None  # closes the connection: the agent is going away
         peer = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
-        protocol = AgentAMP(self.agent, AgentSession(peer))
+        protocol = AgentAMP(self.agent, AgentSession(peer), self.waiting, self.log_rate)
         protocol.factory = self
         return protocol
+
+    def secret_changed(self, secret: str) -> None:
+        """
+        The namespace secret changed (an etcd secret listener): close every session
+        authenticated with another one. Managers connect again and authenticate anew.
+        """
+        stale = [
+            connection
+            for connection in list(self.agent.connections)
+            if connection.session.authenticated and connection.session.secret != secret
+        ]
+        if stale:
+            self.log.info(
+                "the namespace secret changed: closing {count} sessions authenticated with the old one",
+                count=len(stale),
+            )
+        for connection in stale:
+            connection.end_session("the namespace secret changed")

@@ -21,6 +21,7 @@ from bai_agent.kernels import kernel as states
 from bai_agent.kernels.container import AGENT_ID_LABEL
 from bai_agent.protocol import commands
 from bai_agent.protocol.auth import compute_mac
+from bai_agent.rpc.limits import UNAUTHENTICATED
 from bai_agent.rpc.server import AgentAMPFactory
 from bai_agent.service import build_agent_service
 from bai_agent.testing.fake_docker import FakeDockerBackend
@@ -169,6 +170,19 @@ def describe(box):
     return {key: (value[:80] + b"..." if len(value) > 80 else value) for key, value in box.items()}
 
 
+def fits_unauthenticated(box):
+    """
+    Whether ``box``, sent with an ``_ask`` tag of 1 to 8 digits, fits the box limit of an
+    unauthenticated connection; None when it depends on the tag's length.
+    """
+    if len(box) + 1 > UNAUTHENTICATED.max_keys:
+        return False
+    size = len(boxes.serialise({**box, amp.ASK: b""}))
+    if size + 8 <= UNAUTHENTICATED.max_bytes:
+        return True
+    return None if size + 1 <= UNAUTHENTICATED.max_bytes else False
+
+
 def check_call(connection, box):
     command = commands.COMMANDS_BY_NAME[box[amp.COMMAND]]
     answer = connection.call(box)
@@ -268,7 +282,13 @@ def test_well_formed_calls_of_every_command_are_answered(agent):
 def test_unauthenticated_connection_gets_not_authenticated_for_all_but_hello(agent, box):
     connection = agent.__dict__.setdefault("anonymous", None) or agent.connect(authenticate=False)
     agent.anonymous = connection
+    fits = fits_unauthenticated(box)
     answer = connection.call(box)
+    if not fits and (fits is False or connection.closed):
+        # Past the box limit of an unauthenticated connection: closed, whatever the command.
+        assert connection.closed, f"an unauthenticated connection sent {describe(box)} and stayed"
+        agent.anonymous = None
+        return
     assert not connection.closed, f"dropped on {describe(box)}"
     assert answer is not None
     if box[amp.COMMAND] == commands.Hello.commandName:
@@ -284,7 +304,11 @@ def test_authenticate_with_any_mac_is_answered_and_refused(agent, entries, first
     connection = agent.connect(authenticate=False)
     if first:
         connection.call({amp.COMMAND: b"Hello"})
+    fits = fits_unauthenticated(entries)
     answer = connection.call(entries)
+    if not fits and (fits is False or connection.closed):
+        assert connection.closed, f"an unauthenticated connection sent {describe(entries)} and stayed"
+        return
     assert answer is not None and not connection.closed
     assert answer.get(amp.ERROR_CODE) in (b"AUTH_FAILED", b"INVALID_REQUEST"), (describe(entries), answer)
     assert connection.call({amp.COMMAND: b"GetAgentInfo"}).get(amp.ERROR_CODE) == b"NOT_AUTHENTICATED"

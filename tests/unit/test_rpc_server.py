@@ -246,6 +246,7 @@ def test_garbage_closes_only_that_connection(harness, garbage):
 
 def test_agent_pings_managers_and_drops_silent_ones(harness):
     client, server, pump = harness.connect()
+    authenticate(harness, client, pump)  # else the authentication deadline closes it first
     # A live manager answers the agent's pings, so it stays connected.
     for _ in range(10):
         harness.clock.advance(3.0)

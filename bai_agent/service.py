@@ -206,8 +206,10 @@ def build_agent_service(
         log.info("AMP listening on {address}", address=state.amp_address())
         etcd_service.refresh_now()
 
+    amp_factory = AgentAMPFactory(state)
+    etcd_service.add_secret_listener(amp_factory.secret_changed)
     amp_service = ListeningService(
-        config.amp_endpoint, serverFromString(reactor, config.amp_endpoint), AgentAMPFactory(state), amp_listening
+        config.amp_endpoint, serverFromString(reactor, config.amp_endpoint), amp_factory, amp_listening
     )
     amp_service.setName("amp")
     amp_service.setServiceParent(top)

@@ -166,6 +166,7 @@ class EtcdService(Service):
         self.heartbeat_interval = heartbeat_interval
         self.cluster_config = {}
         self._config_listeners = []
+        self._secret_listeners = []
 
         self._secret_from_file = secret_file is not None
         self.secret = read_secret_file(secret_file) if secret_file is not None else None
@@ -205,6 +206,10 @@ class EtcdService(Service):
     def add_config_listener(self, callback):
         """Call ``callback(name, value)`` for every later config change (None: removed)."""
         self._config_listeners.append(callback)
+
+    def add_secret_listener(self, callback):
+        """Call ``callback(secret)`` each time the namespace secret changes to another one."""
+        self._secret_listeners.append(callback)
 
     def refresh_now(self):
         """
@@ -551,6 +556,11 @@ class EtcdService(Service):
             self.log.info("adopted the namespace secret from {key}",
                           key=self.secret_key.decode("utf-8"))
             self.secret = text
+            for listener in list(self._secret_listeners):
+                try:
+                    listener(text)
+                except Exception:
+                    self.log.failure("secret listener {listener!r} failed", listener=listener)
         path = self._secret_cache_path
         if path is not None and self._cached_secret() != text:
             try:

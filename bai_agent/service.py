@@ -14,7 +14,6 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from bai_agent.agent import AgentState
 from bai_agent.config import ensure_private_dir
@@ -36,6 +35,7 @@ from bai_agent.stats.gpu import GpuStats
 from bai_agent.stats.node import NodeStats
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
+from bai_agent.status.site import StatusSite
 from bai_agent.stopping import GracefulStop
 
 log = Logger()
@@ -224,7 +224,7 @@ def build_agent_service(
         log.info("status page on {url}", url=state.status_url())
         etcd_service.refresh_now()
 
-    site = Site(StatusPage(state).app.resource())
+    site = StatusSite(StatusPage(state).app.resource(), reactor)
     site.displayTracebacks = False
     site.noisy = False
     http_service = ListeningService(

@@ -151,8 +151,10 @@ def _check_server_endpoint(description, reactor):
 def makeService(options):
     from twisted.internet import reactor
 
+    from bai_agent.rlimits import raise_open_file_limit
     from bai_agent.service import build_agent_service
 
+    raise_open_file_limit()
     try:
         service = build_agent_service(reactor, options.config)
     except ValueError as e:

@@ -12,6 +12,14 @@ Sizes are what ``du`` counts: ``st_blocks * 512`` of every entry (directories an
 symlinks themselves included, the root too), a file with several hard links once,
 symlinks never followed. Entries that vanish or cannot be read mid-walk are skipped.
 ``step`` blocks on the disk: call it through ``run_blocking``.
+
+The home is user code's, and user code runs while the agent (root) walks it: a directory
+queued for the next step may be replaced by a symlink to ``/`` meanwhile. So the walk
+never opens a path: each directory is opened from its parent's fd with ``O_NOFOLLOW``
+and must be the inode that was listed (device and inode), and the walk never leaves the
+home's filesystem. A queued directory is remembered as (its parent, its name, the inode
+listed), and a few recently opened directories are kept open, so that reaching one is a
+single ``openat`` in the usual breadth-first order.
 """
 
 from __future__ import annotations
@@ -24,6 +32,23 @@ import time
 
 DEFAULT_MAX_ENTRIES = 20_000
 DEFAULT_MAX_SECONDS = 0.1
+#: Directories kept open between openings (parents of what is queued next).
+OPEN_DIRECTORIES = 32
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Directory:
+    """A directory queued for the walk: its parent (None for the home), name and inode."""
+
+    __slots__ = ("parent", "name", "dev", "ino")  # hashed by identity: cheap at any depth
+
+    def __init__(self, parent, name, dev, ino):
+        self.parent, self.name, self.dev, self.ino = parent, name, dev, ino
+
+
+#: The home itself, as the parent of its entries.
+_ROOT = None
 
 
 class ScratchSizer:
@@ -67,11 +92,25 @@ class ScratchSizer:
         return f"<ScratchSizer {self.path} {self.bytes} bytes ({state})>"
 
     def _start_walk(self) -> None:
+        self._close_directories()
         self._total = 0
         self._seen_inodes: set = set()
         self._pending = collections.deque()
         self._entries = None  # the open scandir iterator of the directory being read
+        self._entries_fd = None  # the fd it reads, owned until it is closed
+        self._current = None  # and that directory (a _Directory, or _ROOT)
+        self._root_fd = None
+        self._device = None
+        self._open_fds = collections.OrderedDict()  # _Directory -> fd, most recent last
         self._walking = False
+
+    def _close_directories(self) -> None:
+        for fd in getattr(self, "_open_fds", {}).values():
+            os.close(fd)
+        if getattr(self, "_root_fd", None) is not None:
+            os.close(self._root_fd)
+        self._open_fds = collections.OrderedDict()
+        self._root_fd = None
 
     def step(self) -> int:
         """
@@ -106,8 +145,9 @@ class ScratchSizer:
     def _walk(self) -> None:
         if not self._walking:
             self._walking = True
-            self._total += self._root_size()
-            self._pending.append(self.path)
+            self._total += self._open_root()
+            if self._root_fd is not None:
+                self._pending.append(_ROOT)
         deadline = self._timer() + self.max_seconds
         budget = self.max_entries
         while budget > 0:
@@ -115,7 +155,8 @@ class ScratchSizer:
                 if not self._pending:
                     self._finish()
                     return
-                self._entries = self._open(self._pending.popleft())
+                self._current = self._pending.popleft()
+                self._entries = self._open(self._current)
                 if self._entries is None:
                     continue
             try:
@@ -133,24 +174,68 @@ class ScratchSizer:
                 break
         if not self.complete:
             self.bytes = self._total
+        # Between steps a sizer holds the home and the directory being read, no more (a
+        # hundred kernels' sizers would otherwise hold thousands of fds).
+        while self._open_fds:
+            os.close(self._open_fds.popitem()[1])
 
-    def _root_size(self) -> int:
+    def _open_root(self) -> int:
+        """Open the home for this walk (never through a symlink); its own size."""
         try:
-            st = os.lstat(self.path)
+            fd = os.open(self.path, _DIR_FLAGS)
         except OSError:
             return 0
+        st = os.fstat(fd)
+        self._root_fd, self._device = fd, st.st_dev
         return st.st_blocks * 512
 
-    def _open(self, path):
-        try:
-            return os.scandir(path)
-        except OSError:  # vanished, not a directory any more, unreadable
+    def _open(self, directory):
+        """A scandir iterator of a queued directory, if it is still the one that was listed."""
+        fd = self._directory_fd(directory)
+        if fd is None:
             return None
+        # The entries stat through the fd they were listed from (fstatat): it must stay
+        # open, and be this directory, until the listing is closed.
+        self._entries_fd = os.dup(fd)
+        try:
+            return os.scandir(self._entries_fd)
+        except OSError:  # unreadable
+            os.close(self._entries_fd)
+            self._entries_fd = None
+            return None
+
+    def _directory_fd(self, directory):
+        # Go up to the nearest directory that is open, then down, one openat a level.
+        chain = []
+        while directory is not _ROOT and directory not in self._open_fds:
+            chain.append(directory)
+            directory = directory.parent
+        if directory is _ROOT:
+            fd = self._root_fd
+        else:
+            fd = self._open_fds[directory]
+            self._open_fds.move_to_end(directory)
+        for child in reversed(chain):
+            try:
+                child_fd = os.open(child.name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:  # vanished, or replaced by a symlink or a file
+                return None
+            st = os.fstat(child_fd)
+            if (st.st_dev, st.st_ino) != (child.dev, child.ino):
+                os.close(child_fd)  # replaced by another directory: not what was listed
+                return None
+            self._open_fds[child] = fd = child_fd
+            while len(self._open_fds) > OPEN_DIRECTORIES:
+                os.close(self._open_fds.popitem(last=False)[1])
+        return fd
 
     def _close_entries(self) -> None:
         if self._entries is not None:
             self._entries.close()
             self._entries = None
+        if getattr(self, "_entries_fd", None) is not None:
+            os.close(self._entries_fd)
+            self._entries_fd = None
 
     def _count(self, entry) -> None:
         try:
@@ -164,8 +249,8 @@ class ScratchSizer:
                 return
             self._seen_inodes.add(key)
         self._total += st.st_blocks * 512
-        if is_dir:
-            self._pending.append(entry.path)
+        if is_dir and st.st_dev == self._device:
+            self._pending.append(_Directory(self._current, entry.name, st.st_dev, st.st_ino))
 
     def _finish(self) -> None:
         self.bytes = self._total

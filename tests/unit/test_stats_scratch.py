@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from bai_agent.node.trees import remove_tree
 from bai_agent.stats.scratch import ScratchSizer
 
 
@@ -216,3 +217,66 @@ def test_close_during_a_step_is_done_by_that_step(many_files):
     close_inside.append(True)
     sizer.step()  # close() comes in the middle of this step and does not wait for it
     assert sizer._entries is None and not sizer._walking
+
+
+def test_a_queued_directory_swapped_for_a_symlink_is_not_followed(tmp_path):
+    # User code swaps a directory the sizer has queued for a symlink to a big host tree
+    # between two steps: once the agent (root) walked that tree and counted 18 GiB.
+    home = tmp_path / "home"
+    outside = tmp_path / "host"
+    (outside / "deep").mkdir(parents=True)
+    fill(outside / "deep" / "big", 4 << 20)
+    for index in range(50):
+        (home / f"d{index}").mkdir(parents=True)
+    fill(home / "small", 4096)
+    sizer = ScratchSizer(str(home), max_entries=10)
+    sizer.step()  # the home's entries are being listed; the subdirectories are queued
+    for index in range(50):
+        os.rmdir(home / f"d{index}")
+        os.symlink(outside, home / f"d{index}")
+    step_until_complete(sizer)
+    assert sizer.bytes < 1 << 20
+    for _ in range(20):  # and the walks after it, which see the links from the start
+        sizer.step()
+    assert sizer.walks > 1 and sizer.bytes < 1 << 20
+
+
+def test_a_queued_directory_whose_parent_is_swapped_is_not_followed(tmp_path):
+    home = tmp_path / "home"
+    (home / "a" / "b").mkdir(parents=True)
+    outside = tmp_path / "host"
+    (outside / "b").mkdir(parents=True)
+    fill(outside / "b" / "big", 4 << 20)
+    sizer = ScratchSizer(str(home), max_entries=1)
+    sizer.step()
+    sizer.step()
+    # "a/b" is queued; its parent is swapped for a link to a host tree with a "b" in it.
+    os.rename(home / "a", tmp_path / "moved")
+    os.symlink(outside, home / "a")
+    step_until_complete(sizer)
+    assert sizer.bytes < 1 << 20
+
+
+def test_a_deep_tree_is_sized_without_recursion_and_with_few_open_files(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    fd = os.open(home, os.O_RDONLY)
+    expected = os.fstat(fd).st_blocks * 512
+    for _ in range(3000):  # deeper than Python's recursion, longer than PATH_MAX as a path
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+        expected += os.fstat(fd).st_blocks * 512
+    os.close(fd)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        sizer = ScratchSizer(str(home), max_entries=500)
+        while not sizer.complete:
+            sizer.step()
+            assert len(os.listdir("/proc/self/fd")) <= before + 3
+        assert sizer.bytes == expected
+        sizer.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        remove_tree(str(home))  # pytest's own clean-up (shutil.rmtree) would recurse

@@ -938,6 +938,10 @@ class KernelRegistry(Service):
             yield self.run_blocking(self.workspace(kernel.kernel_id).remove)
         except OSError as e:
             self.log.error("could not remove the directories of kernel {kernel_id}: {error}", kernel_id=kernel.kernel_id, error=e)
+        except Exception:
+            # Whatever the home held, the kernel ends: its grant, its id and its event
+            # must never wait on a removal that failed in an unforeseen way.
+            self.log.failure("could not remove the directories of kernel {kernel_id}", kernel_id=kernel.kernel_id)
         self.allocator.release(kernel.kernel_id)
         self._last_sample(kernel)
         kernel.status = states.TERMINATED

@@ -14,8 +14,9 @@ Every function here blocks on the disk: the registry calls them in its thread po
 import hashlib
 import json
 import os
-import shutil
 
+from bai_agent.kernels import pinned_mounts
+from bai_agent.node.trees import TreeNotRemoved, remove_tree
 from bai_agent.runner import ENVIRON_NAME, SOCKET_NAME
 
 KERNEL_UID = 1000
@@ -62,12 +63,14 @@ class Workspace:
         _write_atomically(self.environ_file, environ)
 
     def remove(self) -> None:
-        """Remove both directories; what is already gone is fine."""
-        for path in (self.scratch_dir, self.state_dir):
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.lexists(path):
-                # rmtree leaves what it could not remove; say so instead of leaking quietly.
-                raise OSError(f"could not remove {path}")
+        """
+        Remove both directories, whatever user code left in the home; what is already
+        gone is fine. Raises ``TreeNotRemoved`` (an ``OSError``) for what had to be left
+        (an immutable file, a mount point), after trying both.
+        """
+        home = remove_tree(self.scratch_dir)
+        _remove_state_dir(self.state_dir)
+        home.check()
 
 
 def _write_atomically(path: str, value) -> None:
@@ -121,15 +124,38 @@ def leftover_kernel_ids(scratch_root: str) -> set:
 
 
 def remove_state_dirs_except(state_dir: str, keep_keys: set) -> list:
-    """Remove ``{state_dir}/kernels/*`` not in ``keep_keys``; the removed keys."""
+    """
+    Remove ``{state_dir}/kernels/*`` not in ``keep_keys``; the removed keys. Raises the
+    first ``TreeNotRemoved`` once all were tried, if one had to be left.
+    """
     root = os.path.join(state_dir, "kernels")
     removed = []
     try:
         keys = os.listdir(root)
     except FileNotFoundError:
         return removed
+    left = []
     for key in keys:
         if key not in keep_keys:
-            shutil.rmtree(os.path.join(root, key), ignore_errors=True)
-            removed.append(key)
+            try:
+                _remove_state_dir(os.path.join(root, key))
+            except TreeNotRemoved as error:
+                left.append(error)
+            else:
+                removed.append(key)
+    if left:
+        raise left[0]
     return removed
+
+
+def _remove_state_dir(path: str) -> None:
+    """
+    A kernel's state dir, with the mount pins a killed agent may have left in it unmounted
+    first (they are binds of host directories: a removal must never empty them; one it
+    meets anyway is left mounted and reported).
+    """
+    try:
+        pinned_mounts.unpin(path)
+    except OSError:
+        pass  # what stays mounted is refused by remove_tree below, and reported
+    remove_tree(path).check()

@@ -35,6 +35,12 @@ Decisions:
   meanwhile is kept and may take the file past the cap.
 - Directories and files an upload creates belong to the kernel user (uid/gid 1000), with
   modes 0755 and 0644.
+- A parent directory that vanishes while an upload writes (removed, or moved away and
+  replaced, by the kernel) is made again, as a missing one is: the upload walks the path
+  again, at most 4 times, then answers ``PathNotAllowed``; a symbolic link found there on
+  the way is ``PathNotAllowed`` at once. Nothing is written before the file is open, so a
+  walk again writes once. An upload never answers ``FileNotFound``, which ``UploadFile``
+  does not declare: a missing home is ``InvalidRequest``.
 - A download at or past the end of the file is not an error: it answers no data and
   ``eof`` true.
 - A listing of more than 10,000 entries is refused (``InvalidRequest``) rather than cut:
@@ -72,6 +78,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _MAX_OFFSET = (1 << 63) - 1
 _CREATE_ATTEMPTS = 8
+_UPLOAD_ATTEMPTS = 4
 
 
 def resolve(home: str, path: str) -> List[str]:
@@ -120,13 +127,24 @@ def upload(home: str, path: str, data: bytes, append: bool, max_size: int) -> in
     # creates and changes nothing.
     if len(data) > max_size:
         raise FileTooLarge(f"{_shown(components)} would be {len(data)} bytes; the cap is {max_size}")
-    with _os_errors(components):
-        with _directory(home, components[:-1], create=True) as parent:
-            fd = _open_for_writing(parent, components, append)
-            try:
-                return _write(fd, components, data, append, max_size)
-            finally:
-                os.close(fd)
+    for _ in range(_UPLOAD_ATTEMPTS):
+        try:
+            with _os_errors(components):
+                with _directory(home, components[:-1], create=True) as parent:
+                    fd = _open_for_writing(parent, components, append)
+                    try:
+                        return _write(fd, components, data, append, max_size)
+                    finally:
+                        os.close(fd)
+        except FileNotFound:
+            # A parent directory vanished after it was opened or made (removed, or
+            # moved away and perhaps replaced): nothing was written, so walk the path
+            # again, making what is missing; a symlink put there is refused on the way.
+            continue
+    raise PathNotAllowed(
+        f"{_shown(components[:-1])} was removed or replaced {_UPLOAD_ATTEMPTS} times while "
+        f"{_shown(components)} was written; nothing was written"
+    )
 
 
 def download(home: str, path: str, offset: int, length: int) -> Tuple[bytes, int, bool]:
@@ -227,6 +245,8 @@ def _directory(home: str, components: List[str], create: bool) -> Iterator[int]:
     try:
         fd = os.open(home, _DIR_FLAGS)
     except FileNotFoundError:
+        if create:  # an upload, which has no FileNotFound to answer
+            raise InvalidRequest("the kernel's home directory is missing") from None
         raise FileNotFound("the kernel's home directory is missing") from None
     except OSError as error:
         if error.errno in (errno.ENOTDIR, errno.ELOOP):

@@ -811,3 +811,134 @@ def test_race_swapping_a_file_for_a_symlink(home, outside):
         lambda: download(home, "target", 0, 1000),
     ]
     race(home, outside, swapper, operations)
+
+
+# Parents vanishing mid-upload: UploadFile declares PATH_NOT_ALLOWED and FILE_TOO_LARGE,
+# not FILE_NOT_FOUND, so whatever the kernel does to the path, an upload answers one of
+# those (or the common ones), never FileNotFound.
+
+UPLOAD_ERRORS = (PathNotAllowed, FileTooLarge, InvalidRequest)
+
+
+def parent_vanishing_at_create(monkeypatch, home, times, replacement=None):
+    """
+    Before the upload creates its file, the kernel removes the (empty) parent directory
+    ``home/sub`` the upload has just opened, and may put ``replacement`` (a symlink target)
+    in its place: ``times`` times.
+    """
+    real_open = os.open
+    vanished = []
+
+    def vanishing_open(name, flags, *args, **kwargs):
+        if name == "f" and "dir_fd" in kwargs and flags & os.O_CREAT and len(vanished) < times:
+            vanished.append(True)
+            os.rmdir(os.path.join(home, "sub"))
+            if replacement is not None:
+                os.symlink(replacement, os.path.join(home, "sub"))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", vanishing_open)
+    return vanished
+
+
+@pytest.mark.parametrize("append", [False, True])
+def test_a_parent_removed_mid_upload_is_made_again(home, monkeypatch, append):
+    os.mkdir(os.path.join(home, "sub"))
+    vanished = parent_vanishing_at_create(monkeypatch, home, times=1)
+    assert upload(home, "sub/f", b"data", append, CAP) == 4
+    monkeypatch.undo()
+    assert vanished
+    assert read(home, "sub", "f") == b"data"
+    assert os.stat(os.path.join(home, "sub")).st_uid == KERNEL_UID
+
+
+def test_a_parent_replaced_by_a_symlink_mid_upload_is_path_not_allowed(home, outside, monkeypatch):
+    os.mkdir(os.path.join(home, "sub"))
+    vanished = parent_vanishing_at_create(monkeypatch, home, times=1, replacement=outside)
+    with pytest.raises(PathNotAllowed, match="symbolic link"):
+        upload(home, "sub/f", b"pwned", False, CAP)
+    monkeypatch.undo()
+    assert vanished
+    assert sorted(os.listdir(outside)) == ["canary"]
+
+
+def test_a_parent_that_keeps_vanishing_is_path_not_allowed(home, monkeypatch):
+    os.mkdir(os.path.join(home, "sub"))
+    vanished = parent_vanishing_at_create(monkeypatch, home, times=10**6)
+    with pytest.raises(PathNotAllowed, match="removed or replaced"):
+        upload(home, "sub/f", b"x", False, CAP)
+    assert 1 < len(vanished) < 10
+
+
+def test_a_parent_removed_between_its_mkdir_and_its_open_is_made_again(home, monkeypatch):
+    real_mkdir = os.mkdir
+    made = []
+
+    def mkdir_then_vanish(name, *args, **kwargs):
+        real_mkdir(name, *args, **kwargs)
+        if name == "new" and "dir_fd" in kwargs and not made:
+            made.append(True)
+            os.rmdir(os.path.join(home, "new"))
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_vanish)
+    assert upload(home, "new/deeper/f", b"x", False, CAP) == 1
+    monkeypatch.undo()
+    assert made and read(home, "new", "deeper", "f") == b"x"
+
+
+def test_a_parent_removed_mid_upload_under_a_deleted_tree(home, monkeypatch):
+    # The kernel removes the whole branch after the upload opened its deepest directory.
+    os.makedirs(os.path.join(home, "a", "b", "sub"))
+    real_open = os.open
+    removed = []
+
+    def removing_open(name, flags, *args, **kwargs):
+        if name == "f" and "dir_fd" in kwargs and flags & os.O_CREAT and not removed:
+            removed.append(True)
+            for path in ("a/b/sub", "a/b", "a"):
+                os.rmdir(os.path.join(home, path))
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", removing_open)
+    upload(home, "a/b/sub/f", b"x", False, CAP)
+    monkeypatch.undo()
+    assert removed and read(home, "a", "b", "sub", "f") == b"x"
+
+
+def test_an_upload_into_a_missing_home_is_an_invalid_request(tmp_path):
+    with pytest.raises(InvalidRequest, match="home directory is missing"):
+        upload(str(tmp_path / "gone"), "f", b"x", False, CAP)
+
+
+def test_uploads_racing_a_parent_removed_and_remade_answer_only_declared_errors(home):
+    # The kernel keeps removing and remaking the parent while uploads go on.
+    parent = os.path.join(home, "churn")
+    os.mkdir(parent)
+    stopping = threading.Event()
+
+    def churn():
+        while not stopping.is_set():
+            try:
+                for name in os.listdir(parent):
+                    os.unlink(os.path.join(parent, name))
+                os.rmdir(parent)
+                os.mkdir(parent)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=churn, daemon=True)
+    thread.start()
+    outcomes = {}
+    try:
+        for _ in range(2000):
+            try:
+                upload(home, "churn/f", b"x", False, CAP)
+                kind = "ok"
+            except AgentError as error:
+                assert isinstance(error, UPLOAD_ERRORS), f"undeclared {error!r}"
+                kind = type(error).__name__
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+    finally:
+        stopping.set()
+        thread.join(TIMEOUT)
+    assert outcomes.get("ok", 0) > 0, outcomes

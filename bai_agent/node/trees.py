@@ -357,14 +357,19 @@ class _Remover:
             return
         try:
             info = os.fstat(child)
-            if info.st_dev != self.dev or (info.st_ino != ino and self._other_mount(child)):
-                self._mount_point(frame, name)
-                self._stick(ino)
-                os.close(child)
-                return
+            mounted = info.st_dev != self.dev or (info.st_ino != ino and self._other_mount(child))
         except BaseException:
             os.close(child)
             raise
+        if mounted:
+            os.close(child)
+            self._mount_point(frame, name)
+            self._stick(ino)
+            return
+        if info.st_ino in self.stuck:  # listed under another inode number (overlayfs)
+            os.close(child)
+            frame.left = True
+            return
         if info.st_ino == self.just_left:
             refills = self.refills.get(info.st_ino, 0) + 1
             if refills > MAX_REFILLS:
@@ -396,6 +401,9 @@ class _Remover:
                 fd = self._open_unreadable(frame.fd, name)
                 if fd is not None:
                     return fd
+                if not self._is_directory(frame, name):
+                    self._not_a_directory(frame, name, frames, inos, tries)
+                    return None
             self._leave(frame, name, error)
             return None
 
@@ -474,7 +482,9 @@ class _Remover:
     def _mount_point(self, frame: _Frame, name: str) -> None:
         frame.left = True
         if len(self.mount_points) < MAX_REPORTED:
-            self.mount_points.append(self._where(frame.fd, name))
+            where = self._where(frame.fd, name)
+            if where not in self.mount_points:  # met again when a level is listed again
+                self.mount_points.append(where)
 
     def _leave(self, frame: _Frame, name: str, reason) -> None:
         frame.left = True
@@ -484,7 +494,9 @@ class _Remover:
         if len(self.failures) < MAX_REPORTED:
             if isinstance(reason, OSError):
                 reason = reason.strerror or str(reason)
-            self.failures.append(f"{self._where(dir_fd, name)}: {reason}")
+            failure = f"{self._where(dir_fd, name)}: {reason}"
+            if failure not in self.failures:
+                self.failures.append(failure)
 
     @staticmethod
     def _where(dir_fd: int, name: str) -> str:

@@ -348,3 +348,26 @@ def test_a_writer_that_never_stops_does_not_hold_the_removal_for_ever(tmp_path, 
     assert not removal.removed
     assert any("keeps being filled" in failure for failure in removal.failures)
     assert len(writes) < 100
+
+
+def test_what_is_left_near_the_top_of_a_deep_tree_is_reported_once(tmp_path):
+    # The top level is listed again after the walk comes back from past MAX_OPEN levels:
+    # what it left there is met twice, and reported once.
+    outside = outside_tree(tmp_path)
+    home = tmp_path / "home"
+    (home / "pin").mkdir(parents=True)
+    (home / "stuck").write_text("x")
+    deep_chain(str(home), 4 * trees.MAX_OPEN)
+    subprocess.run(["chattr", "+i", str(home / "stuck")], check=True)
+    mounts.mount(str(outside), str(home / "pin"), None, mounts.MS_BIND)
+    try:
+        removal = remove_tree(str(home))
+        assert not removal.removed
+        assert removal.mount_points == (str(home / "pin"),)
+        assert len(removal.failures) == 1 and "stuck" in removal.failures[0]
+        assert sorted(os.listdir(home)) == ["pin", "stuck"]
+        assert_intact(outside)
+    finally:
+        mounts.unmount(str(home / "pin"))
+        subprocess.run(["chattr", "-i", str(home / "stuck")], check=True)
+    assert remove_tree(str(home)).removed

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from bai_agent.kernels.workspace import Workspace
-from tests.unit.test_kernel_registry import Harness, result
+from tests.unit.test_kernel_registry import Harness, restarted, result
 from tests.unit.test_node_trees import deep_chain, removes_deep_trees  # noqa: F401 (autouse)
 
 
@@ -46,3 +46,19 @@ def test_a_removal_that_raises_never_keeps_the_grant_or_the_id(h, monkeypatch, e
     monkeypatch.undo()
     h.registry.workspace("k1").remove()  # what the failed removal left, as a later one would
     assert h.create()["status"] == "running"
+
+
+def test_after_a_restart_a_deep_home_left_behind_is_removed_and_reported(h):
+    # The kernel died while no agent watched; its home is 5,000 levels deep, and a home
+    # without any kernel is too.
+    died = h.create("died")
+    deep_chain(h.registry.workspace("died").scratch_dir, 5000)
+    registry = restarted(h)
+    h.backend.die(died["container_id"], 1)
+    os.mkdir(os.path.join(h.config.scratch_root, "homeless"))
+    deep_chain(os.path.join(h.config.scratch_root, "homeless"), 5000)
+    registry.startService()
+    assert os.listdir(h.config.scratch_root) == []
+    ended = {e.kernel_id: e.data["reason"] for e in h.journal.since(0) if e.type == "kernel-terminated"}
+    assert ended == {"died": "self-terminated", "homeless": "orphan-cleanup"}
+    h.assert_nothing_leaked()

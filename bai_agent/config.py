@@ -151,6 +151,8 @@ class AgentConfig:
     kernel_pids_limit: int = 1024
     max_upload_size: int = 100 << 20
     stop_grace_period: float = 10.0
+    default_scratch_size: int = 10 << 30
+    scratch_type: str = "auto"  # auto, quota, hostfile or dir (bai_agent.node.scratch)
     destroy_kernels_on_stop: bool = False
     # Seconds a manager connection has to authenticate (bai_agent.rpc.limits.AUTHENTICATION_DEADLINE).
     authentication_deadline: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))

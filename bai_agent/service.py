@@ -26,6 +26,7 @@ from bai_agent.kernels.gpus import discover_gpus
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
 from bai_agent.kernels.runner_link import connect_runner as default_connect_runner
+from bai_agent.node import scratch
 from bai_agent.resources import detect_capacity
 from bai_agent.runner import RUNNER_DIR
 from bai_agent.rpc.server import AgentAMPFactory
@@ -113,19 +114,40 @@ class AgentService(MultiService):
 
 
 def build_agent_service(
-    reactor, config, docker_backend=None, etcd=None, nvml=None, connect_runner=None, run_blocking=None, cgroups=None
+    reactor,
+    config,
+    docker_backend=None,
+    etcd=None,
+    nvml=None,
+    connect_runner=None,
+    run_blocking=None,
+    cgroups=None,
+    scratch_volumes=None,
 ) -> MultiService:
     """
     Build the agent from a validated ``AgentConfig``. ``docker_backend`` (an
     ``IDockerBackend``), ``etcd`` (an ``IEtcd``), ``nvml`` (the pynvml module),
-    ``connect_runner``, ``run_blocking`` (disk work off the reactor thread) and
-    ``cgroups`` (a ``CgroupReader``) default to the real ones; tests pass fakes.
+    ``connect_runner``, ``run_blocking`` (disk work off the reactor thread),
+    ``cgroups`` (a ``CgroupReader``) and ``scratch_volumes`` (a
+    ``node.scratch.ScratchVolumes``, detected from ``config.scratch_type``) default to the
+    real ones; tests pass fakes.
     """
     compile_runner()
     ensure_private_dir(config.scratch_root, "scratch root")
     ensure_private_dir(config.state_dir, "state dir")
+    if scratch_volumes is None:
+        scratch_volumes = scratch.detect(config.scratch_root, config.scratch_type)  # ValueError: a start-up error
+    if not scratch_volumes.enforced:
+        log.warn(
+            "--scratch-type dir: kernels' homes are not limited; one kernel can fill the disk of {root}",
+            root=config.scratch_root,
+        )
+    else:
+        log.info("kernels' homes limited by {kind} on {root}", kind=scratch_volumes.kind, root=config.scratch_root)
     gpus = discover_gpus(nvml)
-    capacity = detect_capacity(config.reserved_cpu, config.reserved_mem, cuda_devices=len(gpus))
+    capacity = detect_capacity(
+        config.reserved_cpu, config.reserved_mem, cuda_devices=len(gpus), scratch=scratch.capacity_of(config.scratch_root)
+    )
 
     top = AgentService()
     top.setName("bai-agent")
@@ -175,6 +197,7 @@ def build_agent_service(
         runner_dir=RUNNER_DIR,
         cluster_config=lambda: etcd_service.cluster_config,
         thread_pool=None if run_blocking else disk_pool,
+        scratch_volumes=scratch_volumes,
     )
     kernels.setName("kernels")
     kernels.setServiceParent(top)

@@ -23,6 +23,7 @@ from bai_agent.config import (
     parse_size,
 )
 from bai_agent.kernels.workspace import check_socket_room
+from bai_agent.node.scratch import KINDS as SCRATCH_KINDS
 
 NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 SYSTEM_DIRS = {"/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot", "/proc", "/sys", "/dev", "/root", "/var", "/run"}
@@ -53,6 +54,9 @@ class Options(usage.Options):
         ["kernel-pids-limit", None, "1024", "Most processes one kernel may run."],
         ["max-upload-size", None, "100m", "Largest file UploadFile may make in a kernel's home."],
         ["stop-grace-period", None, "10", "Seconds a graceful stop (SIGTERM) waits for commands in flight (0 to 3600)."],
+        ["default-scratch-size", None, "10g", "Most a kernel's home may hold when CreateKernel names no scratch (at least 16m)."],
+        ["scratch-type", None, "auto", "How homes are limited: quota (project quotas of the scratch root), hostfile "
+         "(a loop-mounted image per kernel), dir (not limited), or auto (quota where supported, else hostfile)."],
     ]
 
     optFlags = [
@@ -116,6 +120,11 @@ class Options(usage.Options):
         pids_limit = self._parse("kernel-pids-limit", int)
         if not 16 <= pids_limit <= 1 << 22:
             raise usage.UsageError("--kernel-pids-limit: must be between 16 and 4194304")
+        default_scratch_size = self._parse("default-scratch-size", parse_size)
+        if default_scratch_size < 16 << 20:
+            raise usage.UsageError("--default-scratch-size: must be at least 16m")
+        if self["scratch-type"] not in SCRATCH_KINDS:
+            raise usage.UsageError(f"--scratch-type: one of {', '.join(SCRATCH_KINDS)}, not {self['scratch-type']!r}")
         grace = self._parse("stop-grace-period", float)
         if not 0 <= grace <= 3600:
             raise usage.UsageError("--stop-grace-period: must be between 0 and 3600 seconds")
@@ -139,6 +148,8 @@ class Options(usage.Options):
             max_upload_size=max_upload_size,
             stop_grace_period=grace,
             destroy_kernels_on_stop=bool(self["destroy-kernels-on-stop"]),
+            default_scratch_size=default_scratch_size,
+            scratch_type=self["scratch-type"],
         )
 
 

@@ -15,6 +15,11 @@ Requests:
   refuses a smaller memory limit). Default ``DEFAULT_MEM`` (512 MiB), or the machine's
   memory capacity when that is smaller.
 - ``cuda.device``: how many NVIDIA devices, a non-negative int; default 0.
+- ``scratch``: the most the kernel's home may hold, bytes or a size string, at least
+  ``MIN_SCRATCH``; default the agent's ``--default-scratch-size`` (or the scratch root's
+  size when that is smaller). Accounted like memory against the scratch root's size,
+  when the capacity knows it, so that a full home is the kernel's ``ENOSPC``, never the
+  host's.
 
 A request larger than the machine's capacity can never fit and says so; one that fits the
 machine but not what is free now says what is free. Both are ``InsufficientResources``.
@@ -62,8 +67,9 @@ DEFAULT_CPU = 1.0
 DEFAULT_MEM = 512 * (1 << 20)
 MIN_CPU = 0.01
 MIN_MEM = 6 * (1 << 20)
+MIN_SCRATCH = 16 * (1 << 20)
 CPU_PERIOD_US = 100_000
-REQUEST_KEYS = ("cpu", "mem", "cuda.device")
+REQUEST_KEYS = ("cpu", "mem", "cuda.device", "scratch")
 
 _MILLI = 1000
 _MIN_MILLICORES = round(MIN_CPU * _MILLI)
@@ -76,6 +82,7 @@ class ResourceRequest:
     cpu: float
     mem: int
     cuda_devices: int = 0
+    scratch: int = 0
 
     @property
     def millicores(self) -> int:
@@ -102,18 +109,20 @@ class Grant:
     cpu_quota_us: Optional[int] = None
     cpu_period_us: int = CPU_PERIOD_US
     cuda_devices: tuple = ()
+    scratch: int = 0  # bytes the home may hold; 0: not limited (a kernel of an older agent)
 
     @property
     def millicores(self) -> int:
         return round(self.cpu * _MILLI)
 
     def to_json(self) -> dict:
-        """The ``resources`` of the kernel record (PROTOCOL.md section 5)."""
+        """The ``resources`` of the kernel record (PROTOCOL.md sections 5 and 6)."""
         return {
             "cpu": self.cpu,
             "mem": self.mem,
             "cpuset": ",".join(str(core) for core in self.cpuset),
             "cuda.device": list(self.cuda_devices),
+            "scratch": self.scratch,
         }
 
     @classmethod
@@ -128,9 +137,10 @@ class Grant:
             cpuset_text = str(resources.get("cpuset", "")).strip()
             cpuset = tuple(int(core) for core in cpuset_text.split(",")) if cpuset_text else ()
             cuda_devices = tuple(int(index) for index in resources.get("cuda.device", ()))
+            scratch = int(resources.get("scratch", 0))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a grant of kernel {kernel_id}: {resources!r} ({error})") from None
-        if not math.isfinite(cpu) or cpu <= 0 or mem <= 0:
+        if not math.isfinite(cpu) or cpu <= 0 or mem <= 0 or scratch < 0:
             raise ValueError(f"not a grant of kernel {kernel_id}: {resources!r}")
         quota = None if cpuset else round(cpu * CPU_PERIOD_US)
         return cls(
@@ -140,10 +150,11 @@ class Grant:
             cpuset=cpuset,
             cpu_quota_us=quota,
             cuda_devices=cuda_devices,
+            scratch=scratch,
         )
 
 
-def parse_resource_request(resources, capacity: Capacity) -> ResourceRequest:
+def parse_resource_request(resources, capacity: Capacity, default_scratch: int = 0) -> ResourceRequest:
     """
     The request in a ``CreateKernel``'s ``resources`` (decoded JSON).
 
@@ -168,13 +179,19 @@ def parse_resource_request(resources, capacity: Capacity) -> ResourceRequest:
     else:
         mem = min(DEFAULT_MEM, capacity.mem)
     cuda_devices = _parse_cuda_devices(resources.get("cuda.device", 0))
+    if "scratch" in resources:
+        scratch = _parse_scratch(resources["scratch"])
+    else:
+        scratch = min(default_scratch, capacity.scratch) if capacity.scratch else default_scratch
     whole_machine = (capacity_millicores, capacity.mem, capacity.cuda_device)
     never_fits = _excess(millicores, mem, cuda_devices, *whole_machine, "in the whole machine")
+    if capacity.scratch and scratch > capacity.scratch:
+        never_fits.append(f"scratch {_bytes(scratch)} asked, {_bytes(capacity.scratch)} in the whole machine")
     if never_fits:
         raise InsufficientResources(
             f"the request can never fit this agent: {'; '.join(never_fits)}"
         )
-    return ResourceRequest(cpu=millicores / _MILLI, mem=mem, cuda_devices=cuda_devices)
+    return ResourceRequest(cpu=millicores / _MILLI, mem=mem, cuda_devices=cuda_devices, scratch=scratch)
 
 
 def _parse_millicores(value) -> int:
@@ -203,6 +220,18 @@ def _parse_mem(value) -> int:
     if mem < MIN_MEM:
         raise InvalidRequest(f"resources.mem must be at least {_bytes(MIN_MEM)}, not {value!r}")
     return mem
+
+
+def _parse_scratch(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(f"resources.scratch must be bytes or a size like '10g', not {_json_type(value)}")
+    try:
+        scratch = parse_size(value)
+    except (ValueError, OverflowError) as error:
+        raise InvalidRequest(f"resources.scratch: {error}") from None
+    if scratch < MIN_SCRATCH:
+        raise InvalidRequest(f"resources.scratch must be at least {_bytes(MIN_SCRATCH)}, not {value!r}")
+    return scratch
 
 
 def _parse_cuda_devices(value) -> int:
@@ -247,6 +276,7 @@ class Allocator:
         self._free_gpus = set(gpu_indices)
         self._used_millicores = 0
         self._used_mem = 0
+        self._used_scratch = 0
 
     @property
     def pinnable_cores(self) -> tuple:
@@ -263,6 +293,7 @@ class Allocator:
         if millicores <= 0 or request.mem <= 0 or request.cuda_devices < 0:
             raise ValueError(f"not a request: {request!r}")
         self._check_fits(millicores, request.mem, request.cuda_devices)
+        self._check_scratch_fits(request.scratch)
         whole_cores = request.whole_cores
         if whole_cores is not None and whole_cores <= len(self._pinnable_cores):
             cpuset = self._least_loaded_cores(whole_cores)
@@ -279,6 +310,7 @@ class Allocator:
             cpu_quota_us=quota,
             cpu_period_us=CPU_PERIOD_US,
             cuda_devices=cuda_devices,
+            scratch=request.scratch,
         )
         self._take(grant)
         log.debug("kernel {kernel_id} granted {resources}", kernel_id=kernel_id, resources=grant.to_json())
@@ -295,6 +327,7 @@ class Allocator:
         if millicores <= 0 or grant.mem <= 0:
             raise ValueError(f"grant of kernel {grant.kernel_id} is empty: {grant!r}")
         self._check_fits(millicores, grant.mem, len(grant.cuda_devices))
+        self._check_scratch_fits(grant.scratch)
         unknown_cores = sorted(set(grant.cpuset) - set(self._core_load))
         if unknown_cores or len(set(grant.cpuset)) != len(grant.cpuset):
             raise InsufficientResources(
@@ -326,6 +359,7 @@ class Allocator:
             return False
         self._used_millicores -= grant.millicores
         self._used_mem -= grant.mem
+        self._used_scratch -= grant.scratch
         for core in grant.cpuset:
             self._core_load[core] -= 1
         self._free_gpus.update(grant.cuda_devices)
@@ -339,15 +373,21 @@ class Allocator:
         return dict(self._grants)
 
     def used(self) -> dict:
-        """Granted amounts, per slot (``cuda.device`` counts devices)."""
-        return _slots(self._used_millicores, self._used_mem, len(self._gpu_indices) - len(self._free_gpus))
+        """Granted amounts, per slot (``cuda.device`` counts devices; ``scratch`` when accounted)."""
+        slots = _slots(self._used_millicores, self._used_mem, len(self._gpu_indices) - len(self._free_gpus))
+        if self.capacity.scratch:
+            slots["scratch"] = self._used_scratch
+        return slots
 
     def free(self) -> dict:
-        return _slots(
+        slots = _slots(
             self._capacity_millicores - self._used_millicores,
             self.capacity.mem - self._used_mem,
             len(self._free_gpus),
         )
+        if self.capacity.scratch:
+            slots["scratch"] = self.capacity.scratch - self._used_scratch
+        return slots
 
     def core_load(self) -> dict[int, int]:
         """Per core, the number of whole-core grants pinned to it."""
@@ -370,6 +410,20 @@ class Allocator:
                 f" (free: cpu {_cores(free_millicores)}, mem {_bytes(free_mem)}, cuda.device {free_gpus})"
             )
 
+    def _check_scratch_fits(self, scratch: int) -> None:
+        if not self.capacity.scratch:
+            return
+        if scratch > self.capacity.scratch:
+            raise InsufficientResources(
+                f"the request can never fit this agent: scratch {_bytes(scratch)} asked, "
+                f"{_bytes(self.capacity.scratch)} in the whole machine"
+            )
+        free = self.capacity.scratch - self._used_scratch
+        if scratch > free:
+            raise InsufficientResources(
+                f"the request does not fit now: scratch {_bytes(scratch)} asked, {_bytes(free)} free"
+            )
+
     def _least_loaded_cores(self, count: int) -> tuple:
         chosen = heapq.nsmallest(count, self._pinnable_cores, key=lambda core: (self._core_load[core], core))
         return tuple(sorted(chosen))
@@ -378,6 +432,7 @@ class Allocator:
         self._grants[grant.kernel_id] = grant
         self._used_millicores += grant.millicores
         self._used_mem += grant.mem
+        self._used_scratch += grant.scratch
         for core in grant.cpuset:
             self._core_load[core] += 1
         self._free_gpus.difference_update(grant.cuda_devices)

@@ -73,6 +73,11 @@ def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limi
         ]
         + list(mount_binds),
         "NetworkMode": network,
+        # Nothing outside the home, /tmp and the runner's directory is writable: the
+        # image's layer cannot grow on the host's disk. /tmp is memory, counted in the
+        # kernel's memory limit, so it is at most that big.
+        "ReadonlyRootfs": True,
+        "Tmpfs": {"/tmp": f"rw,nosuid,nodev,size={grant.mem},mode=1777"},
         "Memory": grant.mem,
         "MemorySwap": grant.mem,  # equal limits: no swap
         "PidsLimit": pids_limit,

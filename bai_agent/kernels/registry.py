@@ -80,6 +80,8 @@ class KernelRegistry(Service):
     :param cluster_config: a callable returning the etcd tunables (``idle_timeout``, ...).
     :param thread_pool: a ``ThreadPool`` behind ``run_blocking`` to start and stop with
         this service, if any.
+    :param scratch_volumes: the ``node.scratch.ScratchVolumes`` that limit kernels' homes
+        to their ``scratch`` grant; None: plain directories.
     """
 
     log = Logger()
@@ -97,6 +99,7 @@ class KernelRegistry(Service):
         runner_dir,
         cluster_config=dict,
         thread_pool=None,
+        scratch_volumes=None,
     ):
         self.reactor = reactor
         self.config = config
@@ -109,6 +112,7 @@ class KernelRegistry(Service):
         self.runner_dir = runner_dir
         self.cluster_config = cluster_config
         self.thread_pool = thread_pool
+        self.scratch_volumes = scratch_volumes
         self.kernels = {}
         self.stats = None  # the StatsCollector, attached by the composition root
         self.recovered = False  # every kernel of the last run is known (the take-over's first part)
@@ -315,7 +319,7 @@ class KernelRegistry(Service):
         tunables = self.cluster_config()
         idle_timeout = check_timeout("idle_timeout", idle_timeout, tunables.get("idle_timeout", 0))
         exec_timeout = check_timeout("exec_timeout", exec_timeout, tunables.get("exec_timeout", 0))
-        request = parse_resource_request(resources, self.allocator.capacity)
+        request = parse_resource_request(resources, self.allocator.capacity, self.config.default_scratch_size)
         if kernel_id in self.kernels:
             raise errors.KernelExists(f"kernel {kernel_id!r} exists ({self.kernels[kernel_id].status})")
         if not self.docker.healthy:
@@ -354,7 +358,7 @@ class KernelRegistry(Service):
         workspace = self.workspace(kernel.kernel_id)
         steps = {}
         try:
-            yield self.run_blocking(workspace.create)
+            yield self.run_blocking(workspace.create, kernel.grant.scratch)
             steps["dirs"] = time.monotonic() - started
             yield self._start_container(kernel, workspace, steps)
         except Exception as e:
@@ -425,7 +429,7 @@ class KernelRegistry(Service):
         link.dead.addCallback(lambda reason: self._runner_lost(kernel, link, reason))
 
     def workspace(self, kernel_id) -> Workspace:
-        return Workspace(self.config.scratch_root, self.config.state_dir, kernel_id)
+        return Workspace(self.config.scratch_root, self.config.state_dir, kernel_id, self.scratch_volumes)
 
     # -- destroy, restart, reset ---------------------------------------------------------
 

@@ -31,8 +31,9 @@ def kernel_key(kernel_id: str) -> str:
 class Workspace:
     """Paths of one kernel's directories, and the disk work on them."""
 
-    def __init__(self, scratch_root: str, state_dir: str, kernel_id: str):
+    def __init__(self, scratch_root: str, state_dir: str, kernel_id: str, volumes=None):
         self.kernel_id = kernel_id
+        self.volumes = volumes  # the ScratchVolumes that limit homes (None: plain directories)
         self.scratch_dir = os.path.join(scratch_root, kernel_id)
         self.state_dir = os.path.join(state_dir, "kernels", kernel_key(kernel_id))
         self.run_dir = os.path.join(self.state_dir, "run")
@@ -40,13 +41,19 @@ class Workspace:
         self.environ_file = os.path.join(self.run_dir, ENVIRON_NAME)
         self.state_file = os.path.join(self.state_dir, "kernel.json")
 
-    def create(self) -> None:
-        """Make the home (owned by the kernel user) and the run dir (root only)."""
+    def create(self, scratch_size: int = 0) -> None:
+        """
+        Make the home (owned by the kernel user, holding at most ``scratch_size`` bytes
+        where the volumes enforce it) and the run dir (root only).
+        """
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         os.chmod(self.run_dir, 0o700)
-        os.mkdir(self.scratch_dir, mode=0o755)
-        os.chown(self.scratch_dir, KERNEL_UID, KERNEL_GID)
+        if self.volumes is not None and scratch_size:
+            self.volumes.make(self.scratch_dir, scratch_size)
+        else:
+            os.mkdir(self.scratch_dir, mode=0o755)
+            os.chown(self.scratch_dir, KERNEL_UID, KERNEL_GID)
 
     def clear_run_dir(self) -> None:
         """A restart gets a fresh socket; a stale one would be connected to in vain."""
@@ -68,6 +75,8 @@ class Workspace:
         gone is fine. Raises ``TreeNotRemoved`` (an ``OSError``) for what had to be left
         (an immutable file, a mount point), after trying both.
         """
+        if self.volumes is not None:
+            self.volumes.remove(self.scratch_dir)  # unmount first: never empty a mount in place
         home = remove_tree(self.scratch_dir)
         _remove_state_dir(self.state_dir)
         home.check()

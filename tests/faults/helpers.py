@@ -24,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 
 from bai_agent.docker.engine import image_path
+from bai_agent.node.scratch import VOLUMES_DIR, ScratchVolumes
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.docker_host import docker_request
 from tests.functional.agent_process import AgentProcess
@@ -510,10 +511,20 @@ class Scenario:
     # -- checks
 
     def stray_dirs(self, agent, live_kernel_ids=()):
-        """Entries under the agent's scratch root that no live kernel owns."""
+        """
+        Entries under the agent's scratch root that no live kernel owns: homes, and the
+        filesystem images of homes (``.volumes/``, with ``--scratch-type hostfile``).
+        """
         if not agent.scratch_root.exists():
             return []
-        return sorted(entry.name for entry in agent.scratch_root.iterdir() if entry.name not in set(live_kernel_ids))
+        live = set(live_kernel_ids)
+        stray = [entry.name for entry in agent.scratch_root.iterdir() if entry.name not in live and entry.name != VOLUMES_DIR]
+        volumes = agent.scratch_root / VOLUMES_DIR
+        if volumes.exists():
+            volumes_of = ScratchVolumes(str(agent.scratch_root), "hostfile")
+            images = {volumes_of.image_path(str(agent.scratch_root / kernel_id)) for kernel_id in live}
+            stray += [f"{VOLUMES_DIR}/{entry.name}" for entry in volumes.iterdir() if str(entry) not in images]
+        return sorted(stray)
 
     @inlineCallbacks
     def grants_used(self, client):

@@ -30,6 +30,15 @@ def scratch(agent, tmp_path, kernel_id=""):
     return agent.scratch_root / kernel_id
 
 
+def homes(agent):
+    """The kernel homes under the scratch root; their images (hostfile) only while they live."""
+    root = agent.scratch_root
+    names = sorted(p.name for p in root.iterdir() if p.name != ".volumes")
+    volumes = root / ".volumes"
+    assert not volumes.exists() or len(list(volumes.iterdir())) <= len(names), sorted(volumes.iterdir())
+    return names
+
+
 def secret(agent, tmp_path):
     return agent.secret_path.read_text().strip()
 
@@ -109,7 +118,7 @@ def test_bad_requests_leak_nothing_on_real_docker(agent, tmp_path, reactor):
             with pytest.raises(error):
                 yield client.create_kernel(**arguments)
         assert our_containers(agent) == []
-        assert list(scratch(agent, tmp_path).iterdir()) == []
+        assert homes(agent) == []
         info = yield client.get_agent_info()
         assert info["resources"]["cpu"]["used"] == 0
     finally:
@@ -156,7 +165,7 @@ def test_deaths_are_reported_with_the_right_reason_and_cleaned(agent, tmp_path, 
         assert terminated()["oom"]["exit_code"] == 137
         assert terminated()["killed"]["reason"] == "self-terminated"
         assert our_containers(agent) == []
-        assert list(scratch(agent, tmp_path).iterdir()) == []
+        assert homes(agent) == []
         assert (yield client.list_kernels()) == []
         seqs = [e["seq"] for e in events]
         assert seqs == sorted(seqs) and len(seqs) == len(set(seqs))
@@ -229,7 +238,7 @@ def test_a_killed_agent_adopts_its_kernels_when_it_comes_back(agent, tmp_path, r
         )
         (ended,) = [e for e in events if e["type"] == "kernel-terminated" and e["kernel_id"] == "casualty"]
         assert ended["data"]["reason"] == "self-terminated" and ended["data"]["exit_code"] == 137
-        assert sorted(p.name for p in scratch(agent, tmp_path).iterdir()) == ["survivor"]
+        assert homes(agent) == ["survivor"]
         yield again.destroy_kernel("survivor")
     finally:
         again.close()

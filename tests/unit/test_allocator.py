@@ -359,8 +359,8 @@ def test_grant_json_is_the_kernel_record_resources():
     alloc = allocator()
     pinned = alloc.allocate("a", request(cpu=2, mem=GIB, cuda_devices=1))
     shared = alloc.allocate("b", request(cpu=0.25, mem=512 * MIB))
-    assert pinned.to_json() == {"cpu": 2.0, "mem": GIB, "cpuset": "0,1", "cuda.device": [0]}
-    assert shared.to_json() == {"cpu": 0.25, "mem": 512 * MIB, "cpuset": "", "cuda.device": []}
+    assert pinned.to_json() == {"cpu": 2.0, "mem": GIB, "cpuset": "0,1", "cuda.device": [0], "scratch": 0}
+    assert shared.to_json() == {"cpu": 0.25, "mem": 512 * MIB, "cpuset": "", "cuda.device": [], "scratch": 0}
 
 
 def test_a_grant_survives_a_json_round_trip():
@@ -577,3 +577,32 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 AllocatorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_any_sequence_of_allocations_and_releases = AllocatorMachine.TestCase
+
+
+# Scratch: the most a kernel's home may hold
+
+
+def test_scratch_is_parsed_defaulted_and_accounted_against_the_scratch_root():
+    capacity = Capacity(cpu=4.0, mem=8 * GIB, cuda_device=0, scratch=20 * GIB)
+    assert parse_resource_request({"scratch": "2g"}, capacity, default_scratch=10 * GIB).scratch == 2 * GIB
+    assert parse_resource_request({}, capacity, default_scratch=10 * GIB).scratch == 10 * GIB
+    small = Capacity(cpu=4.0, mem=8 * GIB, cuda_device=0, scratch=5 * GIB)
+    assert parse_resource_request({}, small, default_scratch=10 * GIB).scratch == 5 * GIB
+    for bad in ("1m", -1, True, "lots", [1]):
+        with pytest.raises(InvalidRequest, match="scratch"):
+            parse_resource_request({"scratch": bad}, capacity)
+    with pytest.raises(InsufficientResources, match="scratch"):
+        parse_resource_request({"scratch": "30g"}, capacity)
+    alloc = Allocator(capacity, [], cpu_cores=[0, 1, 2, 3])
+    first = alloc.allocate("a", parse_resource_request({"cpu": 0.5, "scratch": "15g"}, capacity))
+    assert first.scratch == 15 * GIB and first.to_json()["scratch"] == 15 * GIB
+    assert alloc.used()["scratch"] == 15 * GIB and alloc.free()["scratch"] == 5 * GIB
+    with pytest.raises(InsufficientResources, match="scratch"):
+        alloc.allocate("b", parse_resource_request({"cpu": 0.5, "scratch": "6g"}, capacity))
+    alloc.release("a")
+    assert alloc.used()["scratch"] == 0
+    restored = alloc.restore(Grant.from_json("a", first.to_json()))
+    assert restored.scratch == 15 * GIB
+    # A grant saved by an agent without scratch limits loads as unlimited.
+    old = Grant.from_json("old", {"cpu": 0.5, "mem": GIB, "cpuset": "", "cuda.device": []})
+    assert old.scratch == 0

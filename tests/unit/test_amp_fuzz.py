@@ -65,6 +65,7 @@ class Agent:
             state_dir=str(root / "state"),
             kernel_network="none",
             allowed_mount_roots=(str(root / "data"),),
+            scratch_type="dir",  # homes stay plain directories in unit tests
         )
         self.service = build_agent_service(
             self.reactor,
@@ -396,6 +397,6 @@ def test_random_creates_and_destroys_leak_nothing(agent, steps):
     assert amp.ANSWER in answer
     agent.reactor.advance(STEP)
     assert agent.registry.kernels == {}
-    assert agent.registry.allocator.used() == {"cpu": 0, "mem": 0, "cuda.device": 0}
+    assert agent.registry.allocator.used() == {"cpu": 0, "mem": 0, "cuda.device": 0, "scratch": 0}
     assert agent.our_containers() == []
     assert os.listdir(agent.config.scratch_root) == []

@@ -27,6 +27,7 @@ def parts(tmp_path):
         advertise_host="10.1.2.3",
         scratch_root=str(tmp_path / "scratch"),
         state_dir=str(tmp_path / "state"),
+        scratch_type="dir",
     )
     # Disk work at once: a MemoryReactor never runs what a thread pool hands back to it.
     service = build_agent_service(

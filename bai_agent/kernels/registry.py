@@ -786,6 +786,9 @@ class KernelRegistry(Service):
         keep = {kernel_key(kernel_id) for kernel_id in self.kernels}
         try:
             yield self.run_blocking(remove_state_dirs_except, self.config.state_dir, keep)
+            if self.scratch_volumes is not None:
+                homes = [self.workspace(kernel_id).scratch_dir for kernel_id in self.kernels]
+                yield self.run_blocking(self.scratch_volumes.remove_images_except, homes)
         except Exception:
             # Registered kernels must get their second part whatever: never fail here.
             self.log.failure("could not remove the state dirs no kernel explains")

@@ -179,6 +179,28 @@ class ScratchVolumes:
                 pass
         # A project quota needs no undoing: the project's blocks go with its files.
 
+    def remove_images_except(self, homes) -> list:
+        """
+        Delete the images of no home in ``homes`` (what a create killed before it mounted
+        its image left); the paths deleted. An image still attached to a loop device
+        lives on until that is detached.
+        """
+        keep = {self.image_path(home) for home in homes}
+        try:
+            names = os.listdir(self.volumes_dir)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in names:
+            path = os.path.join(self.volumes_dir, name)
+            if path not in keep and name.endswith(".img"):
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+        return removed
+
     def used(self, home: str):
         """Bytes the home's own filesystem says are used (hostfile), else None."""
         if self.kind != "hostfile" or not mounts.is_mount_point(home):

@@ -358,9 +358,12 @@ class KernelRegistry(Service):
         workspace = self.workspace(kernel.kernel_id)
         steps = {}
         try:
-            yield self.run_blocking(workspace.create, kernel.grant.scratch)
+            yield self.run_blocking(workspace.create)
             steps["dirs"] = time.monotonic() - started
-            yield self._start_container(kernel, workspace, steps)
+            # The home's limit (an image to make and mount, say) is set up while Docker
+            # creates the container, which needs the home's path, not what is in it.
+            limiting = self.run_blocking(workspace.limit_home, kernel.grant.scratch)
+            yield self._start_container(kernel, workspace, steps, limiting)
         except Exception as e:
             failure = Failure()
             self.log.warn(
@@ -386,8 +389,12 @@ class KernelRegistry(Service):
         return kernel.record()
 
     @inlineCallbacks
-    def _start_container(self, kernel, workspace, steps=None):
-        """Create and start the container and wait for its runner to answer."""
+    def _start_container(self, kernel, workspace, steps=None, limiting=None):
+        """
+        Create and start the container and wait for its runner to answer; ``limiting``,
+        if given, is the Deferred of the home's limit, awaited before the start (and
+        whatever happens, so that nothing is removed while it is being made).
+        """
         steps = {} if steps is None else steps
         started = time.monotonic() - steps.get("dirs", 0)
         # Mount sources are checked again at every (re)create, and Docker is handed what
@@ -412,9 +419,15 @@ class KernelRegistry(Service):
             yield self.run_blocking(workspace.save, kernel.saved_state())
             yield self.run_blocking(workspace.write_environ, user_environment(kernel))
             steps["saved"] = time.monotonic() - started
+            if limiting is not None:
+                limiting, waiting = None, limiting
+                yield waiting
+                steps["home limited"] = time.monotonic() - started
             yield self.backend.start_container(kernel.container_id)
             steps["docker started"] = time.monotonic() - started
         finally:
+            if limiting is not None:
+                yield DeferredList([limiting], consumeErrors=True)
             if binds:
                 yield self.run_blocking(pinned_mounts.unpin, workspace.state_dir)
         link = yield self.connect_runner(self.reactor, workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)

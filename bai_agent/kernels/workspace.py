@@ -41,19 +41,18 @@ class Workspace:
         self.environ_file = os.path.join(self.run_dir, ENVIRON_NAME)
         self.state_file = os.path.join(self.state_dir, "kernel.json")
 
-    def create(self, scratch_size: int = 0) -> None:
-        """
-        Make the home (owned by the kernel user, holding at most ``scratch_size`` bytes
-        where the volumes enforce it) and the run dir (root only).
-        """
+    def create(self) -> None:
+        """Make the home (owned by the kernel user) and the run dir (root only)."""
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         os.chmod(self.state_dir, 0o700)
         os.chmod(self.run_dir, 0o700)
+        os.mkdir(self.scratch_dir, mode=0o755)
+        os.chown(self.scratch_dir, KERNEL_UID, KERNEL_GID)
+
+    def limit_home(self, scratch_size: int) -> None:
+        """Make the (new, empty) home hold at most ``scratch_size`` bytes, where the volumes enforce it."""
         if self.volumes is not None and scratch_size:
-            self.volumes.make(self.scratch_dir, scratch_size)
-        else:
-            os.mkdir(self.scratch_dir, mode=0o755)
-            os.chown(self.scratch_dir, KERNEL_UID, KERNEL_GID)
+            self.volumes.limit(self.scratch_dir, scratch_size)
 
     def clear_run_dir(self) -> None:
         """A restart gets a fresh socket; a stale one would be connected to in vain."""

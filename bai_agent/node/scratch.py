@@ -149,8 +149,12 @@ class ScratchVolumes:
     def make(self, home: str, size: int) -> None:
         """The home at ``home`` (which must not exist), owned by the kernel user, limited to ``size`` bytes."""
         os.mkdir(home, 0o755)
+        os.chown(home, KERNEL_UID, KERNEL_GID)
+        self.limit(home, size)
+
+    def limit(self, home: str, size: int) -> None:
+        """Limit the new, empty directory ``home`` to ``size`` bytes; on failure undone, and raised."""
         try:
-            os.chown(home, KERNEL_UID, KERNEL_GID)
             if self.kind == "hostfile":
                 self._make_image(home, size)
             elif self.kind == "quota":

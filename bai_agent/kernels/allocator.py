@@ -211,27 +211,23 @@ def _parse_millicores(value) -> int:
 
 
 def _parse_mem(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidRequest(f"resources.mem must be bytes or a size like '512m', not {_json_type(value)}")
-    try:
-        mem = parse_size(value)
-    except (ValueError, OverflowError) as error:
-        raise InvalidRequest(f"resources.mem: {error}") from None
-    if mem < MIN_MEM:
-        raise InvalidRequest(f"resources.mem must be at least {_bytes(MIN_MEM)}, not {value!r}")
-    return mem
+    return _parse_bytes("mem", value, MIN_MEM, "512m")
 
 
 def _parse_scratch(value) -> int:
+    return _parse_bytes("scratch", value, MIN_SCRATCH, "10g")
+
+
+def _parse_bytes(key, value, minimum, example) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidRequest(f"resources.scratch must be bytes or a size like '10g', not {_json_type(value)}")
+        raise InvalidRequest(f"resources.{key} must be bytes or a size like '{example}', not {_json_type(value)}")
     try:
-        scratch = parse_size(value)
+        size = parse_size(value)
     except (ValueError, OverflowError) as error:
-        raise InvalidRequest(f"resources.scratch: {error}") from None
-    if scratch < MIN_SCRATCH:
-        raise InvalidRequest(f"resources.scratch must be at least {_bytes(MIN_SCRATCH)}, not {value!r}")
-    return scratch
+        raise InvalidRequest(f"resources.{key}: {error}") from None
+    if size < minimum:
+        raise InvalidRequest(f"resources.{key} must be at least {_bytes(minimum)}, not {value!r}")
+    return size
 
 
 def _parse_cuda_devices(value) -> int:

@@ -75,6 +75,15 @@ class AgentProcess:
         finally:
             self.log.close()
 
+    def failed_start(self, timeout=30) -> int:
+        """Start an agent that is expected to refuse to start; its exit code (then cleaned up)."""
+        self.start()
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.stop()
+            self.remove_state()
+
     def remove_state(self):
         shutil.rmtree(self.state_dir, ignore_errors=True)
 

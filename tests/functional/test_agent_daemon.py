@@ -39,7 +39,7 @@ def test_agent_registers_within_5s_and_refreshes_its_record(agent, etcd_server):
     assert record["protocol"] == 1
     assert record["amp_endpoint"] == f"127.0.0.1:{agent.amp_port}"
     assert record["status_url"] == f"http://127.0.0.1:{agent.http_port}/"
-    assert set(record["resources"]) == {"cpu", "mem", "cuda.device"}
+    assert set(record["resources"]) == {"cpu", "mem", "cuda.device", "scratch"}
     assert record["resources"]["cpu"]["capacity"] > 0
     first = record["heartbeat_at"]
 
@@ -160,12 +160,7 @@ def test_taken_port_fails_startup_with_a_clear_message(tmp_path, etcd_server, do
         port = taken.getsockname()[1]
         agent = AgentProcess(tmp_path, etcd_server.addr, agent_id="agent-taken")
         agent.argv[agent.argv.index("--amp-endpoint") + 1] = f"tcp:{port}:interface=127.0.0.1"
-        agent.start()
-        try:
-            code = agent.process.wait(30)
-        finally:
-            agent.stop()
-            agent.remove_state()
+        code = agent.failed_start()
     assert code != 0
     assert f"bai-agent: cannot listen on tcp:{port}:interface=127.0.0.1 for amp: Address already in use" in agent.log_text()
     assert "Traceback" not in agent.log_text()

@@ -153,11 +153,6 @@ def test_quota_scratch_type_fails_start_up_clearly_where_the_filesystem_has_none
     agent = AgentProcess(
         tmp_path, etcd_server.addr, agent_id="agent-quota",
         extra=["--scratch-root", str(disk / "q"), "--scratch-type", "quota", "--kernel-network", "none"],
-    ).start()
-    try:
-        code = agent.process.wait(30)
-    finally:
-        agent.stop()
-        agent.remove_state()
-    assert code != 0
+    )
+    assert agent.failed_start() != 0
     assert "--scratch-type quota" in agent.log_text() and "prjquota" in agent.log_text()

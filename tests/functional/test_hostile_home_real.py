@@ -9,10 +9,9 @@ import os
 import time
 
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from bai_agent.node.trees import remove_tree
-from tests.functional.executing import IMAGE, run_to_end, text
+from tests.functional.executing import IMAGE, run_to_end, sleep, text, wait_until
 
 MIB = 1 << 20
 SUBDIRS = 200
@@ -88,20 +87,6 @@ while not os.path.exists("/home/work/swapping"):
     time.sleep(0.01)
 print("swapping")
 """
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@pytest_twisted.inlineCallbacks
-def wait_until(reactor, predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        yield sleep(reactor, 0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest_twisted.inlineCallbacks

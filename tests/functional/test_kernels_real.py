@@ -4,16 +4,14 @@ create, destroy, restart, death, OOM, events across reconnects and agent restart
 """
 
 import json
-import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import containers_of, docker, running_agent
-from tests.functional.executing import IMAGE
+from tests.functional.executing import IMAGE, sleep, wait_until
 
 
 def our_containers(agent):
@@ -45,20 +43,6 @@ def secret(agent, tmp_path):
 
 def connect(reactor, agent, tmp_path, on_event=None):
     return AgentClient.connect(reactor, f"127.0.0.1:{agent.amp_port}", secret(agent, tmp_path), on_event=on_event)
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@pytest_twisted.inlineCallbacks
-def wait_until(reactor, predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        yield sleep(reactor, 0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest_twisted.inlineCallbacks

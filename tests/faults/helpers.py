@@ -599,6 +599,7 @@ class Scenario:
                     agent.docker.remove(container)
             except (OSError, AssertionError):
                 pass  # that daemon is down: the private daemon's own teardown removes everything
+            agent.unmount_homes()  # before the rmtree, which would empty a mounted home in place
             shutil.rmtree(agent.scratch_root, ignore_errors=True)
             agent.remove_state()
         for docker, container in self.strays:

@@ -14,6 +14,8 @@ import time
 import urllib.error
 import urllib.request
 
+from bai_agent.node import mounts
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -85,7 +87,24 @@ class AgentProcess:
             self.remove_state()
 
     def remove_state(self):
+        self.unmount_homes()
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def unmount_homes(self):
+        """
+        Unmount what the agent left mounted below its scratch root: the homes of kernels it
+        left running (``--scratch-type hostfile`` loop-mounts an image on each), once their
+        containers are gone. Else every test that stops an agent with kernels alive leaves
+        a mount and a loop device behind, and pytest's clean-up of old tmp dirs later
+        empties them in place.
+        """
+        root = os.path.realpath(self.scratch_root)
+        for point in mounts.mount_points_under(root):
+            if point != root:
+                try:
+                    mounts.unmount(point, lazy=True)
+                except OSError:
+                    pass
 
     @property
     def secret_path(self):

@@ -45,8 +45,9 @@ Decisions:
   ``eof`` true.
 - A listing of more than 10,000 entries is refused (``InvalidRequest``) rather than cut:
   a partial listing would look complete. It stops reading the directory at that point.
-- Every failure is a declared error; an unexpected ``OSError`` (``EACCES``, ``ENOSPC``,
-  ``ENAMETOOLONG``, ...) becomes ``InvalidRequest`` with its message.
+- Every failure is a declared error; a full home (``ENOSPC``, ``EDQUOT``: the kernel's
+  scratch grant is used up) is ``FileTooLarge``; another unexpected ``OSError``
+  (``EACCES``, ``ENAMETOOLONG``, ...) becomes ``InvalidRequest`` with its message.
 
 Every function here blocks on the disk: the agent runs them in its thread pool.
 """
@@ -231,6 +232,9 @@ def _os_errors(components: List[str]) -> Iterator[None]:
     except FileNotFoundError:
         raise FileNotFound(f"{_shown(components)}: no such file or directory") from None
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Only writes meet it: the home holds what its scratch grant allows.
+            raise FileTooLarge(f"{_shown(components)}: the kernel's home is full (its scratch grant)") from None
         raise InvalidRequest(f"{_shown(components)}: {error.strerror or error}") from None
     except (OverflowError, ValueError) as error:
         raise InvalidRequest(f"{_shown(components)}: {error}") from None

@@ -624,7 +624,7 @@ def test_a_name_too_long_is_an_invalid_request_everywhere(home):
             call()
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS])
 def test_unexpected_os_errors_become_invalid_request(home, monkeypatch, code):
     def failing_write(fd, data):
         raise OSError(code, os.strerror(code))
@@ -942,3 +942,13 @@ def test_uploads_racing_a_parent_removed_and_remade_answer_only_declared_errors(
         stopping.set()
         thread.join(TIMEOUT)
     assert outcomes.get("ok", 0) > 0, outcomes
+
+
+def test_an_upload_into_a_full_home_is_file_too_large(home, monkeypatch):
+    # The home holds at most the kernel's scratch grant; the disk says ENOSPC past it.
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "write", full)
+    with pytest.raises(files.FileTooLarge, match="home is full"):
+        upload(home, "big.bin", b"x" * 100, False, 1 << 20)

@@ -8,6 +8,7 @@ directory* onto a private mount point; Docker then mounts the private point, so 
 swapped in for the original path later is never followed.
 """
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -71,19 +72,40 @@ def unmount(target: str, lazy: bool = False) -> bool:
     raise OSError(code, f"unmount {target}: {os.strerror(code)}")
 
 
-def mount_points_under(root: str) -> list:
-    """Mount points at or below ``root`` (from ``/proc/self/mountinfo``), deepest first."""
-    root = os.path.realpath(root).rstrip("/") or "/"
-    found = []
+class MountEntry(collections.namedtuple("MountEntry", "point fstype options")):
+    """One line of ``/proc/self/mountinfo``: where, what filesystem, its mount and super options."""
+
+
+def mount_table() -> list:
+    """This process's mounts, in mount order (a later entry on the same point is on top)."""
+    table = []
     with open("/proc/self/mountinfo", "rb") as mountinfo:
         for line in mountinfo:
-            fields = line.split(b" ")
-            if len(fields) < 5:
+            left, _, right = line.rstrip(b"\n").partition(b" - ")
+            fields, tail = left.split(b" "), right.split(b" ")
+            if len(fields) < 6 or len(tail) < 3:
                 continue
-            point = _unescape(fields[4])
-            if point == root or point.startswith(root + "/"):
-                found.append(point)
-    return sorted(set(found), key=lambda point: point.count("/"), reverse=True)
+            options = set(os.fsdecode(fields[5]).split(",")) | set(os.fsdecode(tail[2]).split(","))
+            table.append(MountEntry(_unescape(fields[4]), os.fsdecode(tail[0]), frozenset(options)))
+    return table
+
+
+def mount_points_under(root: str) -> list:
+    """Mount points at or below ``root``, deepest first."""
+    root = os.path.realpath(root).rstrip("/") or "/"
+    found = {entry.point for entry in mount_table() if entry.point == root or entry.point.startswith(root + "/")}
+    return sorted(found, key=lambda point: point.count("/"), reverse=True)
+
+
+def mount_containing(path: str):
+    """The ``MountEntry`` of the filesystem ``path`` is on (the innermost, topmost); None if unknown."""
+    real = os.path.realpath(path)
+    best = None
+    for entry in mount_table():
+        if real == entry.point or real.startswith(entry.point.rstrip("/") + "/"):
+            if best is None or len(entry.point) >= len(best.point):
+                best = entry
+    return best
 
 
 def is_mount_point(path: str) -> bool:

@@ -15,8 +15,8 @@ inside the kernel and never fill the host's disk. ``--scratch-type`` chooses how
   An explicit choice, warned about at start.
 - ``auto`` (the default): ``quota`` where the scratch root supports it, else ``hostfile``.
 
-``ScratchVolumes`` is made once at start (``detect``), then ``make(home, size)`` and
-``remove(home)`` run for each kernel; they block on the disk (call them off the reactor).
+``ScratchVolumes`` is made once at start (``detect``), then ``limit(home, size)`` (of the
+new, empty home the workspace made) and ``remove(home)`` run for each kernel; they block on the disk (call them off the reactor).
 A loop-mounted home outlives the agent: a restarted agent finds it mounted and adopts it
 as it is.
 """
@@ -72,10 +72,10 @@ def detect(scratch_root: str, kind: str, log=None) -> "ScratchVolumes":
 
 def quota_unsupported(scratch_root: str):
     """Why project quotas cannot limit homes under ``scratch_root``; None when they can."""
-    point = mount_of(scratch_root)
-    if point is None:
+    entry = mounts.mount_containing(scratch_root)
+    if entry is None:
         return f"cannot find the filesystem of {scratch_root}"
-    fstype, options = point
+    fstype, options = entry.fstype, entry.options
     if fstype == "xfs":
         if not {"prjquota", "pquota", "pqnoenforce"} & options:
             return f"the XFS filesystem of {scratch_root} is not mounted with prjquota"
@@ -104,24 +104,6 @@ def hostfile_unsupported():
     return None
 
 
-def mount_of(path: str):
-    """``(fstype, {mount options})`` of the filesystem ``path`` is on; None if unknown."""
-    real = os.path.realpath(path)
-    best = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            if len(fields) < 6 or len(tail) < 3:
-                continue
-            point = mounts._unescape(fields[4].encode())
-            if real == point or real.startswith(point.rstrip("/") + "/"):
-                if best is None or len(point) >= len(best[0]):
-                    options = set(fields[5].split(",")) | set(tail[2].split(","))
-                    best = (point, tail[0], options)
-    return None if best is None else best[1:]
-
-
 def capacity_of(scratch_root: str) -> int:
     """The size of the scratch root's filesystem, in bytes."""
     info = os.statvfs(scratch_root)
@@ -145,12 +127,6 @@ class ScratchVolumes:
     def image_path(self, home: str) -> str:
         key = hashlib.sha256(os.path.basename(home).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         return os.path.join(self.volumes_dir, f"{key}.img")
-
-    def make(self, home: str, size: int) -> None:
-        """The home at ``home`` (which must not exist), owned by the kernel user, limited to ``size`` bytes."""
-        os.mkdir(home, 0o755)
-        os.chown(home, KERNEL_UID, KERNEL_GID)
-        self.limit(home, size)
 
     def limit(self, home: str, size: int) -> None:
         """Limit the new, empty directory ``home`` to ``size`` bytes; on failure undone, and raised."""
@@ -254,20 +230,12 @@ class ScratchVolumes:
             fcntl.ioctl(fd, _FS_IOC_FSSETXATTR, new)
         finally:
             os.close(fd)
-        mount_point = _mount_point_of(self.scratch_root)
-        fstype, _ = mount_of(self.scratch_root)
+        filesystem = mounts.mount_containing(self.scratch_root)
         kib = max(1, size // 1024)
-        if fstype == "xfs":
-            _run(["xfs_quota", "-x", "-c", f"limit -p bhard={kib}k {project}", mount_point], "limit", home)
+        if filesystem.fstype == "xfs":
+            _run(["xfs_quota", "-x", "-c", f"limit -p bhard={kib}k {project}", filesystem.point], "limit", home)
         else:
-            _run(["setquota", "-P", str(project), "0", str(kib), "0", "0", mount_point], "limit", home)
-
-
-def _mount_point_of(path: str) -> str:
-    path = os.path.realpath(path)
-    while not os.path.ismount(path):
-        path = os.path.dirname(path)
-    return path
+            _run(["setquota", "-P", str(project), "0", str(kib), "0", "0", filesystem.point], "limit", home)
 
 
 def _run(argv, what, home) -> None:

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from bai_agent.kernels.workspace import Workspace
 from bai_agent.node import mounts, scratch
 from bai_agent.node.scratch import ScratchVolumes, detect
 
@@ -27,16 +28,18 @@ def test_the_kind_follows_what_the_scratch_root_can_do(tmp_path):
         detect(str(tmp_path), "zfs")
 
 
-def test_mount_of_reads_the_filesystem_and_its_options(tmp_path):
-    fstype, options = scratch.mount_of(str(tmp_path))
-    assert fstype and "rw" in options | {"rw"}
-    assert scratch.mount_of("/proc/self")[0] == "proc"
+def test_mount_containing_reads_the_filesystem_and_its_options(tmp_path):
+    entry = mounts.mount_containing(str(tmp_path))
+    assert entry.fstype and entry.options and tmp_path.as_posix().startswith(entry.point)
+    assert mounts.mount_containing("/proc/self").fstype == "proc"
 
 
 def test_a_hostfile_home_is_its_own_filesystem_of_the_grant_and_goes_completely(tmp_path):
     volumes = ScratchVolumes(str(tmp_path), "hostfile")
-    home = str(tmp_path / "k1")
-    volumes.make(home, 64 * MIB)
+    workspace = Workspace(str(tmp_path), str(tmp_path / "state"), "k1", volumes)
+    home = workspace.scratch_dir
+    workspace.create()
+    workspace.limit_home(64 * MIB)
     try:
         assert mounts.is_mount_point(home)
         info = os.statvfs(home)
@@ -47,7 +50,7 @@ def test_a_hostfile_home_is_its_own_filesystem_of_the_grant_and_goes_completely(
         assert os.stat(image).st_blocks * 512 < 16 * MIB  # sparse
         assert volumes.used(home) < 8 * MIB
         with pytest.raises(FileExistsError):
-            volumes.make(home, 64 * MIB)  # a home is never made twice
+            workspace.create()  # a home is never made twice
     finally:
         volumes.remove(home)
     assert not mounts.is_mount_point(home) and not os.path.exists(image)

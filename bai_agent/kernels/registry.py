@@ -640,30 +640,39 @@ class KernelRegistry(Service):
         if not state.get("Running"):
             self._died(kernel, state.get("ExitCode"))
             return
-        # The container lives: the link broke (a keepalive missed, say). Reconnect; a
-        # runner that stays silent is as good as dead, and ends the kernel. The attempt
-        # is cancelled if the kernel ends meanwhile (_finish): a later kernel of the same
-        # id has the same socket path, and a runner takes the newest connection.
+        # The container lives: the link broke (a keepalive missed, say).
         if kernel.status != states.RUNNING or kernel.terminated is not None:
             return
+        if (yield self._reach_runner(kernel)) is not None:
+            self.log.info("kernel {kernel_id}: runner reconnected", kernel_id=kernel.kernel_id)
+
+    @inlineCallbacks
+    def _reach_runner(self, kernel):
+        """
+        Connect again to the runner of a running kernel and attach the link; fires with it,
+        or with None. A runner that stays silent is as good as dead: the kernel is ended
+        (``self-terminated``). The attempt is cancelled if the kernel ends meanwhile
+        (``_finish``) or the agent stops: a later kernel of the same id has the same
+        socket path, and a runner takes the newest connection.
+        """
         kernel.reconnecting = self.connect_runner(
             self.reactor, self.workspace(kernel.kernel_id).socket_path, self.reactor, RUNNER_START_TIMEOUT
         )
         try:
             link = yield kernel.reconnecting
         except CancelledError:
-            return
+            return None
         except Exception as e:
             self.log.error("kernel {kernel_id}: its runner does not answer ({error}); ending it", kernel_id=kernel.kernel_id, error=e)
             self._died(kernel, None)  # reported self-terminated; _finish removes the container
-            return
+            return None
         finally:
             kernel.reconnecting = None
-        if kernel.status == states.RUNNING and kernel.link is None:
-            self._attach(kernel, link)
-            self.log.info("kernel {kernel_id}: runner reconnected", kernel_id=kernel.kernel_id)
-        else:
+        if kernel.status != states.RUNNING or kernel.link is not None:
             link.close("the kernel moved on meanwhile")
+            return None
+        self._attach(kernel, link)
+        return link
 
     def _docker_connected(self):
         """Docker answers again (after an outage, say): look at once for what happened meanwhile."""
@@ -817,6 +826,9 @@ class KernelRegistry(Service):
         for ok, failure in results:
             if not ok:
                 self.log.failure("a part of the take-over failed", failure)
+        # Kernels whose runner stayed silent are being ended: that is part of the take-over.
+        ending_now = [_share(kernel.terminated) for kernel, _ in adopting if kernel.terminated is not None]
+        yield DeferredList(ending_now, consumeErrors=True)
         adopted = sum(1 for kernel, _ in adopting if kernel.status == states.RUNNING)
         self.taken_over = True
         self.log.info(
@@ -867,27 +879,8 @@ class KernelRegistry(Service):
     def _reconnect_adopted(self, kernel, last_event):
         if kernel.status != states.RUNNING:
             return  # it died meanwhile, and its death was handled first
-        kernel.reconnecting = self.connect_runner(
-            self.reactor, self.workspace(kernel.kernel_id).socket_path, self.reactor, RUNNER_START_TIMEOUT
-        )
-        try:
-            link = yield kernel.reconnecting
-        except CancelledError:
-            return
-        except Exception as e:
-            self.log.warn("kernel {kernel_id}: its runner does not answer ({error})", kernel_id=kernel.kernel_id, error=e)
-            if kernel.status == states.RUNNING and kernel.terminated is None:
-                kernel.status = states.TERMINATING
-                kernel.terminated = Deferred()
-                yield self._finish(kernel, "self-terminated")
-                kernel.terminated.callback(self._answer(kernel))
-            return
-        finally:
-            kernel.reconnecting = None
-        if kernel.status != states.RUNNING:
-            link.close("the kernel moved on meanwhile")
-            return
-        self._attach(kernel, link)
+        if (yield self._reach_runner(kernel)) is None:
+            return  # a silent runner's kernel is being ended (after this, under its lock)
         self._announce_adopted(kernel, last_event)
         self.log.info("adopted kernel {kernel_id}", kernel_id=kernel.kernel_id)
 

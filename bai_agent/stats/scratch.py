@@ -85,6 +85,9 @@ class ScratchSizer:
         self.walks = 0
         self._walking = False
         self._closing = False
+        self._open_fds = collections.OrderedDict()  # _Directory -> fd, most recent last
+        self._root_fd = None  # the home, open for the walk under way
+        self._entries_fd = None
         self._start_walk()
 
     def __repr__(self):
@@ -99,15 +102,13 @@ class ScratchSizer:
         self._entries = None  # the open scandir iterator of the directory being read
         self._entries_fd = None  # the fd it reads, owned until it is closed
         self._current = None  # and that directory (a _Directory, or _ROOT)
-        self._root_fd = None
         self._device = None
-        self._open_fds = collections.OrderedDict()  # _Directory -> fd, most recent last
         self._walking = False
 
     def _close_directories(self) -> None:
-        for fd in getattr(self, "_open_fds", {}).values():
+        for fd in self._open_fds.values():
             os.close(fd)
-        if getattr(self, "_root_fd", None) is not None:
+        if self._root_fd is not None:
             os.close(self._root_fd)
         self._open_fds = collections.OrderedDict()
         self._root_fd = None
@@ -233,7 +234,7 @@ class ScratchSizer:
         if self._entries is not None:
             self._entries.close()
             self._entries = None
-        if getattr(self, "_entries_fd", None) is not None:
+        if self._entries_fd is not None:
             os.close(self._entries_fd)
             self._entries_fd = None
 

@@ -11,7 +11,6 @@ import bai_agent
 from bai_agent.protocol.commands import PROTOCOL_VERSION
 from bai_agent.status import readings
 
-
 log = Logger()
 
 MEASURED_MEM_STEP = 128 << 20

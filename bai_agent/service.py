@@ -12,8 +12,8 @@ from twisted.internet.defer import succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from bai_agent.agent import AgentState
 from bai_agent.config import ensure_private_dir
@@ -28,8 +28,8 @@ from bai_agent.kernels.registry import KernelRegistry
 from bai_agent.kernels.runner_link import connect_runner as default_connect_runner
 from bai_agent.node import scratch
 from bai_agent.resources import detect_capacity
-from bai_agent.runner import RUNNER_DIR
 from bai_agent.rpc.server import AgentAMPFactory
+from bai_agent.runner import RUNNER_DIR
 from bai_agent.stats.cgroups import CgroupReader
 from bai_agent.stats.collector import StatsCollector
 from bai_agent.stats.gpu import GpuStats

@@ -175,7 +175,7 @@ def start_containers(docker, count, scratch_root, made, concurrent=5):
 def remove_our_containers():
     """Blocking, and independent of the reactor: every container labelled by this run."""
     docker_host = docker_host_from_env()
-    filters = '{"label": ["%s=%s"]}' % (LABEL_KEY, LABEL_VALUE)
+    filters = f'{{"label": ["{LABEL_KEY}={LABEL_VALUE}"]}}'
     try:
         query = urlencode({"all": "1", "filters": filters})
         status, body = docker_request(docker_host, "GET", "/containers/json?" + query)

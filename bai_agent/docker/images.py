@@ -8,7 +8,8 @@ bad feature dropped) with a warning in the log.
 
 import re
 import types
-from typing import Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Optional
 
 import attr
 from twisted.logger import Logger
@@ -48,12 +49,12 @@ class KernelImage:
     id: str
     runtime_type: str = DEFAULT_RUNTIME_TYPE
     runtime_path: str = DEFAULT_RUNTIME_PATH
-    features: Tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
     labels: Mapping[str, str] = attr.field(
         factory=dict, converter=_freeze_labels, hash=False, repr=lambda labels: repr(dict(labels))
     )
     min_mem: int = 0
-    corecount_envs: Tuple[str, ...] = ()
+    corecount_envs: tuple[str, ...] = ()
 
     def to_json(self):
         """The ``ListImages`` entry (PROTOCOL.md section 2)."""

@@ -16,8 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from bai_agent.backoff import Backoff
-from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 from bai_agent.docker.images import kernel_images_from_inspect
+from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 
 log = Logger()
 

@@ -27,9 +27,11 @@ from twisted.internet.defer import (
     CancelledError,
     DeferredList,
     DeferredLock,
-    TimeoutError as DeferredTimeoutError,
     inlineCallbacks,
     succeed,
+)
+from twisted.internet.defer import (
+    TimeoutError as DeferredTimeoutError,
 )
 from twisted.logger import Logger
 
@@ -73,10 +75,10 @@ def read_secret_file(path):
         with open(path, encoding="utf-8") as secret_file:
             text = secret_file.read().strip()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError("cannot read the secret file {}: {}".format(path, error))
+        raise ValueError(f"cannot read the secret file {path}: {error}")
     if not is_valid_secret(text):
         raise ValueError(
-            "the secret file {} must hold at least 64 hex digits (32 bytes)".format(path))
+            f"the secret file {path} must hold at least 64 hex digits (32 bytes)")
     return text
 
 
@@ -118,7 +120,7 @@ def parse_config_value(name, raw):
 
 
 def _describe(failure):
-    return "{}: {}".format(failure.type.__name__, failure.getErrorMessage())
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -150,14 +152,14 @@ class EtcdService(Service):
                  random=random_module.random):
         heartbeat_interval = float(heartbeat_interval)
         if not heartbeat_interval > 0:
-            raise ValueError("heartbeat_interval must be > 0, not {}".format(heartbeat_interval))
+            raise ValueError(f"heartbeat_interval must be > 0, not {heartbeat_interval}")
         self._reactor = reactor
         self._etcd = etcd
         self.namespace = namespace
         self.agent_id = agent_id
         self._record_source = record_source
         self._backoff = Backoff(random, initial=BACKOFF_INITIAL, maximum=BACKOFF_MAX, jitter=0.5)
-        self.key_prefix = "/bai/{}/".format(namespace)
+        self.key_prefix = f"/bai/{namespace}/"
         self.config_prefix = (self.key_prefix + "config/agent/").encode("utf-8")
         self.secret_key = self.config_prefix + SECRET_NAME.encode("ascii")
         self.record_key = (self.key_prefix + "agents/" + agent_id).encode("utf-8")

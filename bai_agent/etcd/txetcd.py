@@ -25,10 +25,12 @@ from twisted.internet import error as internet_error
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    TimeoutError as DeferredTimeoutError,
     fail,
     inlineCallbacks,
     succeed,
+)
+from twisted.internet.defer import (
+    TimeoutError as DeferredTimeoutError,
 )
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -116,18 +118,17 @@ def _gateway_error(document, where):
     else:
         message = document.get("message") or problem or "unknown error"
     if _LEASE_NOT_FOUND in str(message):
-        return LeaseNotFound("{}: {}".format(where, message))
+        return LeaseNotFound(f"{where}: {message}")
     if code in _GRPC_UNAVAILABLE:
-        return EtcdUnavailable("{}: {} (code {})".format(where, message, code))
-    return EtcdError("{}: {} (code {})".format(where, message, code))
+        return EtcdUnavailable(f"{where}: {message} (code {code})")
+    return EtcdError(f"{where}: {message} (code {code})")
 
 
 def _as_etcd_error(failure, where):
     """Let EtcdError and caller cancellation through; wrap anything else."""
     if failure.check(EtcdError, CancelledError):
         return failure
-    return Failure(EtcdError("{}: unexpected {}: {}".format(
-        where, failure.type.__name__, failure.getErrorMessage())))
+    return Failure(EtcdError(f"{where}: unexpected {failure.type.__name__}: {failure.getErrorMessage()}"))
 
 
 def _describe(failure):
@@ -141,7 +142,7 @@ def _describe(failure):
 def _check_bytes(name, value):
     # A str key is a programming error, not an etcd condition: say so at once.
     if not isinstance(value, bytes):
-        raise TypeError("{} must be bytes, not {}".format(name, type(value).__name__))
+        raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
 
 
 def _cancelled(failure):
@@ -170,7 +171,7 @@ class _GatewayClient(txaioetcd.Client):
         text = url.decode("utf-8") if isinstance(url, bytes) else url
         base, found, path = text.partition(TXAIOETCD_PREFIX + "/")
         if not found:
-            return fail(EtcdError("txaioetcd built an unexpected URL {}".format(text)))
+            return fail(EtcdError(f"txaioetcd built an unexpected URL {text}"))
         return self._gateway_post("/" + path, data)
 
 
@@ -202,7 +203,7 @@ class TxEtcd:
         self._watches = set()
 
     def __repr__(self):
-        return "<TxEtcd {} prefix={}>".format(self._url, self._prefix)
+        return f"<TxEtcd {self._url} prefix={self._prefix}>"
 
     @property
     def url(self):
@@ -241,11 +242,11 @@ class TxEtcd:
                 return result
             if timed_out:
                 return Failure(EtcdUnavailable(
-                    "{}: no answer within {}s".format(url, self._timeout)))
+                    f"{url}: no answer within {self._timeout}s"))
             if _cancelled(result):
-                return Failure(CancelledError("{} cancelled".format(url)))
+                return Failure(CancelledError(f"{url} cancelled"))
             if result.check(*_TRANSPORT_FAILURES):
-                return Failure(EtcdUnavailable("{}: {}".format(url, _describe(result))))
+                return Failure(EtcdUnavailable(f"{url}: {_describe(result)}"))
             return result
 
         d.addBoth(settle)
@@ -293,14 +294,13 @@ class TxEtcd:
                 if reply.code == 404:
                     # The server moved under us (another version?): probe again next time.
                     self._prefix = None
-                raise EtcdError("{}: HTTP {} with a non-JSON answer {!r}".format(
-                    path, reply.code, reply.body[:200]))
+                raise EtcdError(f"{path}: HTTP {reply.code} with a non-JSON answer {reply.body[:200]!r}")
             if not isinstance(document, dict):
-                raise EtcdError("{}: unexpected answer {!r}".format(path, document))
+                raise EtcdError(f"{path}: unexpected answer {document!r}")
             if "error" in document:
                 raise _gateway_error(document, path)
             if reply.code >= 400:
-                raise EtcdError("{}: HTTP {} {!r}".format(path, reply.code, document))
+                raise EtcdError(f"{path}: HTTP {reply.code} {document!r}")
             return document
 
         d = self._gateway()
@@ -393,10 +393,10 @@ class TxEtcd:
         def ttl(document):
             result = document.get("result")
             if not isinstance(result, dict):
-                raise EtcdError("keep_alive: unexpected answer {!r}".format(document))
+                raise EtcdError(f"keep_alive: unexpected answer {document!r}")
             remaining = int(result.get("TTL", 0))
             if remaining <= 0:
-                raise LeaseNotFound("lease {:x} not found".format(lease_id))
+                raise LeaseNotFound(f"lease {lease_id:x} not found")
             return remaining
 
         return self._guard(self._call(KEEPALIVE_PATH, {"ID": lease_id}).addCallback(ttl),
@@ -472,7 +472,7 @@ class _GatewayWatch:
         self._finished = False
 
     def __repr__(self):
-        return "<watch {!r} on {}>".format(self._prefix, self._etcd.url)
+        return f"<watch {self._prefix!r} on {self._etcd.url}>"
 
     def _create_request(self):
         keys = txaioetcd.KeySet(self._prefix, prefix=True) if self._prefix else \
@@ -512,16 +512,15 @@ class _GatewayWatch:
             document = None
         if isinstance(document, dict) and "error" in document:
             raise _gateway_error(document, "watch")
-        raise EtcdError("watch: HTTP {} {!r}".format(code, body[:200]))
+        raise EtcdError(f"watch: HTTP {code} {body[:200]!r}")
 
     def _could_not_start(self, failure):
         if self._finished:
             return None
         if failure.check(CancelledError, DeferredTimeoutError, *_TRANSPORT_FAILURES):
-            failure = Failure(EtcdUnavailable("watch on {}: {}".format(
-                self._etcd.url, _describe(failure))))
+            failure = Failure(EtcdUnavailable(f"watch on {self._etcd.url}: {_describe(failure)}"))
         elif not failure.check(EtcdError):
-            failure = Failure(EtcdError("watch: unexpected {}".format(failure.getErrorMessage())))
+            failure = Failure(EtcdError(f"watch: unexpected {failure.getErrorMessage()}"))
         self._finish(failure)
         return None
 
@@ -536,8 +535,7 @@ class _GatewayWatch:
             self._pieces_size += len(head)
             if not newline:
                 if self._pieces_size > MAX_WATCH_LINE:
-                    self._abort(EtcdError("watch: a document longer than {} bytes".format(
-                        MAX_WATCH_LINE)))
+                    self._abort(EtcdError(f"watch: a document longer than {MAX_WATCH_LINE} bytes"))
                 return
             line = b"".join(self._pieces)
             self._pieces, self._pieces_size = [], 0
@@ -548,17 +546,17 @@ class _GatewayWatch:
         try:
             document = json.loads(line.decode("utf-8"))
         except ValueError:
-            self._abort(EtcdError("watch: unparsable document {!r}".format(line[:200])))
+            self._abort(EtcdError(f"watch: unparsable document {line[:200]!r}"))
             return
         if not isinstance(document, dict):
-            self._abort(EtcdError("watch: unexpected document {!r}".format(document)))
+            self._abort(EtcdError(f"watch: unexpected document {document!r}"))
             return
         if "error" in document:
             self._abort(_gateway_error(document, "watch"))
             return
         result = document.get("result")
         if not isinstance(result, dict):
-            self._abort(EtcdError("watch: document without result {!r}".format(line[:200])))
+            self._abort(EtcdError(f"watch: document without result {line[:200]!r}"))
             return
         if result.get("created") and not self.started.called:
             self.started.callback(None)
@@ -570,8 +568,8 @@ class _GatewayWatch:
             reason = result.get("cancel_reason") or "no reason given"
             compacted = result.get("compact_revision")
             if compacted:
-                reason += " (compacted at revision {})".format(compacted)
-            self._abort(EtcdError("watch cancelled by etcd: {}".format(reason)))
+                reason += f" (compacted at revision {compacted})"
+            self._abort(EtcdError(f"watch cancelled by etcd: {reason}"))
 
     def _event(self, event):
         kv = txaioetcd.KeyValue._parse(event.get("kv", {}))
@@ -587,7 +585,7 @@ class _GatewayWatch:
         if self._finished:
             return
         if reason is not None and reason.check(ResponseDone):
-            problem = EtcdError("watch stream on {} ended by etcd".format(self._etcd.url))
+            problem = EtcdError(f"watch stream on {self._etcd.url} ended by etcd")
         else:
             problem = EtcdUnavailable("watch stream on {} lost: {}".format(
                 self._etcd.url, _describe(reason) if reason is not None else "?"))

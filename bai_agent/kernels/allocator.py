@@ -51,7 +51,6 @@ from __future__ import annotations
 import heapq
 import math
 import os
-from typing import Optional
 
 import attrs
 from twisted.logger import Logger
@@ -89,7 +88,7 @@ class ResourceRequest:
         return round(self.cpu * _MILLI)
 
     @property
-    def whole_cores(self) -> Optional[int]:
+    def whole_cores(self) -> int | None:
         """The number of cores when ``cpu`` is whole, else ``None``."""
         millicores = self.millicores
         return millicores // _MILLI if millicores % _MILLI == 0 else None
@@ -106,7 +105,7 @@ class Grant:
     cpu: float
     mem: int
     cpuset: tuple = ()
-    cpu_quota_us: Optional[int] = None
+    cpu_quota_us: int | None = None
     cpu_period_us: int = CPU_PERIOD_US
     cuda_devices: tuple = ()
     scratch: int = 0  # bytes the home may hold; 0: not limited (a kernel of an older agent)
@@ -244,7 +243,7 @@ class Allocator:
     (the two were discovered at different moments), the devices win.
     """
 
-    def __init__(self, capacity: Capacity, gpus: list[GpuDevice], cpu_cores: Optional[list[int]] = None):
+    def __init__(self, capacity: Capacity, gpus: list[GpuDevice], cpu_cores: list[int] | None = None):
         if cpu_cores is None:
             cpu_cores = list(range(os.cpu_count() or 1))
         cores = sorted(set(cpu_cores))
@@ -362,7 +361,7 @@ class Allocator:
         log.debug("kernel {kernel_id} released its grant", kernel_id=kernel_id)
         return True
 
-    def grant_of(self, kernel_id: str) -> Optional[Grant]:
+    def grant_of(self, kernel_id: str) -> Grant | None:
         return self._grants.get(kernel_id)
 
     def grants(self) -> dict[str, Grant]:

@@ -56,7 +56,7 @@ import contextlib
 import errno
 import os
 import stat
-from typing import Iterator, List, Tuple
+from collections.abc import Iterator
 
 from bai_agent.kernels.workspace import KERNEL_GID, KERNEL_UID
 from bai_agent.protocol.errors import (
@@ -82,7 +82,7 @@ _CREATE_ATTEMPTS = 8
 _UPLOAD_ATTEMPTS = 4
 
 
-def resolve(home: str, path: str) -> List[str]:
+def resolve(home: str, path: str) -> list[str]:
     """
     The components of ``path`` under ``home``, after the path rules; ``[]`` is the home.
 
@@ -148,7 +148,7 @@ def upload(home: str, path: str, data: bytes, append: bool, max_size: int) -> in
     )
 
 
-def download(home: str, path: str, offset: int, length: int) -> Tuple[bytes, int, bool]:
+def download(home: str, path: str, offset: int, length: int) -> tuple[bytes, int, bool]:
     """
     Read at most ``length`` bytes at ``offset`` of the file at ``path``; answer
     ``(data, size of the whole file, eof)``, where ``eof`` says the data reaches the end.
@@ -174,7 +174,7 @@ def download(home: str, path: str, offset: int, length: int) -> Tuple[bytes, int
     return data, size, offset + len(data) >= size
 
 
-def list_files(home: str, path: str = ".") -> List[dict]:
+def list_files(home: str, path: str = ".") -> list[dict]:
     """
     The entries of the directory at ``path``, sorted by name: ``{name, type, size, mode,
     mtime}`` with ``type`` one of ``file``, ``dir``, ``link``, ``other``, as ``lstat`` sees
@@ -218,12 +218,12 @@ def _entry(name: str, info: os.stat_result) -> dict:
     }
 
 
-def _shown(components: List[str]) -> str:
+def _shown(components: list[str]) -> str:
     return repr("/".join(components) or ".")
 
 
 @contextlib.contextmanager
-def _os_errors(components: List[str]) -> Iterator[None]:
+def _os_errors(components: list[str]) -> Iterator[None]:
     """Turn what the disk says into declared errors; declared ones pass as they are."""
     try:
         yield
@@ -241,7 +241,7 @@ def _os_errors(components: List[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _directory(home: str, components: List[str], create: bool) -> Iterator[int]:
+def _directory(home: str, components: list[str], create: bool) -> Iterator[int]:
     """
     A descriptor of the directory ``home/components``, reached without following any
     symbolic link; missing directories are made when ``create`` is true.
@@ -266,7 +266,7 @@ def _directory(home: str, components: List[str], create: bool) -> Iterator[int]:
         os.close(fd)
 
 
-def _open_child_directory(fd: int, name: str, components: List[str], create: bool) -> int:
+def _open_child_directory(fd: int, name: str, components: list[str], create: bool) -> int:
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=fd)
     except FileNotFoundError:
@@ -294,7 +294,7 @@ def _open_child_directory(fd: int, name: str, components: List[str], create: boo
     return child
 
 
-def _refusal(fd: int, name: str, components: List[str], error: OSError) -> Exception:
+def _refusal(fd: int, name: str, components: list[str], error: OSError) -> Exception:
     """The declared error for a component that could not be opened as a directory."""
     if error.errno in (errno.ENOTDIR, errno.ELOOP):
         # O_DIRECTORY | O_NOFOLLOW answers ENOTDIR for a symbolic link as for a file; the
@@ -314,7 +314,7 @@ def _refusal(fd: int, name: str, components: List[str], error: OSError) -> Excep
     return InvalidRequest(f"{_shown(components)}: {error.strerror or error}")
 
 
-def _check_regular(info: os.stat_result, components: List[str]) -> None:
+def _check_regular(info: os.stat_result, components: list[str]) -> None:
     if stat.S_ISREG(info.st_mode):
         return
     if stat.S_ISDIR(info.st_mode):
@@ -324,7 +324,7 @@ def _check_regular(info: os.stat_result, components: List[str]) -> None:
     raise PathNotAllowed(f"{_shown(components)} is not a regular file")
 
 
-def _open_existing(parent: int, components: List[str], flags: int) -> int:
+def _open_existing(parent: int, components: list[str], flags: int) -> int:
     """Open the last component, which must be a regular file, never opening anything else."""
     name = components[-1]
     try:
@@ -348,7 +348,7 @@ def _open_existing(parent: int, components: List[str], flags: int) -> int:
     return fd
 
 
-def _open_for_writing(parent: int, components: List[str], append: bool) -> int:
+def _open_for_writing(parent: int, components: list[str], append: bool) -> int:
     """
     A write descriptor of the last component: a new file made for the kernel user, or an
     existing regular file with no other hard link. Nothing is truncated here: an overwrite
@@ -389,7 +389,7 @@ def _open_for_writing(parent: int, components: List[str], append: bool) -> int:
     raise InvalidRequest(f"{_shown(components)} keeps appearing and disappearing; try again")
 
 
-def _write(fd: int, components: List[str], data: bytes, append: bool, max_size: int) -> int:
+def _write(fd: int, components: list[str], data: bytes, append: bool, max_size: int) -> int:
     current = os.fstat(fd).st_size if append else 0
     if current + len(data) > max_size:
         raise FileTooLarge(

@@ -25,7 +25,8 @@ import collections
 import itertools
 import json
 import os
-from typing import Callable, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Callable, Optional
 
 import attr
 from twisted.internet.interfaces import IReactorTime
@@ -172,7 +173,7 @@ class EventJournal:
         self._fd = None
         self._size = 0  # bytes in the file, all of them whole lines
         self._line_count = 0  # lines in the file, damaged ones included
-        self._listeners: List[Callable[[AgentEvent], object]] = []
+        self._listeners: list[Callable[[AgentEvent], object]] = []
 
     @property
     def last_seq(self) -> int:
@@ -314,7 +315,7 @@ class EventJournal:
                 )
         return event
 
-    def since(self, seq: int) -> List[AgentEvent]:
+    def since(self, seq: int) -> list[AgentEvent]:
         """
         The kept events after ``seq``, oldest first; ``since(0)`` is every kept event.
         ``EventsExpired`` when events after ``seq`` are no longer kept.

@@ -24,11 +24,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from bai_agent.docker.images import KernelImage
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 from bai_agent.kernels import files, pinned_mounts
 from bai_agent.kernels import kernel as states
-from bai_agent.kernels.allocator import parse_resource_request
-from bai_agent.kernels.execution import ExecutionSession
+from bai_agent.kernels.allocator import Grant, parse_resource_request
 from bai_agent.kernels.container import (
     AGENT_ID_LABEL,
     KERNEL_ID_LABEL,
@@ -36,6 +36,7 @@ from bai_agent.kernels.container import (
     container_name,
     user_environment,
 )
+from bai_agent.kernels.execution import ExecutionSession
 from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.spec import (
     check_environ,
@@ -44,8 +45,6 @@ from bai_agent.kernels.spec import (
     check_timeout,
     resolve_mounts,
 )
-from bai_agent.docker.images import KernelImage
-from bai_agent.kernels.allocator import Grant
 from bai_agent.kernels.workspace import (
     Workspace,
     kernel_key,

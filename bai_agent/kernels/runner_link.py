@@ -172,12 +172,12 @@ class RunnerLink(Protocol):
                 break
             self._dispatch(message)
         if broken is not None:
-            self._declare_dead("bad frame from the runner: %s" % (broken,))
+            self._declare_dead(f"bad frame from the runner: {broken}")
 
     def connectionLost(self, reason=None):
         why = "connection lost"
         if reason is not None and reason.value is not None:
-            why = "connection lost: %s" % (reason.getErrorMessage(),)
+            why = f"connection lost: {reason.getErrorMessage()}"
         self._declare_dead(why)
 
     # -- inside ---------------------------------------------------------------------------
@@ -218,7 +218,7 @@ class RunnerLink(Protocol):
         if message["type"] != "hello":
             self._fail_handshake(
                 RunnerProtocolError(
-                    "the runner's first message is %r, not hello" % (message["type"],)
+                    "the runner's first message is {!r}, not hello".format(message["type"])
                 )
             )
         elif message.get("protocol") != PROTOCOL_VERSION:
@@ -244,7 +244,7 @@ class RunnerLink(Protocol):
         silent = self._clock.seconds() - self._last_heard
         if not self._paused and silent >= self.keepalive_timeout:
             log.warn("runner silent for {silent:.1f}s: link declared dead", silent=silent)
-            self._declare_dead("keepalive timeout: nothing from the runner for %.1fs" % (silent,))
+            self._declare_dead(f"keepalive timeout: nothing from the runner for {silent:.1f}s")
             return
         self.send({"type": "ping", "id": self._new_id()})
         self._keepalive_call = self._clock.callLater(self.keepalive_interval, self._keepalive)
@@ -292,7 +292,7 @@ class _QuietFactory(Factory):
         return self.link
 
 
-class _Connector(object):
+class _Connector:
     """The retry loop of ``connect_runner``."""
 
     def __init__(self, reactor, socket_path, clock, timeout, link_options):
@@ -357,8 +357,7 @@ class _Connector(object):
         if self._clock.seconds() + self._delay >= self._deadline:
             self.result.errback(
                 RunnerUnavailable(
-                    "no runner at %s within %ss (last error: %s)"
-                    % (self._socket_path, self._timeout, self._last_error)
+                    f"no runner at {self._socket_path} within {self._timeout}s (last error: {self._last_error})"
                 )
             )
             return None

@@ -38,7 +38,6 @@ import array
 import errno
 import os
 import stat
-from typing import List, Optional, Tuple
 
 import attrs
 
@@ -63,9 +62,9 @@ class Removal:
     path: str
     removed: bool
     #: directories found mounted inside, left mounted and untouched (at most MAX_REPORTED)
-    mount_points: Tuple[str, ...] = ()
+    mount_points: tuple[str, ...] = ()
     #: ``path: reason`` of what could not be removed (at most MAX_REPORTED)
-    failures: Tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Raise ``TreeNotRemoved`` unless the root is gone."""
@@ -90,7 +89,7 @@ class _GiveUp(Exception):
     pass
 
 
-def mount_id(fd: int) -> Optional[int]:
+def mount_id(fd: int) -> int | None:
     """The mount id of the open ``fd`` (from ``/proc/self/fdinfo``), or None if unknown."""
     try:
         info_fd = os.open(f"/proc/self/fdinfo/{fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -139,7 +138,7 @@ class _Frame:
         self.fd = fd
         self.ino = ino
         self.entries = None  # its open scandir iterator
-        self.child: Optional[str] = None  # the name of the subdirectory being emptied
+        self.child: str | None = None  # the name of the subdirectory being emptied
         self.left = False  # something in it could not be removed
         self.made_writable = False
 
@@ -170,11 +169,11 @@ class _Remover:
         self.path = path
         self.parent_fd = parent_fd
         self.name = name
-        self.mount_points: List[str] = []
-        self.failures: List[str] = []
+        self.mount_points: list[str] = []
+        self.failures: list[str] = []
         self.stuck: set = set()  # inode numbers of directories that keep something
         self.refills: dict = {}  # inode number -> times found filled again
-        self.just_left: Optional[int] = None  # the inode of the directory last emptied
+        self.just_left: int | None = None  # the inode of the directory last emptied
         self.dev = self.root_ino = self.root_mount = None
 
     def run(self) -> Removal:
@@ -197,7 +196,7 @@ class _Remover:
             failures=tuple(self.failures),
         )
 
-    def _open_root(self) -> Optional[int]:
+    def _open_root(self) -> int | None:
         try:
             return os.open(self.name, _DIR_FLAGS, dir_fd=self.parent_fd)
         except FileNotFoundError:
@@ -388,7 +387,7 @@ class _Remover:
         if len(frames) > MAX_OPEN:
             frames.pop(0).close()  # reopened through '..' when the walk comes back up
 
-    def _open_directory(self, frame: _Frame, name: str, frames, inos, tries: int) -> Optional[int]:
+    def _open_directory(self, frame: _Frame, name: str, frames, inos, tries: int) -> int | None:
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=frame.fd)
         except FileNotFoundError:
@@ -414,7 +413,7 @@ class _Remover:
         else:
             self._unlink(frame, name, frames, inos, tries + 1)
 
-    def _open_unreadable(self, dir_fd: int, name: str) -> Optional[int]:
+    def _open_unreadable(self, dir_fd: int, name: str) -> int | None:
         """
         A directory its owner made unreadable: an ``O_PATH`` descriptor (no permission
         needed, no symlink followed), made 0700 through ``/proc/self/fd`` and reopened
@@ -461,7 +460,7 @@ class _Remover:
         found = mount_id(fd)
         return found is None or found != self.root_mount
 
-    def _up(self, fd: int, expected_ino: int) -> Optional[int]:
+    def _up(self, fd: int, expected_ino: int) -> int | None:
         """The parent of ``fd`` if it still is the directory the walk came down from."""
         try:
             up = os.open("..", _DIR_FLAGS, dir_fd=fd)

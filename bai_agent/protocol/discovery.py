@@ -11,7 +11,7 @@ from twisted.internet.defer import inlineCallbacks
 
 
 def namespace_prefix(namespace: str) -> bytes:
-    return f"/bai/{namespace}/".encode("utf-8")
+    return f"/bai/{namespace}/".encode()
 
 
 def agents_prefix(namespace: str) -> bytes:
@@ -27,7 +27,7 @@ def list_agents(etcd, namespace: str):
     """Fire with the agent records of ``namespace``, sorted by agent id; bad ones skipped."""
     found = yield etcd.get_prefix(agents_prefix(namespace))
     records = []
-    for key, value in found.items():
+    for _key, value in found.items():
         try:
             record = json.loads(value.decode("utf-8"))
         except ValueError:

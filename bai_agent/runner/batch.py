@@ -23,7 +23,7 @@ EXIT_NOT_STARTED = 127
 EXIT_CANCELLED = 128 + signal.SIGKILL
 
 
-class BatchRun(object):
+class BatchRun:
     mode = "batch"
 
     def __init__(self, runner, run_id, build, exec_command, code):
@@ -81,7 +81,7 @@ class BatchRun(object):
         if len(script) <= MAX_INLINE_SCRIPT:
             return [SHELL, "-c", self.code]
         # Too long for one argument: a file only the user can read, removed at the end.
-        path = os.path.join(SCRIPT_DIR, "bai-batch-%s.sh" % os.urandom(8).hex())
+        path = os.path.join(SCRIPT_DIR, f"bai-batch-{os.urandom(8).hex()}.sh")
         try:
             fd = os.open(
                 path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o400
@@ -95,7 +95,7 @@ class BatchRun(object):
             finally:
                 os.close(fd)
         except OSError as e:
-            self._not_started("cannot write the script to %s: %s" % (SCRIPT_DIR, e))
+            self._not_started(f"cannot write the script to {SCRIPT_DIR}: {e}")
             return None
         self._script = path
         return [SHELL, path]
@@ -110,7 +110,7 @@ class BatchRun(object):
         except procs.SpawnError as e:
             os.close(out_r)
             os.close(err_r)
-            self._not_started("cannot start %s: %s" % (phase, e))
+            self._not_started(f"cannot start {phase}: {e}")
             return
         finally:
             for fd in (out_w, err_w, devnull):
@@ -119,7 +119,7 @@ class BatchRun(object):
         self.runner.watch_child(self.pid, self._exited)
 
     def _not_started(self, why):
-        self.runner.emit_output("stderr", "*** %s\n" % (why,))
+        self.runner.emit_output("stderr", f"*** {why}\n")
         if self.phase == "build":
             self.runner.emit(
                 {"type": "build-finished", "run_id": self.run_id, "exit_code": EXIT_NOT_STARTED}

@@ -23,7 +23,7 @@ SEND_BATCH = 256 * 1024
 PRIORITY_LIMIT = 1024 * 1024
 
 
-class _Entry(object):
+class _Entry:
     """
     One message in the outbox. An output message stays open (``data`` None, text in
     ``parts``) until a connection takes it, so that small writes arriving meanwhile
@@ -47,7 +47,7 @@ class _Entry(object):
         )
 
 
-class Outbox(object):
+class Outbox:
     """Messages for the agent, in order, kept until completely written to a connection."""
 
     #: Estimated framing and JSON overhead of an output message, for the size count.
@@ -111,7 +111,7 @@ class Outbox(object):
             entry.on_sent()
 
 
-class AgentConnection(object):
+class AgentConnection:
     """One agent connection; ``runner`` handles its messages and owns the outbox."""
 
     def __init__(self, runner, sock):
@@ -157,7 +157,7 @@ class AgentConnection(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.runner.drop_connection(self, "read failed: %s" % (e,))
+            self.runner.drop_connection(self, f"read failed: {e}")
             return
         if not data:
             self.runner.drop_connection(self, "closed by the agent")
@@ -167,7 +167,7 @@ class AgentConnection(object):
         except framing.FrameError as e:
             for message in e.messages:
                 self.runner.handle(self, message)
-            self.runner.drop_connection(self, "bad frame: %s" % (e,))
+            self.runner.drop_connection(self, f"bad frame: {e}")
             return
         for message in messages:
             if self.closed or self.closing:
@@ -206,7 +206,7 @@ class AgentConnection(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self.runner.drop_connection(self, "write failed: %s" % (e,))
+            self.runner.drop_connection(self, f"write failed: {e}")
             return
         self._sent += sent
         # Outbox messages leave the outbox only once completely written: a connection
@@ -221,7 +221,7 @@ class AgentConnection(object):
                 self.runner.drop_connection(self, "closed after an error")
 
     def fault(self, error):
-        self.runner.drop_connection(self, "runner error: %r" % (error,))
+        self.runner.drop_connection(self, f"runner error: {error!r}")
 
     def close(self):
         if not self.closed:

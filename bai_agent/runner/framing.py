@@ -45,13 +45,13 @@ def decode_message(payload):
     try:
         message = jsoncodec.loads(bytes(payload).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise FrameError("malformed frame: %s" % (e,))
+        raise FrameError(f"malformed frame: {e}")
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise FrameError("a frame must hold a JSON object with a string 'type'")
     return message
 
 
-class FrameDecoder(object):
+class FrameDecoder:
     """
     Incremental frame splitter. ``feed(data)`` returns the complete payloads (bytes)
     received so far, or, with ``messages=True`` (the default), the decoded messages.

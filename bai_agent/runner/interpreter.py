@@ -26,7 +26,7 @@ class ChildProtocolError(Exception):
     """The interpreter sent something it should not have."""
 
 
-class InterpreterProcess(object):
+class InterpreterProcess:
     """
     One interpreter child. ``listener`` receives its events:
 
@@ -130,7 +130,7 @@ class InterpreterProcess(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._break("cannot write to the interpreter: %s" % (e,))
+            self._break(f"cannot write to the interpreter: {e}")
             return
         del self._to_child[:sent]
 
@@ -144,7 +144,7 @@ class InterpreterProcess(object):
             if e.errno == errno.ECONNRESET:
                 data = b""
             else:
-                self._break("cannot read from the interpreter: %s" % (e,))
+                self._break(f"cannot read from the interpreter: {e}")
                 return
         if not data:
             self._break("the interpreter closed its channel")
@@ -153,7 +153,7 @@ class InterpreterProcess(object):
             payloads = self._decoder.feed(data)
         except framing.FrameError as e:
             self._handle_all(e.messages)
-            self._break("the interpreter sent a bad frame (%s)" % (e,))
+            self._break(f"the interpreter sent a bad frame ({e})")
             return
         self._handle_all(payloads)
 
@@ -174,12 +174,12 @@ class InterpreterProcess(object):
                 payloads = self._decoder.feed(data)
             except framing.FrameError as e:
                 self._handle_all(e.messages)
-                self._break("the interpreter sent a bad frame (%s)" % (e,))
+                self._break(f"the interpreter sent a bad frame ({e})")
                 return
             self._handle_all(payloads)
 
     def fault(self, error):
-        self._break("runner error on the interpreter channel: %r" % (error,))
+        self._break(f"runner error on the interpreter channel: {error!r}")
 
     def _break(self, reason):
         if self.broken is None:
@@ -193,7 +193,7 @@ class InterpreterProcess(object):
             try:
                 self._handle(payload)
             except ChildProtocolError as e:
-                self._break("the interpreter sent a bad message (%s)" % (e,))
+                self._break(f"the interpreter sent a bad message ({e})")
 
     def _handle(self, payload):
         if payload[:1] == bytes([OUTPUT_TAG]):
@@ -233,7 +233,7 @@ class InterpreterProcess(object):
             items = [item for item in items if isinstance(item, str)][:1000]
             self._listener.interpreter_completions(self, message.get("id"), items)
         else:
-            raise ChildProtocolError("unknown message type %r" % (kind[:40],))
+            raise ChildProtocolError(f"unknown message type {kind[:40]!r}")
 
 
 __all__ = ["InterpreterProcess", "ChildProtocolError", "QUERY_SCRIPT"]

@@ -29,7 +29,7 @@ _CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def _control_escape(match):
-    return "\\u%04x" % ord(match.group())
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _encode_str(text):
@@ -71,7 +71,7 @@ def _encode(value, parts, depth):
         first = True
         for key, item in value.items():
             if not isinstance(key, str):
-                raise TypeError("JSON object keys must be str, not %s" % type(key).__name__)
+                raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
             if not first:
                 parts.append(",")
             first = False
@@ -87,7 +87,7 @@ def _encode(value, parts, depth):
             _encode(item, parts, depth + 1)
         parts.append("]")
     else:
-        raise TypeError("Object of type %s is not JSON serializable" % type(value).__name__)
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def py_dumps(value):

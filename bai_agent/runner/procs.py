@@ -28,7 +28,7 @@ class SpawnError(Exception):
     """The process could not be started (the message says why)."""
 
 
-class Identity(object):
+class Identity:
     """Who user processes run as, and where."""
 
     def __init__(self, uid, gid, home, environ):
@@ -83,7 +83,7 @@ def spawn(argv, identity, stdin, stdout, stderr, pass_fds=(), environ=None):
     except OSError as e:
         os.close(status_r)
         os.close(status_w)
-        raise SpawnError("cannot fork: %s" % (e,))
+        raise SpawnError(f"cannot fork: {e}")
     if pid == 0:  # pragma: no cover - the child, measured by its behaviour in tests
         try:
             os.close(status_r)
@@ -91,7 +91,7 @@ def spawn(argv, identity, stdin, stdout, stderr, pass_fds=(), environ=None):
             os.execve(argv[0], argv, environ)
         except BaseException as e:
             try:
-                os.write(status_w, ("%s: %s" % (argv[0], e)).encode("utf-8", "replace"))
+                os.write(status_w, (f"{argv[0]}: {e}").encode("utf-8", "replace"))
             finally:
                 os._exit(127)
         os._exit(127)
@@ -164,7 +164,7 @@ def open_devnull():
     return os.open(os.devnull, os.O_RDONLY)
 
 
-class OutputPipe(object):
+class OutputPipe:
     """
     The runner's read end of a user process's stdout or stderr: non-blocking, decoded as
     UTF-8 incrementally (a character split between two reads stays whole; invalid bytes

@@ -88,7 +88,7 @@ def _encode_text(text):
 # -- SIGINT: deferred inside critical sections ----------------------------------------
 
 
-class _Interrupts(object):
+class _Interrupts:
     """
     ``armed`` while user code (or a completion) runs: only then does SIGINT raise
     ``KeyboardInterrupt``. ``critical`` is a context manager for the main thread's
@@ -130,7 +130,7 @@ critical = _interrupts
 # -- the channel to the runner ---------------------------------------------------------
 
 
-class Channel(object):
+class Channel:
     def __init__(self, fd):
         self.fd = fd
         self._decoder = framing.FrameDecoder(messages=False)
@@ -166,7 +166,7 @@ class Channel(object):
 # -- ordered, coalesced output ------------------------------------------------------------
 
 
-class Output(object):
+class Output:
     """The one ordered buffer behind sys.stdout and sys.stderr."""
 
     def __init__(self, channel):
@@ -300,7 +300,7 @@ class TextWriter(io.TextIOBase):
 
     def write(self, text):
         if not isinstance(text, str):
-            raise TypeError("write() argument must be str, not %s" % type(text).__name__)
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         self._output.write(self._stream, text)
         return len(text)
 
@@ -325,7 +325,7 @@ class TextWriter(io.TextIOBase):
 # -- input --------------------------------------------------------------------------------
 
 
-class Input(object):
+class Input:
     def __init__(self, channel, output):
         self._channel = channel
         self._output = output
@@ -512,7 +512,7 @@ def _run_code(code, filename, namespace):
         exec(compile(last, filename, "single", 0, True), namespace)
 
 
-class Interpreter(object):
+class Interpreter:
     def __init__(self, channel):
         self.channel = channel
         self.output = Output(channel)
@@ -582,7 +582,7 @@ class Interpreter(object):
             elif isinstance(e.code, int):
                 exit_code = e.code & 0xFF if e.code >= 0 else e.code % 256
             else:
-                sys.stderr.write("%s\n" % (e.code,))
+                sys.stderr.write(f"{e.code}\n")
                 exit_code = 1
         except KeyboardInterrupt:
             _print_exception(*sys.exc_info())

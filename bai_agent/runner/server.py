@@ -79,8 +79,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import batch  # noqa: E402
-import jsoncodec  # noqa: E402
 import interpreter  # noqa: E402
+import jsoncodec  # noqa: E402
 import procs  # noqa: E402
 from connection import AgentConnection, Outbox  # noqa: E402
 
@@ -102,13 +102,13 @@ EXIT_NOT_STARTED = 127
 def log(message):
     """The runner's own diagnostics go to its stderr: the container log."""
     try:
-        sys.stderr.write("bai-runner: %s\n" % (message,))
+        sys.stderr.write(f"bai-runner: {message}\n")
         sys.stderr.flush()
     except Exception:
         pass
 
 
-class QueryRun(object):
+class QueryRun:
     """A run in the persistent interpreter."""
 
     mode = "query"
@@ -148,7 +148,7 @@ class QueryRun(object):
         self.interp.kill()
 
 
-class Runner(object):
+class Runner:
     def __init__(self, options):
         self.options = options
         # The runner's own environment is the container's (the image's, and HOME): nothing
@@ -313,7 +313,7 @@ class Runner(object):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            log("accept failed: %s" % (e,))
+            log(f"accept failed: {e}")
             return
         if self.conn is not None:
             self.drop_connection(self.conn, "replaced by a new connection")
@@ -342,7 +342,7 @@ class Runner(object):
     def drop_connection(self, conn, why):
         if conn.closed:
             return
-        log("agent connection closed: %s" % (why,))
+        log(f"agent connection closed: {why}")
         conn.close()
         if self.conn is conn:
             self.conn = None
@@ -382,7 +382,7 @@ class Runner(object):
         try:
             interp.start()
         except procs.SpawnError as e:
-            log("cannot start the interpreter: %s" % (e,))
+            log(f"cannot start the interpreter: {e}")
             self._interp_error = str(e)
             return None
         self.interp = interp
@@ -445,7 +445,7 @@ class Runner(object):
             conn.reply({"type": "completions", "id": agent_id, "items": items})
 
     def interpreter_broken(self, interp, reason):
-        log("%s; killing it" % (reason,))
+        log(f"{reason}; killing it")
         interp.killed = interp.kill()
 
     def _interpreter_exited(self, interp, status):
@@ -466,14 +466,14 @@ class Runner(object):
                 ):
                     why = interp.broken  # we killed it: say why
                 else:
-                    why = "the interpreter died (%s)" % (procs.describe_status(status),)
+                    why = f"the interpreter died ({procs.describe_status(status)})"
                 self.emit_output(
-                    "stderr", "*** %s; a fresh interpreter is started for the next run\n" % (why,)
+                    "stderr", f"*** {why}; a fresh interpreter is started for the next run\n"
                 )
                 exit_code = procs.exit_code(status) or (1 if interp.broken else 0)
             self.finish_run(run, exit_code)
         else:
-            log("the idle interpreter ended (%s)" % (procs.describe_status(status),))
+            log(f"the idle interpreter ended ({procs.describe_status(status)})")
         interp.exited = True
         interp.close()
         if self.interp is interp:
@@ -510,7 +510,7 @@ class Runner(object):
             run = QueryRun(self, run_id, None)
             self.run = run
             self.emit_output(
-                "stderr", "*** cannot start the interpreter: %s\n" % (self._interp_error,)
+                "stderr", f"*** cannot start the interpreter: {self._interp_error}\n"
             )
             self.finish_run(run, EXIT_NOT_STARTED)
             return
@@ -537,7 +537,7 @@ class Runner(object):
             return
         handler = self._handlers.get(kind)
         if handler is None:
-            conn.reply(error("UNKNOWN_MESSAGE", "unknown message type %r" % (kind[:64],)))
+            conn.reply(error("UNKNOWN_MESSAGE", f"unknown message type {kind[:64]!r}"))
             return
         handler(self, conn, message)
 
@@ -576,14 +576,14 @@ class Runner(object):
             conn.reply(error("BAD_REQUEST", "mode must be query or batch", run_id))
             return
         if self.run is not None:
-            conn.reply(error("RUN_CONFLICT", "run %s is active" % (self.run.run_id,), run_id))
+            conn.reply(error("RUN_CONFLICT", f"run {self.run.run_id} is active", run_id))
             return
         if mode == "query":
             if not self.supports_query:
                 conn.reply(
                     error(
                         "NOT_SUPPORTED",
-                        "a %s runtime runs batch only" % self.options.runtime_type,
+                        f"a {self.options.runtime_type} runtime runs batch only",
                         run_id,
                     )
                 )
@@ -592,7 +592,7 @@ class Runner(object):
         else:
             for key in ("build", "exec"):
                 if options.get(key) is not None and not isinstance(options.get(key), str):
-                    conn.reply(error("BAD_REQUEST", "options.%s must be a string" % key, run_id))
+                    conn.reply(error("BAD_REQUEST", f"options.{key} must be a string", run_id))
                     return
             self.start_batch(run_id, options, code)
 
@@ -601,7 +601,7 @@ class Runner(object):
         run = self.run
         if run is None or run.run_id != run_id or run.waiting is None:
             conn.reply(
-                error("NOT_WAITING_INPUT", "run %r is not waiting for input" % (run_id,), run_id)
+                error("NOT_WAITING_INPUT", f"run {run_id!r} is not waiting for input", run_id)
             )
             return
         if not isinstance(data, str):
@@ -638,7 +638,7 @@ class Runner(object):
         run_id = message.get("run_id")
         run = self.run
         if run is None or run.run_id != run_id:
-            conn.reply(error("NO_SUCH_RUN", "run %r is not active" % (run_id,), run_id))
+            conn.reply(error("NO_SUCH_RUN", f"run {run_id!r} is not active", run_id))
             return
         run.cancel()  # "finished" (137) follows once the process is gone
 
@@ -675,7 +675,7 @@ class Runner(object):
                 pass
 
 
-class _PipeReader(object):
+class _PipeReader:
     """Reads one user output pipe into the current run's output."""
 
     __slots__ = ("runner", "pipe")
@@ -723,12 +723,12 @@ def read_user_environ(path):
             data = f.read(64 * 1024 * 1024)
     except OSError as e:
         if e.errno != errno.ENOENT:
-            log("cannot read the kernel environment %s: %s" % (path, e))
+            log(f"cannot read the kernel environment {path}: {e}")
         return {}
     try:
         environ = jsoncodec.loads(data.decode("utf-8"))
     except ValueError as e:
-        log("the kernel environment %s is not JSON: %s" % (path, e))
+        log(f"the kernel environment {path} is not JSON: {e}")
         return {}
     if not isinstance(environ, dict):
         return {}
@@ -758,7 +758,7 @@ USAGE = (
 )
 
 
-class Options(object):
+class Options:
     def __init__(self, **values):
         self.__dict__.update(values)
 
@@ -772,16 +772,16 @@ def parse_args(argv):
         if "=" in option:
             option, value = option.split("=", 1)
         if option not in OPTIONS:
-            raise UsageError("unknown option %s" % option)
+            raise UsageError(f"unknown option {option}")
         if value is None:
             if not argv:
-                raise UsageError("%s needs a value" % option)
+                raise UsageError(f"{option} needs a value")
             value = argv.pop(0)
         attribute, convert, _ = OPTIONS[option]
         try:
             values[attribute] = convert(value)
         except ValueError:
-            raise UsageError("%s: invalid value %r" % (option, value))
+            raise UsageError(f"{option}: invalid value {value!r}")
     missing = [option for option, (attribute, _, _) in OPTIONS.items() if values[attribute] is None]
     if missing:
         raise UsageError("missing " + ", ".join(missing))
@@ -794,7 +794,7 @@ def main(argv=None):
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
-        sys.stderr.write("%s\n%s\n" % (e, USAGE))
+        sys.stderr.write(f"{e}\n{USAGE}\n")
         return 2
     runner = Runner(options)
     try:
@@ -804,7 +804,7 @@ def main(argv=None):
         return 2
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.ENOENT):
-            log("cannot listen on %s: %s" % (options.socket, e))
+            log(f"cannot listen on {options.socket}: {e}")
             return 2
         raise
     return 0

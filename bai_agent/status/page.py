@@ -106,7 +106,7 @@ class StatusPage:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         if failure.check(HTTPException):  # 404, 405: not a failure of the agent
             request.setResponseCode(failure.value.code)
-            return f"{failure.value.code} {failure.value.name}\n".encode("utf-8")
+            return f"{failure.value.code} {failure.value.name}\n".encode()
         log.failure("status page {path} failed", failure, path=request.path)
         request.setResponseCode(500)
         return b"internal error; see the agent log\n"

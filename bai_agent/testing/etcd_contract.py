@@ -39,7 +39,7 @@ def poll_until(reactor, predicate, timeout=5.0, interval=0.01):
     deadline = reactor.seconds() + timeout
     while not predicate():
         if reactor.seconds() > deadline:
-            raise AssertionError("condition not met within {}s".format(timeout))
+            raise AssertionError(f"condition not met within {timeout}s")
         yield deferLater(reactor, interval, lambda: None)
 
 

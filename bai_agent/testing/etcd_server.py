@@ -50,11 +50,11 @@ class EtcdServer:
 
     @property
     def url(self):
-        return "http://127.0.0.1:{}".format(self.client_port)
+        return f"http://127.0.0.1:{self.client_port}"
 
     @property
     def addr(self):
-        return "127.0.0.1:{}".format(self.client_port)
+        return f"127.0.0.1:{self.client_port}"
 
     @property
     def log_path(self):
@@ -73,15 +73,15 @@ class EtcdServer:
             return
         if not os.access(self.binary, os.X_OK):
             raise EtcdServerError(
-                "etcd server binary {} not found: install the Debian package "
-                "etcd-server (apt-get install etcd-server)".format(self.binary)
+                f"etcd server binary {self.binary} not found: install the Debian package "
+                "etcd-server (apt-get install etcd-server)"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.client_port is None:
             self.client_port = _free_loopback_port()
             self.peer_port = _free_loopback_port(taken=(self.client_port,))
         client_url = self.url
-        peer_url = "http://127.0.0.1:{}".format(self.peer_port)
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
         command = [
             self.binary,
             "--name", "default",
@@ -116,30 +116,26 @@ class EtcdServer:
             exit_code = self._process.poll()
             if exit_code is not None:
                 raise EtcdServerError(
-                    "etcd exited with status {} while starting; log tail:\n{}".format(
-                        exit_code, self.log_tail()
-                    )
+                    f"etcd exited with status {exit_code} while starting; log tail:\n{self.log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1.0) as answer:
                     body = answer.read()
                 if b'"true"' in body:
                     return
-                last_problem = "health answered {!r}".format(body)
+                last_problem = f"health answered {body!r}"
             except (OSError, urllib.error.URLError) as error:
                 last_problem = str(error)
             time.sleep(0.05)
         raise EtcdServerError(
-            "etcd at {} not healthy after {:.0f}s ({}); log tail:\n{}".format(
-                self.url, START_TIMEOUT, last_problem, self.log_tail()
-            )
+            f"etcd at {self.url} not healthy after {START_TIMEOUT:.0f}s ({last_problem}); log tail:\n{self.log_tail()}"
         )
 
     def log_tail(self, lines=30):
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError as error:
-            return "(no log: {})".format(error)
+            return f"(no log: {error})"
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self):

@@ -48,9 +48,7 @@ def _signal_number(signal):
 
 
 def _timestamp(seconds):
-    return "2023-11-14T{:02d}:{:02d}:{:02d}.000000000Z".format(
-        (seconds // 3600) % 24, (seconds // 60) % 60, seconds % 60
-    )
+    return f"2023-11-14T{(seconds // 3600) % 24:02d}:{(seconds // 60) % 60:02d}:{seconds % 60:02d}.000000000Z"
 
 
 class _FakeContainer:

@@ -32,7 +32,7 @@ HISTORY_LIMIT = 10000
 
 def _check_bytes(name, value):
     if not isinstance(value, bytes):
-        raise TypeError("{} must be bytes, not {}".format(name, type(value).__name__))
+        raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
 
 
 @attr.s(frozen=True, slots=True)
@@ -233,7 +233,7 @@ class MemoryEtcd:
         if down:
             return down
         if lease_id is not None and lease_id not in self._leases:
-            return fail(LeaseNotFound("lease {:x} not found".format(lease_id)))
+            return fail(LeaseNotFound(f"lease {lease_id:x} not found"))
         self._store(key, value, lease_id)
         return succeed(None)
 
@@ -259,7 +259,7 @@ class MemoryEtcd:
             return down
         ttl = int(ttl)
         if ttl < 1:
-            return fail(EtcdError("lease TTL must be at least 1 second, not {}".format(ttl)))
+            return fail(EtcdError(f"lease TTL must be at least 1 second, not {ttl}"))
         lease_id = next(self._lease_ids)
         expiry = self.clock.callLater(ttl, self._end_lease, lease_id)
         self._leases[lease_id] = _Lease(lease_id, ttl, expiry)
@@ -271,7 +271,7 @@ class MemoryEtcd:
             return down
         lease = self._leases.get(lease_id)
         if lease is None:
-            return fail(LeaseNotFound("lease {:x} not found".format(lease_id)))
+            return fail(LeaseNotFound(f"lease {lease_id:x} not found"))
         lease.expiry.reset(lease.ttl)
         return succeed(lease.ttl)
 

@@ -101,7 +101,7 @@ def assert_memory_held(watch, what):
 
 def test_an_unfinished_box_before_authentication_is_cut_off_at_a_few_kib(agent):
     watch = MemoryWatch(agent)
-    for attempt in range(3):  # memory comes back: three attacks cost what one does
+    for _attempt in range(3):  # memory comes back: three attacks cost what one does
         with connect(agent.amp_port) as sock:
             sent, closed = send_until_closed(sock, unfinished_box(), ATTACK_BYTES)
         assert closed, f"the agent took {sent / MIB:.0f} MiB of one unfinished box and kept the connection"
@@ -113,7 +113,7 @@ def test_an_unfinished_box_before_authentication_is_cut_off_at_a_few_kib(agent):
 def test_an_unfinished_box_after_authentication_is_cut_off_at_the_protocol_limit(agent):
     secret = secret_of(agent)
     watch = MemoryWatch(agent)
-    for attempt in range(3):
+    for _attempt in range(3):
         with connect(agent.amp_port) as sock:
             authenticate(sock, secret)
             sent, closed = send_until_closed(sock, unfinished_box(), ATTACK_BYTES)
@@ -260,7 +260,7 @@ def test_a_thousand_waiting_sockets_cannot_keep_a_manager_out(agent, reactor):
     lines_before = agent.log_text().count("\n")
     try:
         yield deferLater(reactor, 1.5, lambda: None)
-        for attempt in range(3):
+        for _attempt in range(3):
             d = AgentClient.connect(reactor, address(agent), secret_of(agent))
             d.addTimeout(15, reactor)
             client = yield d

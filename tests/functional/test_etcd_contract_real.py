@@ -41,7 +41,7 @@ async def test_selects_the_gateway_prefix_the_server_serves(txetcd):
 async def test_unreachable_etcd_fails_with_etcd_unavailable(reactor):
     from bai_agent.testing.etcd_server import _free_loopback_port
 
-    client = TxEtcd(reactor, "http://127.0.0.1:{}".format(_free_loopback_port()), timeout=2.0)
+    client = TxEtcd(reactor, f"http://127.0.0.1:{_free_loopback_port()}", timeout=2.0)
     with pytest.raises(EtcdUnavailable):
         await client.get(b"/k")
     with pytest.raises(EtcdUnavailable):
@@ -121,7 +121,7 @@ async def test_gateway_prefix_probed_once_in_order(reactor):
             return json.dumps({"header": {"revision": "1"}}).encode()
 
     port = reactor.listenTCP(0, Site(AlphaOnlyGateway()), interface="127.0.0.1")
-    client = TxEtcd(reactor, "http://127.0.0.1:{}".format(port.getHost().port))
+    client = TxEtcd(reactor, f"http://127.0.0.1:{port.getHost().port}")
     try:
         assert await client.get(b"/k") is None
         assert await client.get_prefix(b"/p/") == {}
@@ -144,7 +144,7 @@ async def test_silent_server_times_out_as_unavailable_and_cancel_stays_cancel(re
     from twisted.internet.protocol import Factory, Protocol
 
     port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
-    client = TxEtcd(reactor, "http://127.0.0.1:{}".format(port.getHost().port), timeout=0.3)
+    client = TxEtcd(reactor, f"http://127.0.0.1:{port.getHost().port}", timeout=0.3)
     try:
         began = reactor.seconds()
         with pytest.raises(EtcdUnavailable, match="no answer within"):

@@ -35,7 +35,7 @@ async def wait_for(reactor, check, timeout, what):
         if result:
             return result
         if reactor.seconds() > deadline:
-            raise AssertionError("{} not within {}s".format(what, timeout))
+            raise AssertionError(f"{what} not within {timeout}s")
         await sleep(reactor, 0.05)
 
 
@@ -69,7 +69,7 @@ def record_getter(client, key):
 async def test_record_registered_refreshed_and_revoked_on_stop(reactor, etcd_server, tmp_path):
     namespace = "ft-" + uuid.uuid4().hex[:8]
     agent_id = "agent-real"
-    key = "/bai/{}/agents/{}".format(namespace, agent_id).encode()
+    key = f"/bai/{namespace}/agents/{agent_id}".encode()
     agent_etcd = TxEtcd(reactor, etcd_server.url)
     observer = TxEtcd(reactor, etcd_server.url)
     kernels = [0]
@@ -85,15 +85,15 @@ async def test_record_registered_refreshed_and_revoked_on_stop(reactor, etcd_ser
         assert service.registered
 
         listing = await etcdctl(reactor, etcd_server, "get", "--prefix",
-                                "/bai/{}/agents/".format(namespace))
+                                f"/bai/{namespace}/agents/")
         lines = listing.splitlines()
         assert lines[0] == key.decode()
         assert json.loads(lines[1])["agent_id"] == agent_id
         ttl = await etcdctl(reactor, etcd_server, "lease", "timetolive",
-                            "{:x}".format(service.lease_id))
+                            f"{service.lease_id:x}")
         assert "granted with TTL(10s)" in ttl
 
-        secret = await observer.get("/bai/{}/config/agent/secret".format(namespace).encode())
+        secret = await observer.get(f"/bai/{namespace}/config/agent/secret".encode())
         assert secret.decode() == service.secret
 
         first_beat = record["heartbeat_at"]
@@ -101,7 +101,7 @@ async def test_record_registered_refreshed_and_revoked_on_stop(reactor, etcd_ser
         async def kept_alive():
             return (service.last_heartbeat_at or 0) > first_beat
         await wait_for(reactor, kept_alive, 3, "a heartbeat (lease keep-alive)")
-        ttl = await etcdctl(reactor, etcd_server, "lease", "timetolive", "{:x}".format(service.lease_id))
+        ttl = await etcdctl(reactor, etcd_server, "lease", "timetolive", f"{service.lease_id:x}")
         assert "remaining(" in ttl and int(ttl.split("remaining(")[1].split("s")[0]) >= 8
 
         kernels[0] = 2  # the record changed: written at the next heartbeat

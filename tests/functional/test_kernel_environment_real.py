@@ -36,7 +36,7 @@ def test_loader_and_start_up_variables_are_refused(client, agent):
 def test_the_environment_reaches_user_code_but_never_the_runner_even_after_a_restart(client, agent):
     environ = {"GREETING": "hello", "PYTHONPATH": "/home/work/lib"}
     record = yield client.create_kernel("env", IMAGE, {"cpu": 0.5, "mem": "128m"}, environ=environ)
-    for attempt in range(2):
+    for _attempt in range(2):
         container_id = record["container_id"]
         runner = runner_environment(container_id)
         assert "GREETING" not in runner and "PYTHONPATH" not in runner, runner

@@ -11,7 +11,7 @@ import pytest_twisted
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import containers_of, docker, running_agent
-from tests.functional.executing import IMAGE, sleep, wait_until
+from tests.functional.executing import IMAGE, wait_until
 
 
 def our_containers(agent):

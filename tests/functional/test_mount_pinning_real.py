@@ -75,7 +75,7 @@ def test_a_read_only_mount_stays_read_only_and_reserved_targets_are_refused(agen
                 )
         mounts = [{"source": str(allowed / "set"), "target": "/data/ro", "mode": "ro"}]
         yield client.create_kernel("ro", IMAGE, {"cpu": 0.5, "mem": "128m"}, mounts=mounts)
-        for attempt in range(2):
+        for _attempt in range(2):
             console, _ = yield run_to_end(
                 client, "ro", "query",
                 "try:\n    open('/data/ro/new', 'w')\nexcept OSError as e:\n    print(e.errno)\n",

@@ -33,11 +33,11 @@ def docker(docker_host, *args, check=True, timeout=60):
         ["docker"] + list(args), env=environ, capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
-        raise AssertionError("docker %s failed: %s" % (" ".join(args[:2]), result.stderr.strip()))
+        raise AssertionError("docker {} failed: {}".format(" ".join(args[:2]), result.stderr.strip()))
     return result
 
 
-class KernelContainer(object):
+class KernelContainer:
     def __init__(self, docker_host):
         self.docker_host = docker_host
         self.container_id = None
@@ -53,8 +53,7 @@ class KernelContainer(object):
     def start(self):
         if docker(self.docker_host, "image", "inspect", KERNEL_IMAGE, check=False).returncode != 0:
             pytest.fail(
-                "the kernel image %s is missing: build it with scripts/build-kernel-image"
-                % KERNEL_IMAGE,
+                f"the kernel image {KERNEL_IMAGE} is missing: build it with scripts/build-kernel-image",
                 pytrace=False,
             )
         args = ["run", "-d", "--network", "none", "--cap-drop", "ALL"]
@@ -68,11 +67,11 @@ class KernelContainer(object):
             "--label",
             "bai-agent-test=runner",
             "-v",
-            "%s:%s:ro" % (bai_agent.runner.RUNNER_DIR, bai_agent.runner.MOUNT_POINT),
+            f"{bai_agent.runner.RUNNER_DIR}:{bai_agent.runner.MOUNT_POINT}:ro",
             "-v",
-            "%s:%s" % (self.state_dir, bai_agent.runner.STATE_MOUNT_POINT),
+            f"{self.state_dir}:{bai_agent.runner.STATE_MOUNT_POINT}",
             "-v",
-            "%s:/home/work" % (self.home,),
+            f"{self.home}:/home/work",
             KERNEL_IMAGE,
         ]
         args += bai_agent.runner.runner_command(uid=KERNEL_UID, gid=KERNEL_UID)
@@ -83,7 +82,7 @@ class KernelContainer(object):
         while not os.path.exists(self.socket_path):
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    "no runner socket after %ss; container log:\n%s" % (timeout, self.logs())
+                    f"no runner socket after {timeout}s; container log:\n{self.logs()}"
                 )
             time.sleep(0.05)
 

@@ -5,9 +5,8 @@ import os
 import stat
 
 import pytest
-from twisted.internet.task import deferLater
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
 from bai_agent.etcd.service import EtcdService, is_valid_secret, lease_ttl_for
 from bai_agent.testing.memory_etcd import MemoryEtcd

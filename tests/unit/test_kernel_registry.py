@@ -9,7 +9,7 @@ import os
 import stat
 
 import pytest
-from twisted.internet.defer import succeed, Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from bai_agent.config import AgentConfig

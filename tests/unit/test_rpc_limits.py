@@ -260,7 +260,7 @@ def test_a_paused_connection_that_is_closing_releases_its_transport(harness):
 
 def test_an_unauthenticated_connection_is_closed_at_the_deadline_whatever_it_sends(harness):
     connection = harness.connect()
-    for second in range(int(AUTHENTICATION_DEADLINE) - 1):
+    for _second in range(int(AUTHENTICATION_DEADLINE) - 1):
         connection.hello()
         harness.clock.advance(1.0)
         assert not connection.closed

@@ -1,4 +1,5 @@
 import json
+
 """RunnerLink on a task.Clock and a StringTransport; connect_runner on a real reactor."""
 
 import os
@@ -15,12 +16,12 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from bai_agent.kernels.runner_link import split_output_frame
 from bai_agent.kernels.runner_link import (
     RunnerLink,
     RunnerProtocolError,
     RunnerUnavailable,
     connect_runner,
+    split_output_frame,
 )
 from bai_agent.runner.framing import FrameDecoder, encode
 
@@ -35,7 +36,7 @@ HELLO = {
 }
 
 
-class Harness(object):
+class Harness:
     def __init__(self, **options):
         self.clock = Clock()
         self.link = RunnerLink(self.clock, **options)
@@ -453,7 +454,7 @@ def test_connect_runner_retries_on_the_injected_clock():
     reactor = MemoryReactorClock()
     d = connect_runner(reactor, "/run/x.sock", reactor, timeout=1.0)
     delays = []
-    for attempt in range(200):
+    for _attempt in range(200):
         if d.called:
             break
         path, factory, timeout = reactor.unixClients[-1][:3]

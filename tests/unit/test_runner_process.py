@@ -38,13 +38,13 @@ RUNNER_MODULES = sorted(
 
 def require_runtime():
     if not os.access(RUNTIME, os.X_OK):
-        pytest.fail("these tests need %s (the interpreter kernels run)" % RUNTIME, pytrace=False)
+        pytest.fail(f"these tests need {RUNTIME} (the interpreter kernels run)", pytrace=False)
 
 
 # -- a runner process and a blocking client --------------------------------------------
 
 
-class RunnerProcess(object):
+class RunnerProcess:
     """The runner started from a private copy of its directory, with its own home."""
 
     def __init__(self, runtime_type="python", outbox_limit=None):
@@ -123,7 +123,7 @@ class RunnerProcess(object):
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-class Result(object):
+class Result:
     def __init__(self, messages):
         self.messages = messages
         self.outputs = [(m["stream"], m["data"]) for m in messages if m["type"] == "output"]
@@ -142,7 +142,7 @@ class Result(object):
         return [m["type"] for m in self.messages]
 
 
-class Client(object):
+class Client:
     """A blocking agent: connect, frame, collect the messages of a run."""
 
     def __init__(self, path, handshake=True, timeout=20.0):
@@ -247,10 +247,7 @@ def test_runner_modules_are_python_3_8_and_standard_library_only(name):
             continue
         for module in names:
             top = module.split(".")[0]
-            assert top in sys.stdlib_module_names or top in siblings, "%s imports %s" % (
-                name,
-                module,
-            )
+            assert top in sys.stdlib_module_names or top in siblings, f"{name} imports {module}"
 
 
 # -- handshake and keepalive ----------------------------------------------------------------

@@ -71,10 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--mem", help="memory, bytes or 512m, 2g (default: 512m)")
     create.add_argument("--gpus", type=int, help="NVIDIA devices")
     create.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
-    create.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro|rw]", help="bind mount (repeatable)")
+    create.add_argument(
+        "--mount", action="append", default=[], metavar="SRC:DST[:ro|rw]", help="bind mount (repeatable)"
+    )
     create.add_argument("--idle-timeout", type=int, help="seconds without commands before it is destroyed (0: never)")
     create.add_argument("--exec-timeout", type=int, help="seconds one run may take (0: no limit)")
-    for name, text in (("destroy", "destroy a kernel"), ("restart", "restart a kernel"), ("stats", "a kernel's latest statistics")):
+    for name, text in (
+        ("destroy", "destroy a kernel"),
+        ("restart", "restart a kernel"),
+        ("stats", "a kernel's latest statistics"),
+    ):
         command = sub.add_parser(name, help=text)
         command.add_argument("agent", help="agent id, or HOST:PORT")
         command.add_argument("kernel_id")
@@ -94,13 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", nargs="?", help="file holding the code ('-': standard input)")
     run.add_argument("-c", dest="code", metavar="CODE", help="the code to run")
     run.add_argument(
-        "--batch", action="store_true",
+        "--batch",
+        action="store_true",
         help="batch mode: --build, then --exec (or the code as a shell script), instead of the interpreter",
     )
     run.add_argument("--build", metavar="CMD", help="batch mode: shell command run first")
     run.add_argument("--exec", dest="exec_command", metavar="CMD", help="batch mode: shell command run next")
     run.add_argument(
-        "--flush-timeout", type=float, default=DEFAULT_FLUSH_TIMEOUT,
+        "--flush-timeout",
+        type=float,
+        default=DEFAULT_FLUSH_TIMEOUT,
         help="seconds the agent gathers output before sending it (default %(default)s)",
     )
     interrupt = sub.add_parser("interrupt", help="interrupt the run active on a kernel")
@@ -136,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     repl.add_argument("--mem", help="memory, bytes or 512m, 2g (default: 512m)")
     repl.add_argument("--kernel-id", help="the kernel's id (default: repl-<random>)")
     repl.add_argument(
-        "--flush-timeout", type=float, default=DEFAULT_FLUSH_TIMEOUT,
+        "--flush-timeout",
+        type=float,
+        default=DEFAULT_FLUSH_TIMEOUT,
         help="seconds the agent gathers output before sending it (default %(default)s)",
     )
     return parser
@@ -468,9 +479,7 @@ def _run_code(reactor, client, args, mode, code, options, out, err, stdin):
             err.flush()
             kernel_run.interrupt().addErrback(lambda failure: failure.trap(errors.KernelNotRunning))
         elif not ended.called:
-            err.write(
-                f"\nbai-agent-ctl: stopped waiting; the run may still be active on kernel {args.kernel_id}\n"
-            )
+            err.write(f"\nbai-agent-ctl: stopped waiting; the run may still be active on kernel {args.kernel_id}\n")
             ended.callback(EXIT_INTERRUPTED)
 
     def relay(result):

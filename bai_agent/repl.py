@@ -743,7 +743,12 @@ def main(reactor, args, connect, user_errors=(), stdin=None, stdout=None, stderr
     try:
         bridge.start()
         opening = bridge.submit(
-            ReplSession.open, reactor, connect, kernel_id, image, repl_resources(args),
+            ReplSession.open,
+            reactor,
+            connect,
+            kernel_id,
+            image,
+            repl_resources(args),
             flush_timeout=getattr(args, "flush_timeout", None) or DEFAULT_FLUSH_TIMEOUT,
         )
         try:
@@ -760,8 +765,7 @@ def main(reactor, args, connect, user_errors=(), stdin=None, stdout=None, stderr
         if io.interactive:
             _enable_readline(console)
             io.write_err(
-                f"Python kernel {kernel_id} ({image}) on {args.agent}. "
-                "Ctrl-D or exit() leaves and destroys it.\n"
+                f"Python kernel {kernel_id} ({image}) on {args.agent}. Ctrl-D or exit() leaves and destroys it.\n"
             )
         try:
             status = console.loop()

@@ -45,7 +45,6 @@ log = Logger()
 STATS_INTERVAL = 5.0
 
 
-
 class ListeningService(StreamServerEndpointService):
     """
     A server endpoint service that fails start-up loudly when it cannot listen (a taken
@@ -146,7 +145,10 @@ def build_agent_service(
         log.info("kernels' homes limited by {kind} on {root}", kind=scratch_volumes.kind, root=config.scratch_root)
     gpus = discover_gpus(nvml)
     capacity = detect_capacity(
-        config.reserved_cpu, config.reserved_mem, cuda_devices=len(gpus), scratch=scratch.capacity_of(config.scratch_root)
+        config.reserved_cpu,
+        config.reserved_mem,
+        cuda_devices=len(gpus),
+        scratch=scratch.capacity_of(config.scratch_root),
     )
 
     top = AgentService()

@@ -55,7 +55,9 @@ class GracefulStop:
             state.etcd.refresh_now()  # the record says "stopping" while we finish
         pending = list(state.commands_in_flight)
         if pending:
-            finished = yield within(self.clock, DeferredList(pending, consumeErrors=True), deadline - self.clock.seconds())
+            finished = yield within(
+                self.clock, DeferredList(pending, consumeErrors=True), deadline - self.clock.seconds()
+            )
             if not finished:
                 self.log.warn(
                     "{count} commands still in flight after the grace period; their connections close",
@@ -71,7 +73,9 @@ class GracefulStop:
             kernels.announce_stopping()
             delivered = yield self._await_delivery(EVENT_DELIVERY_TIMEOUT)
             if not delivered:
-                self.log.warn("not every subscribed manager acknowledged the last events; they get them on their next Subscribe")
+                self.log.warn(
+                    "not every subscribed manager acknowledged the last events; they get them on their next Subscribe"
+                )
         for connection in list(state.connections):
             if connection.transport is not None:
                 connection.transport.loseConnection()

@@ -26,7 +26,21 @@ from bai_agent.kernels.workspace import check_socket_room
 from bai_agent.node.scratch import KINDS as SCRATCH_KINDS
 
 NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
-SYSTEM_DIRS = {"/etc", "/usr", "/bin", "/sbin", "/lib", "/lib64", "/boot", "/proc", "/sys", "/dev", "/root", "/var", "/run"}
+SYSTEM_DIRS = {
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/root",
+    "/var",
+    "/run",
+}
 
 
 class Options(usage.Options):
@@ -53,15 +67,33 @@ class Options(usage.Options):
         ["kernel-network", None, "bridge", "Docker network of kernels ('none' for no network)."],
         ["kernel-pids-limit", None, "1024", "Most processes one kernel may run."],
         ["max-upload-size", None, "100m", "Largest file UploadFile may make in a kernel's home."],
-        ["stop-grace-period", None, "10", "Seconds a graceful stop (SIGTERM) waits for commands in flight (0 to 3600)."],
-        ["default-scratch-size", None, "10g", "Most a kernel's home may hold when CreateKernel names no scratch (at least 16m)."],
-        ["scratch-type", None, "auto", "How homes are limited: quota (project quotas of the scratch root), hostfile "
-         "(a loop-mounted image per kernel), dir (not limited), or auto (quota where supported, else hostfile)."],
+        [
+            "stop-grace-period",
+            None,
+            "10",
+            "Seconds a graceful stop (SIGTERM) waits for commands in flight (0 to 3600).",
+        ],
+        [
+            "default-scratch-size",
+            None,
+            "10g",
+            "Most a kernel's home may hold when CreateKernel names no scratch (at least 16m).",
+        ],
+        [
+            "scratch-type",
+            None,
+            "auto",
+            "How homes are limited: quota (project quotas of the scratch root), hostfile "
+            "(a loop-mounted image per kernel), dir (not limited), or auto (quota where supported, else hostfile).",
+        ],
     ]
 
     optFlags = [
-        ["destroy-kernels-on-stop", None, "Destroy all kernels on a graceful stop (default: they keep running "
-         "and the next start takes them over)."],
+        [
+            "destroy-kernels-on-stop",
+            None,
+            "Destroy all kernels on a graceful stop (default: they keep running and the next start takes them over).",
+        ],
     ]
 
     def __init__(self):
@@ -162,7 +194,7 @@ def _check_server_endpoint(description, reactor):
 def makeService(options):
     from twisted.internet import reactor
 
-    from bai_agent.rlimits import raise_open_file_limit
+    from bai_agent.runtime.rlimits import raise_open_file_limit
     from bai_agent.service import build_agent_service
 
     raise_open_file_limit()

@@ -86,7 +86,9 @@ odd_text = st.one_of(
 
 #: Bytes that are not UTF-8: stray continuation bytes, overlong forms, encoded surrogates.
 invalid_utf8 = st.one_of(
-    st.sampled_from([b"\xff", b"\xfe\xff", b"\x80abc", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"a\xe2\x82"]),
+    st.sampled_from(
+        [b"\xff", b"\xfe\xff", b"\x80abc", b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"a\xe2\x82"]
+    ),
     st.binary(min_size=1, max_size=64).filter(lambda data: not _is_utf8(data)),
 )
 
@@ -111,13 +113,33 @@ def long_text(min_chars=65, max_chars=MAX_VALUE_LENGTH):
 #: Integers around every boundary the agent might check, and far past them.
 odd_integers = st.one_of(
     st.integers(min_value=-(1 << 70), max_value=1 << 70),
-    st.sampled_from([0, -1, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63), 10**100, -(10**100), 365 * 24 * 3600 + 1]),
+    st.sampled_from(
+        [0, -1, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64, -(2**63), 10**100, -(10**100), 365 * 24 * 3600 + 1]
+    ),
 )
 
 #: Encodings an ``Integer`` argument must refuse (or parse, for the odd-but-valid ones).
 bad_integer_bytes = st.one_of(
     st.sampled_from(
-        [b"", b"x", b" ", b"1.5", b"0x10", b"1e3", b"--1", b"+", b"nan", b"inf", b"\xff", b"1\x00", b"\xd9\xa3", b"1_000", b" 7 ", b"9" * 5000, b"-" + b"9" * 4400]
+        [
+            b"",
+            b"x",
+            b" ",
+            b"1.5",
+            b"0x10",
+            b"1e3",
+            b"--1",
+            b"+",
+            b"nan",
+            b"inf",
+            b"\xff",
+            b"1\x00",
+            b"\xd9\xa3",
+            b"1_000",
+            b" 7 ",
+            b"9" * 5000,
+            b"-" + b"9" * 4400,
+        ]
     ),
     invalid_utf8,
     st.binary(max_size=20),
@@ -239,7 +261,9 @@ resources = st.one_of(
         optional={
             "cpu": st.one_of(st.sampled_from([0.25, 0.5, 1, 2, 4]), st.floats(allow_nan=False), odd_integers),
             "mem": st.one_of(
-                st.sampled_from(["64m", "128m", "256m", "1g", "512M", "0", "-1m", "1e9999", "9" * 400, "1.5g", "m", "", "8t"]),
+                st.sampled_from(
+                    ["64m", "128m", "256m", "1g", "512M", "0", "-1m", "1e9999", "9" * 400, "1.5g", "m", "", "8t"]
+                ),
                 st.integers(min_value=-1, max_value=1 << 34),
                 odd_integers,
             ),
@@ -263,7 +287,20 @@ environ = st.one_of(
 )
 
 mount_paths = st.sampled_from(
-    ["/", "/etc", "/tmp", "/tmp/../etc", "/home/work", "/run/bai", "/proc/1/root", "relative", "", "/data:/x", "/a\x00b", "//etc"]
+    [
+        "/",
+        "/etc",
+        "/tmp",
+        "/tmp/../etc",
+        "/home/work",
+        "/run/bai",
+        "/proc/1/root",
+        "relative",
+        "",
+        "/data:/x",
+        "/a\x00b",
+        "//etc",
+    ]
 )
 
 mounts = st.one_of(
@@ -301,21 +338,28 @@ completion_options = st.one_of(
     json_values,
 )
 
+
 #: Meaningful values per (command, argument); the generic kind strategies cover the rest.
 def _meaningful(command_name: bytes, name: bytes, kernel_ids):
     table = {
         b"kernel_id": st.one_of(kernel_ids, kernel_id_shapes) if kernel_ids is not None else kernel_id_shapes,
-        b"image": st.one_of(st.just(IMAGE), st.sampled_from(["", "nope:1", "../" + IMAGE, IMAGE + " ", "plain/debian:12"]), odd_text),
+        b"image": st.one_of(
+            st.just(IMAGE), st.sampled_from(["", "nope:1", "../" + IMAGE, IMAGE + " ", "plain/debian:12"]), odd_text
+        ),
         b"resources": resources,
         b"environ": environ,
         b"mounts": mounts,
         b"idle_timeout": timeouts,
         b"exec_timeout": timeouts,
         b"reason": st.one_of(
-            st.sampled_from(["user-requested", "idle-timeout", "exec-timeout", "agent-reset", "oom-killed", "restarting", ""]),
+            st.sampled_from(
+                ["user-requested", "idle-timeout", "exec-timeout", "agent-reset", "oom-killed", "restarting", ""]
+            ),
             odd_text,
         ),
-        b"mode": st.one_of(st.sampled_from(["query", "batch", "input", "continue", "QUERY", "", "interactive"]), odd_text),
+        b"mode": st.one_of(
+            st.sampled_from(["query", "batch", "input", "continue", "QUERY", "", "interactive"]), odd_text
+        ),
         b"run_id": st.one_of(kernel_id_shapes, st.sampled_from(["r1", "nope"])),
         b"code": st.one_of(
             st.sampled_from(["print(1)", "x = 1", "", "while True: pass", "input()", "import os; os._exit(3)"]),
@@ -454,7 +498,9 @@ def _broken_chunks(draw, name: bytes, data: bytes):
         entries = {name + b".1": data[:10] or b"x"}
     else:
         # Chunks shorter than the maximum are legal on the wire: the agent joins what it gets.
-        entries = {name if i == 0 else name + b"." + str(i).encode(): data[i : i + 1] for i in range(min(len(data), 40))}
+        entries = {
+            name if i == 0 else name + b"." + str(i).encode(): data[i : i + 1] for i in range(min(len(data), 40))
+        }
         entries.setdefault(name, b"")
     return entries
 

@@ -107,7 +107,7 @@ def parse_docker_host(docker_host):
     if not isinstance(docker_host, str) or not docker_host:
         raise bad("expected unix:///path/to.sock or tcp://host:port")
     if docker_host.startswith("unix://"):
-        path = docker_host[len("unix://"):]
+        path = docker_host[len("unix://") :]
         if not path.startswith("/"):
             raise bad("the socket path must be absolute (unix:///path/to.sock)")
         if "\0" in path:
@@ -188,12 +188,12 @@ class DockerStreamDemultiplexer:
         while i < end:
             if self._remaining:
                 take = min(self._remaining, end - i)
-                _append_output(out, self._stream, view[i:i + take])
+                _append_output(out, self._stream, view[i : i + take])
                 self._remaining -= take
                 i += take
                 continue
             start = len(self._header)
-            piece = view[i:i + _FRAME_HEADER_SIZE - start]
+            piece = view[i : i + _FRAME_HEADER_SIZE - start]
             self._header += piece
             self._check_header(start)
             i += len(piece)
@@ -210,8 +210,7 @@ class DockerStreamDemultiplexer:
         for index in range(checked, min(len(header), 4)):
             if (index == 0 and header[0] not in DOCKER_STREAM_NAMES) or (index and header[index]):
                 raise DockerStreamError(
-                    f"not a multiplexed stream: invalid frame header at byte {self._offset}: "
-                    f"{bytes(header)!r}"
+                    f"not a multiplexed stream: invalid frame header at byte {self._offset}: {bytes(header)!r}"
                 )
 
 
@@ -318,9 +317,7 @@ class JSONStreamDecoder:
                     self._depth = 1
                     i = m.end()
                 else:
-                    raise JSONStreamError(
-                        f"expected a JSON object, found {bytes(buf[m.start():m.start() + 20])!r}"
-                    )
+                    raise JSONStreamError(f"expected a JSON object, found {bytes(buf[m.start() : m.start() + 20])!r}")
             else:
                 m = self._STRUCTURE.search(buf, i)
                 if m is None:
@@ -554,9 +551,7 @@ class DockerEngineClient:
             log.debug("docker {what}", what=what)
             # treq sends ``json=None`` as a "null" body: pass it only when there is one.
             body_args = {} if json is None else {"json": json}
-            response = yield self._http.request(
-                method, self._url(path, versioned), params=params, **body_args
-            )
+            response = yield self._http.request(method, self._url(path, versioned), params=params, **body_args)
             body = yield response.content()
             if response.code in accept:
                 return None
@@ -641,11 +636,7 @@ class DockerEngineClient:
             yield self._ensure_negotiated()
             if stream.cancelled:
                 return None
-            return (
-                yield self._http.request(
-                    "GET", self._url("/events", True), params=params, unbuffered=True
-                )
-            )
+            return (yield self._http.request("GET", self._url("/events", True), params=params, unbuffered=True))
 
         def opened(response):
             stream._request = None
@@ -678,9 +669,7 @@ class DockerEngineClient:
         if not isinstance(created, dict) or not created.get("Id"):
             raise DockerError(f"POST /containers/create answered {created!r}")
         for warning in created.get("Warnings") or ():
-            log.warn(
-                "creating container {name}: the daemon warns: {warning}", name=name, warning=warning
-            )
+            log.warn("creating container {name}: the daemon warns: {warning}", name=name, warning=warning)
         return created["Id"]
 
     @inlineCallbacks
@@ -699,9 +688,7 @@ class DockerEngineClient:
 
     @inlineCallbacks
     def kill_container(self, container_id, signal="SIGKILL"):
-        yield self._request(
-            "POST", container_path(container_id, "/kill"), params={"signal": str(signal)}
-        )
+        yield self._request("POST", container_path(container_id, "/kill"), params={"signal": str(signal)})
 
     @inlineCallbacks
     def stop_container(self, container_id, timeout=10):
@@ -726,9 +713,7 @@ class DockerEngineClient:
     @inlineCallbacks
     def wait_container(self, container_id):
         path = container_path(container_id, "/wait")
-        result = yield self._request(
-            "POST", path, params={"condition": "not-running"}, timeout=None
-        )
+        result = yield self._request("POST", path, params={"condition": "not-running"}, timeout=None)
         if not isinstance(result, dict) or not isinstance(result.get("StatusCode"), int):
             raise DockerError(f"POST {path} answered {result!r}")
         error = (result.get("Error") or {}).get("Message")
@@ -765,9 +750,7 @@ class DockerEngineClient:
 
     @inlineCallbacks
     def update_container(self, container_id, resources):
-        result = yield self._request(
-            "POST", container_path(container_id, "/update"), json=resources
-        )
+        result = yield self._request("POST", container_path(container_id, "/update"), json=resources)
         return list((result or {}).get("Warnings") or ())
 
     # -- lifetime ---------------------------------------------------------------------

@@ -15,9 +15,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bai_agent.backoff import Backoff
 from bai_agent.docker.images import kernel_images_from_inspect
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
+from bai_agent.runtime.backoff import Backoff
 
 log = Logger()
 
@@ -230,9 +230,7 @@ class DockerService(Service):
                 continue
             if isinstance(result, Deferred):
                 result.addErrback(
-                    lambda f, event=event: log.failure(
-                        "a Docker event subscriber failed on {event!r}", f, event=event
-                    )
+                    lambda f, event=event: log.failure("a Docker event subscriber failed on {event!r}", f, event=event)
                 )
         if isinstance(event, dict) and (event.get("Type") or event.get("type")) == "image":
             self.refresh_images()
@@ -296,9 +294,7 @@ class DockerService(Service):
         self._inspected = inspected
         images = [image for cached in inspected.values() for image in cached.kernel_images]
         if images != self.images:
-            log.info(
-                "kernel images: {names}", names=sorted(image.name for image in images)
-            )
+            log.info("kernel images: {names}", names=sorted(image.name for image in images))
         self.images = images
         if self.healthy:
             self.last_error = None

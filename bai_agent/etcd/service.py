@@ -35,9 +35,9 @@ from twisted.internet.defer import (
 )
 from twisted.logger import Logger
 
-from bai_agent.backoff import Backoff
 from bai_agent.config import parse_heartbeat_interval, parse_timeout
 from bai_agent.etcd.interface import EtcdError, LeaseNotFound
+from bai_agent.runtime.backoff import Backoff
 
 MIN_LEASE_TTL = 10
 BACKOFF_INITIAL = 0.5
@@ -77,8 +77,7 @@ def read_secret_file(path):
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read the secret file {path}: {error}")
     if not is_valid_secret(text):
-        raise ValueError(
-            f"the secret file {path} must hold at least 64 hex digits (32 bytes)")
+        raise ValueError(f"the secret file {path} must hold at least 64 hex digits (32 bytes)")
     return text
 
 
@@ -147,9 +146,18 @@ class EtcdService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor, etcd, namespace, agent_id, record_source,
-                 heartbeat_interval=3.0, secret_file=None, secret_cache_path=None,
-                 random=random_module.random):
+    def __init__(
+        self,
+        reactor,
+        etcd,
+        namespace,
+        agent_id,
+        record_source,
+        heartbeat_interval=3.0,
+        secret_file=None,
+        secret_cache_path=None,
+        random=random_module.random,
+    ):
         heartbeat_interval = float(heartbeat_interval)
         if not heartbeat_interval > 0:
             raise ValueError(f"heartbeat_interval must be > 0, not {heartbeat_interval}")
@@ -202,8 +210,9 @@ class EtcdService(Service):
     # -- public ----------------------------------------------------------------------
 
     def health(self):
-        return EtcdHealth(self.registered, self.last_error, self.last_heartbeat_at,
-                          self.heartbeat_interval, self.lease_id)
+        return EtcdHealth(
+            self.registered, self.last_error, self.last_heartbeat_at, self.heartbeat_interval, self.lease_id
+        )
 
     def add_config_listener(self, callback):
         """Call ``callback(name, value)`` for every later config change (None: removed)."""
@@ -237,8 +246,9 @@ class EtcdService(Service):
         self._stopping = False
         self._generation += 1
         self._backoff.reset()
-        self.log.info("joining etcd namespace {namespace} as {agent_id}",
-                      namespace=self.namespace, agent_id=self.agent_id)
+        self.log.info(
+            "joining etcd namespace {namespace} as {agent_id}", namespace=self.namespace, agent_id=self.agent_id
+        )
         self._connect()
 
     def stopService(self):
@@ -252,8 +262,9 @@ class EtcdService(Service):
         d.addTimeout(STOP_TIMEOUT, self._reactor)
 
         def unclean(failure):
-            self.log.warn("could not leave etcd cleanly ({error}); the record expires with "
-                          "its lease", error=_describe(failure))
+            self.log.warn(
+                "could not leave etcd cleanly ({error}); the record expires with its lease", error=_describe(failure)
+            )
 
         def left(_):
             self.registered = False
@@ -267,6 +278,7 @@ class EtcdService(Service):
     @inlineCallbacks
     def _leave(self, deadline):
         """Wait for in-flight work, mark the record stopping, revoke: all by ``deadline``."""
+
         def bounded(d):
             return d.addTimeout(max(0.0, deadline - self._reactor.seconds()), self._reactor)
 
@@ -334,18 +346,22 @@ class EtcdService(Service):
             self.lease_id = None
             self._lease_ttl = None
         if failure.check(LeaseNotFound) and step != "register":
-            self.log.warn("etcd lost our lease ({error}); registering with a new one",
-                          error=self.last_error)
+            self.log.warn("etcd lost our lease ({error}); registering with a new one", error=self.last_error)
             self._connect()
             return None
         delay = self._backoff.next_delay()
         if failure.check(EtcdError):
-            self.log.warn("etcd {step} failed ({error}){lost}; retrying in {delay:.1f}s",
-                          step=step, error=self.last_error, delay=delay,
-                          lost=", unregistered" if was_registered else "")
+            self.log.warn(
+                "etcd {step} failed ({error}){lost}; retrying in {delay:.1f}s",
+                step=step,
+                error=self.last_error,
+                delay=delay,
+                lost=", unregistered" if was_registered else "",
+            )
         else:
-            self.log.error("etcd {step} failed ({error}); retrying in {delay:.1f}s",
-                           step=step, error=self.last_error, delay=delay)
+            self.log.error(
+                "etcd {step} failed ({error}); retrying in {delay:.1f}s", step=step, error=self.last_error, delay=delay
+            )
         self._retry_call = self._reactor.callLater(delay, self._connect)
         return None
 
@@ -357,8 +373,9 @@ class EtcdService(Service):
             return
         generation = self._generation
         d = self._serialized(self._register, generation)
-        d.addCallbacks(self._registered_ok, self._failed,
-                       callbackArgs=(generation,), errbackArgs=(generation, "register"))
+        d.addCallbacks(
+            self._registered_ok, self._failed, callbackArgs=(generation,), errbackArgs=(generation, "register")
+        )
         d.addErrback(self._bug)
 
     @inlineCallbacks
@@ -376,7 +393,8 @@ class EtcdService(Service):
         yield self._put_record("running")
         self._check(generation)
         watch = self._etcd.watch_prefix(
-            self.config_prefix, lambda key, value: self._config_changed(generation, key, value))
+            self.config_prefix, lambda key, value: self._config_changed(generation, key, value)
+        )
         self._watch = watch
         watch.done.addErrback(self._watch_broke, watch, generation)
         yield watch.started
@@ -390,9 +408,12 @@ class EtcdService(Service):
         self.registered = True
         self.last_error = None
         self._backoff.reset()
-        self.log.info("registered {key} under lease {lease_id:x} (TTL {ttl}s)",
-                      key=self.record_key.decode("utf-8"), lease_id=self.lease_id,
-                      ttl=self._lease_ttl)
+        self.log.info(
+            "registered {key} under lease {lease_id:x} (TTL {ttl}s)",
+            key=self.record_key.decode("utf-8"),
+            lease_id=self.lease_id,
+            ttl=self._lease_ttl,
+        )
         self._schedule_heartbeat(self.heartbeat_interval)
         if lease_ttl_for(self.heartbeat_interval) != self._lease_ttl:
             # The interval changed while registering: the lease must follow.
@@ -412,8 +433,7 @@ class EtcdService(Service):
             try:
                 yield self._etcd.revoke_lease(lease_id)
             except EtcdError as error:
-                self.log.debug("could not revoke old lease {lease_id:x}: {error}",
-                               lease_id=lease_id, error=error)
+                self.log.debug("could not revoke old lease {lease_id:x}: {error}", lease_id=lease_id, error=error)
 
     def _watch_broke(self, failure, watch, generation):
         if watch is not self._watch or not self.registered:
@@ -433,8 +453,7 @@ class EtcdService(Service):
         self._heartbeat_call = None
         generation = self._generation
         d = self._serialized(self._beat, generation)
-        d.addCallbacks(self._beat_ok, self._failed,
-                       callbackArgs=(generation,), errbackArgs=(generation, "heartbeat"))
+        d.addCallbacks(self._beat_ok, self._failed, callbackArgs=(generation,), errbackArgs=(generation, "heartbeat"))
         d.addErrback(self._bug)
 
     @inlineCallbacks
@@ -514,8 +533,7 @@ class EtcdService(Service):
             yield self._etcd.revoke_lease(old_lease)
             if old_lease in self._abandoned_leases:
                 self._abandoned_leases.remove(old_lease)
-        self.log.info("moved the record to lease {lease_id:x} (TTL {ttl}s)",
-                      lease_id=new_lease, ttl=ttl)
+        self.log.info("moved the record to lease {lease_id:x} (TTL {ttl}s)", lease_id=new_lease, ttl=ttl)
 
     # -- secret ----------------------------------------------------------------------
 
@@ -548,15 +566,16 @@ class EtcdService(Service):
         if not is_valid_secret(text):
             raise InvalidSecret(
                 "the secret at {} is not hex of at least 64 digits; not adopting it".format(
-                    self.secret_key.decode("utf-8")))
+                    self.secret_key.decode("utf-8")
+                )
+            )
         if stored == offered.encode("ascii") and offered != self.secret:
             self.log.info("offered the namespace secret at {key}", key=self.secret_key.decode())
         self._adopt_secret(text)
 
     def _adopt_secret(self, text):
         if text != self.secret:
-            self.log.info("adopted the namespace secret from {key}",
-                          key=self.secret_key.decode("utf-8"))
+            self.log.info("adopted the namespace secret from {key}", key=self.secret_key.decode("utf-8"))
             self.secret = text
             for listener in list(self._secret_listeners):
                 try:
@@ -568,8 +587,7 @@ class EtcdService(Service):
             try:
                 write_secret_cache(path, text)
             except OSError as error:
-                self.log.error("cannot write the secret cache {path}: {error}",
-                               path=path, error=error)
+                self.log.error("cannot write the secret cache {path}: {error}", path=path, error=error)
 
     def _secret_changed(self, generation, value):
         if self._secret_from_file:
@@ -582,8 +600,10 @@ class EtcdService(Service):
             return
         text = value.decode("utf-8", "replace")
         if not is_valid_secret(text):
-            self.log.error("the secret at {key} is not hex of at least 64 digits; keeping the "
-                           "previous one", key=self.secret_key.decode("utf-8"))
+            self.log.error(
+                "the secret at {key} is not hex of at least 64 digits; keeping the previous one",
+                key=self.secret_key.decode("utf-8"),
+            )
             return
         self._adopt_secret(text)
 
@@ -595,7 +615,7 @@ class EtcdService(Service):
     # -- config ----------------------------------------------------------------------
 
     def _config_name(self, key):
-        return key[len(self.config_prefix):].decode("utf-8", "replace")
+        return key[len(self.config_prefix) :].decode("utf-8", "replace")
 
     def _config_changed(self, generation, key, value):
         if generation != self._generation or self._stopping:
@@ -624,9 +644,12 @@ class EtcdService(Service):
         try:
             value = parse_config_value(name, raw)
         except ValueError as error:
-            self.log.error("ignoring invalid cluster config {key} = {raw!r}: {error}",
-                           key=(self.config_prefix + name.encode("utf-8")).decode("utf-8"),
-                           raw=raw, error=error)
+            self.log.error(
+                "ignoring invalid cluster config {key} = {raw!r}: {error}",
+                key=(self.config_prefix + name.encode("utf-8")).decode("utf-8"),
+                raw=raw,
+                error=error,
+            )
             return
         if self.cluster_config.get(name, _MISSING) == value:
             return
@@ -649,14 +672,12 @@ class EtcdService(Service):
             try:
                 listener(name, value)
             except Exception:
-                self.log.failure("config listener {listener!r} failed on {name}",
-                                 listener=listener, name=name)
+                self.log.failure("config listener {listener!r} failed on {name}", listener=listener, name=name)
 
     def _set_heartbeat_interval(self, interval):
         if interval == self.heartbeat_interval:
             return
-        self.log.info("heartbeat interval {old}s -> {new}s",
-                      old=self.heartbeat_interval, new=interval)
+        self.log.info("heartbeat interval {old}s -> {new}s", old=self.heartbeat_interval, new=interval)
         self.heartbeat_interval = interval
         if not self.registered or self._stopping:
             return  # registration picks it up

@@ -225,8 +225,7 @@ class TxEtcd:
         """
         url = self._url + path
         d = self._http.post(url, json=body, reactor=self._reactor)
-        d.addCallback(lambda response: response.content().addCallback(
-            lambda content: _Reply(response.code, content)))
+        d.addCallback(lambda response: response.content().addCallback(lambda content: _Reply(response.code, content)))
         timed_out = []
 
         def time_out():
@@ -241,8 +240,7 @@ class TxEtcd:
             if not isinstance(result, Failure):
                 return result
             if timed_out:
-                return Failure(EtcdUnavailable(
-                    f"{url}: no answer within {self._timeout}s"))
+                return Failure(EtcdUnavailable(f"{url}: no answer within {self._timeout}s"))
             if _cancelled(result):
                 return Failure(CancelledError(f"{url} cancelled"))
             if result.check(*_TRANSPORT_FAILURES):
@@ -276,14 +274,13 @@ class TxEtcd:
             reply = yield self._raw_post(prefix + STATUS_PATH, {})
             if reply.code != 404:
                 self._prefix = prefix
-                self.log.info("etcd at {url} serves its JSON gateway at {prefix}",
-                              url=self._url, prefix=prefix)
+                self.log.info("etcd at {url} serves its JSON gateway at {prefix}", url=self._url, prefix=prefix)
                 return prefix
-        raise EtcdError("{} serves none of the gateway prefixes {}".format(
-            self._url, ", ".join(GATEWAY_PREFIXES)))
+        raise EtcdError("{} serves none of the gateway prefixes {}".format(self._url, ", ".join(GATEWAY_PREFIXES)))
 
     def _call(self, path, body):
         """POST ``body`` to gateway ``path`` ("/kv/put"); fire with the answer's document."""
+
         def post(prefix):
             return self._raw_post(prefix + path, body)
 
@@ -386,8 +383,7 @@ class TxEtcd:
         return self._wrap("delete", lambda deleted: deleted.deleted, self._client.delete, key)
 
     def grant_lease(self, ttl):
-        return self._wrap("grant_lease", lambda lease: lease.lease_id,
-                          self._client.lease, int(ttl))
+        return self._wrap("grant_lease", lambda lease: lease.lease_id, self._client.lease, int(ttl))
 
     def keep_alive(self, lease_id):
         def ttl(document):
@@ -399,8 +395,7 @@ class TxEtcd:
                 raise LeaseNotFound(f"lease {lease_id:x} not found")
             return remaining
 
-        return self._guard(self._call(KEEPALIVE_PATH, {"ID": lease_id}).addCallback(ttl),
-                           "keep_alive")
+        return self._guard(self._call(KEEPALIVE_PATH, {"ID": lease_id}).addCallback(ttl), "keep_alive")
 
     def revoke_lease(self, lease_id):
         def gone_already(failure):
@@ -475,8 +470,7 @@ class _GatewayWatch:
         return f"<watch {self._prefix!r} on {self._etcd.url}>"
 
     def _create_request(self):
-        keys = txaioetcd.KeySet(self._prefix, prefix=True) if self._prefix else \
-            txaioetcd.KeySet(b"\0", range_end=b"\0")
+        keys = txaioetcd.KeySet(self._prefix, prefix=True) if self._prefix else txaioetcd.KeySet(b"\0", range_end=b"\0")
         body = keys._marshal()
         if self._start_revision is not None:
             body["start_revision"] = int(self._start_revision)
@@ -488,8 +482,11 @@ class _GatewayWatch:
         def post(prefix):
             url = self._etcd.url + prefix + WATCH_PATH
             return self._etcd._http.post(
-                url, json=self._create_request(), unbuffered=True,
-                reactor=self._etcd._reactor, timeout=self._etcd._timeout,
+                url,
+                json=self._create_request(),
+                unbuffered=True,
+                reactor=self._etcd._reactor,
+                timeout=self._etcd._timeout,
             )
 
         def answered(response):
@@ -587,8 +584,9 @@ class _GatewayWatch:
         if reason is not None and reason.check(ResponseDone):
             problem = EtcdError(f"watch stream on {self._etcd.url} ended by etcd")
         else:
-            problem = EtcdUnavailable("watch stream on {} lost: {}".format(
-                self._etcd.url, _describe(reason) if reason is not None else "?"))
+            problem = EtcdUnavailable(
+                "watch stream on {} lost: {}".format(self._etcd.url, _describe(reason) if reason is not None else "?")
+            )
         self._finish(Failure(problem))
 
     def _abort(self, problem):

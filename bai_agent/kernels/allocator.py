@@ -187,9 +187,7 @@ def parse_resource_request(resources, capacity: Capacity, default_scratch: int =
     if capacity.scratch and scratch > capacity.scratch:
         never_fits.append(f"scratch {_bytes(scratch)} asked, {_bytes(capacity.scratch)} in the whole machine")
     if never_fits:
-        raise InsufficientResources(
-            f"the request can never fit this agent: {'; '.join(never_fits)}"
-        )
+        raise InsufficientResources(f"the request can never fit this agent: {'; '.join(never_fits)}")
     return ResourceRequest(cpu=millicores / _MILLI, mem=mem, cuda_devices=cuda_devices, scratch=scratch)
 
 
@@ -330,9 +328,7 @@ class Allocator:
                 f"this machine's {_core_list(self._cores)}"
             )
         if len(set(grant.cuda_devices)) != len(grant.cuda_devices):
-            raise InsufficientResources(
-                f"kernel {grant.kernel_id} names a device twice: {list(grant.cuda_devices)}"
-            )
+            raise InsufficientResources(f"kernel {grant.kernel_id} names a device twice: {list(grant.cuda_devices)}")
         taken = sorted(set(grant.cuda_devices) - self._free_gpus)
         if taken:
             raise InsufficientResources(
@@ -392,9 +388,7 @@ class Allocator:
         whole_machine = (self._capacity_millicores, self.capacity.mem, self.capacity.cuda_device)
         never_fits = _excess(millicores, mem, cuda_devices, *whole_machine, "in the whole machine")
         if never_fits:
-            raise InsufficientResources(
-                f"the request can never fit this agent: {'; '.join(never_fits)}"
-            )
+            raise InsufficientResources(f"the request can never fit this agent: {'; '.join(never_fits)}")
         free_millicores = self._capacity_millicores - self._used_millicores
         free_mem = self.capacity.mem - self._used_mem
         free_gpus = len(self._free_gpus)

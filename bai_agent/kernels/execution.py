@@ -72,7 +72,9 @@ class Run:
     def take_console(self):
         console = RawJson(
             b"["
-            + b",".join(b'["' + stream.encode("ascii") + b'","' + b"".join(pieces) + b'"]' for stream, pieces in self.console)
+            + b",".join(
+                b'["' + stream.encode("ascii") + b'","' + b"".join(pieces) + b'"]' for stream, pieces in self.console
+            )
             + b"]"
         )
         self.console, self.buffered = [], 0

@@ -379,8 +379,7 @@ def _open_for_writing(parent: int, components: list[str], append: bool) -> int:
             _check_regular(info, components)
             if info.st_nlink > 1:
                 raise PathNotAllowed(
-                    f"{_shown(components)} has {info.st_nlink} hard links; "
-                    "a file with other names is not written"
+                    f"{_shown(components)} has {info.st_nlink} hard links; a file with other names is not written"
                 )
         except BaseException:
             os.close(fd)
@@ -392,9 +391,7 @@ def _open_for_writing(parent: int, components: list[str], append: bool) -> int:
 def _write(fd: int, components: list[str], data: bytes, append: bool, max_size: int) -> int:
     current = os.fstat(fd).st_size if append else 0
     if current + len(data) > max_size:
-        raise FileTooLarge(
-            f"{_shown(components)} would be {current + len(data)} bytes; the cap is {max_size}"
-        )
+        raise FileTooLarge(f"{_shown(components)} would be {current + len(data)} bytes; the cap is {max_size}")
     if not append:
         os.ftruncate(fd, 0)
     view = memoryview(data)

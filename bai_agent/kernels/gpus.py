@@ -64,9 +64,7 @@ def _describe_devices(nvml) -> list[GpuDevice]:
         try:
             devices.append(_describe_device(nvml, index))
         except Exception as error:
-            log.warn(
-                "NVIDIA device {index} is left out: {error}", index=index, error=_describe_error(error)
-            )
+            log.warn("NVIDIA device {index} is left out: {error}", index=index, error=_describe_error(error))
     if devices:
         log.info(
             "NVIDIA devices: {devices}",

@@ -102,9 +102,7 @@ class AgentEvent:
         if not isinstance(value, Mapping):
             raise ValueError(f"an event is a JSON object, not {type(value).__name__}")
         try:
-            seq, type_, kernel_id, data, ts = (
-                value[name] for name in ("seq", "type", "kernel_id", "data", "ts")
-            )
+            seq, type_, kernel_id, data, ts = (value[name] for name in ("seq", "type", "kernel_id", "data", "ts"))
         except KeyError as e:
             raise ValueError(f"event without {e.args[0]!r}") from None
         if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
@@ -244,9 +242,7 @@ class EventJournal:
 
     # -- events -----------------------------------------------------------------------------
 
-    def append(
-        self, type: str, kernel_id: Optional[str] = None, data: Optional[Mapping] = None
-    ) -> AgentEvent:
+    def append(self, type: str, kernel_id: Optional[str] = None, data: Optional[Mapping] = None) -> AgentEvent:
         """
         Number the event, write it to disk, and tell the listeners. ``ValueError`` for an
         unknown type, a bad termination reason or data that is not a JSON object; an
@@ -328,9 +324,7 @@ class EventJournal:
         if seq >= self._last_seq:
             return []
         if seq < first_seq - 1:
-            raise EventsExpired(
-                f"events after seq {seq} are no longer kept; the oldest kept is {first_seq}"
-            )
+            raise EventsExpired(f"events after seq {seq} are no longer kept; the oldest kept is {first_seq}")
         # Consecutive seqs: the event after ``seq`` sits at a known index.
         return list(itertools.islice(self._events, seq - first_seq + 1, None))
 
@@ -434,9 +428,7 @@ class EventJournal:
         self._line_count = len(self._lines)
         if self._fsync:
             _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
-        log.debug(
-            "event journal {path} compacted to {count} events", path=self.path, count=self._line_count
-        )
+        log.debug("event journal {path} compacted to {count} events", path=self.path, count=self._line_count)
 
     def _read_side_seq(self) -> int:
         try:
@@ -449,9 +441,7 @@ class EventJournal:
             if seq < 0:
                 raise ValueError(f"negative seq {seq}")
         except ValueError as e:
-            log.warn(
-                "event journal {path}: ignored a damaged seq file: {error}", path=self.seq_path, error=str(e)
-            )
+            log.warn("event journal {path}: ignored a damaged seq file: {error}", path=self.seq_path, error=str(e))
             return 0
         return seq
 

@@ -216,7 +216,9 @@ class KernelRegistry(Service):
             raise errors.KernelNotRunning(f"kernel {kernel_id} is {kernel.status}")
         if kernel.session is None:
             # Running, but its runner is being reached (after a restart, or a broken link).
-            raise errors.BackendUnavailable(f"kernel {kernel_id} is running; the agent is reconnecting to its runner, retry")
+            raise errors.BackendUnavailable(
+                f"kernel {kernel_id} is running; the agent is reconnecting to its runner, retry"
+            )
         return kernel.session
 
     # -- files (disk work in the thread pool, on the host side of /home/work) -------------
@@ -531,7 +533,9 @@ class KernelRegistry(Service):
             yield self.run_blocking(workspace.clear_run_dir)
             yield self._start_container(kernel, workspace)
         except Exception as e:
-            self.log.warn("kernel {kernel_id} could not restart: {error}", kernel_id=kernel.kernel_id, error=_describe(e))
+            self.log.warn(
+                "kernel {kernel_id} could not restart: {error}", kernel_id=kernel.kernel_id, error=_describe(e)
+            )
             yield self._finish(kernel, "creation-failed")
             raise errors.KernelCreationFailed(f"kernel {kernel.kernel_id} could not be restarted: {_describe(e)}")
         if kernel.status != states.RESTARTING:
@@ -555,7 +559,11 @@ class KernelRegistry(Service):
         )
         for ok, failure in results:
             if not ok:
-                self.log.warn("a kernel could not be destroyed ({reason}): {error}", reason=reason, error=failure.getErrorMessage())
+                self.log.warn(
+                    "a kernel could not be destroyed ({reason}): {error}",
+                    reason=reason,
+                    error=failure.getErrorMessage(),
+                )
         return sum(1 for ok, _ in results if ok)
 
     # -- death -----------------------------------------------------------------------------
@@ -662,7 +670,11 @@ class KernelRegistry(Service):
         except CancelledError:
             return None
         except Exception as e:
-            self.log.error("kernel {kernel_id}: its runner does not answer ({error}); ending it", kernel_id=kernel.kernel_id, error=e)
+            self.log.error(
+                "kernel {kernel_id}: its runner does not answer ({error}); ending it",
+                kernel_id=kernel.kernel_id,
+                error=e,
+            )
             self._died(kernel, None)  # reported self-terminated; _finish removes the container
             return None
         finally:
@@ -712,7 +724,9 @@ class KernelRegistry(Service):
         if kernel_id in self.kernels:
             return  # a new kernel of that id owns its own container; this one is older
         self.log.warn(
-            "removing container {container} of ended kernel {kernel_id}", container=container_id[:12], kernel_id=kernel_id
+            "removing container {container} of ended kernel {kernel_id}",
+            container=container_id[:12],
+            kernel_id=kernel_id,
         )
         try:
             yield self.backend.remove_container(container_id, force=True)
@@ -729,7 +743,9 @@ class KernelRegistry(Service):
                 and kernel.terminated is None
                 and now - kernel.last_used > kernel.idle_timeout
             ):
-                self.log.info("kernel {kernel_id} idle for {idle:.0f}s", kernel_id=kernel.kernel_id, idle=now - kernel.last_used)
+                self.log.info(
+                    "kernel {kernel_id} idle for {idle:.0f}s", kernel_id=kernel.kernel_id, idle=now - kernel.last_used
+                )
                 self.destroy(kernel.kernel_id, "idle-timeout").addErrback(
                     lambda failure: self.log.failure("idle destroy failed", failure)
                 )
@@ -949,7 +965,9 @@ class KernelRegistry(Service):
         try:
             yield self.run_blocking(self.workspace(kernel.kernel_id).remove)
         except OSError as e:
-            self.log.error("could not remove the directories of kernel {kernel_id}: {error}", kernel_id=kernel.kernel_id, error=e)
+            self.log.error(
+                "could not remove the directories of kernel {kernel_id}: {error}", kernel_id=kernel.kernel_id, error=e
+            )
         except Exception:
             # Whatever the home held, the kernel ends: its grant, its id and its event
             # must never wait on a removal that failed in an unforeseen way.

@@ -194,9 +194,7 @@ class RunnerLink(Protocol):
             pass  # hearing it was the point
         elif kind == "completions":
             items = message.get("items")
-            self._answer(
-                self._completions, message.get("id"), items if isinstance(items, list) else []
-            )
+            self._answer(self._completions, message.get("id"), items if isinstance(items, list) else [])
         elif kind == "interrupt-result":
             self._answer(self._interrupts, message.get("id"), bool(message.get("ok")))
         elif self._handler is None:
@@ -210,22 +208,17 @@ class RunnerLink(Protocol):
         try:
             self._handler(message)
         except Exception:
-            log.failure(
-                "runner message handler failed on a {kind} message", kind=message.get("type")
-            )
+            log.failure("runner message handler failed on a {kind} message", kind=message.get("type"))
 
     def _handshake(self, message):
         if message["type"] != "hello":
             self._fail_handshake(
-                RunnerProtocolError(
-                    "the runner's first message is {!r}, not hello".format(message["type"])
-                )
+                RunnerProtocolError("the runner's first message is {!r}, not hello".format(message["type"]))
             )
         elif message.get("protocol") != PROTOCOL_VERSION:
             self._fail_handshake(
                 RunnerProtocolError(
-                    "the runner speaks protocol %r, this agent %d"
-                    % (message.get("protocol"), PROTOCOL_VERSION)
+                    "the runner speaks protocol %r, this agent %d" % (message.get("protocol"), PROTOCOL_VERSION)
                 )
             )
         else:
@@ -322,9 +315,7 @@ class _Connector:
         self._retry_call = None
         link = RunnerLink(self._clock, **self._link_options)
         remaining = max(0.1, self._deadline - self._clock.seconds())
-        endpoint = UNIXClientEndpoint(
-            self._reactor, self._socket_path, timeout=max(1, int(remaining + 0.999))
-        )
+        endpoint = UNIXClientEndpoint(self._reactor, self._socket_path, timeout=max(1, int(remaining + 0.999)))
         self._attempt_d = endpoint.connect(_QuietFactory(link))
         self._attempt_d.addCallbacks(self._connected, self._failed)
 
@@ -333,9 +324,7 @@ class _Connector:
         self._handshaking = link
         remaining = max(0.0, self._deadline - self._clock.seconds())
         # The socket may accept before the runner gets to the hello: bound the wait.
-        self._handshake_call = self._clock.callLater(
-            remaining, link.close, "no hello from the runner in time"
-        )
+        self._handshake_call = self._clock.callLater(remaining, link.close, "no hello from the runner in time")
         link.ready.addCallbacks(self._ready, self._failed, callbackArgs=(link,))
 
     def _ready(self, hello, link):

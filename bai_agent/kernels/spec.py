@@ -53,16 +53,31 @@ MAX_MOUNTS = 64
 # Targets a mount must never cover, nor lie under: the kernel's own plumbing (its home,
 # the runner at /opt/bai, its socket at /run/bai, /tmp) and the system.
 RESERVED_TARGETS = (
-    "/", "/home", "/run", "/opt", "/tmp", "/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin",
-    "/lib", "/lib32", "/lib64", "/libx32", "/var", "/boot", "/root",
+    "/",
+    "/home",
+    "/run",
+    "/opt",
+    "/tmp",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/var",
+    "/boot",
+    "/root",
 )
 
 
 def check_kernel_id(kernel_id) -> str:
     if not isinstance(kernel_id, str) or not KERNEL_ID_PATTERN.match(kernel_id):
-        raise InvalidRequest(
-            f"kernel_id must match {KERNEL_ID_PATTERN.pattern}, got {str(kernel_id)[:80]!r}"
-        )
+        raise InvalidRequest(f"kernel_id must match {KERNEL_ID_PATTERN.pattern}, got {str(kernel_id)[:80]!r}")
     return kernel_id
 
 
@@ -88,7 +103,9 @@ def check_environ(environ) -> dict:
         if not isinstance(value, str):
             raise InvalidRequest(f"environ value of {name} must be a string, got {type(value).__name__}")
         if "\0" in value or "\n" in value or len(value) > MAX_ENV_VALUE:
-            raise InvalidRequest(f"environ value of {name} contains NUL or a newline, or is longer than {MAX_ENV_VALUE}")
+            raise InvalidRequest(
+                f"environ value of {name} contains NUL or a newline, or is longer than {MAX_ENV_VALUE}"
+            )
     return dict(environ)
 
 
@@ -142,7 +159,10 @@ def resolve_mounts(mounts, allowed_roots) -> tuple:
         target = os.path.normpath(target)
         if target.startswith("//"):
             target = target[1:]
-        if any(target == reserved or (reserved != "/" and target.startswith(reserved + "/")) for reserved in RESERVED_TARGETS):
+        if any(
+            target == reserved or (reserved != "/" and target.startswith(reserved + "/"))
+            for reserved in RESERVED_TARGETS
+        ):
             raise InvalidRequest(f"{where}.target {target} is reserved")
         if target in targets:
             raise InvalidRequest(f"{where}.target {target} is mounted twice")

@@ -118,7 +118,11 @@ def load_saved_states(state_dir: str) -> dict:
                 state = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(state, dict) and isinstance(state.get("kernel_id"), str) and kernel_key(state["kernel_id"]) == key:
+        if (
+            isinstance(state, dict)
+            and isinstance(state.get("kernel_id"), str)
+            and kernel_key(state["kernel_id"]) == key
+        ):
             states[state["kernel_id"]] = state
     return states
 

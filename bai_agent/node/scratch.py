@@ -200,8 +200,15 @@ class ScratchVolumes:
             os.close(fd)
         _run(
             [
-                "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^resize_inode",
-                "-E", f"lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner={KERNEL_UID}:{KERNEL_GID}",
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-O",
+                "^resize_inode",
+                "-E",
+                f"lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner={KERNEL_UID}:{KERNEL_GID}",
                 image,
             ],
             "make the filesystem of",

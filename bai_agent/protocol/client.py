@@ -167,9 +167,7 @@ class AgentClient:
         return self._call(commands.InterruptKernel, kernel_id=kernel_id)
 
     def execute(self, kernel_id, mode, code="", run_id=None, options=None):
-        return self._call(
-            commands.Execute, kernel_id=kernel_id, mode=mode, code=code, run_id=run_id, options=options
-        )
+        return self._call(commands.Execute, kernel_id=kernel_id, mode=mode, code=code, run_id=run_id, options=options)
 
     @inlineCallbacks
     def get_completions(self, kernel_id, text, options=None):
@@ -180,9 +178,7 @@ class AgentClient:
         return self._call(commands.UploadFile, kernel_id=kernel_id, path=path, data=data, append=append)
 
     def download_file(self, kernel_id, path, offset=0, length=1 << 20):
-        return self._call(
-            commands.DownloadFile, kernel_id=kernel_id, path=path, offset=offset, length=length
-        )
+        return self._call(commands.DownloadFile, kernel_id=kernel_id, path=path, offset=offset, length=length)
 
     @inlineCallbacks
     def list_files(self, kernel_id, path=None):

@@ -12,7 +12,7 @@ What a connection may cost is bounded (``bai_agent.rpc.limits``): boxes of a few
 it authenticates, within the authentication deadline, and at most
 ``MAX_WAITING_CONNECTIONS`` such connections at once; the protocol's own limits after.
 Lines a stranger can cause (failed authentications, connections closed for bad bytes,
-dropped connections) are rate-limited (``bai_agent.lograte``).
+dropped connections) are rate-limited (``bai_agent.runtime.lograte``).
 """
 
 import time
@@ -23,7 +23,6 @@ from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from bai_agent.lograte import LogRate
 from bai_agent.protocol import commands, errors
 from bai_agent.protocol.auth import new_nonce, verify_mac
 from bai_agent.rpc.events import EventFeed
@@ -34,6 +33,7 @@ from bai_agent.rpc.limits import (
     BoundedBoxReceiver,
     WaitingRoom,
 )
+from bai_agent.runtime.lograte import LogRate
 
 MAX_FAILED_AUTHENTICATIONS = 3
 #: Seconds a connection closed for a rotated secret may take to flush its answers.
@@ -198,7 +198,9 @@ class AgentLocator(amp.CommandLocator):
         return {"kernels": self.agent.kernels.list_records()}
 
     @commands.CreateKernel.responder
-    def create_kernel(self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None):
+    def create_kernel(
+        self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None
+    ):
         d = self.agent.kernels.create(
             kernel_id,
             image,
@@ -324,7 +326,11 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
 
     def box_limit_exceeded(self, reason):
         self.log_rate.emit(
-            "oversized box", LogLevel.warn, "closing connection from {peer}: {reason}", peer=self.session.peer, reason=reason
+            "oversized box",
+            LogLevel.warn,
+            "closing connection from {peer}: {reason}",
+            peer=self.session.peer,
+            reason=reason,
         )
         self.transport.abortConnection()
 
@@ -403,7 +409,11 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
             super().ampBoxReceived(box)
         except Exception as e:
             self.log_rate.emit(
-                "bad bytes", LogLevel.warn, "closing connection from {peer}: {error}", peer=self.session.peer, error=_describe(e)
+                "bad bytes",
+                LogLevel.warn,
+                "closing connection from {peer}: {error}",
+                peer=self.session.peer,
+                error=_describe(e),
             )
             self.transport.loseConnection()
 
@@ -414,7 +424,9 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
         """
         if failure.check(amp.RemoteAmpError):
             self.log.info(
-                "a command from {peer} that asked for no answer failed: {error}", peer=self.session.peer, error=failure.value
+                "a command from {peer} that asked for no answer failed: {error}",
+                peer=self.session.peer,
+                error=failure.value,
             )
             return
         super().unhandledError(failure)

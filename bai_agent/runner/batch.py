@@ -45,9 +45,7 @@ class BatchRun:
         if self.build:
             self._spawn([SHELL, "-c", self.build], "build")
         else:
-            self.runner.emit(
-                {"type": "build-finished", "run_id": self.run_id, "exit_code": 0, "skipped": True}
-            )
+            self.runner.emit({"type": "build-finished", "run_id": self.run_id, "exit_code": 0, "skipped": True})
             self._start_exec()
 
     def interrupt(self):
@@ -83,9 +81,7 @@ class BatchRun:
         # Too long for one argument: a file only the user can read, removed at the end.
         path = os.path.join(SCRIPT_DIR, f"bai-batch-{os.urandom(8).hex()}.sh")
         try:
-            fd = os.open(
-                path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o400
-            )
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o400)
             try:
                 if os.geteuid() == 0:
                     os.fchown(fd, self.runner.identity.uid, self.runner.identity.gid)
@@ -121,9 +117,7 @@ class BatchRun:
     def _not_started(self, why):
         self.runner.emit_output("stderr", f"*** {why}\n")
         if self.phase == "build":
-            self.runner.emit(
-                {"type": "build-finished", "run_id": self.run_id, "exit_code": EXIT_NOT_STARTED}
-            )
+            self.runner.emit({"type": "build-finished", "run_id": self.run_id, "exit_code": EXIT_NOT_STARTED})
         self._finish(EXIT_NOT_STARTED)
 
     def _exited(self, status):

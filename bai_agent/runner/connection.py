@@ -39,12 +39,7 @@ class _Entry:
         self.parts = None
 
     def open_for(self, run_id, stream, room):
-        return (
-            self.data is None
-            and self.run_id == run_id
-            and self.stream == stream
-            and self.chars < room
-        )
+        return self.data is None and self.run_id == run_id and self.stream == stream and self.chars < room
 
 
 class Outbox:
@@ -147,9 +142,7 @@ class AgentConnection:
     def wants_write(self):
         if self.closed:
             return False
-        return bool(
-            self._batch or self.priority or (self.handshaken and self.runner.outbox.entries)
-        )
+        return bool(self._batch or self.priority or (self.handshaken and self.runner.outbox.entries))
 
     def on_readable(self):
         try:

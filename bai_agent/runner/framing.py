@@ -81,9 +81,7 @@ class FrameDecoder:
             while len(buffer) - self._start >= HEADER_SIZE:
                 (size,) = _HEADER.unpack_from(buffer, self._start)
                 if size > self.max_frame:
-                    raise FrameError(
-                        "frame of %d bytes exceeds the limit of %d" % (size, self.max_frame)
-                    )
+                    raise FrameError("frame of %d bytes exceeds the limit of %d" % (size, self.max_frame))
                 end = self._start + HEADER_SIZE + size
                 if len(buffer) < end:
                     break

@@ -64,9 +64,7 @@ class InterpreterProcess:
         devnull = procs.open_devnull()
         argv = [self._runtime_path, "-u", QUERY_SCRIPT, "--fd", str(theirs.fileno())]
         try:
-            self.pid = procs.spawn(
-                argv, self._identity, devnull, out_w, err_w, pass_fds=(theirs.fileno(),)
-            )
+            self.pid = procs.spawn(argv, self._identity, devnull, out_w, err_w, pass_fds=(theirs.fileno(),))
         except procs.SpawnError:
             ours.close()
             for fd in (out_r, err_r):
@@ -223,9 +221,7 @@ class InterpreterProcess:
             request, prompt = message.get("request"), message.get("prompt")
             if not isinstance(request, int) or not isinstance(prompt, str):
                 raise ChildProtocolError("waiting-input without request and prompt")
-            self._listener.interpreter_waiting_input(
-                self, request, prompt[:65536], bool(message.get("is_password"))
-            )
+            self._listener.interpreter_waiting_input(self, request, prompt[:65536], bool(message.get("is_password")))
         elif kind == "completions":
             items = message.get("items")
             if not isinstance(items, list):

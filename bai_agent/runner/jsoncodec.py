@@ -37,13 +37,7 @@ def _encode_str(text):
         return '"' + text + '"'
     # str.replace runs in C: handle the common escapes that way, the rare control
     # characters with a regex.
-    text = (
-        text.replace("\\", "\\\\")
-        .replace('"', '\\"')
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-        .replace("\t", "\\t")
-    )
+    text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     if _CONTROL.search(text) is not None:
         text = _CONTROL.sub(_control_escape, text)
     return '"' + text + '"'

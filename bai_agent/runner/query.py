@@ -221,9 +221,7 @@ class Output:
             for stream, texts in segments:
                 text = "".join(texts)
                 for start in range(0, len(text), CHUNK):
-                    self._channel.send_payload(
-                        b"\x01" + stream + _encode_text(text[start : start + CHUNK])
-                    )
+                    self._channel.send_payload(b"\x01" + stream + _encode_text(text[start : start + CHUNK]))
         finally:
             self._flushing = False
         self._cond.notify_all()  # writers held back between runs may go on
@@ -463,9 +461,7 @@ def complete(namespace, text):
     items = sorted(
         prefix + name
         for name in names
-        if isinstance(name, str)
-        and name.startswith(partial)
-        and not (hidden and name.startswith(hidden))
+        if isinstance(name, str) and name.startswith(partial) and not (hidden and name.startswith(hidden))
     )
     return items[:MAX_COMPLETIONS]
 
@@ -551,12 +547,8 @@ class Interpreter:
         except OSError:
             pass
         try:
-            sys.stdout = open(
-                1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
-            )
-            sys.stderr = open(
-                2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
-            )
+            sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+            sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         except OSError:
             pass
 
@@ -606,9 +598,7 @@ class Interpreter:
         self.channel.send({"type": "completions", "id": request_id, "items": items})
 
     def serve(self):
-        self.channel.send(
-            {"type": "ready", "pid": os.getpid(), "python": "%d.%d.%d" % sys.version_info[:3]}
-        )
+        self.channel.send({"type": "ready", "pid": os.getpid(), "python": "%d.%d.%d" % sys.version_info[:3]})
         while True:
             try:
                 message = self.channel.receive()

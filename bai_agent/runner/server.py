@@ -264,9 +264,7 @@ class Runner:
         interest = self._interest()
         poller = select.poll()
         for fd, (_, on_read, on_write) in interest.items():
-            poller.register(
-                fd, (select.POLLIN if on_read else 0) | (select.POLLOUT if on_write else 0)
-            )
+            poller.register(fd, (select.POLLIN if on_read else 0) | (select.POLLOUT if on_write else 0))
         try:
             events = poller.poll(POLL_MS)
         except InterruptedError:  # pragma: no cover - PEP 475 retries
@@ -275,9 +273,7 @@ class Runner:
             self._reap()
         for fd, mask in events:
             owner, on_read, on_write = interest[fd]
-            if on_read is not None and mask & (
-                select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL
-            ):
+            if on_read is not None and mask & (select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL):
                 self._dispatch(fd, owner, on_read, 1)
             # Errors on a write-only fd go to the writer, which then finds out.
             errors = (select.POLLHUP | select.POLLERR) if on_read is None else 0
@@ -459,17 +455,11 @@ class Runner:
                 self.emit_output("stderr", "*** run cancelled; a fresh interpreter is started\n")
                 exit_code = EXIT_CANCELLED
             else:
-                if (
-                    interp.killed
-                    and os.WIFSIGNALED(status)
-                    and os.WTERMSIG(status) == signal.SIGKILL
-                ):
+                if interp.killed and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
                     why = interp.broken  # we killed it: say why
                 else:
                     why = f"the interpreter died ({procs.describe_status(status)})"
-                self.emit_output(
-                    "stderr", f"*** {why}; a fresh interpreter is started for the next run\n"
-                )
+                self.emit_output("stderr", f"*** {why}; a fresh interpreter is started for the next run\n")
                 exit_code = procs.exit_code(status) or (1 if interp.broken else 0)
             self.finish_run(run, exit_code)
         else:
@@ -509,9 +499,7 @@ class Runner:
         if interp is None:
             run = QueryRun(self, run_id, None)
             self.run = run
-            self.emit_output(
-                "stderr", f"*** cannot start the interpreter: {self._interp_error}\n"
-            )
+            self.emit_output("stderr", f"*** cannot start the interpreter: {self._interp_error}\n")
             self.finish_run(run, EXIT_NOT_STARTED)
             return
         self._seq += 1
@@ -600,9 +588,7 @@ class Runner:
         run_id, data = message.get("run_id"), message.get("data", "")
         run = self.run
         if run is None or run.run_id != run_id or run.waiting is None:
-            conn.reply(
-                error("NOT_WAITING_INPUT", f"run {run_id!r} is not waiting for input", run_id)
-            )
+            conn.reply(error("NOT_WAITING_INPUT", f"run {run_id!r} is not waiting for input", run_id))
             return
         if not isinstance(data, str):
             conn.reply(error("BAD_REQUEST", "input data must be a string", run_id))
@@ -735,8 +721,12 @@ def read_user_environ(path):
     return {
         name: value
         for name, value in environ.items()
-        if isinstance(name, str) and isinstance(value, str) and name and "=" not in name
-        and "\0" not in name and "\0" not in value
+        if isinstance(name, str)
+        and isinstance(value, str)
+        and name
+        and "=" not in name
+        and "\0" not in name
+        and "\0" not in value
     }
 
 

@@ -138,7 +138,12 @@ _KERNEL_COUNTERS = (
     ("net_tx_bytes", "bai_agent_kernel_network_transmit_bytes", "Bytes the kernel sent", 1),
 )
 _KERNEL_GAUGES = (
-    ("cpu_util", "bai_agent_kernel_cpu_usage_ratio", "CPU use over the last sample, in cores (1 = one core busy)", 1e-2),
+    (
+        "cpu_util",
+        "bai_agent_kernel_cpu_usage_ratio",
+        "CPU use over the last sample, in cores (1 = one core busy)",
+        1e-2,
+    ),
     ("mem_bytes", "bai_agent_kernel_memory_bytes", "Memory the kernel uses", 1),
     ("mem_max_bytes", "bai_agent_kernel_memory_peak_bytes", "The most memory the kernel has used", 1),
     ("pids", "bai_agent_kernel_pids", "Processes and threads in the kernel", 1),
@@ -153,7 +158,9 @@ def _kernel_metrics(records, samples):
         "bai_agent_kernel_created_timestamp_seconds", "When each kernel was created (unix time)", labels=["kernel_id"]
     )
     last_used = GaugeMetricFamily(
-        "bai_agent_kernel_last_used_timestamp_seconds", "When each kernel was last used (unix time)", labels=["kernel_id"]
+        "bai_agent_kernel_last_used_timestamp_seconds",
+        "When each kernel was last used (unix time)",
+        labels=["kernel_id"],
     )
     cpu_granted = GaugeMetricFamily(
         "bai_agent_kernel_cpu_granted_cores", "CPU cores granted to each kernel", labels=["kernel_id"]
@@ -195,7 +202,9 @@ def _node_metrics(node):
         return family
 
     cpu, mem, disk, net = node["cpu"], node["mem"], node["disk"], node["net"]
-    yield gauge("bai_agent_node_sample_timestamp_seconds", "When the machine was last sampled (unix time)", node["sampled_at"])
+    yield gauge(
+        "bai_agent_node_sample_timestamp_seconds", "When the machine was last sampled (unix time)", node["sampled_at"]
+    )
     yield gauge("bai_agent_node_cpus", "CPU cores of the machine", cpu["count"])
     yield gauge(
         "bai_agent_node_cpu_usage_ratio",
@@ -238,11 +247,11 @@ def _gpu_metrics(gpus, records):
             holders[device] = record["kernel_id"]
     info = InfoMetricFamily("bai_agent_gpu", "Identity of each NVIDIA device", labels=["device"])
     up = GaugeMetricFamily("bai_agent_gpu_up", "1 when NVML answered for the device", labels=["device"])
-    granted = GaugeMetricFamily(
-        "bai_agent_gpu_granted", "1 when the device is granted to a kernel", labels=["device"]
-    )
+    granted = GaugeMetricFamily("bai_agent_gpu_granted", "1 when the device is granted to a kernel", labels=["device"])
     util = GaugeMetricFamily(
-        "bai_agent_gpu_utilization_ratio", "Share of time the device was busy over NVML's last period", labels=["device"]
+        "bai_agent_gpu_utilization_ratio",
+        "Share of time the device was busy over NVML's last period",
+        labels=["device"],
     )
     mem_used = GaugeMetricFamily("bai_agent_gpu_memory_used_bytes", "Device memory in use", labels=["device"])
     mem_total = GaugeMetricFamily("bai_agent_gpu_memory_total_bytes", "Device memory", labels=["device"])

@@ -163,8 +163,15 @@ def gpu_devices(node, kernels) -> list:
     for index in holders:
         devices.setdefault(
             index,
-            {"index": index, "uuid": "", "name": "", "util_percent": None, "mem_used": None,
-             "mem_total": None, "error": None},
+            {
+                "index": index,
+                "uuid": "",
+                "name": "",
+                "util_percent": None,
+                "mem_used": None,
+                "mem_total": None,
+                "error": None,
+            },
         )
     for index, device in devices.items():
         device["kernel_id"] = holders.get(index)
@@ -251,11 +258,11 @@ def render_summary(snap) -> str:
     overall = _health(snap["healthy"], "healthy" if snap["healthy"] else "unhealthy")
     problems = "".join(f"<li>{_e(problem)}</li>" for problem in snap["problems"])
     return (
-        f'<h1>bai-agent <code>{_e(agent["agent_id"])}</code> {overall}</h1>'
+        f"<h1>bai-agent <code>{_e(agent['agent_id'])}</code> {overall}</h1>"
         f'<div class="meta">version {_e(agent["version"])} &middot; namespace {_e(etcd["namespace"])}'
-        f' &middot; up {_e(_duration(snap["uptime"]))} &middot; AMP {_e(agent["amp_endpoint"] or "-")}'
-        f' &middot; {_e(snap["connections"])} manager connection(s) &middot; {_e(agent["kernels"])} kernel(s)'
-        f' &middot; as of {_e(_time(snap["now"]))}</div>'
+        f" &middot; up {_e(_duration(snap['uptime']))} &middot; AMP {_e(agent['amp_endpoint'] or '-')}"
+        f" &middot; {_e(snap['connections'])} manager connection(s) &middot; {_e(agent['kernels'])} kernel(s)"
+        f" &middot; as of {_e(_time(snap['now']))}</div>"
         + (f'<ul class="problems">{problems}</ul>' if problems else "")
     )
 
@@ -281,11 +288,11 @@ def render_health(snap) -> str:
     late = ' class="warn"' if delay >= interval > 0 else ""
     return (
         "<table>"
-        f'<tr><th>etcd</th><td>{_health(etcd["registered"], "registered" if etcd["registered"] else "not registered")}</td>'
+        f"<tr><th>etcd</th><td>{_health(etcd['registered'], 'registered' if etcd['registered'] else 'not registered')}</td>"
         f'<td class="meta">{_e(etcd_detail)}</td></tr>'
         f'<tr><th>heartbeat</th><td class="num"><span{late}>{delay:.3f} s late</span> (max {delay_max:.3f} s)</td>'
         f'<td class="meta">every {interval:g} s, last {_e(_time(etcd["last_heartbeat_at"]))}</td></tr>'
-        f'<tr><th>Docker</th><td>{_health(docker["healthy"], "reachable" if docker["healthy"] else "unreachable")}</td>'
+        f"<tr><th>Docker</th><td>{_health(docker['healthy'], 'reachable' if docker['healthy'] else 'unreachable')}</td>"
         f'<td class="meta">{_e(docker_detail)}</td></tr>'
         f'<tr><th>events</th><td class="num">{_e(journal["entries"])} kept</td>'
         f'<td class="meta">last seq {_e(journal["last_seq"])}</td></tr>'
@@ -308,13 +315,19 @@ def render_resources(snap) -> str:
     text = f"{_e(_cores(cpu['used']))} of {_e(_cores(cpu['capacity']))} cores allocated"
     if cpu_percent is not None:
         busy = cpu_percent / 100 * cpu_count if cpu_count else None
-        text += f"<br>{_e(_percent(cpu_percent))} busy" + (f" ({_e(_cores(busy))} of {_e(cpu_count)} cores)" if busy is not None else "")
+        text += f"<br>{_e(_percent(cpu_percent))} busy" + (
+            f" ({_e(_cores(busy))} of {_e(cpu_count)} cores)" if busy is not None else ""
+        )
     cores = ""
     if node and node["cpu"]["per_core"]:
-        cores = '<div class="cores">' + "".join(
-            f'<span title="core {index}: {_e(_percent(percent))}"><i style="height:{_share(percent, 100):.0f}%"></i></span>'
-            for index, percent in enumerate(node["cpu"]["per_core"])
-        ) + "</div>"
+        cores = (
+            '<div class="cores">'
+            + "".join(
+                f'<span title="core {index}: {_e(_percent(percent))}"><i style="height:{_share(percent, 100):.0f}%"></i></span>'
+                for index, percent in enumerate(node["cpu"]["per_core"])
+            )
+            + "</div>"
+        )
     rows.append(
         _resource_row(
             "CPU",
@@ -360,7 +373,10 @@ def render_resources(snap) -> str:
         rows.append(
             _resource_row(
                 f'GPU {_e(gpu["index"])}<br><span class="meta">{_e(gpu["name"])}</span>',
-                _bar(100.0 if gpu["kernel_id"] else 0.0, None if gpu["util_percent"] is None else _share(gpu["util_percent"], 100)),
+                _bar(
+                    100.0 if gpu["kernel_id"] else 0.0,
+                    None if gpu["util_percent"] is None else _share(gpu["util_percent"], 100),
+                ),
                 text,
             )
         )
@@ -386,13 +402,13 @@ def render_kernels(snap) -> str:
         gpus = ", ".join(str(device) for device in readings.kernel_gpus(kernel)) or "-"
         status = kernel["status"]
         rows.append(
-            f'<tr><td><code>{_e(kernel["kernel_id"])}</code></td><td>{_e(kernel["image"])}</td>'
+            f"<tr><td><code>{_e(kernel['kernel_id'])}</code></td><td>{_e(kernel['image'])}</td>"
             f'<td class="status-{_e(status)}">{_e(status)}</td>'
             f'<td class="num">{_e(_duration(now - kernel["created_at"]))}</td>'
             f'<td class="num">{_e(_duration(now - kernel["last_used"]))}</td>'
-            f'<td>{_bar(None, None if used_cores is None else _share(used_cores, granted_cpu))}</td>'
+            f"<td>{_bar(None, None if used_cores is None else _share(used_cores, granted_cpu))}</td>"
             f'<td class="num">{_e(_cores(used_cores))} of {_e(_cores(granted_cpu))}{cpuset}</td>'
-            f'<td>{_bar(None, None if mem_used is None else _share(mem_used, granted_mem))}</td>'
+            f"<td>{_bar(None, None if mem_used is None else _share(mem_used, granted_mem))}</td>"
             f'<td class="num">{_e(_bytes(mem_used))} of {_e(_bytes(granted_mem))}</td>'
             f'<td class="num">{_e(gpus)}</td>'
             f'<td class="num">{_e(_bytes(sample.get("scratch_bytes")))}</td></tr>'
@@ -400,9 +416,7 @@ def render_kernels(snap) -> str:
     return (
         '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>'
         '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>'
-        "<th>GPUs</th><th>scratch</th></tr>"
-        + ("".join(rows) or _none(11, "no kernels"))
-        + "</table>"
+        "<th>GPUs</th><th>scratch</th></tr>" + ("".join(rows) or _none(11, "no kernels")) + "</table>"
     )
 
 
@@ -443,19 +457,19 @@ def render_html(snap: dict) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <noscript><meta http-equiv="refresh" content="{REFRESH_SECONDS}"></noscript>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>bai-agent {_e(snap['agent']['agent_id'])}</title>
+<title>bai-agent {_e(snap["agent"]["agent_id"])}</title>
 <style>{STYLE}</style></head>
 <body>
-<header id="summary">{parts['summary']}</header>
+<header id="summary">{parts["summary"]}</header>
 <div id="refresh" class="meta">reloads every {REFRESH_SECONDS} s</div>
 <div class="columns">
-<section><h2>Health</h2><div id="health">{parts['health']}</div></section>
-<section><h2>Resources</h2><div id="resources">{parts['resources']}</div></section>
+<section><h2>Health</h2><div id="health">{parts["health"]}</div></section>
+<section><h2>Resources</h2><div id="resources">{parts["resources"]}</div></section>
 </div>
-<section><h2>Kernels</h2><div id="kernels">{parts['kernels']}</div></section>
+<section><h2>Kernels</h2><div id="kernels">{parts["kernels"]}</div></section>
 <div class="columns">
-<section><h2>Recent events</h2><div id="events">{parts['events']}</div></section>
-<section><h2>Kernel images</h2><div id="images">{parts['images']}</div></section>
+<section><h2>Recent events</h2><div id="events">{parts["events"]}</div></section>
+<section><h2>Kernel images</h2><div id="images">{parts["images"]}</div></section>
 </div>
 <script>{SCRIPT}</script>
 </body></html>

@@ -15,7 +15,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
-from bai_agent.lograte import LogRate
+from bai_agent.runtime.lograte import LogRate
 
 REQUEST_TIMEOUT = 10.0
 ABORT_AFTER = 2.0
@@ -38,9 +38,7 @@ class RequestDeadlineChannel(HTTPChannel):
             # A chunked body, or a larger one than any route reads: answer and hang up
             # without taking it (twisted.web would spool it to a temporary file).
             self._refused = True
-            self.transport.write(
-                b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-            )
+            self.transport.write(b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
             self.loseConnection()
             return
         super().allHeadersReceived()

@@ -105,9 +105,7 @@ def watch_container(docker, container_id):
     the container (a harmless change that emits an ``update`` event) until one arrives.
     """
     events = []
-    stream = docker.backend.stream_events(
-        events.append, filters={"type": ["container"], "container": [container_id]}
-    )
+    stream = docker.backend.stream_events(events.append, filters={"type": ["container"], "container": [container_id]})
     for attempt in range(40):
         yield docker.backend.update_container(container_id, {"CpuShares": 1024 + attempt})
         yield docker.settle(0.1)
@@ -191,9 +189,7 @@ def make_docker_backend_tests(fixture_factory):
 
         @pytest_twisted.inlineCallbacks
         def test_inspect_missing_image_is_not_found(self, docker):
-            error = yield _expect_failure(
-                docker.backend.inspect_image(docker.unique_name()), DockerNotFound
-            )
+            error = yield _expect_failure(docker.backend.inspect_image(docker.unique_name()), DockerNotFound)
             assert error.status == 404
             assert error.message
 
@@ -241,9 +237,7 @@ def make_docker_backend_tests(fixture_factory):
             yield _expect_failure(backend.ping(), DockerUnavailable)
             yield _expect_failure(backend.list_images(), DockerUnavailable)
             yield _expect_failure(backend.inspect_image("anything"), DockerUnavailable)
-            yield _expect_failure(
-                backend.create_container("bai-test-x", {"Image": "x"}), DockerUnavailable
-            )
+            yield _expect_failure(backend.create_container("bai-test-x", {"Image": "x"}), DockerUnavailable)
             for call in (
                 backend.start_container,
                 backend.inspect_container,
@@ -255,9 +249,7 @@ def make_docker_backend_tests(fixture_factory):
             ):
                 yield _expect_failure(call("bai-test-x"), DockerUnavailable)
             yield _expect_failure(backend.list_containers(), DockerUnavailable)
-            yield _expect_failure(
-                backend.update_container("bai-test-x", {"CpuShares": 512}), DockerUnavailable
-            )
+            yield _expect_failure(backend.update_container("bai-test-x", {"CpuShares": 512}), DockerUnavailable)
             events = []
             stream = backend.stream_events(events.append)
             yield _expect_failure(stream.done, DockerUnavailable)
@@ -306,9 +298,7 @@ def make_docker_backend_tests(fixture_factory):
         @pytest_twisted.inlineCallbacks
         def test_create_with_an_invalid_name_is_a_docker_error(self, docker):
             config = container_config(docker, SLEEP_CMD)
-            error = yield _expect_failure(
-                docker.backend.create_container("bad/name", config), DockerError
-            )
+            error = yield _expect_failure(docker.backend.create_container("bad/name", config), DockerError)
             assert error.status == 400
             assert "Invalid container name" in error.message
 
@@ -386,25 +376,17 @@ def make_docker_backend_tests(fixture_factory):
         @pytest_twisted.inlineCallbacks
         def test_kill_of_a_container_that_is_not_running_conflicts(self, docker):
             name = docker.container_name()
-            container_id = yield docker.backend.create_container(
-                name, container_config(docker, SLEEP_CMD)
-            )
-            error = yield _expect_failure(
-                docker.backend.kill_container(container_id), DockerConflict
-            )
+            container_id = yield docker.backend.create_container(name, container_config(docker, SLEEP_CMD))
+            error = yield _expect_failure(docker.backend.kill_container(container_id), DockerConflict)
             assert error.status == 409
             assert "is not running" in error.message
 
         @pytest_twisted.inlineCallbacks
         def test_kill_with_an_unknown_signal_is_a_docker_error(self, docker):
             name = docker.container_name()
-            container_id = yield docker.backend.create_container(
-                name, container_config(docker, SLEEP_CMD)
-            )
+            container_id = yield docker.backend.create_container(name, container_config(docker, SLEEP_CMD))
             yield docker.backend.start_container(container_id)
-            error = yield _expect_failure(
-                docker.backend.kill_container(container_id, signal="SIGNOPE"), DockerError
-            )
+            error = yield _expect_failure(docker.backend.kill_container(container_id, signal="SIGNOPE"), DockerError)
             assert error.status == 400
             info = yield docker.backend.inspect_container(container_id)
             assert info["State"]["Running"] is True
@@ -412,9 +394,7 @@ def make_docker_backend_tests(fixture_factory):
         @pytest_twisted.inlineCallbacks
         def test_wait_fires_when_the_container_is_killed(self, docker):
             name = docker.container_name()
-            container_id = yield docker.backend.create_container(
-                name, container_config(docker, SLEEP_CMD)
-            )
+            container_id = yield docker.backend.create_container(name, container_config(docker, SLEEP_CMD))
             never_started = yield docker.backend.wait_container(container_id)
             assert never_started == 0
             yield docker.backend.start_container(container_id)
@@ -428,9 +408,7 @@ def make_docker_backend_tests(fixture_factory):
         @pytest_twisted.inlineCallbacks
         def test_stop_ends_a_running_container(self, docker):
             name = docker.container_name()
-            container_id = yield docker.backend.create_container(
-                name, container_config(docker, SLEEP_CMD)
-            )
+            container_id = yield docker.backend.create_container(name, container_config(docker, SLEEP_CMD))
             yield docker.backend.start_container(container_id)
             result = yield docker.backend.stop_container(container_id, timeout=1)
             assert result is None
@@ -460,16 +438,12 @@ def make_docker_backend_tests(fixture_factory):
                 name, container_config(docker, SLEEP_CMD, {RUN_LABEL: name})
             )
             yield docker.backend.start_container(container_id)
-            error = yield _expect_failure(
-                docker.backend.remove_container(container_id, force=False), DockerConflict
-            )
+            error = yield _expect_failure(docker.backend.remove_container(container_id, force=False), DockerConflict)
             assert "cannot remove a running container" in error.message
 
             result = yield docker.backend.remove_container(container_id)
             assert result is None
-            error = yield _expect_failure(
-                docker.backend.inspect_container(container_id), DockerNotFound
-            )
+            error = yield _expect_failure(docker.backend.inspect_container(container_id), DockerNotFound)
             assert error.status == 404
             assert "No such container" in error.message
             listed = yield docker.backend.list_containers(labels={RUN_LABEL: name})
@@ -493,16 +467,12 @@ def make_docker_backend_tests(fixture_factory):
             ):
                 error = yield _expect_failure(call(missing), DockerNotFound)
                 assert missing in error.message
-            yield _expect_failure(
-                docker.backend.update_container(missing, {"CpuShares": 512}), DockerNotFound
-            )
+            yield _expect_failure(docker.backend.update_container(missing, {"CpuShares": 512}), DockerNotFound)
 
         @pytest_twisted.inlineCallbacks
         def test_logs_come_back_demultiplexed_in_order(self, docker):
             name = docker.container_name()
-            container_id = yield docker.backend.create_container(
-                name, container_config(docker, PRINT_CMD)
-            )
+            container_id = yield docker.backend.create_container(name, container_config(docker, PRINT_CMD))
             yield docker.backend.start_container(container_id)
             exit_code = yield docker.backend.wait_container(container_id)
             assert exit_code == 0
@@ -516,13 +486,9 @@ def make_docker_backend_tests(fixture_factory):
         @pytest_twisted.inlineCallbacks
         def test_update_changes_the_limits(self, docker):
             name = docker.container_name()
-            container_id = yield docker.backend.create_container(
-                name, container_config(docker, SLEEP_CMD)
-            )
+            container_id = yield docker.backend.create_container(name, container_config(docker, SLEEP_CMD))
             yield docker.backend.start_container(container_id)
-            warnings = yield docker.backend.update_container(
-                container_id, {"Memory": 64 * MiB, "MemorySwap": 64 * MiB}
-            )
+            warnings = yield docker.backend.update_container(container_id, {"Memory": 64 * MiB, "MemorySwap": 64 * MiB})
             assert isinstance(warnings, list)
             info = yield docker.backend.inspect_container(container_id)
             assert (info["HostConfig"]["Memory"], info["HostConfig"]["MemorySwap"]) == (

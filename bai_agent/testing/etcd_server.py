@@ -84,15 +84,24 @@ class EtcdServer:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         command = [
             self.binary,
-            "--name", "default",
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", client_url,
-            "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", "default=" + peer_url,
-            "--initial-cluster-state", "new",
-            "--log-outputs", "stderr",
+            "--name",
+            "default",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            client_url,
+            "--advertise-client-urls",
+            client_url,
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+            "--initial-cluster",
+            "default=" + peer_url,
+            "--initial-cluster-state",
+            "new",
+            "--log-outputs",
+            "stderr",
         ]
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(("\n=== starting: " + " ".join(command) + "\n").encode())

@@ -333,9 +333,7 @@ class FakeDockerBackend:
         return self._call("start_container", container_id, lambda: self._start(container_id))
 
     def inspect_container(self, container_id):
-        return self._call(
-            "inspect_container", container_id, lambda: self._inspect_container(container_id)
-        )
+        return self._call("inspect_container", container_id, lambda: self._inspect_container(container_id))
 
     def list_containers(self, labels=None, all=True):
         return self._call("list_containers", labels, lambda: self._list(labels, all))
@@ -347,9 +345,7 @@ class FakeDockerBackend:
         return self._call("stop_container", container_id, lambda: self._stop(container_id))
 
     def remove_container(self, container_id, force=True, volumes=True):
-        return self._call(
-            "remove_container", container_id, lambda: self._remove(container_id, force)
-        )
+        return self._call("remove_container", container_id, lambda: self._remove(container_id, force))
 
     def wait_container(self, container_id):
         return self._call("wait_container", container_id, lambda: self._wait(container_id))
@@ -358,9 +354,7 @@ class FakeDockerBackend:
         return self._call("container_logs", container_id, lambda: self._logs(container_id, tail))
 
     def update_container(self, container_id, resources):
-        return self._call(
-            "update_container", container_id, lambda: self._update(container_id, resources)
-        )
+        return self._call("update_container", container_id, lambda: self._update(container_id, resources))
 
     def close(self):
         self.calls.append(("close", None))
@@ -417,8 +411,8 @@ class FakeDockerBackend:
         for image_id, image in self._images.items():
             if tag in image["tags"]:
                 return image_id
-        hex_prefix = name[len("sha256:"):] if name.startswith("sha256:") else name
-        matches = [i for i in self._images if hex_prefix and i[len("sha256:"):].startswith(hex_prefix)]
+        hex_prefix = name[len("sha256:") :] if name.startswith("sha256:") else name
+        matches = [i for i in self._images if hex_prefix and i[len("sha256:") :].startswith(hex_prefix)]
         if len(matches) == 1:
             return matches[0]
         raise DockerNotFound(f"No such image: {name}", status=404)
@@ -597,10 +591,7 @@ class FakeDockerBackend:
             if not all and container.status != "running":
                 continue
             labels = container.labels
-            if any(
-                key not in labels or (value is not None and labels[key] != value)
-                for key, value in wanted.items()
-            ):
+            if any(key not in labels or (value is not None and labels[key] != value) for key, value in wanted.items()):
                 continue
             if container.status == "running":
                 status = "Up Less than a second"
@@ -620,9 +611,7 @@ class FakeDockerBackend:
                     "Labels": dict(container.labels),
                     "State": container.status,
                     "Status": status,
-                    "HostConfig": {
-                        "NetworkMode": container.host_config.get("NetworkMode", "default")
-                    },
+                    "HostConfig": {"NetworkMode": container.host_config.get("NetworkMode", "default")},
                     "Mounts": [],
                 }
             )
@@ -682,7 +671,7 @@ class FakeDockerBackend:
             raise DockerError(f"tail must be None or a non-negative integer, not {tail!r}")
         lines = container.logs.splitlines(keepends=True)
         if tail is not None:
-            lines = lines[len(lines) - tail:] if tail else []
+            lines = lines[len(lines) - tail :] if tail else []
         return "".join(lines)
 
     def _update(self, ref, resources):

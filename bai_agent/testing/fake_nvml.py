@@ -199,9 +199,7 @@ class FakeNvml:
         free = gpu.memory_total - gpu.memory_used
         if not version:
             return c_nvmlMemory_t(total=gpu.memory_total, free=free, used=gpu.memory_used)
-        return c_nvmlMemory_v2_t(
-            version=version, total=gpu.memory_total, reserved=0, free=free, used=gpu.memory_used
-        )
+        return c_nvmlMemory_v2_t(version=version, total=gpu.memory_total, reserved=0, free=free, used=gpu.memory_used)
 
     def nvmlDeviceGetUtilizationRates(self, handle) -> c_nvmlUtilization_t:
         gpu = self._gpu(handle)

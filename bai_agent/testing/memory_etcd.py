@@ -221,10 +221,9 @@ class MemoryEtcd:
 
     def get_prefix(self, prefix):
         _check_bytes("prefix", prefix)
-        return self._unavailable() or succeed({
-            key: stored.value for key, stored in sorted(self._data.items())
-            if key.startswith(prefix)
-        })
+        return self._unavailable() or succeed(
+            {key: stored.value for key, stored in sorted(self._data.items()) if key.startswith(prefix)}
+        )
 
     def put(self, key, value, lease_id=None):
         _check_bytes("key", key)

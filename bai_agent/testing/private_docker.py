@@ -53,7 +53,9 @@ class PrivateDockerd:
     :param name: tells this daemon's containerd namespaces apart in logs.
     """
 
-    def __init__(self, root=None, live_restore=False, name="bai-private", dockerd=DOCKERD_BINARY, containerd=CONTAINERD_BINARY):
+    def __init__(
+        self, root=None, live_restore=False, name="bai-private", dockerd=DOCKERD_BINARY, containerd=CONTAINERD_BINARY
+    ):
         self.root = os.path.abspath(root) if root else tempfile.mkdtemp(prefix="bdk-", dir="/tmp")
         if len(self.root) > MAX_ROOT_LENGTH:
             raise PrivateDockerError(
@@ -123,22 +125,32 @@ class PrivateDockerd:
             f.write("{}\n")
         command = [
             self.dockerd_binary,
-            "--host", self.host,
-            "--data-root", os.path.join(self.root, "data"),
-            "--exec-root", os.path.join(self.root, "x"),
-            "--pidfile", os.path.join(self.root, "dockerd.pid"),
-            "--config-file", config_file,
-            "--containerd", self.containerd_socket,
-            "--containerd-namespace", self.name,
-            "--containerd-plugins-namespace", self.name + "-plugins",
+            "--host",
+            self.host,
+            "--data-root",
+            os.path.join(self.root, "data"),
+            "--exec-root",
+            os.path.join(self.root, "x"),
+            "--pidfile",
+            os.path.join(self.root, "dockerd.pid"),
+            "--config-file",
+            config_file,
+            "--containerd",
+            self.containerd_socket,
+            "--containerd-namespace",
+            self.name,
+            "--containerd-plugins-namespace",
+            self.name + "-plugins",
             "--bridge=none",
             "--iptables=false",
             "--ip6tables=false",
             "--ip-masq=false",
             "--ip-forward=false",
             "--userland-proxy=false",
-            "--cgroup-parent", "/" + self.name,
-            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+            "--cgroup-parent",
+            "/" + self.name,
+            "--shutdown-timeout",
+            str(SHUTDOWN_TIMEOUT),
         ]
         if self.live_restore:
             command.append("--live-restore")
@@ -271,7 +283,9 @@ class PrivateDockerd:
             )
         self._containerd = self._spawn([self.containerd_binary, "--config", config_path], self.containerd_log_path)
         try:
-            self._wait(self._containerd, self.containerd_log_path, lambda: os.path.exists(self.containerd_socket), "containerd")
+            self._wait(
+                self._containerd, self.containerd_log_path, lambda: os.path.exists(self.containerd_socket), "containerd"
+            )
         except BaseException:
             self._terminate(self._containerd)
             self._containerd = None

@@ -180,7 +180,9 @@ class DockerAPI:
         return [container["Id"] for container in self.containers({AGENT_ID_LABEL: agent_id})]
 
     def inspect(self, container):
-        status, answer = docker_request(self.host, "GET", "/containers/" + quote(container, safe="") + "/json", timeout=30.0)
+        status, answer = docker_request(
+            self.host, "GET", "/containers/" + quote(container, safe="") + "/json", timeout=30.0
+        )
         return json.loads(answer) if status == 200 else None
 
     def running(self, container):
@@ -394,7 +396,9 @@ class EventRecorder:
         self.expectations.append((description, matches))
 
     def missing(self):
-        return [description for description, matches in self.expectations if not any(map(matches, self.by_seq.values()))]
+        return [
+            description for description, matches in self.expectations if not any(map(matches, self.by_seq.values()))
+        ]
 
     def gaps(self):
         if not self.by_seq:
@@ -499,7 +503,9 @@ class Scenario:
 
     @inlineCallbacks
     def connect(self, agent, on_event=None):
-        client = yield AgentClient.connect(self.reactor, f"127.0.0.1:{agent.amp_port}", self.secret(agent), on_event=on_event)
+        client = yield AgentClient.connect(
+            self.reactor, f"127.0.0.1:{agent.amp_port}", self.secret(agent), on_event=on_event
+        )
         self.clients.append(client)
         return client
 
@@ -518,7 +524,9 @@ class Scenario:
         if not agent.scratch_root.exists():
             return []
         live = set(live_kernel_ids)
-        stray = [entry.name for entry in agent.scratch_root.iterdir() if entry.name not in live and entry.name != VOLUMES_DIR]
+        stray = [
+            entry.name for entry in agent.scratch_root.iterdir() if entry.name not in live and entry.name != VOLUMES_DIR
+        ]
         volumes = agent.scratch_root / VOLUMES_DIR
         if volumes.exists():
             volumes_of = ScratchVolumes(str(agent.scratch_root), "hostfile")
@@ -608,7 +616,6 @@ class Scenario:
             except (OSError, AssertionError):
                 pass
 
-
     def _last_resort_clean_up(self, agent):
         """
         The test ended before its own clean-up: let the agent remove its kernels itself
@@ -641,4 +648,3 @@ def kernel_ids(kernels):
 
 def by_id(kernels):
     return {kernel["kernel_id"]: kernel for kernel in kernels}
-

@@ -162,7 +162,9 @@ def test_agent_killed_during_create_leaves_a_kernel_or_nothing(scenario, reactor
         assert listed == []
         assert docker.agent_containers(agent.agent_id) == []
         assert scenario.stray_dirs(agent) == []
-        manager.expect("kernel-terminated", "torn", {"orphan-cleanup", "self-terminated", "creation-failed"}, after=seen)
+        manager.expect(
+            "kernel-terminated", "torn", {"orphan-cleanup", "self-terminated", "creation-failed"}, after=seen
+        )
     yield manager.settle()
     leaks = yield scenario.clean_up(agent, [manager])
     assert leaks == ([], [])

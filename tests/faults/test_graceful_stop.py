@@ -82,7 +82,9 @@ def test_sigterm_with_destroy_kernels_on_stop_leaves_nothing(scenario):
     reasons = {event["data"]["reason"] for event in manager.events("kernel-terminated")}
     assert reasons <= STOP_REASONS
     stop = manager.events("agent-stopping")[-1]["seq"]
-    assert all(event["seq"] < stop for event in manager.events("kernel-terminated")), "kernels ended after agent-stopping"
+    assert all(event["seq"] < stop for event in manager.events("kernel-terminated")), (
+        "kernels ended after agent-stopping"
+    )
     client = yield scenario.connect(agent)
     assert (yield client.list_kernels()) == []
     info = yield client.get_agent_info()

@@ -14,12 +14,7 @@ from tests.faults.helpers import by_id, sleep, wait_until
 
 RESOURCES = {"cpu": 0.5, "mem": "64m"}
 SLOW_CODE = (
-    "open('started', 'w').close()\n"
-    "import time\n"
-    "time.sleep(1)\n"
-    "y = x + 1\n"
-    "open('finished', 'w').close()\n"
-    "print('done')"
+    "open('started', 'w').close()\nimport time\ntime.sleep(1)\ny = x + 1\nopen('finished', 'w').close()\nprint('done')"
 )
 UPLOAD = bytes(range(256)) * 4096  # 1 MiB, the most one UploadFile carries
 
@@ -69,7 +64,9 @@ def test_a_command_whose_manager_vanished_completes_or_rolls_back(scenario, reac
     manager.hold()  # events from here on are received, never acknowledged
     if command == "create":
         pending = dropped.create_kernel("k", scenario.image, RESOURCES)
-        yield wait_until(reactor, lambda: any(e["type"] == "kernel-creating" for e in manager.held.values()), 30, "kernel-creating")
+        yield wait_until(
+            reactor, lambda: any(e["type"] == "kernel-creating" for e in manager.held.values()), 30, "kernel-creating"
+        )
     elif command == "destroy":
         pending = dropped.destroy_kernel("k")
         yield sleep(reactor, 0.2)

@@ -17,7 +17,10 @@ def test_agents_side_by_side_keep_to_their_own_kernels(scenario):
     b = scenario.new_agent("side-b")
     assert a.namespace == b.namespace
     for agent in (a, b):
-        assert etcd_record(agent.etcd_url, agent.namespace, agent.agent_id)["amp_endpoint"] == f"127.0.0.1:{agent.amp_port}"
+        assert (
+            etcd_record(agent.etcd_url, agent.namespace, agent.agent_id)["amp_endpoint"]
+            == f"127.0.0.1:{agent.amp_port}"
+        )
     watch_a, watch_b = scenario.recorder(a, "manager of a"), scenario.recorder(b, "manager of b")
     yield watch_a.connect()
     yield watch_b.connect()

@@ -44,16 +44,28 @@ class AgentProcess:
         self.state_dir = pathlib.Path(tempfile.mkdtemp(prefix="bai-state-"))
         self.scratch_root = tmp_path / f"{agent_id}-scratch"
         self.argv = [
-            sys.executable, "-m", "twisted", "bai-agent",
-            "--etcd-addr", etcd_addr,
-            "--namespace", namespace,
-            "--agent-id", agent_id,
-            "--amp-endpoint", f"tcp:{self.amp_port}:interface=127.0.0.1",
-            "--advertise-host", "127.0.0.1",
-            "--http-endpoint", f"tcp:{self.http_port}:interface=127.0.0.1",
-            "--scratch-root", str(self.scratch_root),
-            "--state-dir", str(self.state_dir),
-            "--heartbeat-interval", "1",
+            sys.executable,
+            "-m",
+            "twisted",
+            "bai-agent",
+            "--etcd-addr",
+            etcd_addr,
+            "--namespace",
+            namespace,
+            "--agent-id",
+            agent_id,
+            "--amp-endpoint",
+            f"tcp:{self.amp_port}:interface=127.0.0.1",
+            "--advertise-host",
+            "127.0.0.1",
+            "--http-endpoint",
+            f"tcp:{self.http_port}:interface=127.0.0.1",
+            "--scratch-root",
+            str(self.scratch_root),
+            "--state-dir",
+            str(self.state_dir),
+            "--heartbeat-interval",
+            "1",
             *extra,
         ]
         self.process = None
@@ -127,7 +139,9 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"agent exited with {self.process.returncode} while waiting for {what}:\n{self.log_text()[-3000:]}")
+                raise AssertionError(
+                    f"agent exited with {self.process.returncode} while waiting for {what}:\n{self.log_text()[-3000:]}"
+                )
             value = predicate()
             if value:
                 return value

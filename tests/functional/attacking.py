@@ -150,8 +150,9 @@ def agent_under_attack(tmp_path, etcd_addr, agent_id, namespace, nofile=None, ex
     no other test's agent), started with ``nofile`` = ``(soft, hard)`` RLIMIT_NOFILE when
     given (through ``prlimit``, which execs the agent: its pid is the agent's).
     """
-    process = AgentProcess(tmp_path, etcd_addr, namespace=namespace, agent_id=agent_id,
-                           extra=["--kernel-network", "none", *extra])
+    process = AgentProcess(
+        tmp_path, etcd_addr, namespace=namespace, agent_id=agent_id, extra=["--kernel-network", "none", *extra]
+    )
     if nofile is not None:
         process.argv = ["prlimit", f"--nofile={nofile[0]}:{nofile[1]}", "--", *process.argv]
     process.start()

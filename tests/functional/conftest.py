@@ -40,10 +40,14 @@ def agent(tmp_path_factory, etcd_server, docker_host):
     build = subprocess.run(
         ["docker", "build", "-q", "-t", SHELL_IMAGE, "-"],
         input=f"FROM {IMAGE}\nLABEL ai.backend.runtime-type=shell\n",
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert build.returncode == 0, build.stderr
-    with running_agent(tmp_path_factory.mktemp("exec"), etcd_server.addr, "agent-x", ["--max-upload-size", "5m"]) as process:
+    with running_agent(
+        tmp_path_factory.mktemp("exec"), etcd_server.addr, "agent-x", ["--max-upload-size", "5m"]
+    ) as process:
         yield process
     docker("rmi", "-f", SHELL_IMAGE, check=False)
 

@@ -162,7 +162,10 @@ def test_taken_port_fails_startup_with_a_clear_message(tmp_path, etcd_server, do
         agent.argv[agent.argv.index("--amp-endpoint") + 1] = f"tcp:{port}:interface=127.0.0.1"
         code = agent.failed_start()
     assert code != 0
-    assert f"bai-agent: cannot listen on tcp:{port}:interface=127.0.0.1 for amp: Address already in use" in agent.log_text()
+    assert (
+        f"bai-agent: cannot listen on tcp:{port}:interface=127.0.0.1 for amp: Address already in use"
+        in agent.log_text()
+    )
     assert "Traceback" not in agent.log_text()
 
 

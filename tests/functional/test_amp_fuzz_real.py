@@ -146,11 +146,23 @@ def garbage_plans(rng: random.Random):
         lambda: [random_bytes(rng.randint(1, 100_000))],
         lambda: [b"\xff\xff" * rng.randint(1, 2000)],  # key lengths of 0xffff (AMP allows 255)
         lambda: [frame(b"_command", 0xFFFF, b"Ping")],  # a value shorter than its prefix says
-        lambda: [frame(b"_command", 4, b"Ping") + frame(b"_ask", 1, b"1") + frame(b"payload", 0xFFFF, random_bytes(0xFFFF))],
-        lambda: [frame(b"_command", 5, b"Hello") + frame(b"_ask", 1, b"1") + b"\x00\x00" * 1 + random_bytes(rng.randint(1, 500))],
-        lambda: [frame(random_bytes(rng.randint(1, 255)), 0xFFFF, random_bytes(0xFFFF)) for _ in range(rng.randint(1, 20))],
+        lambda: [
+            frame(b"_command", 4, b"Ping") + frame(b"_ask", 1, b"1") + frame(b"payload", 0xFFFF, random_bytes(0xFFFF))
+        ],
+        lambda: [
+            frame(b"_command", 5, b"Hello")
+            + frame(b"_ask", 1, b"1")
+            + b"\x00\x00" * 1
+            + random_bytes(rng.randint(1, 500))
+        ],
+        lambda: [
+            frame(random_bytes(rng.randint(1, 255)), 0xFFFF, random_bytes(0xFFFF)) for _ in range(rng.randint(1, 20))
+        ],
         lambda: [b"\x00\x00" * rng.randint(1, 1000)],  # empty boxes
-        lambda: [frame(b"_command", 4, b"Ping") + frame(b"_ask", 2, b"x1") + frame(b"payload", 1, b"\xff") + b"\x00\x00"] * 50,
+        lambda: (
+            [frame(b"_command", 4, b"Ping") + frame(b"_ask", 2, b"x1") + frame(b"payload", 1, b"\xff") + b"\x00\x00"]
+            * 50
+        ),
         lambda: [frame(b"_answer", 3, b"999") + b"\x00\x00"],  # an answer to nothing
         lambda: [frame(b"_error", 1, b"7") + frame(b"_error_code", 3, b"BAD") + b"\x00\x00"],
         lambda: [bytes([byte]) for byte in frame(b"_command", 5, b"Hello")[:-2]],  # slow, byte by byte
@@ -219,7 +231,9 @@ class RawConnection:
         connection = cls(reactor, manager, protocol)
         hello = yield connection.call({amp.COMMAND: b"Hello"})
         secret = agent.secret_path.read_text().strip()
-        answer = yield connection.call({amp.COMMAND: b"Authenticate", b"mac": compute_mac(secret, hello[b"nonce"]).encode()})
+        answer = yield connection.call(
+            {amp.COMMAND: b"Authenticate", b"mac": compute_mac(secret, hello[b"nonce"]).encode()}
+        )
         assert amp.ANSWER in answer, answer
         return connection
 

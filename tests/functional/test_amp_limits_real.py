@@ -62,7 +62,9 @@ MIB = 1 << 20
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory, etcd_server, docker_host):
-    with agent_under_attack(tmp_path_factory.mktemp("limits"), etcd_server.addr, AGENT_ID, NAMESPACE, nofile=NOFILE) as process:
+    with agent_under_attack(
+        tmp_path_factory.mktemp("limits"), etcd_server.addr, AGENT_ID, NAMESPACE, nofile=NOFILE
+    ) as process:
         # Once through the whole session path, so that what the agent builds lazily
         # for its first manager is not counted against an attack.
         with connect(process.amp_port) as sock:
@@ -290,8 +292,9 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(agent):
 def etcd_put(etcd_url, key: str, value: str):
     request = urllib.request.Request(
         f"{etcd_url}/v3/kv/put",
-        data=json.dumps({"key": base64.b64encode(key.encode()).decode(),
-                         "value": base64.b64encode(value.encode()).decode()}).encode(),
+        data=json.dumps(
+            {"key": base64.b64encode(key.encode()).decode(), "value": base64.b64encode(value.encode()).decode()}
+        ).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=5) as response:

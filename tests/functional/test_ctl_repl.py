@@ -34,7 +34,14 @@ def agent(tmp_path, etcd_server, docker_host):
 
 def ctl_argv(agent, *args):
     return [
-        sys.executable, "-m", "bai_agent.ctl", "--etcd-addr", agent.etcd_addr, "--namespace", agent.namespace, *args
+        sys.executable,
+        "-m",
+        "bai_agent.ctl",
+        "--etcd-addr",
+        agent.etcd_addr,
+        "--namespace",
+        agent.namespace,
+        *args,
     ]
 
 
@@ -54,7 +61,12 @@ class Terminal:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         self.process = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, env=env(), close_fds=True,
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env(),
+            close_fds=True,
             preexec_fn=self._take_terminal,
         )
         os.close(slave)
@@ -95,7 +107,7 @@ class Terminal:
             left = deadline - time.monotonic()
             if left <= 0 or self._read(min(left, 0.5)) is None and not regex.search(self.output, self.seen):
                 raise AssertionError(
-                    f"no {pattern!r} within {timeout}s; output after the last match:\n{self.output[self.seen:]!r}"
+                    f"no {pattern!r} within {timeout}s; output after the last match:\n{self.output[self.seen :]!r}"
                 )
 
     def wait(self, timeout=30):
@@ -215,7 +227,11 @@ def test_repl_reports_a_kernel_that_exists_and_leaves_it(agent):
     assert created.returncode == 0, created.stderr
     done = subprocess.run(
         ctl_argv(agent, "repl", agent.agent_id, "--kernel-id", "taken"),
-        input="", capture_output=True, text=True, env=env(), timeout=60,
+        input="",
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=60,
     )
     assert done.returncode == 1
     assert "KernelExists" in done.stderr
@@ -237,7 +253,11 @@ def run_ctl(agent, *args, stdin="", timeout=60):
 
 def test_run_prints_output_and_exits_with_the_runs_exit_code(agent, kernel, tmp_path):
     done = run_ctl(
-        agent, "run", agent.agent_id, kernel, "-c",
+        agent,
+        "run",
+        agent.agent_id,
+        kernel,
+        "-c",
         "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\nraise SystemExit(3)",
     )
     assert done.returncode == 3, done.stderr
@@ -271,7 +291,10 @@ def test_run_shows_output_as_it_comes_and_ctrl_c_interrupts_it(agent, kernel):
     code = "import time\nprint('started', flush=True)\ntime.sleep(2.5)\nprint('late')"
     process = subprocess.Popen(
         ctl_argv(agent, "run", agent.agent_id, kernel, "-c", code),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
     )
     try:
         ready, _, _ = select.select([process.stdout], [], [], 20)
@@ -291,7 +314,10 @@ def test_run_shows_output_as_it_comes_and_ctrl_c_interrupts_it(agent, kernel):
 def test_interrupt_command_interrupts_the_active_run(agent, kernel):
     process = subprocess.Popen(
         ctl_argv(agent, "run", agent.agent_id, kernel, "-c", "print('go', flush=True)\nimport time; time.sleep(2.5)"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
     )
     try:
         ready, _, _ = select.select([process.stdout], [], [], 20)

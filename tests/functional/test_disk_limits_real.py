@@ -97,7 +97,9 @@ def test_a_kernel_that_fills_its_home_gets_enospc_and_the_host_loses_no_more(age
         assert lost <= 70 * MIB, f"the host lost {lost} bytes for a 64 MiB grant"
 
         # The agent and the other kernel work on; the full kernel too, within its home.
-        console, _ = yield run_to_end(client, "neighbour", "query", "open('ok', 'w').write('fine'); print(open('ok').read())")
+        console, _ = yield run_to_end(
+            client, "neighbour", "query", "open('ok', 'w').write('fine'); print(open('ok').read())"
+        )
         assert text(console) == "fine\n"
         console, _ = yield run_to_end(client, "filler", "query", "import os; os.remove('fill.bin'); print('freed')")
         assert text(console) == "freed\n"
@@ -124,7 +126,9 @@ def test_the_root_filesystem_is_read_only_and_tmp_is_bounded_memory(agent, react
     try:
         yield client.create_kernel("ro", IMAGE, {"cpu": 0.5, "mem": "96m"})
         console, _ = yield run_to_end(
-            client, "ro", "query",
+            client,
+            "ro",
+            "query",
             "import errno, os\n"
             "for path in ('/big', '/usr/big', '/var/big', '/etc/big'):\n"
             "    try:\n"
@@ -151,7 +155,9 @@ def test_the_root_filesystem_is_read_only_and_tmp_is_bounded_memory(agent, react
 
 def test_quota_scratch_type_fails_start_up_clearly_where_the_filesystem_has_none(tmp_path, disk, etcd_server):
     agent = AgentProcess(
-        tmp_path, etcd_server.addr, agent_id="agent-quota",
+        tmp_path,
+        etcd_server.addr,
+        agent_id="agent-quota",
         extra=["--scratch-root", str(disk / "q"), "--scratch-type", "quota", "--kernel-network", "none"],
     )
     assert agent.failed_start() != 0

@@ -41,9 +41,7 @@ def test_large_logs_come_back_whole(docker):
         "sys.stdout.buffer.write(b'bad \\xff byte\\n')\n"
     )
     name = docker.container_name()
-    container_id = yield docker.backend.create_container(
-        name, container_config(docker, [PYTHON, "-c", script])
-    )
+    container_id = yield docker.backend.create_container(name, container_config(docker, [PYTHON, "-c", script]))
     yield docker.backend.start_container(container_id)
     exit_code = yield docker.backend.wait_container(container_id)
     assert exit_code == 0
@@ -63,9 +61,7 @@ def test_a_long_line_is_not_torn_by_the_other_stream(docker):
         "sys.stdout.write('\\n')\n"
     )
     name = docker.container_name()
-    container_id = yield docker.backend.create_container(
-        name, container_config(docker, [PYTHON, "-c", script])
-    )
+    container_id = yield docker.backend.create_container(name, container_config(docker, [PYTHON, "-c", script]))
     yield docker.backend.start_container(container_id)
     exit_code = yield docker.backend.wait_container(container_id)
     assert exit_code == 0

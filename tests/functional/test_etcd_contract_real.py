@@ -92,7 +92,7 @@ def test_watch_parser_accepts_any_chunking(reactor):
     failures = []
     watch.done.addErrback(failures.append)
     for index in range(len(stream)):
-        watch._received(stream[index:index + 1])
+        watch._received(stream[index : index + 1])
     assert watch.started.called
     assert seen == [(b"p/a", b"b"), (b"p/a", b""), (b"p/a", None)]
     assert len(failures) == 1

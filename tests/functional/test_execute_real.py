@@ -17,7 +17,9 @@ def test_query_mode_keeps_state_order_and_survives_crashes(client):
     yield run_to_end(client, "q", "query", "x = 41")
     console, answer = yield run_to_end(client, "q", "query", "x + 1")
     assert text(console) == "42\n" and answer["exit_code"] == 0
-    console, _ = yield run_to_end(client, "q", "query", "import sys; print('a'); print('b', file=sys.stderr); print('c')")
+    console, _ = yield run_to_end(
+        client, "q", "query", "import sys; print('a'); print('b', file=sys.stderr); print('c')"
+    )
     assert console == [["stdout", "a\n"], ["stderr", "b\n"], ["stdout", "c\n"]]
     console, answer = yield run_to_end(client, "q", "query", "1/0")
     assert answer["exit_code"] == 1 and "ZeroDivisionError" in text(console, "stderr")
@@ -35,7 +37,9 @@ def test_query_mode_keeps_state_order_and_survives_crashes(client):
 @pytest_twisted.inlineCallbacks
 def test_input_and_getpass(client):
     yield client.create_kernel("i", IMAGE, {"cpu": 1, "mem": "256m"})
-    answer = yield client.execute("i", "query", "name = input('who? ')\nimport getpass\npw = getpass.getpass()\nprint(name, len(pw))")
+    answer = yield client.execute(
+        "i", "query", "name = input('who? ')\nimport getpass\npw = getpass.getpass()\nprint(name, len(pw))"
+    )
     assert answer["status"] == "waiting-input" and answer["options"]["is_password"] is False
     assert text(answer["console"]) == "who? "
     answer = yield client.execute("i", "input", "bob", run_id=answer["run_id"])
@@ -48,7 +52,9 @@ def test_input_and_getpass(client):
 @pytest_twisted.inlineCallbacks
 def test_batch_mode_build_then_exec(client, image):
     yield client.create_kernel("b", image, {"cpu": 1, "mem": "256m"})
-    answer = yield client.execute("b", "batch", options={"build": "echo built > out.txt", "exec": "cat out.txt; exit 4"})
+    answer = yield client.execute(
+        "b", "batch", options={"build": "echo built > out.txt", "exec": "cat out.txt; exit 4"}
+    )
     assert (answer["status"], answer["exit_code"]) == ("build-finished", 0)
     answer = yield client.execute("b", "continue")  # without run_id: the active run
     assert (answer["status"], answer["exit_code"]) == ("finished", 4)
@@ -70,7 +76,9 @@ def test_interrupt_completions_and_exec_timeout(client):
     yield run_to_end(client, "t", "query", "import os\nkept = 'yes'")
     completions = yield client.get_completions("t", "os.pa")
     assert "os.path" in completions
-    answer = yield client.execute("t", "query", "import time\nwhile True: time.sleep(0.05)", options={"flush_timeout": 0.5})
+    answer = yield client.execute(
+        "t", "query", "import time\nwhile True: time.sleep(0.05)", options={"flush_timeout": 0.5}
+    )
     assert answer["status"] == "continued"
     yield client.interrupt_kernel("t")
     console, answer = yield run_to_end(client, "t", "continue")

@@ -18,7 +18,10 @@ def etcdctl(etcd_server, *args):
     return subprocess.run(
         ["etcdctl", "--endpoints", etcd_server.url, *args],
         env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin:/usr/local/bin"},
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
 
 

@@ -24,7 +24,9 @@ def runner_environment(container_id) -> dict:
 def test_loader_and_start_up_variables_are_refused(client, agent):
     for name in ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "PYTHONSTARTUP", "PYTHONINSPECT", "GCONV_PATH"):
         with pytest.raises(errors.InvalidRequest, match=name):
-            yield client.create_kernel("env-bad", IMAGE, {"cpu": 0.5, "mem": "128m"}, environ={name: "/home/work/evil.so"})
+            yield client.create_kernel(
+                "env-bad", IMAGE, {"cpu": 0.5, "mem": "128m"}, environ={name: "/home/work/evil.so"}
+            )
     for environ in ({"OK": "a\nb"}, {"BAD\n": "x"}, {"A=B": "x"}, {"OK": "nul\0"}):
         with pytest.raises(errors.InvalidRequest):
             yield client.create_kernel("env-bad", IMAGE, {"cpu": 0.5, "mem": "128m"}, environ=environ)
@@ -42,13 +44,17 @@ def test_the_environment_reaches_user_code_but_never_the_runner_even_after_a_res
         assert "GREETING" not in runner and "PYTHONPATH" not in runner, runner
         config_env = docker("inspect", "-f", "{{json .Config.Env}}", container_id).stdout
         assert "GREETING" not in config_env
-        console, _ = yield run_to_end(client, "env", "query", "import os; print(os.environ['GREETING'], os.environ['PYTHONPATH'], os.getuid())")
+        console, _ = yield run_to_end(
+            client, "env", "query", "import os; print(os.environ['GREETING'], os.environ['PYTHONPATH'], os.getuid())"
+        )
         assert text(console) == "hello /home/work/lib 1000\n"
         console, _ = yield run_to_end(client, "env", "batch", "echo $GREETING $(id -u)")
         assert text(console, "stdout") == "hello 1000\n"
         # User code cannot read what the runner was handed, nor change it for the next start.
         console, _ = yield run_to_end(
-            client, "env", "query",
+            client,
+            "env",
+            "query",
             "import os\n"
             "for path in ('/run/bai/environ.json', '/run/bai'):\n"
             "    try:\n"

@@ -135,7 +135,10 @@ def test_deaths_are_reported_with_the_right_reason_and_cleaned(agent, tmp_path, 
         killed = yield client.create_kernel("killed", IMAGE, {"cpu": 0.5, "mem": "64m"})
         # Make the runner the OOM killer's choice, then exceed the limit.
         docker(
-            "exec", oom["container_id"], "sh", "-c",
+            "exec",
+            oom["container_id"],
+            "sh",
+            "-c",
             'echo 1000 > /proc/1/oom_score_adj; python3 -c "b = bytearray(300 << 20)"',
             check=False,
         )

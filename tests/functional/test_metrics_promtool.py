@@ -24,9 +24,7 @@ def promtool_complaints(exposition: bytes) -> str:
     """What ``promtool check metrics`` says about ``exposition``; empty when all is well."""
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed (Debian package prometheus; scripts/install-deps installs it)"
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60
-    )
+    result = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60)
     said = (result.stdout + result.stderr).decode(errors="replace").strip()
     if result.returncode != 0 and not said:
         said = f"promtool exited with {result.returncode}"

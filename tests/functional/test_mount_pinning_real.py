@@ -71,13 +71,18 @@ def test_a_read_only_mount_stays_read_only_and_reserved_targets_are_refused(agen
         for target in ("/", "/home", "/home/work/x", "/run", "/opt/bai/runner", "/proc", "/sys/x", "/dev", "/tmp"):
             with pytest.raises(errors.InvalidRequest, match="reserved"):
                 yield client.create_kernel(
-                    "r", IMAGE, {"cpu": 0.5, "mem": "128m"}, mounts=[{"source": str(allowed / "set"), "target": target, "mode": "ro"}]
+                    "r",
+                    IMAGE,
+                    {"cpu": 0.5, "mem": "128m"},
+                    mounts=[{"source": str(allowed / "set"), "target": target, "mode": "ro"}],
                 )
         mounts = [{"source": str(allowed / "set"), "target": "/data/ro", "mode": "ro"}]
         yield client.create_kernel("ro", IMAGE, {"cpu": 0.5, "mem": "128m"}, mounts=mounts)
         for _attempt in range(2):
             console, _ = yield run_to_end(
-                client, "ro", "query",
+                client,
+                "ro",
+                "query",
                 "try:\n    open('/data/ro/new', 'w')\nexcept OSError as e:\n    print(e.errno)\n",
             )
             assert text(console) == "30\n"  # EROFS

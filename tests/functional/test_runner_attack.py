@@ -85,7 +85,9 @@ def run_to_end(client, kernel_id, code, most_calls=400):
 
 
 def terminated(client, kernel_id):
-    return [event for event in client.events if event["type"] == "kernel-terminated" and event["kernel_id"] == kernel_id]
+    return [
+        event for event in client.events if event["type"] == "kernel-terminated" and event["kernel_id"] == kernel_id
+    ]
 
 
 ATTACKS = {
@@ -201,7 +203,13 @@ def test_an_attacked_runner_leaves_the_agent_serving(agent, client, reactor, att
         text, answer = yield run_to_end(client, "victim", textwrap.dedent(ATTACKS[attack]))
     except (errors.KernelNotRunning, errors.KernelNotFound) as e:
         text, answer = None, e
-    print(attack, "took", round(time.monotonic() - started, 1), "s:", answer if text is None else (answer.get("exit_code"), text["stdout"][-300:], text["stderr"][-600:]))
+    print(
+        attack,
+        "took",
+        round(time.monotonic() - started, 1),
+        "s:",
+        answer if text is None else (answer.get("exit_code"), text["stdout"][-300:], text["stderr"][-600:]),
+    )
 
     # What each attack must not achieve.
     if attack == "runner-socket":

@@ -29,9 +29,7 @@ CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER"]
 
 def docker(docker_host, *args, check=True, timeout=60):
     environ = dict(os.environ, DOCKER_HOST=docker_host)
-    result = subprocess.run(
-        ["docker"] + list(args), env=environ, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run(["docker"] + list(args), env=environ, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError("docker {} failed: {}".format(" ".join(args[:2]), result.stderr.strip()))
     return result
@@ -81,9 +79,7 @@ class KernelContainer:
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.socket_path):
             if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no runner socket after {timeout}s; container log:\n{self.logs()}"
-                )
+                raise AssertionError(f"no runner socket after {timeout}s; container log:\n{self.logs()}")
             time.sleep(0.05)
 
     def logs(self):
@@ -132,10 +128,7 @@ def test_user_code_runs_as_uid_1000_in_the_container(client):
     assert client.hello["pid"] == 1  # the runner is the container's main process
     result = client.run("import os; print(os.getuid(), os.getgid(), os.getgroups())")
     assert (result.stdout, result.exit_code) == ("1000 1000 []\n", 0)
-    assert (
-        client.run("import os\nos.getcwd(), os.environ['HOME']").stdout
-        == "('/home/work', '/home/work')\n"
-    )
+    assert client.run("import os\nos.getcwd(), os.environ['HOME']").stdout == "('/home/work', '/home/work')\n"
 
 
 def test_the_socket_is_root_only(container, client):
@@ -207,9 +200,7 @@ def test_crash_and_cancel_in_the_container(client):
 
 
 def test_batch_in_the_container(client):
-    result = client.run(
-        "id -u; pwd", mode="batch", options={"build": "echo compiled > out.txt", "exec": None}
-    )
+    result = client.run("id -u; pwd", mode="batch", options={"build": "echo compiled > out.txt", "exec": None})
     assert result.types()[0] == "build-finished" and set(result.types()[1:-1]) == {"output"}
     assert (result.stdout, result.exit_code) == ("1000\n/home/work\n", 0)
     result = client.run(mode="batch", options={"exec": "cat out.txt; id -u"})

@@ -66,8 +66,25 @@ def containers(docker_host):
 def run_container(containers, image, home, command):
     os.chmod(home, 0o777)
     container_id = docker(
-        "run", "-d", "--label", LABEL, "--network", "none", "--memory", "256m", "--memory-swap", "256m",
-        "-v", f"{home}:/home/work", "--user", "0:0", "--entrypoint", "python3", image, "-c", command,
+        "run",
+        "-d",
+        "--label",
+        LABEL,
+        "--network",
+        "none",
+        "--memory",
+        "256m",
+        "--memory-swap",
+        "256m",
+        "-v",
+        f"{home}:/home/work",
+        "--user",
+        "0:0",
+        "--entrypoint",
+        "python3",
+        image,
+        "-c",
+        command,
     ).stdout.strip()
     containers.append(container_id)
     return container_id

@@ -54,9 +54,18 @@ def chromium(*args, timeout=CHROMIUM_TIMEOUT) -> bytes:
     """Run headless Chromium with ``args``; its stdout. Blocking: call it in a thread."""
     profile = tempfile.mkdtemp(prefix="bai-chromium-")
     argv = [
-        chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--window-size=1280,900", *args,
+        chromium_path(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,900",
+        *args,
     ]
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True

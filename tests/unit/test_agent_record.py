@@ -53,6 +53,10 @@ def test_small_changes_in_use_leave_the_record_unchanged(tmp_path):
 
 
 def test_a_broken_sample_section_is_left_out(tmp_path):
-    node = {"cpu": {"count": 4, "percent": float("nan")}, "mem": "lots", "gpus": [{"index": 0, "util_percent": float("inf")}]}
+    node = {
+        "cpu": {"count": 4, "percent": float("nan")},
+        "mem": "lots",
+        "gpus": [{"index": 0, "util_percent": float("inf")}],
+    }
     resources = state(tmp_path, node).record()["resources"]
     assert all("measured" not in amounts for amounts in resources.values())

@@ -30,8 +30,7 @@ MACHINE = Capacity(cpu=4.0, mem=8 * GIB, cuda_device=2)
 
 def gpus(*indices):
     return [
-        GpuDevice(index=index, uuid=f"GPU-{index:04d}", name="NVIDIA H100", memory_total=80 * GIB)
-        for index in indices
+        GpuDevice(index=index, uuid=f"GPU-{index:04d}", name="NVIDIA H100", memory_total=80 * GIB) for index in indices
     ]
 
 
@@ -458,9 +457,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def build(self, core_count, reserved_millicores, mem_mib, gpu_count, short_core_list):
         assume(reserved_millicores < core_count * 1000)
         self.capacity_millicores = core_count * 1000 - reserved_millicores
-        self.capacity = Capacity(
-            cpu=self.capacity_millicores / 1000, mem=mem_mib * MIB, cuda_device=gpu_count
-        )
+        self.capacity = Capacity(cpu=self.capacity_millicores / 1000, mem=mem_mib * MIB, cuda_device=gpu_count)
         cores = list(range(core_count))
         self.short_core_list = short_core_list and core_count > 1
         if self.short_core_list:

@@ -152,7 +152,9 @@ class Connection:
     def authenticate(self):
         hello = self.call({amp.COMMAND: b"Hello"})
         assert amp.ANSWER in hello, hello
-        answer = self.call({amp.COMMAND: b"Authenticate", b"mac": compute_mac(self.agent.state.secret(), hello[b"nonce"]).encode()})
+        answer = self.call(
+            {amp.COMMAND: b"Authenticate", b"mac": compute_mac(self.agent.state.secret(), hello[b"nonce"]).encode()}
+        )
         assert amp.ANSWER in answer, answer
 
     def ping_works(self, payload=b"still there"):
@@ -257,9 +259,11 @@ WELL_FORMED = [
 
 def test_well_formed_calls_of_every_command_are_answered(agent):
     """The sender and the judge themselves: what a good manager sends gets real answers."""
-    assert {command for command, _ in WELL_FORMED} | {commands.Authenticate, commands.GetKernelStats, commands.InterruptKernel} == set(
-        commands.MANAGER_TO_AGENT
-    )
+    assert {command for command, _ in WELL_FORMED} | {
+        commands.Authenticate,
+        commands.GetKernelStats,
+        commands.InterruptKernel,
+    } == set(commands.MANAGER_TO_AGENT)
     agent.ensure_kernels()
     connection = agent.connect()
     for command, values in WELL_FORMED:
@@ -268,7 +272,17 @@ def test_well_formed_calls_of_every_command_are_answered(agent):
     # Unknown kernels are KERNEL_NOT_FOUND for every kernel command.
     for command in boxes.FUZZED_COMMANDS:
         if command.arguments and command.arguments[0][0] == b"kernel_id" and command is not commands.CreateKernel:
-            values = {"kernel_id": "nobody", "mode": "query", "code": "", "text": "", "path": "a", "data": b"", "append": False, "offset": 0, "length": 1}
+            values = {
+                "kernel_id": "nobody",
+                "mode": "query",
+                "code": "",
+                "text": "",
+                "path": "a",
+                "data": b"",
+                "append": False,
+                "offset": 0,
+                "length": 1,
+            }
             answer = check_call(connection, boxes.valid_box(command, **values))
             if command is commands.GetKernelStats and answer.get(amp.ERROR_CODE) == amp.UNHANDLED_ERROR_CODE:
                 continue

@@ -399,7 +399,9 @@ def test_run_takes_code_from_c_from_a_file_or_from_stdin(tmp_path):
 
 def test_batch_mode_takes_build_and_exec():
     assert ctl.read_code(parse("run", "a", "k", "--batch", "--build", "make", "--exec", "./a")) == (
-        "batch", "", {"build": "make", "exec": "./a"},
+        "batch",
+        "",
+        {"build": "make", "exec": "./a"},
     )
     assert ctl.read_code(parse("run", "a", "k", "--batch", "-c", "echo hi")) == ("batch", "echo hi", {})
 

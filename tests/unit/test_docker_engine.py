@@ -125,13 +125,10 @@ def test_image_path_quotes_the_whole_name():
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
-documents = st.dictionaries(st.text(max_size=8), json_values, max_size=5) | st.lists(
-    json_values, max_size=4
-)
+documents = st.dictionaries(st.text(max_size=8), json_values, max_size=5) | st.lists(json_values, max_size=4)
 
 
 @given(
@@ -141,9 +138,9 @@ documents = st.dictionaries(st.text(max_size=8), json_values, max_size=5) | st.l
     cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
 )
 def test_decoder_yields_every_value_whatever_the_chunking(values, separators, ensure_ascii, cuts):
-    stream = "".join(
-        json.dumps(v, ensure_ascii=ensure_ascii) + sep for v, sep in zip(values, separators)
-    ).encode("utf-8")
+    stream = "".join(json.dumps(v, ensure_ascii=ensure_ascii) + sep for v, sep in zip(values, separators)).encode(
+        "utf-8"
+    )
     points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
     decoder = JSONStreamDecoder()
     decoded = []

@@ -49,9 +49,7 @@ class StandInDaemon(Resource):
         self.requests.append((method, path, args, json.loads(body) if body else None))
         if path == "/version":
             return json.dumps({"Version": "20.10.24", "ApiVersion": "1.41"}).encode()
-        status, answer, *delay = self.routes.get(
-            (method, path), (404, {"message": f"page not found: {path}"})
-        )
+        status, answer, *delay = self.routes.get((method, path), (404, {"message": f"page not found: {path}"}))
         if not isinstance(answer, bytes):
             answer = json.dumps(answer).encode()
         request.setResponseCode(status)

@@ -4,9 +4,9 @@ import pytest
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 
-from bai_agent.backoff import Backoff
 from bai_agent.docker.interface import DockerUnavailable
 from bai_agent.docker.service import DockerService
+from bai_agent.runtime.backoff import Backoff
 from bai_agent.testing.fake_docker import FakeDockerBackend
 
 KERNEL = {"ai.backend.kernelspec": "1", "ai.backend.runtime-type": "python"}

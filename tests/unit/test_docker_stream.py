@@ -121,7 +121,7 @@ def test_incremental_feeding_byte_by_byte_passes_output_on_at_once():
     demultiplexer = DockerStreamDemultiplexer()
     got = []
     for i in range(len(data)):
-        got.extend(demultiplexer.feed(data[i:i + 1]))
+        got.extend(demultiplexer.feed(data[i : i + 1]))
         if i == 8:  # the first payload byte: delivered without waiting for the frame
             assert got == [("stdout", b"o")]
     assert joined(got) == [("stdout", b"out\n"), ("stderr", b"err\n")]
@@ -217,9 +217,7 @@ def test_whole_lines_puts_unfinished_lines_last_in_the_order_they_started():
 def test_whole_lines_keeps_every_byte_of_every_stream(frames):
     regrouped = whole_lines(frames)
     for stream in ("stdin", "stdout", "stderr"):
-        assert b"".join(p for s, p in regrouped if s == stream) == b"".join(
-            p for s, p in frames if s == stream
-        )
+        assert b"".join(p for s, p in regrouped if s == stream) == b"".join(p for s, p in frames if s == stream)
     # Every item but each stream's last holds whole lines.
     last = {s: i for i, (s, _) in enumerate(regrouped)}
     for i, (stream, payload) in enumerate(regrouped):

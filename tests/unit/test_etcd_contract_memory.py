@@ -105,8 +105,7 @@ def test_watch_from_start_revision_replays_history(etcd):
     result_of(etcd.put(b"/a/2", b"y"))
     result_of(etcd.delete(b"/a/1"))
     seen = []
-    etcd.watch_prefix(b"/a/", lambda key, value: seen.append((key, value)),
-                      start_revision=revision + 1)
+    etcd.watch_prefix(b"/a/", lambda key, value: seen.append((key, value)), start_revision=revision + 1)
     assert seen == [(b"/a/2", b"y"), (b"/a/1", None)]
 
 

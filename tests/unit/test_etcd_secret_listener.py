@@ -35,8 +35,15 @@ def etcd(clock):
 
 @pytest.fixture
 def service(clock, etcd, tmp_path):
-    service = EtcdService(clock, etcd, "ns", "agent-1", lambda: {"agent_id": "agent-1"},
-                          secret_cache_path=str(tmp_path / "secret"), random=lambda: 1.0)
+    service = EtcdService(
+        clock,
+        etcd,
+        "ns",
+        "agent-1",
+        lambda: {"agent_id": "agent-1"},
+        secret_cache_path=str(tmp_path / "secret"),
+        random=lambda: 1.0,
+    )
     yield service
     if service.running:
         service.stopService()

@@ -50,8 +50,10 @@ class HangingEtcd(MemoryEtcd):
 
     def put(self, key, value, lease_id=None):
         if self.hang:
+
             def cancelled(_):
                 self.cancelled += 1
+
             return Deferred(cancelled)
         return MemoryEtcd.put(self, key, value, lease_id)
 
@@ -101,8 +103,7 @@ def make_service(clock, etcd, record, tmp_path):
     def make(etcd=etcd, **kwargs):
         kwargs.setdefault("secret_cache_path", str(tmp_path / "state" / "secret"))
         kwargs.setdefault("random", lambda: 1.0)  # the longest jitter: exact backoff bounds
-        service = EtcdService(clock, etcd, NAMESPACE, kwargs.pop("agent_id", AGENT_ID),
-                              lambda: dict(record), **kwargs)
+        service = EtcdService(clock, etcd, NAMESPACE, kwargs.pop("agent_id", AGENT_ID), lambda: dict(record), **kwargs)
         service.setName("etcd")
         services.append(service)
         return service
@@ -128,8 +129,14 @@ def test_registers_record_under_lease_with_ttl(clock, etcd, make_service):
     assert service.registered
     assert service.last_error is None
     found = stored_record(etcd)
-    assert found == {"agent_id": AGENT_ID, "version": "0.1.0", "protocol": 1, "kernels": 0,
-                     "status": "running", "heartbeat_at": 100.0}
+    assert found == {
+        "agent_id": AGENT_ID,
+        "version": "0.1.0",
+        "protocol": 1,
+        "kernels": 0,
+        "status": "running",
+        "heartbeat_at": 100.0,
+    }
     assert etcd.lease_of(RECORD_KEY) == service.lease_id
     assert etcd.lease_ttl(service.lease_id) == 10
     assert service.last_heartbeat_at == 100.0
@@ -434,7 +441,6 @@ def test_config_read_at_start_validated_and_bad_values_ignored(etcd, make_servic
     assert service.registered
     assert service.cluster_config == {"idle_timeout": 600, "docker_network": "none"}
     assert service.heartbeat_interval == 3.0
-
 
 
 @pytest.mark.parametrize("raw", [b"99999999999999999999", b"31536001", b"1e9", b"true", b"-0x1"])

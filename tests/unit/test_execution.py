@@ -83,9 +83,12 @@ def test_batch_reports_build_finished_then_exec_output(session, link):
     d = session.execute("batch", "", run_id="b1", options={"build": "make", "exec": "./run"})
     assert link.sent[-1]["options"] == {"build": "make", "exec": "./run"}
     runner(
-        session, "b1",
-        out("compiling\n"), {"type": "build-finished", "exit_code": 0},
-        out("running\n"), {"type": "finished", "exit_code": 5},
+        session,
+        "b1",
+        out("compiling\n"),
+        {"type": "build-finished", "exit_code": 0},
+        out("running\n"),
+        {"type": "finished", "exit_code": 5},
     )
     first = answer_of(d)
     assert (first["status"], first["exit_code"], first["console"]) == ("build-finished", 0, [["stdout", "compiling\n"]])

@@ -99,8 +99,7 @@ def test_a_lost_device_is_left_out_and_the_others_keep_their_indices():
         devices = discover_gpus(nvml)
     assert [(device.index, device.uuid) for device in devices] == [(0, gpus[0].uuid), (2, gpus[2].uuid)]
     assert any(
-        "device 1 is left out" in message and "GpuIsLost" in message
-        for message in messages(events, LogLevel.warn)
+        "device 1 is left out" in message and "GpuIsLost" in message for message in messages(events, LogLevel.warn)
     )
     assert not nvml.initialised
 

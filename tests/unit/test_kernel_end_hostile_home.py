@@ -31,7 +31,9 @@ def test_a_kernel_whose_home_is_5000_deep_ends_and_frees_everything(h):
     assert h.create()["status"] == "running"  # the id is free again
 
 
-@pytest.mark.parametrize("error", [RecursionError("maximum recursion depth exceeded"), OSError(39, "not empty"), ValueError("odd")])
+@pytest.mark.parametrize(
+    "error", [RecursionError("maximum recursion depth exceeded"), OSError(39, "not empty"), ValueError("odd")]
+)
 def test_a_removal_that_raises_never_keeps_the_grant_or_the_id(h, monkeypatch, error):
     h.create()
 

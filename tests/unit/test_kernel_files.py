@@ -29,9 +29,7 @@ from bai_agent.protocol.errors import (
     PathNotAllowed,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root, as the agent: chown to uid 1000 and mknod"
-)
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as the agent: chown to uid 1000 and mknod")
 
 MIB = 1 << 20
 CAP = 100 * MIB

@@ -85,9 +85,11 @@ class Harness:
     def assert_nothing_leaked(self):
         assert self.containers() == []
         assert os.listdir(self.config.scratch_root) == []
-        assert os.listdir(os.path.join(self.config.state_dir, "kernels")) == [] if os.path.exists(
-            os.path.join(self.config.state_dir, "kernels")
-        ) else True
+        assert (
+            os.listdir(os.path.join(self.config.state_dir, "kernels")) == []
+            if os.path.exists(os.path.join(self.config.state_dir, "kernels"))
+            else True
+        )
         assert self.allocator.used() == {"cpu": 0, "mem": 0, "cuda.device": 0}
         assert self.registry.kernels == {}
 
@@ -501,7 +503,12 @@ def test_list_and_saved_state(h):
         if "kernel.json" in files
     ]
     assert sorted(state["kernel_id"] for state in saved) == ["k1", "k2"]
-    run_dirs = [os.path.join(root, d) for root, dirs, _ in os.walk(os.path.join(h.config.state_dir, "kernels")) for d in dirs if d == "run"]
+    run_dirs = [
+        os.path.join(root, d)
+        for root, dirs, _ in os.walk(os.path.join(h.config.state_dir, "kernels"))
+        for d in dirs
+        if d == "run"
+    ]
     assert all(stat.S_IMODE(os.stat(path).st_mode) == 0o700 for path in run_dirs)
 
 
@@ -518,11 +525,20 @@ def restarted(h):
     """A new registry over the same Docker, directories and journal file: the agent restarted."""
     result(h.registry.stopService())
     h.allocator = Allocator(Capacity(cpu=4.0, mem=8 * GIB, cuda_device=0), [], cpu_cores=[0, 1, 2, 3])
-    h.journal = EventJournal(h.journal.path if hasattr(h.journal, "path") else str(h.tmp / "state" / "events.jsonl"), h.clock, fsync=False)
+    h.journal = EventJournal(
+        h.journal.path if hasattr(h.journal, "path") else str(h.tmp / "state" / "events.jsonl"), h.clock, fsync=False
+    )
     h.registry = KernelRegistry(
-        h.clock, h.config, h.docker, h.backend, h.allocator, h.journal,
-        connect_runner=h.runners.connect, run_blocking=h.disk.run,
-        runner_dir=str(h.tmp / "runner"), cluster_config=lambda: h.tunables,
+        h.clock,
+        h.config,
+        h.docker,
+        h.backend,
+        h.allocator,
+        h.journal,
+        connect_runner=h.runners.connect,
+        run_blocking=h.disk.run,
+        runner_dir=str(h.tmp / "runner"),
+        cluster_config=lambda: h.tunables,
     )
     return h.registry
 
@@ -534,7 +550,11 @@ def test_restart_adopts_running_kernels_and_reports_what_ended_meanwhile(h):
     registry = restarted(h)
     h.backend.die(died["container_id"], 7)  # while no agent watched
     # Another agent's kernel and a container without kernel labels: never touched.
-    foreign = result(h.backend.create_container("kernel.a2.x", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a2", "ai.backend.kernel-id": "x"}}))
+    foreign = result(
+        h.backend.create_container(
+            "kernel.a2.x", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a2", "ai.backend.kernel-id": "x"}}
+        )
+    )
     unlabelled = result(h.backend.create_container("bystander", {"Image": IMAGE}))
     registry.startService()
 
@@ -579,7 +599,11 @@ def test_restart_removes_what_an_interrupted_create_left(h):
     registry = restarted(h)
     # A container of ours with no saved state (killed between create and save), and a
     # home with neither state nor container (killed after making the directories).
-    orphan = result(h.backend.create_container("kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}))
+    orphan = result(
+        h.backend.create_container(
+            "kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}
+        )
+    )
     os.mkdir(os.path.join(h.config.scratch_root, "homeless"))
     registry.startService()
     assert h.backend.container_status(orphan) is None
@@ -656,7 +680,11 @@ def test_while_runners_are_reconnected_every_kernel_is_listed_and_commands_wait_
 
 def test_a_new_kernel_cannot_take_the_id_of_one_the_take_over_is_still_ending(h):
     registry = restarted(h)
-    orphan = result(h.backend.create_container("kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}))
+    orphan = result(
+        h.backend.create_container(
+            "kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}
+        )
+    )
     h.disk.hold()
     registry.startService()
     while not registry.recovered:  # the reads of the first part, one by one

@@ -4,7 +4,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, capturedLogs
 
-from bai_agent.lograte import LogRate
+from bai_agent.runtime.lograte import LogRate
 
 
 @pytest.fixture
@@ -13,13 +13,18 @@ def clock():
 
 
 def lines(events):
-    return [(event["log_level"], event["log_format"], {k: event[k] for k in ("count", "kind") if k in event}) for event in events]
+    return [
+        (event["log_level"], event["log_format"], {k: event[k] for k in ("count", "kind") if k in event})
+        for event in events
+    ]
 
 
 def test_a_burst_goes_through_and_the_rest_is_summarised_when_the_period_ends(clock):
     rate = LogRate(clock, Logger(), burst=3, period=10.0)
     with capturedLogs() as events:
-        results = [rate.emit("failed authentication", LogLevel.warn, "manager {peer} failed", peer=n) for n in range(10)]
+        results = [
+            rate.emit("failed authentication", LogLevel.warn, "manager {peer} failed", peer=n) for n in range(10)
+        ]
         assert results == [True] * 3 + [False] * 7
         assert [event["peer"] for event in events] == [0, 1, 2]
         assert rate.suppressed("failed authentication") == 7
@@ -27,7 +32,11 @@ def test_a_burst_goes_through_and_the_rest_is_summarised_when_the_period_ends(cl
         assert len(events) == 3
         clock.advance(0.1)
         assert lines(events[3:]) == [
-            (LogLevel.warn, "{count} more {kind} lines suppressed in the last {period:g} s", {"count": 7, "kind": "failed authentication"})
+            (
+                LogLevel.warn,
+                "{count} more {kind} lines suppressed in the last {period:g} s",
+                {"count": 7, "kind": "failed authentication"},
+            )
         ]
     assert clock.getDelayedCalls() == []
 

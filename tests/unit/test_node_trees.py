@@ -186,7 +186,12 @@ def test_unreadable_and_unwritable_directories_of_the_kernel_user_are_removed(tm
     (home / "readonly" / "f").write_text("x")
     (home / "noexec").mkdir()
     (home / "noexec" / "f").write_text("x")
-    for path, mode in ((home / "locked" / "deeper", 0o000), (home / "locked", 0o000), (home / "readonly", 0o500), (home / "noexec", 0o600)):
+    for path, mode in (
+        (home / "locked" / "deeper", 0o000),
+        (home / "locked", 0o000),
+        (home / "readonly", 0o500),
+        (home / "noexec", 0o600),
+    ):
         os.chmod(path, mode)
     # root removes them anyway; a remover without CAP_DAC_OVERRIDE makes them 0700 first.
     assert remove_tree(str(home)).removed

@@ -4,7 +4,7 @@ import resource as real_resource
 
 from twisted.logger import capturedLogs
 
-from bai_agent.rlimits import raise_open_file_limit
+from bai_agent.runtime.rlimits import raise_open_file_limit
 
 
 class FakeResource:

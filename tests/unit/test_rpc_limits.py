@@ -17,7 +17,6 @@ from twisted.python.failure import Failure
 
 from bai_agent.agent import AgentState
 from bai_agent.config import AgentConfig
-from bai_agent.lograte import BURST, PERIOD
 from bai_agent.protocol.auth import compute_mac
 from bai_agent.resources import Capacity
 from bai_agent.rpc.limits import (
@@ -29,6 +28,7 @@ from bai_agent.rpc.limits import (
     WaitingRoom,
 )
 from bai_agent.rpc.server import HANG_UP_GRACE, AgentAMPFactory
+from bai_agent.runtime.lograte import BURST, PERIOD
 from bai_agent.status.metrics import AgentMetrics
 
 SECRET = "5e" * 32
@@ -95,7 +95,9 @@ class Connection:
 
 
 def serialise(box: dict) -> bytes:
-    return amp.AmpBox({key if isinstance(key, bytes) else key.encode(): value for key, value in box.items()}).serialize()
+    return amp.AmpBox(
+        {key if isinstance(key, bytes) else key.encode(): value for key, value in box.items()}
+    ).serialize()
 
 
 class Harness:
@@ -239,7 +241,9 @@ def test_the_agent_reads_no_further_while_its_answers_wait(harness):
     # What the transport does when the answers waiting to be written fill its buffer:
     connection.server.pauseProducing()
     assert connection.transport.producerState == "paused"
-    connection.server.dataReceived(b"".join(serialise({b"_command": b"Hello", b"_ask": b"%d" % tag}) for tag in range(1, 11)))
+    connection.server.dataReceived(
+        b"".join(serialise({b"_command": b"Hello", b"_ask": b"%d" % tag}) for tag in range(1, 11))
+    )
     assert connection.answers() == []
     connection.server.resumeProducing()  # the answers drained
     assert connection.transport.producerState == "producing"

@@ -31,9 +31,7 @@ from bai_agent.runner.framing import FrameDecoder, encode
 RUNTIME = "/usr/bin/python3"  # what kernel images have; readable by uid 1000
 USER_UID = 1000 if os.geteuid() == 0 else os.getuid()
 USER_GID = 1000 if os.geteuid() == 0 else os.getgid()
-RUNNER_MODULES = sorted(
-    name for name in os.listdir(bai_agent.runner.RUNNER_DIR) if name.endswith(".py")
-)
+RUNNER_MODULES = sorted(name for name in os.listdir(bai_agent.runner.RUNNER_DIR) if name.endswith(".py"))
 
 
 def require_runtime():
@@ -429,9 +427,7 @@ def test_a_segfault_is_survived(client):
 
 
 def test_user_code_runs_as_the_user_in_the_home(runner, client):
-    result = client.run(
-        "import os\n(os.getuid(), os.getgid(), os.getgroups(), os.getcwd(), os.environ['HOME'])"
-    )
+    result = client.run("import os\n(os.getuid(), os.getgid(), os.getgroups(), os.getcwd(), os.environ['HOME'])")
     uid, gid, groups, cwd, home = ast.literal_eval(result.stdout)
     assert (uid, gid, cwd, home) == (USER_UID, USER_GID, runner.home, runner.home)
     if os.geteuid() == 0:
@@ -549,10 +545,7 @@ def test_a_second_execute_while_one_runs_is_a_run_conflict(client):
 def test_cancel_kills_the_run_and_the_next_one_gets_a_fresh_interpreter(client):
     client.run("x = 1")
     run_id = client.start(
-        "import subprocess\n"
-        "p = subprocess.Popen(['sleep', '60'])\n"
-        "print(p.pid, flush=True)\n"
-        "p.wait()"
+        "import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid, flush=True)\np.wait()"
     )
     sleep_pid = int(client.recv()["data"])
     client.send({"type": "cancel", "run_id": run_id})
@@ -601,9 +594,7 @@ def test_completions_during_a_run_answer_empty_at_once(client):
 
 
 def test_batch_build_then_exec(client):
-    result = client.run(
-        mode="batch", options={"build": "echo building; touch built", "exec": "ls built; exit 4"}
-    )
+    result = client.run(mode="batch", options={"build": "echo building; touch built", "exec": "ls built; exit 4"})
     assert result.types() == ["output", "build-finished", "output", "finished"]
     assert result.messages[1]["exit_code"] == 0
     assert result.stdout == "building\nbuilt\n"
@@ -611,9 +602,7 @@ def test_batch_build_then_exec(client):
 
 
 def test_a_failed_build_skips_exec_and_finishes_127(client):
-    result = client.run(
-        mode="batch", options={"build": "echo oops >&2; exit 2", "exec": "echo never"}
-    )
+    result = client.run(mode="batch", options={"build": "echo oops >&2; exit 2", "exec": "echo never"})
     assert result.types() == ["output", "build-finished", "finished"]
     assert result.messages[1]["exit_code"] == 2
     assert (result.stderr, result.stdout, result.exit_code) == ("oops\n", "", 127)
@@ -718,9 +707,7 @@ def test_with_no_agent_user_code_blocks_instead_of_the_runner_growing(runner, cl
 
 
 def test_a_new_connection_gets_the_rest_of_the_run(runner, client):
-    run_id = client.start(
-        "import time\nprint('before', flush=True)\ntime.sleep(1.5)\nprint('after')"
-    )
+    run_id = client.start("import time\nprint('before', flush=True)\ntime.sleep(1.5)\nprint('after')")
     first = client.recv()
     assert (first["type"], first["data"]) == ("output", "before\n")
     client.close()
@@ -806,10 +793,7 @@ def test_garbage_on_the_interpreter_channel_gets_a_fresh_interpreter(client):
 
 
 def test_closing_stdout_and_stderr_fds_does_not_hurt(client):
-    assert (
-        client.run("import os\nos.close(1)\nos.close(2)\nprint('still shown')").stdout
-        == "still shown\n"
-    )
+    assert client.run("import os\nos.close(1)\nos.close(2)\nprint('still shown')").stdout == "still shown\n"
     assert client.run("print('next')").stdout == "next\n"
 
 
@@ -871,9 +855,7 @@ def _is_zombie(pid):
 def test_runner_link_drives_a_real_runner(reactor, runner):
     from twisted.internet.defer import Deferred
 
-    link = yield connect_runner(
-        reactor, runner.socket_path, reactor, timeout=10, keepalive_interval=0.2
-    )
+    link = yield connect_runner(reactor, runner.socket_path, reactor, timeout=10, keepalive_interval=0.2)
     assert isinstance(link, RunnerLink)
     assert link.hello["pid"] == runner.pid
     finished = Deferred()
@@ -888,7 +870,7 @@ def test_runner_link_drives_a_real_runner(reactor, runner):
     link.send({"type": "execute", "run_id": "a", "mode": "query", "code": "import os\nprint('hi')"})
     done = yield finished
     assert done["exit_code"] == 0
-    assert [json.loads(b"\"" + m["raw"] + b"\"") for m in messages if m["type"] == "output-raw"] == ["hi\n"]
+    assert [json.loads(b'"' + m["raw"] + b'"') for m in messages if m["type"] == "output-raw"] == ["hi\n"]
     items = yield link.request_completions("os.pa", {})
     assert "os.path" in items
     ok = yield link.interrupt()

@@ -31,7 +31,12 @@ def parts(tmp_path):
     )
     # Disk work at once: a MemoryReactor never runs what a thread pool hands back to it.
     service = build_agent_service(
-        reactor, config, docker_backend=docker, etcd=etcd, run_blocking=maybeDeferred, connect_runner=FakeRunners().connect
+        reactor,
+        config,
+        docker_backend=docker,
+        etcd=etcd,
+        run_blocking=maybeDeferred,
+        connect_runner=FakeRunners().connect,
     )
     yield reactor, etcd, docker, service
     if service.running:
@@ -85,5 +90,9 @@ def test_unwritable_scratch_root_is_a_value_error(tmp_path):
     config = AgentConfig(agent_id="n", scratch_root=str(blocker / "x"), state_dir=str(tmp_path / "s"))
     with pytest.raises(ValueError, match="cannot create scratch root"):
         build_agent_service(
-            MemoryReactorClock(), config, docker_backend=FakeDockerBackend(), etcd=MemoryEtcd(), run_blocking=maybeDeferred
+            MemoryReactorClock(),
+            config,
+            docker_backend=FakeDockerBackend(),
+            etcd=MemoryEtcd(),
+            run_blocking=maybeDeferred,
         )

@@ -121,22 +121,37 @@ class BusyAgent(Harness):
         state.started_at = NOW - 3600
         gpus = [GpuDevice(0, "GPU-aaaa", "NVIDIA H100", 80 * GIB), GpuDevice(1, "GPU-bbbb", "NVIDIA H100", 80 * GIB)]
         state.kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus)
-        state.kernels.add("k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5)
+        state.kernels.add(
+            "k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5
+        )
         state.kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
         state.stats = FakeStats()
         state.stats.sample_seconds = 0.0042
         state.stats.kernels = {
             "k-train": kernel_sample(
-                cpu_used_ms=7_250_500, cpu_util=150.0, mem_bytes=3 * GIB, mem_max_bytes=3 * GIB + 5,
-                io_read_bytes=1000, io_write_bytes=2000, net_rx_bytes=300, net_tx_bytes=400,
-                pids=12, scratch_bytes=5 << 20,
+                cpu_used_ms=7_250_500,
+                cpu_util=150.0,
+                mem_bytes=3 * GIB,
+                mem_max_bytes=3 * GIB + 5,
+                io_read_bytes=1000,
+                io_write_bytes=2000,
+                net_rx_bytes=300,
+                net_tx_bytes=400,
+                pids=12,
+                scratch_bytes=5 << 20,
             ),
             "k-idle": kernel_sample(cpu_used_ms=1200, cpu_util=0.0, mem_bytes=20 << 20),
         }
         state.stats.node = node_sample(
             gpus=[
-                {"index": 0, "uuid": "GPU-aaaa", "name": "NVIDIA H100", "util_percent": 87,
-                 "mem_used": 40 * GIB, "mem_total": 80 * GIB},
+                {
+                    "index": 0,
+                    "uuid": "GPU-aaaa",
+                    "name": "NVIDIA H100",
+                    "util_percent": 87,
+                    "mem_used": 40 * GIB,
+                    "mem_total": 80 * GIB,
+                },
                 {"index": 1, "uuid": "GPU-bbbb", "name": "NVIDIA H100", "error": "GPU is lost"},
             ]
         )
@@ -174,11 +189,7 @@ def families(state):
 
 
 def by_label(family, label, suffix=""):
-    return {
-        sample.labels[label]: sample.value
-        for sample in family.samples
-        if sample.name == family.name + suffix
-    }
+    return {sample.labels[label]: sample.value for sample in family.samples if sample.name == family.name + suffix}
 
 
 def test_kernel_statistics_are_metrics_by_kernel_id(busy):

@@ -161,8 +161,19 @@ def rows(markup):
 def test_status_json_keeps_its_keys_and_adds_statistics(busy):
     _, body = get(busy, "/status.json")
     status = strict_json(body)
-    assert {"agent", "healthy", "problems", "uptime", "etcd", "docker", "images", "kernels", "now",
-            "connections", "events"} <= set(status)
+    assert {
+        "agent",
+        "healthy",
+        "problems",
+        "uptime",
+        "etcd",
+        "docker",
+        "images",
+        "kernels",
+        "now",
+        "connections",
+        "events",
+    } <= set(status)
     assert status["etcd"]["heartbeat_delay"] == 0.25
     assert status["etcd"]["heartbeat_delay_max"] == 1.5
     assert status["journal"] == {"entries": 3, "last_seq": 3}
@@ -238,7 +249,7 @@ def test_a_just_started_agent_renders_without_statistics(harness, stats):
     page = body.decode()
     assert response.code == 200
     assert rows(section(page, "kernels"))[1:] == ["no kernels"]
-    assert rows(section(page, "events"))  == ["no events yet"]
+    assert rows(section(page, "events")) == ["no events yet"]
     assert "measured use (not sampled yet)" in page
     assert rows(section(page, "health"))[4] == "statistics not sampled yet"
     assert rows(section(page, "resources"))[:2] == ["CPU 0 of 4 cores allocated", "memory 0 B of 8.0 GiB allocated"]

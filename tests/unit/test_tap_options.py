@@ -44,12 +44,18 @@ def test_scratch_root_and_state_dir_are_created_private(tmp_path):
 def test_values_are_parsed(tmp_path):
     config = parse(
         tmp_path,
-        "--reserved-mem", "2g",
-        "--reserved-cpu", "1.5",
-        "--heartbeat-interval", "0.5",
-        "--agent-id", "node-7",
-        "--namespace", "prod",
-        "--stop-grace-period", "2.5",
+        "--reserved-mem",
+        "2g",
+        "--reserved-cpu",
+        "1.5",
+        "--heartbeat-interval",
+        "0.5",
+        "--agent-id",
+        "node-7",
+        "--namespace",
+        "prod",
+        "--stop-grace-period",
+        "2.5",
         "--destroy-kernels-on-stop",
     )
     assert config.stop_grace_period == 2.5 and config.destroy_kernels_on_stop is True
@@ -108,9 +114,19 @@ def test_unwritable_scratch_root_is_a_clear_error(tmp_path):
 def test_help_documents_every_option():
     text = str(Options())
     for option in (
-        "etcd-addr", "namespace", "agent-id", "amp-endpoint", "advertise-host", "http-endpoint",
-        "scratch-root", "state-dir", "docker-host", "heartbeat-interval", "secret-file",
-        "reserved-cpu", "reserved-mem",
+        "etcd-addr",
+        "namespace",
+        "agent-id",
+        "amp-endpoint",
+        "advertise-host",
+        "http-endpoint",
+        "scratch-root",
+        "state-dir",
+        "docker-host",
+        "heartbeat-interval",
+        "secret-file",
+        "reserved-cpu",
+        "reserved-mem",
     ):
         assert f"--{option}" in text
 

@@ -35,7 +35,12 @@ def raise_open_file_limit(resource=resource_module, nr_open_path=NR_OPEN_PATH) -
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as error:
-        log.warn("could not raise the open-file limit from {soft} to {target}: {error}", soft=soft, target=target, error=error)
+        log.warn(
+            "could not raise the open-file limit from {soft} to {target}: {error}",
+            soft=soft,
+            target=target,
+            error=error,
+        )
         return soft, soft, hard
     log.info("raised the open-file limit from {soft} to {target} (the hard limit)", soft=soft, target=target)
     return soft, target, hard

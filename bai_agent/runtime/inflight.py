@@ -1,0 +1,56 @@
+"""
+``InFlight``: the Deferreds of work a service has started and not yet seen end, so that
+its ``stopService`` (or a graceful stop) can wait for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+
+T = TypeVar("T")
+
+
+class InFlight:
+    """A set of Deferreds that forgets each one when it fires, whatever its result."""
+
+    def __init__(self) -> None:
+        self._pending: set[Deferred] = set()
+
+    def track(self, d: Deferred[T]) -> Deferred[T]:
+        """Remember ``d`` until it fires; returns ``d`` itself (its result untouched)."""
+        if d.called and not d.paused:
+            return d
+        self._pending.add(d)
+
+        def forget(result: object) -> object:
+            self._pending.discard(d)
+            return result
+
+        d.addBoth(forget)
+        return d
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def __iter__(self) -> Iterator[Deferred]:
+        return iter(list(self._pending))
+
+    def settled(self) -> Deferred[None]:
+        """
+        Fires (never fails) once everything tracked now has fired. The tracked Deferreds
+        keep their own results for whoever else waits on them.
+        """
+        if not self._pending:
+            return succeed(None)
+        watchers = []
+        for d in list(self._pending):
+            watcher: Deferred = Deferred()
+            d.addBoth(lambda result, w=watcher: (w.callback(None), result)[1])
+            watchers.append(watcher)
+        return DeferredList(watchers).addCallback(lambda _: None)

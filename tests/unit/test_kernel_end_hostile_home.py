@@ -9,8 +9,8 @@ import os
 import pytest
 
 from bai_agent.kernels.workspace import Workspace
+from tests.deep_trees import deep_chain, removes_deep_trees  # noqa: F401 (autouse)
 from tests.unit.test_kernel_registry import Harness, restarted, result
-from tests.unit.test_node_trees import deep_chain, removes_deep_trees  # noqa: F401 (autouse)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from bai_agent.kernels.workspace import Workspace, kernel_key, remove_state_dirs_except
 from bai_agent.node import mounts
-from tests.unit.test_node_trees import assert_intact, deep_chain, outside_tree, removes_deep_trees  # noqa: F401
+from tests.deep_trees import assert_intact, deep_chain, outside_tree, removes_deep_trees  # noqa: F401
 
 
 @pytest.fixture

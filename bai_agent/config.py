@@ -1,91 +1,82 @@
 """
 The agent's configuration: one frozen value, validated when it is made.
 
-Every parser raises ``ValueError`` with a message fit for a usage error; ``tap.Options``
-turns it into one that names the option.
+``AgentConfig`` checks every field itself, whatever made it (the command line, a test, a
+benchmark): a bad value is a ``ValueError`` whose message starts with the option that sets
+it (``--namespace: ...``), so ``tap.Options`` only has to turn it into a usage error. Text
+is converted where a field is a number (``AgentConfig(reserved_mem="2g")``). Making one
+reads the secret file and resolves the allowed mount roots, and changes nothing: creating
+the directories is ``tap.prepare_directories``'s work.
 """
 
-import math
+from __future__ import annotations
+
 import os
 import re
 import socket
 import struct
+from collections.abc import Iterable
+from typing import Any, Callable, TypeVar
 
 import attrs
 
-KERNEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-AGENT_ID_PATTERN = KERNEL_ID_PATTERN
+from bai_agent.protocol.auth import read_secret_file
+from bai_agent.values import (
+    AGENT_ID_PATTERN,
+    HEARTBEAT_INTERVAL_RANGE,
+    KERNEL_ID_PATTERN,
+    MAX_TIMEOUT,
+    NAMESPACE_PATTERN,
+    NETWORK_NAME_PATTERN,
+    SCRATCH_TYPES,
+    parse_cpu,
+    parse_heartbeat_interval,
+    parse_host_port,
+    parse_size,
+    parse_timeout,
+)
 
-_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)i?b?\s*\Z", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+__all__ = [
+    "AgentConfig",
+    "SYSTEM_DIRS",
+    "default_advertise_host",
+    "default_agent_id",
+    "default_docker_host",
+    "ensure_private_dir",
+    # moved to bai_agent.values; re-exported until every importer uses bai_agent.values
+    "AGENT_ID_PATTERN",
+    "HEARTBEAT_INTERVAL_RANGE",
+    "KERNEL_ID_PATTERN",
+    "MAX_TIMEOUT",
+    "NAMESPACE_PATTERN",
+    "parse_cpu",
+    "parse_heartbeat_interval",
+    "parse_host_port",
+    "parse_size",
+    "parse_timeout",
+]
 
+#: Directories that ``--allowed-mount-root`` may not name: mounting their subtrees into a
+#: kernel would hand it the host's system.
+SYSTEM_DIRS = frozenset(
+    {
+        "/etc",
+        "/usr",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib64",
+        "/boot",
+        "/proc",
+        "/sys",
+        "/dev",
+        "/root",
+        "/var",
+        "/run",
+    }
+)
 
-def parse_size(value) -> int:
-    """Bytes from an int or a string like ``512m``, ``2g``, ``1.5G``, ``512MiB``, ``1024``."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a size: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size must not be negative: {value}")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or value < 0 or value != int(value):
-            raise ValueError(f"not a size: {value!r}")
-        return int(value)
-    if not isinstance(value, str):
-        raise ValueError(f"not a size: {value!r}")
-    match = _SIZE_PATTERN.match(value)
-    if match is None:
-        raise ValueError(f"not a size (use bytes or a number with k, m, g, t, p): {value!r}")
-    number, unit = match.groups()
-    size = float(number) * _SIZE_UNITS[unit.lower()]
-    if not math.isfinite(size) or size >= 1 << 63:
-        raise ValueError(f"size too large: {value!r}")
-    return int(size)
-
-
-def parse_host_port(value: str, default_port=None):
-    """``(host, port)`` from ``HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
-    host, sep, port = value.strip().rpartition(":")
-    if not sep:
-        host, port = value.strip(), str(default_port) if default_port else ""
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
-    return host, int(port)
-
-
-#: The longest idle or exec timeout, in seconds, whether from a manager or from etcd.
-MAX_TIMEOUT = 365 * 24 * 3600
-#: The heartbeat intervals allowed, in seconds, on the command line and in etcd.
-HEARTBEAT_INTERVAL_RANGE = (0.5, 300.0)
-
-
-def parse_timeout(value) -> int:
-    """Whole seconds between 0 (never) and ``MAX_TIMEOUT``, from an int or its text."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"expected whole seconds, got {value!r}")
-    seconds = int(value)
-    if not 0 <= seconds <= MAX_TIMEOUT:
-        raise ValueError(f"must be whole seconds between 0 and {MAX_TIMEOUT}, got {value!r}")
-    return seconds
-
-
-def parse_heartbeat_interval(value) -> float:
-    """Seconds between heartbeats, within ``HEARTBEAT_INTERVAL_RANGE``."""
-    interval = float(value)
-    low, high = HEARTBEAT_INTERVAL_RANGE
-    if not low <= interval <= high:  # also rejects nan
-        raise ValueError(f"must be between {low} and {high} seconds, got {value!r}")
-    return interval
-
-
-def parse_cpu(value) -> float:
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"expected a non-negative number of cores, got {value!r}")
-    return number
+_ID_SYNTAX = "letters, digits, '_', '.', '-'; at most 64"
 
 
 def default_agent_id() -> str:
@@ -111,7 +102,7 @@ def default_advertise_host() -> str:
                 if len(fields) > 1 and fields[1] == "00000000":
                     for address in psutil.net_if_addrs().get(fields[0], []):
                         if address.family == socket.AF_INET:
-                            return address.address
+                            return str(address.address)
     except (OSError, StopIteration, ImportError, struct.error):
         pass
     return "127.0.0.1"
@@ -121,41 +112,201 @@ def default_docker_host() -> str:
     return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
-def _check_pattern(pattern, what):
-    def check(instance, attribute, value):
+# -- checks of single values; each message follows the option's name -------------------
+
+_T = TypeVar("_T")
+
+
+def _named(option: str, parse: Callable[[Any], _T], value: object) -> _T:
+    """``parse(value)``, its ``ValueError`` (or ``TypeError``) prefixed with ``option``."""
+    try:
+        return parse(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{option}: {error}") from None
+
+
+def _option(attribute: attrs.Attribute[Any]) -> str:
+    """The command-line option that sets ``attribute``, else the field's own name."""
+    return str(attribute.metadata.get("option", attribute.name))
+
+
+def _matching(pattern: re.Pattern[str], syntax: str) -> Callable[[Any, attrs.Attribute[Any], object], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         if not isinstance(value, str) or not pattern.match(value):
-            raise ValueError(f"invalid {what}: {value!r} (letters, digits, '_', '.', '-'; at most 64)")
+            raise ValueError(f"{_option(attribute)}: {value!r} is not valid ({syntax})")
 
     return check
+
+
+def _text(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{_option(attribute)}: expected a non-empty text, got {value!r}")
+
+
+def _host_port(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _named(_option(attribute), parse_host_port, value)
+
+
+def _server_endpoint(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    from twisted.internet.endpoints import serverFromString
+
+    if not isinstance(value, str):
+        raise ValueError(f"{_option(attribute)}: expected an endpoint description, got {value!r}")
+    try:
+        # Parsing only: the endpoints Twisted (and its plugins) make just keep the reactor
+        # until they listen, so none is needed, and the configuration stays reactor-free.
+        serverFromString(None, value)  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError, OSError) as error:  # OSError: an ssl: key file
+        raise ValueError(f"{_option(attribute)}: {error}") from None
+
+
+def _docker_host(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value.startswith(("unix://", "tcp://")):
+        raise ValueError(f"{_option(attribute)}: expected unix:///path or tcp://host:port, got {value!r}")
+
+
+def _secret_file(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"{_option(attribute)}: expected a path, got {value!r}")
+    _named(_option(attribute), read_secret_file, value)
+
+
+def _scratch_type(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in SCRATCH_TYPES:
+        raise ValueError(f"{_option(attribute)}: one of {', '.join(SCRATCH_TYPES)}, not {value!r}")
+
+
+def _flag(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{_option(attribute)}: expected True or False, got {value!r}")
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _whole_number(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return int(value)
+
+
+# -- converters: text or numbers to the field's type, each naming its option -----------
+# (named functions, one a field, so that mypy's attrs plugin types AgentConfig's __init__)
+
+
+def _heartbeat_interval(value: float | str) -> float:
+    return _named("--heartbeat-interval", parse_heartbeat_interval, value)
+
+
+def _reserved_cpu(value: float | str) -> float:
+    return _named("--reserved-cpu", parse_cpu, value)
+
+
+def _reserved_mem(value: int | str) -> int:
+    return _named("--reserved-mem", parse_size, value)
+
+
+def _allowed_mount_roots(value: Iterable[str]) -> tuple[str, ...]:
+    """Each root as its real path: an existing absolute directory, not the host's system."""
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"--allowed-mount-root: expected a sequence of paths, got {value!r}")
+    roots = []
+    for root in value:
+        if not isinstance(root, str) or not os.path.isabs(root) or not os.path.isdir(os.path.realpath(root)):
+            raise ValueError(f"--allowed-mount-root: {root!r} is not an existing absolute directory")
+        real = os.path.realpath(root)
+        if real == "/" or real in SYSTEM_DIRS:
+            raise ValueError(f"--allowed-mount-root: {root!r} would expose the host's system")
+        roots.append(real)
+    return tuple(roots)
+
+
+def _kernel_pids_limit(value: int | str) -> int:
+    limit = _named("--kernel-pids-limit", _whole_number, value)
+    if not 16 <= limit <= 1 << 22:
+        raise ValueError("--kernel-pids-limit: must be between 16 and 4194304")
+    return limit
+
+
+def _max_upload_size(value: int | str) -> int:
+    size = _named("--max-upload-size", parse_size, value)
+    if size < 1:
+        raise ValueError("--max-upload-size: must be at least one byte")
+    return size
+
+
+def _stop_grace_period(value: float | str) -> float:
+    grace = _named("--stop-grace-period", _number, value)
+    if not 0 <= grace <= 3600:  # also rejects nan
+        raise ValueError("--stop-grace-period: must be between 0 and 3600 seconds")
+    return grace
+
+
+def _default_scratch_size(value: int | str) -> int:
+    size = _named("--default-scratch-size", parse_size, value)
+    if size < 16 << 20:
+        raise ValueError("--default-scratch-size: must be at least 16m")
+    return size
+
+
+def _authentication_deadline(value: float | str) -> float:
+    deadline = _named("authentication_deadline", _number, value)
+    if not deadline > 0:  # also rejects nan
+        raise ValueError(f"authentication_deadline: must be more than 0 seconds, got {value!r}")
+    return deadline
+
+
+def _opt(name: str) -> dict[str, str]:
+    return {"option": name}
 
 
 @attrs.frozen
 class AgentConfig:
     """Everything the services need to know, as validated values."""
 
-    etcd_addr: str = "127.0.0.1:2379"
-    namespace: str = attrs.field(default="local", validator=_check_pattern(NAMESPACE_PATTERN, "namespace"))
-    agent_id: str = attrs.field(factory=default_agent_id, validator=_check_pattern(AGENT_ID_PATTERN, "agent id"))
-    amp_endpoint: str = "tcp:6001"
-    advertise_host: str = attrs.field(factory=default_advertise_host)
-    http_endpoint: str = "tcp:6003:interface=127.0.0.1"
-    scratch_root: str = "/var/cache/scratches"
-    state_dir: str = "/var/lib/bai-agent"
-    docker_host: str = attrs.field(factory=default_docker_host)
-    heartbeat_interval: float = 3.0
-    secret_file: str = None
-    reserved_cpu: float = 0.0
-    reserved_mem: int = 0
-    allowed_mount_roots: tuple = ()
-    kernel_network: str = "bridge"
-    kernel_pids_limit: int = 1024
-    max_upload_size: int = 100 << 20
-    stop_grace_period: float = 10.0
-    default_scratch_size: int = 10 << 30
-    scratch_type: str = "auto"  # auto, quota, hostfile or dir (bai_agent.node.scratch)
-    destroy_kernels_on_stop: bool = False
+    etcd_addr: str = attrs.field(default="127.0.0.1:2379", validator=_host_port, metadata=_opt("--etcd-addr"))
+    namespace: str = attrs.field(
+        default="local", validator=_matching(NAMESPACE_PATTERN, _ID_SYNTAX), metadata=_opt("--namespace")
+    )
+    agent_id: str = attrs.field(
+        factory=default_agent_id, validator=_matching(AGENT_ID_PATTERN, _ID_SYNTAX), metadata=_opt("--agent-id")
+    )
+    amp_endpoint: str = attrs.field(default="tcp:6001", validator=_server_endpoint, metadata=_opt("--amp-endpoint"))
+    advertise_host: str = attrs.field(
+        factory=default_advertise_host, validator=_text, metadata=_opt("--advertise-host")
+    )
+    http_endpoint: str = attrs.field(
+        default="tcp:6003:interface=127.0.0.1", validator=_server_endpoint, metadata=_opt("--http-endpoint")
+    )
+    scratch_root: str = attrs.field(default="/var/cache/scratches", validator=_text, metadata=_opt("--scratch-root"))
+    state_dir: str = attrs.field(default="/var/lib/bai-agent", validator=_text, metadata=_opt("--state-dir"))
+    docker_host: str = attrs.field(factory=default_docker_host, validator=_docker_host, metadata=_opt("--docker-host"))
+    heartbeat_interval: float = attrs.field(default=3.0, converter=_heartbeat_interval)
+    secret_file: str | None = attrs.field(default=None, validator=_secret_file, metadata=_opt("--secret-file"))
+    reserved_cpu: float = attrs.field(default=0.0, converter=_reserved_cpu)
+    reserved_mem: int = attrs.field(default=0, converter=_reserved_mem)
+    allowed_mount_roots: tuple[str, ...] = attrs.field(default=(), converter=_allowed_mount_roots)
+    kernel_network: str = attrs.field(
+        default="bridge",
+        validator=_matching(NETWORK_NAME_PATTERN, "a Docker network name"),
+        metadata=_opt("--kernel-network"),
+    )
+    kernel_pids_limit: int = attrs.field(default=1024, converter=_kernel_pids_limit)
+    max_upload_size: int = attrs.field(default=100 << 20, converter=_max_upload_size)
+    stop_grace_period: float = attrs.field(default=10.0, converter=_stop_grace_period)
+    default_scratch_size: int = attrs.field(default=10 << 30, converter=_default_scratch_size)
+    # auto, quota, hostfile or dir (bai_agent.node.scratch)
+    scratch_type: str = attrs.field(default="auto", validator=_scratch_type, metadata=_opt("--scratch-type"))
+    destroy_kernels_on_stop: bool = attrs.field(
+        default=False, validator=_flag, metadata=_opt("--destroy-kernels-on-stop")
+    )
     # Seconds a manager connection has to authenticate (bai_agent.rpc.limits.AUTHENTICATION_DEADLINE).
-    authentication_deadline: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    authentication_deadline: float = attrs.field(default=5.0, converter=_authentication_deadline)
 
     @property
     def etcd_url(self) -> str:

@@ -4,43 +4,10 @@
 This is the only module that imports the global reactor.
 """
 
-import os
-import re
-
 from twisted.python import usage
 
-from bai_agent.config import (
-    AGENT_ID_PATTERN,
-    NAMESPACE_PATTERN,
-    AgentConfig,
-    default_advertise_host,
-    default_agent_id,
-    default_docker_host,
-    ensure_private_dir,
-    parse_cpu,
-    parse_heartbeat_interval,
-    parse_host_port,
-    parse_size,
-)
+from bai_agent.config import AgentConfig, ensure_private_dir
 from bai_agent.kernels.workspace import check_socket_room
-from bai_agent.node.scratch import KINDS as SCRATCH_KINDS
-
-NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
-SYSTEM_DIRS = {
-    "/etc",
-    "/usr",
-    "/bin",
-    "/sbin",
-    "/lib",
-    "/lib64",
-    "/boot",
-    "/proc",
-    "/sys",
-    "/dev",
-    "/root",
-    "/var",
-    "/run",
-}
 
 
 class Options(usage.Options):
@@ -104,91 +71,40 @@ class Options(usage.Options):
         """A host directory whose subtrees managers may mount into kernels (repeatable)."""
         self["allowed-mount-root"].append(path)
 
-    def _parse(self, option, parser, *args):
-        try:
-            return parser(self[option], *args)
-        except (TypeError, ValueError) as e:
-            raise usage.UsageError(f"--{option}: {e}") from None
-
     def postOptions(self):
-        from twisted.internet import reactor
-
-        self._parse("etcd-addr", parse_host_port)
-        for option, pattern in (("namespace", NAMESPACE_PATTERN), ("agent-id", AGENT_ID_PATTERN)):
-            if self[option] is not None and not pattern.match(self[option]):
-                raise usage.UsageError(
-                    f"--{option}: {self[option]!r} is not valid (letters, digits, '_', '.', '-'; at most 64)"
-                )
-        for option in ("amp-endpoint", "http-endpoint"):
-            self._parse(option, _check_server_endpoint, reactor)
-        docker_host = self["docker-host"] or default_docker_host()
-        if not docker_host.startswith(("unix://", "tcp://")):
-            raise usage.UsageError(f"--docker-host: expected unix:///path or tcp://host:port, got {docker_host!r}")
-        heartbeat = self._parse("heartbeat-interval", parse_heartbeat_interval)
-        if self["secret-file"] is not None:
-            try:
-                with open(self["secret-file"]) as secret_file:
-                    secret = secret_file.read().strip()
-            except OSError as e:
-                raise usage.UsageError(f"--secret-file: cannot read {self['secret-file']}: {e.strerror}") from None
-            if len(secret) < 64 or any(c not in "0123456789abcdefABCDEF" for c in secret):
-                raise usage.UsageError("--secret-file: the secret must be at least 64 hex digits")
-        for option, what in (("scratch-root", "scratch root"), ("state-dir", "state dir")):
-            self._parse(option, ensure_private_dir, what)
-        self._parse("state-dir", check_socket_room)
-        roots = []
-        for root in self["allowed-mount-root"]:
-            real = os.path.realpath(root)
-            if not os.path.isabs(root) or not os.path.isdir(real):
-                raise usage.UsageError(f"--allowed-mount-root: {root!r} is not an existing absolute directory")
-            if real == "/" or real in SYSTEM_DIRS:
-                raise usage.UsageError(f"--allowed-mount-root: {root!r} would expose the host's system")
-            roots.append(real)
-        if not NETWORK_NAME.match(self["kernel-network"]):
-            raise usage.UsageError(f"--kernel-network: {self['kernel-network']!r} is not a network name")
-        max_upload_size = self._parse("max-upload-size", parse_size)
-        if max_upload_size < 1:
-            raise usage.UsageError("--max-upload-size: must be at least one byte")
-        pids_limit = self._parse("kernel-pids-limit", int)
-        if not 16 <= pids_limit <= 1 << 22:
-            raise usage.UsageError("--kernel-pids-limit: must be between 16 and 4194304")
-        default_scratch_size = self._parse("default-scratch-size", parse_size)
-        if default_scratch_size < 16 << 20:
-            raise usage.UsageError("--default-scratch-size: must be at least 16m")
-        if self["scratch-type"] not in SCRATCH_KINDS:
-            raise usage.UsageError(f"--scratch-type: one of {', '.join(SCRATCH_KINDS)}, not {self['scratch-type']!r}")
-        grace = self._parse("stop-grace-period", float)
-        if not 0 <= grace <= 3600:
-            raise usage.UsageError("--stop-grace-period: must be between 0 and 3600 seconds")
-        self.config = AgentConfig(
-            etcd_addr=self["etcd-addr"],
-            namespace=self["namespace"],
-            agent_id=self["agent-id"] or default_agent_id(),
-            amp_endpoint=self["amp-endpoint"],
-            advertise_host=self["advertise-host"] or default_advertise_host(),
-            http_endpoint=self["http-endpoint"],
-            scratch_root=self["scratch-root"],
-            state_dir=self["state-dir"],
-            docker_host=docker_host,
-            heartbeat_interval=heartbeat,
-            secret_file=self["secret-file"],
-            reserved_cpu=self._parse("reserved-cpu", parse_cpu),
-            reserved_mem=self._parse("reserved-mem", parse_size),
-            allowed_mount_roots=tuple(roots),
-            kernel_network=self["kernel-network"],
-            kernel_pids_limit=pids_limit,
-            max_upload_size=max_upload_size,
-            stop_grace_period=grace,
-            destroy_kernels_on_stop=bool(self["destroy-kernels-on-stop"]),
-            default_scratch_size=default_scratch_size,
-            scratch_type=self["scratch-type"],
-        )
+        # AgentConfig checks every value, and names the option in what it raises; an option
+        # not given (None) leaves the field to AgentConfig's default.
+        fields = {field: self[option] for option, field in OPTION_FIELDS.items() if self[option] is not None}
+        fields["allowed_mount_roots"] = self["allowed-mount-root"]
+        fields["destroy_kernels_on_stop"] = bool(self["destroy-kernels-on-stop"])
+        try:
+            self.config = AgentConfig(**fields)
+            prepare_directories(self.config)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
-def _check_server_endpoint(description, reactor):
-    from twisted.internet.endpoints import serverFromString
+#: The field of ``AgentConfig`` each of ``Options.optParameters`` sets.
+OPTION_FIELDS = {option: option.replace("-", "_") for option, _, _, _ in Options.optParameters}
 
-    serverFromString(reactor, description)
+
+def prepare_directories(config: AgentConfig) -> None:
+    """
+    Create the scratch root and the state dir (0700) if absent, and check that runner
+    sockets fit under the state dir: ``ValueError`` naming the option when they cannot be.
+    """
+    for option, path, what in (
+        ("--scratch-root", config.scratch_root, "scratch root"),
+        ("--state-dir", config.state_dir, "state dir"),
+    ):
+        try:
+            ensure_private_dir(path, what)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
+    try:
+        check_socket_room(config.state_dir)
+    except ValueError as e:
+        raise ValueError(f"--state-dir: {e}") from None
 
 
 def makeService(options):
@@ -198,12 +114,92 @@ def makeService(options):
     from bai_agent.service import build_agent_service
 
     raise_open_file_limit()
+    compile_runner()
     try:
-        service = build_agent_service(reactor, options.config)
+        backends = make_backends(reactor, options.config)
     except ValueError as e:
-        raise SystemExit(f"bai-agent: {e}")
+        raise SystemExit(f"bai-agent: {e}") from None
+    service = build_agent_service(reactor, options.config, backends)
     reactor.callWhenRunning(_stop_gracefully_on_sigterm, reactor)
     return service
+
+
+def make_backends(reactor, config):
+    """
+    The real backends of an agent: the Docker Engine client, the etcd client, runner
+    connections, a thread pool for disk work, the cgroup reader, the scratch volumes (their
+    kind detected on the scratch root), and the machine's GPUs (NVML) and capacity.
+    ``ValueError`` when the machine cannot give what ``config`` asks (a scratch type the
+    scratch root does not support).
+    """
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.logger import Logger
+    from twisted.python.threadpool import ThreadPool
+
+    from bai_agent.docker.engine import DockerEngineClient
+    from bai_agent.etcd.txetcd import TxEtcd
+    from bai_agent.node.capacity import detect_capacity
+    from bai_agent.node.gpus import discover_gpus
+    from bai_agent.kernels.runner_link import connect_runner
+    from bai_agent.node import scratch
+    from bai_agent.service import Backends
+    from bai_agent.stats.cgroups import CgroupReader
+
+    log = Logger()
+    scratch_volumes = scratch.detect(config.scratch_root, config.scratch_type)
+    if not scratch_volumes.enforced:
+        log.warn(
+            "--scratch-type dir: kernels' homes are not limited; one kernel can fill the disk of {root}",
+            root=config.scratch_root,
+        )
+    else:
+        log.info("kernels' homes limited by {kind} on {root}", kind=scratch_volumes.kind, root=config.scratch_root)
+    nvml = None
+    try:
+        import pynvml as nvml
+    except ImportError:
+        pass
+    gpus = tuple(discover_gpus(nvml))
+    capacity = detect_capacity(
+        config.reserved_cpu,
+        config.reserved_mem,
+        cuda_devices=len(gpus),
+        scratch=scratch.capacity_of(config.scratch_root),
+    )
+    etcd = TxEtcd(reactor, config.etcd_url)
+    disk_pool = ThreadPool(minthreads=0, maxthreads=4, name="bai-agent-disk")
+    return Backends(
+        docker=DockerEngineClient(reactor, config.docker_host),
+        etcd=etcd,
+        connect_runner=connect_runner,
+        run_blocking=lambda f, *args: deferToThreadPool(reactor, disk_pool, f, *args),
+        cgroups=CgroupReader(),
+        scratch_volumes=scratch_volumes,
+        capacity=capacity,
+        gpus=gpus,
+        nvml=nvml if gpus else None,
+        thread_pool=disk_pool,
+        owned=(etcd,),
+    )
+
+
+def compile_runner():
+    """
+    Write the runner's bytecode next to it, once, before the reactor runs: the runner
+    directory is mounted read-only into kernels, and without a cache each kernel's Python
+    would compile the runner again at start. A read-only install (bytecode written at
+    install time, or not writable) is fine as it is.
+    """
+    import compileall
+
+    from twisted.logger import Logger
+
+    from bai_agent.runner import RUNNER_DIR
+
+    try:
+        compileall.compile_dir(RUNNER_DIR, quiet=2, workers=1)
+    except OSError as e:
+        Logger().info("runner bytecode not written: {error}", error=e)
 
 
 def _stop_gracefully_on_sigterm(reactor):

@@ -30,8 +30,8 @@ import struct
 import subprocess
 
 from bai_agent.node import mounts
+from bai_agent.values import SCRATCH_TYPES as KINDS
 
-KINDS = ("auto", "quota", "hostfile", "dir")
 VOLUMES_DIR = ".volumes"
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime"
 KERNEL_UID = KERNEL_GID = 1000

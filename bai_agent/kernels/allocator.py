@@ -56,9 +56,9 @@ import attrs
 from twisted.logger import Logger
 
 from bai_agent.config import parse_size
-from bai_agent.kernels.gpus import GpuDevice
+from bai_agent.node.capacity import Capacity
+from bai_agent.node.gpus import GpuDevice
 from bai_agent.protocol.errors import InsufficientResources, InvalidRequest
-from bai_agent.resources import Capacity
 
 log = Logger()
 

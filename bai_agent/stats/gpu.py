@@ -2,7 +2,7 @@
 Utilisation and memory of the machine's NVIDIA devices, through NVML.
 
 ``GpuStats`` takes the ``pynvml``-like module (``bai_agent.testing.fake_nvml.FakeNvml`` in
-tests) and the devices that discovery found (``bai_agent.kernels.gpus.discover_gpus``).
+tests) and the devices that discovery found (``bai_agent.node.gpus.discover_gpus``).
 ``open`` initialises NVML once for the agent's lifetime and ``close`` shuts it down;
 ``sample`` answers one entry per device. NVML calls block (some take milliseconds):
 the collector makes them in its worker thread.
@@ -16,22 +16,24 @@ boards) keeps its memory numbers with ``util_percent`` ``None``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from twisted.logger import Logger
 
-from bai_agent.kernels.gpus import GpuDevice
+from bai_agent.node.gpus import GpuDevice, Nvml, describe_nvml_error, nvml_text
 
 log = Logger()
 
 
 class GpuStats:
-    def __init__(self, nvml, devices):
-        devices = list(devices)
-        for device in devices:
+    def __init__(self, nvml: Nvml, devices: Iterable[GpuDevice]) -> None:
+        self.devices = list(devices)
+        for device in self.devices:
             if not isinstance(device, GpuDevice):
                 raise TypeError(f"expected GpuDevice, not {device!r}")
         self._nvml = nvml
-        self.devices = devices
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, Any] = {}
         self.opened = False
         self.open_error: str | None = None
 
@@ -48,7 +50,7 @@ class GpuStats:
         try:
             self._nvml.nvmlInit()
         except Exception as error:
-            self.open_error = _describe(error)
+            self.open_error = describe_nvml_error(error)
             return False
         self.open_error = None
         self.opened = True
@@ -62,19 +64,19 @@ class GpuStats:
         try:
             self._nvml.nvmlShutdown()
         except Exception as error:
-            log.warn("NVML did not shut down cleanly: {error}", error=_describe(error))
+            log.warn("NVML did not shut down cleanly: {error}", error=describe_nvml_error(error))
 
-    def sample(self) -> list[dict]:
+    def sample(self) -> list[dict[str, Any]]:
         """One entry per device, in index order; ``[]`` when NVML is not open."""
         if not self.opened:
             return []
         return [self._sample_device(device) for device in self.devices]
 
-    def _handle(self, device: GpuDevice):
+    def _handle(self, device: GpuDevice) -> Any:
         handle = self._handles.get(device.index)
         if handle is None:
             handle = self._nvml.nvmlDeviceGetHandleByIndex(device.index)
-            uuid = _text(self._nvml.nvmlDeviceGetUUID(handle))
+            uuid = nvml_text(self._nvml.nvmlDeviceGetUUID(handle))
             if uuid != device.uuid:
                 # Indexes moved (a driver reload, a device gone): never report another
                 # device's numbers under this one's name.
@@ -82,8 +84,8 @@ class GpuStats:
             self._handles[device.index] = handle
         return handle
 
-    def _sample_device(self, device: GpuDevice) -> dict:
-        entry = {"index": device.index, "uuid": device.uuid, "name": device.name}
+    def _sample_device(self, device: GpuDevice) -> dict[str, Any]:
+        entry: dict[str, Any] = {"index": device.index, "uuid": device.uuid, "name": device.name}
         try:
             handle = self._handle(device)
             memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -91,12 +93,12 @@ class GpuStats:
             util = self._utilisation(handle)
         except Exception as error:
             self._handles.pop(device.index, None)
-            entry["error"] = _describe(error)
+            entry["error"] = describe_nvml_error(error)
             return entry
         entry.update(util_percent=util, mem_used=mem_used, mem_total=mem_total)
         return entry
 
-    def _utilisation(self, handle):
+    def _utilisation(self, handle: Any) -> float | None:
         try:
             return float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except Exception as error:
@@ -105,12 +107,3 @@ class GpuStats:
                 return None
             raise
 
-
-def _text(value) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
-
-
-def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}"

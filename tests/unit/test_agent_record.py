@@ -4,7 +4,7 @@ from twisted.internet.task import Clock
 
 from bai_agent.agent import MEASURED_MEM_STEP, AgentState
 from bai_agent.config import AgentConfig
-from bai_agent.resources import Capacity
+from bai_agent.node.capacity import Capacity
 from bai_agent.status.metrics import AgentMetrics
 from tests.unit.test_rpc_server import StubDocker
 

@@ -19,9 +19,9 @@ from bai_agent.kernels.allocator import (
     ResourceRequest,
     parse_resource_request,
 )
-from bai_agent.kernels.gpus import GpuDevice
+from bai_agent.node.capacity import Capacity
+from bai_agent.node.gpus import GpuDevice
 from bai_agent.protocol.errors import InsufficientResources, InvalidRequest
-from bai_agent.resources import Capacity
 
 MIB = 1 << 20
 GIB = 1 << 30

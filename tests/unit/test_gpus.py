@@ -5,7 +5,7 @@ import sys
 import pytest
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from bai_agent.kernels.gpus import GpuDevice, discover_gpus
+from bai_agent.node.gpus import GpuDevice, discover_gpus
 from bai_agent.testing import fake_nvml
 from bai_agent.testing.fake_nvml import FakeGpu, FakeNvml, fake_gpus
 

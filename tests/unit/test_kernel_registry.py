@@ -18,8 +18,8 @@ from bai_agent.docker.service import DockerService
 from bai_agent.kernels.allocator import Allocator
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
+from bai_agent.node.capacity import Capacity
 from bai_agent.protocol import errors
-from bai_agent.resources import Capacity
 from bai_agent.testing.fake_docker import FakeDockerBackend
 from bai_agent.testing.fake_runner import FakeRunners
 

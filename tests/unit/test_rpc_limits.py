@@ -17,8 +17,8 @@ from twisted.python.failure import Failure
 
 from bai_agent.agent import AgentState
 from bai_agent.config import AgentConfig
+from bai_agent.node.capacity import Capacity
 from bai_agent.protocol.auth import compute_mac
-from bai_agent.resources import Capacity
 from bai_agent.rpc.limits import (
     AUTHENTICATED,
     AUTHENTICATION_DEADLINE,

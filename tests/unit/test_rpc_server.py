@@ -9,10 +9,10 @@ from twisted.test import iosim
 
 from bai_agent.agent import AgentState
 from bai_agent.config import AgentConfig
+from bai_agent.node.capacity import Capacity
 from bai_agent.protocol import commands, errors
 from bai_agent.protocol.auth import compute_mac
 from bai_agent.protocol.client import AgentClient, ManagerLocator
-from bai_agent.resources import Capacity
 from bai_agent.rpc.server import MAX_FAILED_AUTHENTICATIONS, AgentAMPFactory
 from bai_agent.status.metrics import AgentMetrics
 

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from bai_agent.kernels.gpus import discover_gpus
+from bai_agent.node.gpus import discover_gpus
 from bai_agent.stats.cgroups import CgroupReader
 from bai_agent.stats.collector import SAMPLE_KEYS, KernelTarget, StatsCollector
 from bai_agent.stats.gpu import GpuStats

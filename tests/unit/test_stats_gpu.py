@@ -2,7 +2,7 @@
 
 import pytest
 
-from bai_agent.kernels.gpus import GpuDevice, discover_gpus
+from bai_agent.node.gpus import GpuDevice, discover_gpus
 from bai_agent.stats.gpu import GpuStats
 from bai_agent.testing.fake_nvml import FakeGpu, FakeNvml, fake_gpus
 

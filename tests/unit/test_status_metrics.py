@@ -13,9 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bai_agent.kernels.allocator import Allocator, ResourceRequest
-from bai_agent.kernels.gpus import GpuDevice
 from bai_agent.kernels.journal import EventJournal
-from bai_agent.resources import Capacity
+from bai_agent.node.capacity import Capacity
+from bai_agent.node.gpus import GpuDevice
 from tests.unit.test_rpc_server import Harness, StubEtcd
 
 NOW = 1_700_000_000.0

@@ -3,6 +3,8 @@ What this machine offers to kernels: its capacity per resource slot, minus what 
 operator reserved for the host (``--reserved-cpu``, ``--reserved-mem``).
 """
 
+from __future__ import annotations
+
 import attrs
 import psutil
 
@@ -14,8 +16,8 @@ class Capacity:
     cuda_device: int
     scratch: int = 0  # bytes of the scratch root's filesystem; 0: not accounted
 
-    def as_slots(self) -> dict:
-        slots = {"cpu": self.cpu, "mem": self.mem, "cuda.device": self.cuda_device}
+    def as_slots(self) -> dict[str, float | int]:
+        slots: dict[str, float | int] = {"cpu": self.cpu, "mem": self.mem, "cuda.device": self.cuda_device}
         if self.scratch:
             slots["scratch"] = self.scratch
         return slots
@@ -24,7 +26,7 @@ class Capacity:
 def detect_capacity(reserved_cpu: float, reserved_mem: int, cuda_devices: int = 0, scratch: int = 0) -> Capacity:
     """
     The machine's capacity less the reservations (a reservation that leaves nothing is an
-    error). ``cuda_devices`` is how many NVIDIA devices NVML found (``kernels.gpus``).
+    error). ``cuda_devices`` is how many NVIDIA devices NVML found (``node.gpus``).
     """
     cores = psutil.cpu_count(logical=True) or 1
     memory = psutil.virtual_memory().total

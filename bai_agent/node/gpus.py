@@ -1,5 +1,6 @@
 """
-The NVIDIA devices of this machine, as NVML reports them.
+The NVIDIA devices of this machine, as NVML reports them, and the NVML helpers that
+discovery and sampling (``bai_agent.stats.gpu``) share.
 
 Discovery goes through nvidia-ml-py's ``pynvml`` module, injected as ``nvml`` so that tests
 use ``bai_agent.testing.fake_nvml.FakeNvml``. A machine without the package, without the
@@ -12,10 +13,16 @@ means by ``NVIDIA_VISIBLE_DEVICES=0,1``; the UUID names the same device unambigu
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.logger import Logger
 
 log = Logger()
+
+#: The ``pynvml`` module, or ``FakeNvml``: its functions answer ctypes structures and
+#: opaque handles that no stubs describe, so it stays untyped here.
+Nvml = Any
 
 
 @attrs.frozen
@@ -26,7 +33,7 @@ class GpuDevice:
     memory_total: int
 
 
-def discover_gpus(nvml=None) -> list[GpuDevice]:
+def discover_gpus(nvml: Nvml | None = None) -> list[GpuDevice]:
     """
     Every device NVML can describe, in index order; ``[]`` when NVML is missing or fails.
 
@@ -42,7 +49,7 @@ def discover_gpus(nvml=None) -> list[GpuDevice]:
     try:
         nvml.nvmlInit()
     except Exception as error:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
-        log.info("no NVIDIA devices: NVML did not initialise: {error}", error=_describe_error(error))
+        log.info("no NVIDIA devices: NVML did not initialise: {error}", error=describe_nvml_error(error))
         return []
     try:
         return _describe_devices(nvml)
@@ -50,21 +57,21 @@ def discover_gpus(nvml=None) -> list[GpuDevice]:
         try:
             nvml.nvmlShutdown()
         except Exception as error:
-            log.warn("NVML did not shut down cleanly: {error}", error=_describe_error(error))
+            log.warn("NVML did not shut down cleanly: {error}", error=describe_nvml_error(error))
 
 
-def _describe_devices(nvml) -> list[GpuDevice]:
+def _describe_devices(nvml: Nvml) -> list[GpuDevice]:
     try:
         count = int(nvml.nvmlDeviceGetCount())
     except Exception as error:
-        log.warn("no NVIDIA devices: NVML could not count them: {error}", error=_describe_error(error))
+        log.warn("no NVIDIA devices: NVML could not count them: {error}", error=describe_nvml_error(error))
         return []
     devices = []
     for index in range(count):
         try:
             devices.append(_describe_device(nvml, index))
         except Exception as error:
-            log.warn("NVIDIA device {index} is left out: {error}", index=index, error=_describe_error(error))
+            log.warn("NVIDIA device {index} is left out: {error}", index=index, error=describe_nvml_error(error))
     if devices:
         log.info(
             "NVIDIA devices: {devices}",
@@ -75,23 +82,25 @@ def _describe_devices(nvml) -> list[GpuDevice]:
     return devices
 
 
-def _describe_device(nvml, index: int) -> GpuDevice:
+def _describe_device(nvml: Nvml, index: int) -> GpuDevice:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     return GpuDevice(
         index=index,
-        uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-        name=_text(nvml.nvmlDeviceGetName(handle)),
+        uuid=nvml_text(nvml.nvmlDeviceGetUUID(handle)),
+        name=nvml_text(nvml.nvmlDeviceGetName(handle)),
         memory_total=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
     )
 
 
-def _text(value) -> str:
+def nvml_text(value: object) -> str:
+    """A name or UUID NVML answered, as text."""
     # nvidia-ml-py since 11.515 answers str; older releases and the pynvml package answered bytes.
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return str(value)
 
 
-def _describe_error(error: Exception) -> str:
+def describe_nvml_error(error: Exception) -> str:
+    """An NVML error for a log line: its class and its text."""
     # str() of an NVMLError is its text alone ("Driver Not Loaded"); the class name says more.
     return f"{type(error).__name__}: {error}"

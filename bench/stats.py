@@ -45,7 +45,7 @@ from twisted.python.threadpool import ThreadPool  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
 from bai_agent.docker.engine import DockerEngineClient, parse_docker_host  # noqa: E402
-from bai_agent.kernels.gpus import discover_gpus  # noqa: E402
+from bai_agent.node.gpus import discover_gpus  # noqa: E402
 from bai_agent.stats import CgroupReader, GpuStats, KernelTarget, NodeStats, StatsCollector  # noqa: E402
 from bai_agent.testing.docker_host import docker_host_from_env, docker_request, remove_container  # noqa: E402
 

@@ -30,7 +30,6 @@ import sys
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from bai_agent.config import parse_host_port
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from bai_agent.protocol.discovery import list_agents, read_secret
@@ -42,6 +41,7 @@ from bai_agent.repl import (
     StreamTerminal,
     repl_resources,
 )
+from bai_agent.values import parse_host_port
 
 
 class CtlError(Exception):

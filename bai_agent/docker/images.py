@@ -14,7 +14,7 @@ from typing import Optional
 import attr
 from twisted.logger import Logger
 
-from bai_agent.config import parse_size
+from bai_agent.values import parse_size
 
 log = Logger()
 

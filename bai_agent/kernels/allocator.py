@@ -55,10 +55,10 @@ import os
 import attrs
 from twisted.logger import Logger
 
-from bai_agent.config import parse_size
 from bai_agent.node.capacity import Capacity
 from bai_agent.node.gpus import GpuDevice
 from bai_agent.protocol.errors import InsufficientResources, InvalidRequest
+from bai_agent.values import parse_size
 
 log = Logger()
 

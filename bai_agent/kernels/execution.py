@@ -28,9 +28,9 @@ import uuid
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from bai_agent.config import KERNEL_ID_PATTERN
 from bai_agent.protocol import errors
 from bai_agent.protocol.arguments import RawJson
+from bai_agent.values import KERNEL_ID_PATTERN
 
 MAX_CODE_BYTES = 1 << 20
 BUFFER_LIMIT = 8 << 20

@@ -10,9 +10,9 @@ import re
 
 import attrs
 
-from bai_agent.config import KERNEL_ID_PATTERN, MAX_TIMEOUT
 from bai_agent.kernels import pinned_mounts
 from bai_agent.protocol.errors import InvalidRequest
+from bai_agent.values import KERNEL_ID_PATTERN, MAX_TIMEOUT
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # matched whole (fullmatch): no trailing newline
 # Names that the dynamic loader, the C library or an interpreter read at start-up to run or

@@ -6,12 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.logger import LogLevel, capturedLogs
 
-from bai_agent.config import parse_size
 from bai_agent.docker.images import (
     KernelImage,
     kernel_image_from_inspect,
     kernel_images_from_inspect,
 )
+from bai_agent.values import parse_size
 
 IMAGE_ID = "sha256:" + "ab" * 32
 

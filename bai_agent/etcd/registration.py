@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from bai_agent.etcd.interface import EtcdError, IEtcd
+from bai_agent.etcd.interface import EtcdError, IEtcd, LeaseNotFound
 
 MIN_LEASE_TTL = 10
 
@@ -121,6 +121,8 @@ class AgentRegistration:
         Keep the lease alive: that is the short refresh, every interval. The record itself
         is written only when it changed, or every ``FULL_RECORD_EVERY`` seconds.
         """
+        if self.lease_id is None:  # a failure abandons the lease and supersedes the beat first
+            raise LeaseNotFound("no lease to keep alive")
         yield self._etcd.keep_alive(self.lease_id)
         self._note_heartbeat_delay()
         self.last_heartbeat_at = self._clock.seconds()

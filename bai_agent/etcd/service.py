@@ -83,6 +83,11 @@ class _Superseded(Exception):
     """The step belongs to a registration that a failure or a stop has replaced."""
 
 
+def _caused_by(failure: Failure, *kinds: type[BaseException]) -> bool:
+    """``failure.check(*kinds)``, typed."""
+    return isinstance(failure.value, kinds)
+
+
 def _describe(failure: Failure) -> str:
     assert failure.type is not None
     return f"{failure.type.__name__}: {failure.getErrorMessage()}"
@@ -131,7 +136,9 @@ class EtcdService(Service):
         self._etcd = etcd
         self.namespace = namespace
         self.agent_id = agent_id
-        self._backoff = Backoff(random, initial=BACKOFF_INITIAL, maximum=BACKOFF_MAX, jitter=0.5)
+        self._backoff = Backoff(  # type: ignore[no-untyped-call]
+            random, initial=BACKOFF_INITIAL, maximum=BACKOFF_MAX, jitter=0.5
+        )
         self.key_prefix = keys.namespace_prefix(namespace).decode("utf-8")
         self.config_prefix = keys.agent_config_prefix(namespace)
         self.secret_key = keys.secret_key(namespace)
@@ -234,24 +241,24 @@ class EtcdService(Service):
     # -- service ---------------------------------------------------------------------
 
     def startService(self) -> None:
-        Service.startService(self)
+        Service.startService(self)  # type: ignore[no-untyped-call]
         self._stopping = False
         self._generation += 1
-        self._backoff.reset()
+        self._backoff.reset()  # type: ignore[no-untyped-call]
         self.log.info(
             "joining etcd namespace {namespace} as {agent_id}", namespace=self.namespace, agent_id=self.agent_id
         )
         self._connect()
 
     def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
+        Service.stopService(self)  # type: ignore[no-untyped-call]
         self._stopping = True
         self._generation += 1
         self._cancel_timers()
         self._drop_watch()
         deadline = self._reactor.seconds() + STOP_TIMEOUT
         d = self._leave(deadline)
-        d.addTimeout(STOP_TIMEOUT, self._reactor)  # type: ignore[arg-type]
+        d.addTimeout(STOP_TIMEOUT, self._reactor)
 
         def unclean(failure: Failure) -> None:
             self.log.warn(
@@ -271,7 +278,7 @@ class EtcdService(Service):
         """Wait for in-flight work, mark the record stopping, revoke: all by ``deadline``."""
 
         def bounded(d: Deferred[Any]) -> Deferred[Any]:
-            return d.addTimeout(max(0.0, deadline - self._reactor.seconds()), self._reactor)  # type: ignore[arg-type]
+            return d.addTimeout(max(0.0, deadline - self._reactor.seconds()), self._reactor)
 
         # A DeferredList of the tracked Deferreds themselves, not InFlight.settled(): the
         # timeout cancels it, and so the steps stuck in etcd calls.
@@ -305,14 +312,14 @@ class EtcdService(Service):
             watch.cancel()
 
     def _bug(self, failure: Failure) -> None:
-        if self._stopping and failure.check(CancelledError, DeferredTimeoutError, _Superseded):
+        if self._stopping and _caused_by(failure, CancelledError, DeferredTimeoutError, _Superseded):
             return  # work given up by stopService
         self.log.failure("unexpected error in the etcd loop", failure)
         if not self._stopping and self._retry_call is None and self._heartbeat_call is None:
             self._retry_call = self._reactor.callLater(BACKOFF_MAX, self._connect)
 
     def _failed(self, failure: Failure, generation: int, step: str) -> None:
-        if failure.check(_Superseded) or generation != self._generation or self._stopping:
+        if _caused_by(failure, _Superseded) or generation != self._generation or self._stopping:
             return None
         self._generation += 1
         was_registered = self.registered
@@ -321,12 +328,12 @@ class EtcdService(Service):
         self._cancel_timers()
         self._drop_watch()
         self.registration.abandon()
-        if failure.check(LeaseNotFound) and step != "register":
+        if _caused_by(failure, LeaseNotFound) and step != "register":
             self.log.warn("etcd lost our lease ({error}); registering with a new one", error=self.last_error)
             self._connect()
             return None
         delay = self._backoff.next_delay()
-        if failure.check(EtcdError):
+        if _caused_by(failure, EtcdError):
             self.log.warn(
                 "etcd {step} failed ({error}){lost}; retrying in {delay:.1f}s",
                 step=step,
@@ -382,7 +389,7 @@ class EtcdService(Service):
             return
         self.registered = True
         self.last_error = None
-        self._backoff.reset()
+        self._backoff.reset()  # type: ignore[no-untyped-call]
         self.log.info(
             "registered {key} under lease {lease_id:x} (TTL {ttl}s)",
             key=self.record_key.decode("utf-8"),

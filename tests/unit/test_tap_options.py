@@ -111,6 +111,18 @@ def test_unwritable_scratch_root_is_a_clear_error(tmp_path):
         Options().parseOptions(["--scratch-root", str(blocker / "sub"), "--state-dir", str(tmp_path / "s")])
 
 
+def test_a_state_dir_too_long_for_runner_sockets_is_a_usage_error(tmp_path):
+    state = tmp_path / ("s" * 100)
+    with pytest.raises(usage.UsageError, match="--state-dir: state dir .* is too long"):
+        Options().parseOptions(["--scratch-root", str(tmp_path / "scratch"), "--state-dir", str(state)])
+
+
+def test_a_bad_value_creates_no_directory(tmp_path):
+    with pytest.raises(usage.UsageError, match="--kernel-network"):
+        parse(tmp_path, "--kernel-network", "no network")
+    assert os.listdir(tmp_path) == []
+
+
 def test_help_documents_every_option():
     text = str(Options())
     for option in (

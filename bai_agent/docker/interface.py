@@ -6,6 +6,8 @@ over treq) and ``bai_agent.testing.fake_docker.FakeDockerBackend``; one contract
 suite (``bai_agent.testing.docker_contract``) runs against both.
 """
 
+from typing import Optional
+
 from zope.interface import Attribute, Interface
 
 
@@ -17,7 +19,7 @@ class DockerError(Exception):
     the daemon's own message.
     """
 
-    def __init__(self, message, status=None):
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status

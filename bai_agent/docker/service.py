@@ -7,17 +7,23 @@ of local kernel images current (at start, every ``relist_interval`` seconds, and
 every image event). ``healthy`` and ``last_error`` say how things stand right now.
 """
 
+from __future__ import annotations
+
 import random as _random
+from collections.abc import Generator
+from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bai_agent.docker.images import kernel_images_from_inspect
-from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
+from bai_agent.docker.images import KernelImage, kernel_images_from_inspect
+from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable, IEventStream
 from bai_agent.runtime.backoff import Backoff
+from bai_agent.runtime.inflight import InFlight
+from bai_agent.runtime.periodic import PeriodicService
 
 log = Logger()
 
@@ -25,7 +31,7 @@ log = Logger()
 class _CachedImage:
     """An inspected image, and the kernel images derived from it for one set of tags."""
 
-    def __init__(self, doc, tags):
+    def __init__(self, doc: dict[str, Any], tags: tuple[str, ...]) -> None:
         self.doc = doc
         self.tags = tags
         self.kernel_images = kernel_images_from_inspect([dict(doc, RepoTags=list(tags))])
@@ -46,40 +52,45 @@ class DockerService(Service):
     #: A stream that stayed open this long resets the backoff when it ends.
     STABLE_STREAM_SECONDS = 30.0
 
-    def __init__(self, reactor, backend, relist_interval=30.0, random=_random.random):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        backend: Any,
+        relist_interval: float = 30.0,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
         self._reactor = reactor
         self._backend = backend
         self._relist_interval = relist_interval
         self._backoff = Backoff(random)
         self.healthy = False
-        self.last_error = None
-        self.images = []
-        self.api_version = None
-        self.daemon_version = None
-        self._subscribers = []
-        self._connected_listeners = []
-        self._stream = None
-        self._stream_opened_at = None
-        self._retry_call = None
-        self._relist = LoopingCall(self._relist_tick)
-        self._relist.clock = reactor
-        self._inspected = {}  # image id -> _CachedImage
+        self.last_error: str | None = None
+        self.images: list[KernelImage] = []
+        self.api_version: str | None = None
+        self.daemon_version: str | None = None
+        self._subscribers: list[list[Callable[..., Any]]] = []
+        self._connected_listeners: list[list[Callable[..., Any]]] = []
+        self._stream: IEventStream | None = None
+        self._stream_opened_at = 0.0
+        self._retry_call: IDelayedCall | None = None
+        self._relist = PeriodicService(reactor, relist_interval, self._relist_round, what="image listing", now=False)
+        self._inspected: dict[str, _CachedImage] = {}  # image id -> _CachedImage
         self._refreshing = False
         self._refresh_again = False
-        self._refresh_waiters = []
-        self._in_flight = set()
+        self._refresh_waiters: list[Deferred[list[KernelImage]]] = []
+        self._in_flight = InFlight()
         self._stopping = False
 
     # -- public -----------------------------------------------------------------------
 
-    def subscribe(self, callback):
+    def subscribe(self, callback: Callable[[Any], object]) -> Callable[[], None]:
         """
         Call ``callback(event)`` with every raw Docker event (dicts, as the daemon sends
         them). Return a callable that unsubscribes. A callback's exception is logged.
         """
         return _add_listener(self._subscribers, callback)
 
-    def on_connected(self, callback):
+    def on_connected(self, callback: Callable[[], object]) -> Callable[[], None]:
         """
         Call ``callback()`` every time the daemon answers again (at start and after an
         outage), once the events stream is open: events missed meanwhile are only found by
@@ -87,12 +98,12 @@ class DockerService(Service):
         """
         return _add_listener(self._connected_listeners, callback)
 
-    def refresh_images(self):
+    def refresh_images(self) -> Deferred[list[KernelImage]]:
         """
         Re-list the kernel images now. Fire with ``images`` once a listing that started
         after this call has finished (a listing already under way is followed by one more).
         """
-        waiter = Deferred()
+        waiter: Deferred[list[KernelImage]] = Deferred()
         self._refresh_waiters.append(waiter)
         if self._refreshing:
             self._refresh_again = True
@@ -103,25 +114,25 @@ class DockerService(Service):
 
     # -- IService ---------------------------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self._relist.start(self._relist_interval, now=False)
+        self._relist.startService()
         self._track(self._connect())
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         self._stopping = True
         super().stopService()
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
-        if self._relist.running:
-            self._relist.stop()
+        relisted = self._relist.stopService()
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.cancel()
-        yield DeferredList(list(self._in_flight))
+        yield relisted
+        yield self._in_flight.settled()
         self.healthy = False
         close = getattr(self._backend, "close", None)
         if callable(close):
@@ -132,20 +143,14 @@ class DockerService(Service):
 
     # -- connection -------------------------------------------------------------------
 
-    def _track(self, d):
+    def _track(self, d: Deferred[Any]) -> Deferred[Any]:
         """Keep ``d`` among the in-flight work that ``stopService`` waits for."""
-        self._in_flight.add(d)
-
-        def forget(result):
-            self._in_flight.discard(d)
-            return result
-
-        d.addBoth(forget)
-        d.addErrback(lambda f: log.failure("unexpected error in the Docker service", f))
+        self._in_flight.track(d)
+        d.addErrback(_log_unexpected)
         return d
 
     @inlineCallbacks
-    def _connect(self):
+    def _connect(self) -> Generator[Deferred[Any], Any, None]:
         self._retry_call = None
         try:
             version = yield self._backend.negotiate()
@@ -173,7 +178,7 @@ class DockerService(Service):
                 log.failure("a Docker connection listener failed")
         yield self.refresh_images()
 
-    def _schedule_connect(self):
+    def _schedule_connect(self) -> None:
         if self._retry_call is not None and self._retry_call.active():
             return
         delay = self._backoff.next_delay()
@@ -184,17 +189,17 @@ class DockerService(Service):
         )
         self._retry_call = self._reactor.callLater(delay, lambda: self._track(self._connect()))
 
-    def _mark_unhealthy(self, error):
+    def _mark_unhealthy(self, error: object) -> None:
         self.healthy = False
         self.last_error = _describe(error)
 
-    def _open_stream(self):
+    def _open_stream(self) -> None:
         stream = self._backend.stream_events(self._on_event)
         self._stream = stream
         self._stream_opened_at = self._reactor.seconds()
         stream.done.addBoth(self._stream_ended, stream)
 
-    def _stream_ended(self, result, stream):
+    def _stream_ended(self, result: object, stream: IEventStream) -> None:
         if self._stopping or self._stream is not stream:
             return None  # we closed it ourselves
         self._stream = None
@@ -208,7 +213,7 @@ class DockerService(Service):
         self._schedule_connect()
         return None
 
-    def _backend_failed(self, error, what):
+    def _backend_failed(self, error: object, what: str) -> None:
         """A call failed: a vanished daemon sends us back to reconnecting."""
         self.last_error = f"{what}: {_describe(error)}"
         log.warn("Docker: {what} failed: {error}", what=what, error=_describe(error))
@@ -221,7 +226,7 @@ class DockerService(Service):
 
     # -- events -----------------------------------------------------------------------
 
-    def _on_event(self, event):
+    def _on_event(self, event: Any) -> None:
         for (callback,) in list(self._subscribers):
             try:
                 result = callback(event)
@@ -229,24 +234,20 @@ class DockerService(Service):
                 log.failure("a Docker event subscriber failed on {event!r}", event=event)
                 continue
             if isinstance(result, Deferred):
-                result.addErrback(
-                    lambda f, event=event: log.failure("a Docker event subscriber failed on {event!r}", f, event=event)
-                )
+                result.addErrback(_log_subscriber_failure, event)
         if isinstance(event, dict) and (event.get("Type") or event.get("type")) == "image":
             self.refresh_images()
 
     # -- images -----------------------------------------------------------------------
 
-    def _relist_tick(self):
-        # Never raises, so that the LoopingCall lives on; refreshes never overlap.
-        try:
-            if self.healthy:
-                self.refresh_images()
-        except Exception:
-            log.failure("the periodic image listing failed")
+    def _relist_round(self) -> None:
+        # The round does not wait for the listing: refresh_images never overlaps two
+        # listings, and one asked for during a listing follows it.
+        if self.healthy:
+            self.refresh_images()
 
     @inlineCallbacks
-    def _refresh_loop(self):
+    def _refresh_loop(self) -> Generator[Deferred[Any], Any, None]:
         try:
             while True:
                 self._refresh_again = False
@@ -266,13 +267,13 @@ class DockerService(Service):
                 waiter.callback(self.images)
 
     @inlineCallbacks
-    def _refresh_once(self):
+    def _refresh_once(self) -> Generator[Deferred[Any], Any, None]:
         try:
             summaries = yield self._backend.list_images()
         except DockerError as e:
             self._backend_failed(e, "listing images")
             return
-        inspected = {}
+        inspected: dict[str, _CachedImage] = {}
         for summary in summaries or ():
             image_id = summary.get("Id")
             tags = tuple(t for t in summary.get("RepoTags") or () if t != "<none>:<none>")
@@ -300,11 +301,11 @@ class DockerService(Service):
             self.last_error = None
 
 
-def _add_listener(listeners, callback):
+def _add_listener(listeners: list[list[Callable[..., Any]]], callback: Callable[..., Any]) -> Callable[[], None]:
     """Append ``callback`` to ``listeners``; return a callable that removes it (once)."""
     entry = [callback]  # identity, so that the same callback may be added twice
 
-    def remove():
+    def remove() -> None:
         if entry in listeners:
             listeners.remove(entry)
 
@@ -312,7 +313,15 @@ def _add_listener(listeners, callback):
     return remove
 
 
-def _describe(error):
+def _log_unexpected(failure: Failure) -> None:
+    log.failure("unexpected error in the Docker service", failure)
+
+
+def _log_subscriber_failure(failure: Failure, event: Any) -> None:
+    log.failure("a Docker event subscriber failed on {event!r}", failure, event=event)
+
+
+def _describe(error: object) -> str:
     if isinstance(error, DockerError):
         return error.message
     return f"{type(error).__name__}: {error}"

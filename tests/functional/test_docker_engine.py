@@ -19,16 +19,10 @@ from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from bai_agent.docker.engine import (
-    DockerAddress,
-    DockerEngineClient,
-    JSONStreamDecoder,
-    JSONStreamError,
-    image_path,
-    parse_docker_host,
-    pick_api_version,
-)
+from bai_agent.docker.address import DockerAddress, parse_docker_host
+from bai_agent.docker.engine import DockerEngineClient, image_path, pick_api_version
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
+from bai_agent.docker.streams import JSONStreamDecoder, JSONStreamError
 from bai_agent.testing.docker_host import docker_host_from_env, require_docker
 
 # -- docker_host --------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bai_agent.docker.engine import (
+from bai_agent.docker.streams import (
     DockerStreamDemultiplexer,
     DockerStreamError,
     demultiplex_docker_stream,

@@ -10,10 +10,8 @@ a round is still running is skipped. A failure in one kernel's reading is logged
 per kernel) and leaves the others alone; a failing round is logged and the next tick
 comes as usual.
 
-Kernel sample keys (PROTOCOL.md ``GetKernelStats``): ``cpu_used_ms``, ``cpu_util``
-(percent of one core since the previous sample of that kernel; 0.0 on the first),
-``mem_bytes``, ``mem_max_bytes``, ``io_read_bytes``, ``io_write_bytes``,
-``net_rx_bytes``, ``net_tx_bytes``, ``pids``, ``scratch_bytes``, ``sampled_at``.
+Kernel sample keys (PROTOCOL.md ``GetKernelStats``) are ``SAMPLE_KEYS`` of
+``bai_agent.protocol.samples``, which says the unit of each.
 """
 
 from __future__ import annotations
@@ -26,25 +24,21 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from bai_agent.protocol import samples
+from bai_agent.protocol.samples import SAMPLE_KEYS
 from bai_agent.stats.scratch import ScratchSizer
 
 log = Logger()
 
-SAMPLE_KEYS = (
-    "cpu_used_ms",
-    "cpu_util",
-    "mem_bytes",
-    "mem_max_bytes",
-    "io_read_bytes",
-    "io_write_bytes",
-    "net_rx_bytes",
-    "net_tx_bytes",
-    "pids",
-    "scratch_bytes",
-    "sampled_at",
+# What a sample copies from the cgroup reading as it is.
+_COUNTERS = (
+    samples.MEM_BYTES,
+    samples.IO_READ_BYTES,
+    samples.IO_WRITE_BYTES,
+    samples.NET_RX_BYTES,
+    samples.NET_TX_BYTES,
+    samples.PIDS,
 )
-
-_COUNTERS = ("mem_bytes", "io_read_bytes", "io_write_bytes", "net_rx_bytes", "net_tx_bytes", "pids")
 
 
 def empty_sample(sampled_at: float) -> dict:

@@ -16,9 +16,13 @@ Keys and values are base64 in the gateway's JSON; lease ids are int64 and travel
 numbers (the gateway answers them as strings).
 """
 
-import json
+from __future__ import annotations
 
-import attr
+import json
+from collections.abc import Callable, Generator
+from typing import Any
+
+import attrs
 import txaioetcd
 from treq.client import HTTPClient
 from twisted.internet import error as internet_error
@@ -32,19 +36,20 @@ from twisted.internet.defer import (
 from twisted.internet.defer import (
     TimeoutError as DeferredTimeoutError,
 )
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
-    RequestNotSent,
     RequestTransmissionFailed,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from bai_agent.etcd.interface import (
@@ -53,7 +58,11 @@ from bai_agent.etcd.interface import (
     IEtcd,
     IWatch,
     LeaseNotFound,
+    WatchCallback,
 )
+
+# A gateway's answer: a JSON object.
+Document = dict[str, Any]
 
 GATEWAY_PREFIXES = ("/v3", "/v3beta", "/v3alpha")
 TXAIOETCD_PREFIX = "/v3alpha"
@@ -90,25 +99,30 @@ _TRANSPORT_FAILURES = (
 class _BytesProducer:
     """A request body already in memory (treq's default goes through the global cooperator)."""
 
-    def __init__(self, body):
+    def __init__(self, body: bytes) -> None:
         self._body = body
         self.length = len(body)
 
-    def startProducing(self, consumer):
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self._body)
         return succeed(None)
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         pass
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         pass
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         pass
 
 
-def _gateway_error(document, where):
+def _failure(error: BaseException) -> Failure:
+    """``Failure(error)``, typed."""
+    return Failure(error)  # type: ignore[no-untyped-call]
+
+
+def _gateway_error(document: Document, where: str) -> EtcdError:
     """The ``EtcdError`` for a gateway error document (``{"error":..., "code":...}``)."""
     problem = document.get("error")
     code = document.get("code")
@@ -124,50 +138,58 @@ def _gateway_error(document, where):
     return EtcdError(f"{where}: {message} (code {code})")
 
 
-def _as_etcd_error(failure, where):
+def _as_etcd_error(failure: Failure, where: str) -> Failure:
     """Let EtcdError and caller cancellation through; wrap anything else."""
-    if failure.check(EtcdError, CancelledError):
+    if isinstance(failure.value, (EtcdError, CancelledError)):
         return failure
-    return Failure(EtcdError(f"{where}: unexpected {failure.type.__name__}: {failure.getErrorMessage()}"))
+    kind = type(failure.value).__name__
+    return _failure(EtcdError(f"{where}: unexpected {kind}: {failure.getErrorMessage()}"))
 
 
-def _describe(failure):
+def _describe(failure: Failure) -> str:
     """A short reason for a transport failure (ResponseFailed carries a list of them)."""
     reasons = getattr(failure.value, "reasons", None)
     if reasons:
         return "; ".join(_describe(reason) for reason in reasons)
-    return failure.getErrorMessage() or failure.type.__name__
+    return failure.getErrorMessage() or type(failure.value).__name__
 
 
-def _check_bytes(name, value):
+def _check_bytes(name: str, value: object) -> None:
     # A str key is a programming error, not an etcd condition: say so at once.
     if not isinstance(value, bytes):
         raise TypeError(f"{name} must be bytes, not {type(value).__name__}")
 
 
-def _cancelled(failure):
+def _cancelled(failure: Failure) -> bool:
     """Whether a failure comes from a cancellation (the agent wraps it in others)."""
-    if failure.check(CancelledError, internet_error.ConnectingCancelledError):
+    if isinstance(failure.value, (CancelledError, internet_error.ConnectingCancelledError)):
         return True
     return any(_cancelled(reason) for reason in getattr(failure.value, "reasons", None) or ())
 
 
-def _value(kv_value):
+def _value(kv_value: bytes | None) -> bytes:
     # The gateway leaves out empty fields: an empty value arrives as no value.
     return kv_value if kv_value is not None else b""
 
 
-class _GatewayClient(txaioetcd.Client):
+class _GatewayClient(txaioetcd.Client):  # type: ignore[misc]
     """
     txaioetcd's client with its HTTP posts routed through ``TxEtcd``: the right gateway
     prefix, the injected reactor, error documents turned into ``EtcdError``.
     """
 
-    def __init__(self, reactor, url, pool, timeout, post):
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        url: str,
+        pool: HTTPConnectionPool,
+        timeout: float,
+        post: Callable[[str, Any], Deferred[Document]],
+    ) -> None:
         txaioetcd.Client.__init__(self, reactor, url=url, pool=pool, timeout=timeout)
         self._gateway_post = post
 
-    def _post(self, url, data, timeout):
+    def _post(self, url: str | bytes, data: Any, timeout: float) -> Deferred[Document]:
         text = url.decode("utf-8") if isinstance(url, bytes) else url
         base, found, path = text.partition(TXAIOETCD_PREFIX + "/")
         if not found:
@@ -175,10 +197,10 @@ class _GatewayClient(txaioetcd.Client):
         return self._gateway_post("/" + path, data)
 
 
-@attr.s(frozen=True, slots=True)
+@attrs.frozen
 class _Reply:
-    code = attr.ib(type=int)
-    body = attr.ib(type=bytes)
+    code: int
+    body: bytes
 
 
 @implementer(IEtcd)
@@ -190,33 +212,33 @@ class TxEtcd:
 
     log = Logger()
 
-    def __init__(self, reactor, url, timeout=5.0):
+    def __init__(self, reactor: Any, url: str, timeout: float = 5.0) -> None:
         self._reactor = reactor
         self._url = url.rstrip("/")
         self._timeout = timeout
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)
+        self._pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]
+        agent = Agent(reactor, connectTimeout=timeout, pool=self._pool)  # type: ignore[no-untyped-call]
         self._http = HTTPClient(agent, data_to_body_producer=_BytesProducer)
         self._client = _GatewayClient(reactor, self._url, self._pool, timeout, self._call)
-        self._prefix = None
-        self._prefix_waiters = []
-        self._watches = set()
+        self._prefix: str | None = None
+        self._prefix_waiters: list[Deferred[str]] = []
+        self._watches: set[_GatewayWatch] = set()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<TxEtcd {self._url} prefix={self._prefix}>"
 
     @property
-    def url(self):
+    def url(self) -> str:
         return self._url
 
     @property
-    def gateway_prefix(self):
+    def gateway_prefix(self) -> str | None:
         """The gateway prefix in use ("/v3" ...), or None before the first answer."""
         return self._prefix
 
     # -- HTTP plumbing ---------------------------------------------------------------
 
-    def _raw_post(self, path, body):
+    def _raw_post(self, path: str, body: Any) -> Deferred[_Reply]:
         """
         POST JSON ``body`` to ``path`` (prefix included); fire with a ``_Reply``.
 
@@ -224,43 +246,43 @@ class TxEtcd:
         ``cancel()`` stays a ``CancelledError``.
         """
         url = self._url + path
-        d = self._http.post(url, json=body, reactor=self._reactor)
+        d: Deferred[Any] = self._http.post(url, json=body, reactor=self._reactor)
         d.addCallback(lambda response: response.content().addCallback(lambda content: _Reply(response.code, content)))
-        timed_out = []
+        timed_out: list[bool] = []
 
-        def time_out():
+        def time_out() -> None:
             timed_out.append(True)
             d.cancel()
 
         timer = self._reactor.callLater(self._timeout, time_out)
 
-        def settle(result):
+        def settle(result: object) -> object:
             if timer.active():
                 timer.cancel()
             if not isinstance(result, Failure):
                 return result
             if timed_out:
-                return Failure(EtcdUnavailable(f"{url}: no answer within {self._timeout}s"))
+                return _failure(EtcdUnavailable(f"{url}: no answer within {self._timeout}s"))
             if _cancelled(result):
-                return Failure(CancelledError(f"{url} cancelled"))
-            if result.check(*_TRANSPORT_FAILURES):
-                return Failure(EtcdUnavailable(f"{url}: {_describe(result)}"))
+                return _failure(CancelledError(f"{url} cancelled"))
+            if isinstance(result.value, _TRANSPORT_FAILURES):
+                return _failure(EtcdUnavailable(f"{url}: {_describe(result)}"))
             return result
 
         d.addBoth(settle)
         return d
 
-    def _gateway(self):
+    def _gateway(self) -> Deferred[str]:
         """Fire with the gateway prefix, probing the server the first time."""
         if self._prefix is not None:
             return succeed(self._prefix)
-        waiter = Deferred()
+        waiter: Deferred[str] = Deferred()
         self._prefix_waiters.append(waiter)
         if len(self._prefix_waiters) == 1:
             self._probe().addBoth(self._probed)
         return waiter
 
-    def _probed(self, result):
+    def _probed(self, result: str | Failure) -> None:
         waiters, self._prefix_waiters = self._prefix_waiters, []
         for waiter in waiters:
             if isinstance(result, Failure):
@@ -269,29 +291,29 @@ class TxEtcd:
                 waiter.callback(result)
 
     @inlineCallbacks
-    def _probe(self):
+    def _probe(self) -> Generator[Deferred[Any], Any, str]:
         for prefix in GATEWAY_PREFIXES:
-            reply = yield self._raw_post(prefix + STATUS_PATH, {})
+            reply: _Reply = yield self._raw_post(prefix + STATUS_PATH, {})
             if reply.code != 404:
                 self._prefix = prefix
                 self.log.info("etcd at {url} serves its JSON gateway at {prefix}", url=self._url, prefix=prefix)
                 return prefix
         raise EtcdError("{} serves none of the gateway prefixes {}".format(self._url, ", ".join(GATEWAY_PREFIXES)))
 
-    def _call(self, path, body):
+    def _call(self, path: str, body: Any) -> Deferred[Document]:
         """POST ``body`` to gateway ``path`` ("/kv/put"); fire with the answer's document."""
 
-        def post(prefix):
+        def post(prefix: str) -> Deferred[_Reply]:
             return self._raw_post(prefix + path, body)
 
-        def decode(reply):
+        def decode(reply: _Reply) -> Document:
             try:
                 document = json.loads(reply.body.decode("utf-8"))
             except ValueError:
                 if reply.code == 404:
                     # The server moved under us (another version?): probe again next time.
                     self._prefix = None
-                raise EtcdError(f"{path}: HTTP {reply.code} with a non-JSON answer {reply.body[:200]!r}")
+                raise EtcdError(f"{path}: HTTP {reply.code} with a non-JSON answer {reply.body[:200]!r}") from None
             if not isinstance(document, dict):
                 raise EtcdError(f"{path}: unexpected answer {document!r}")
             if "error" in document:
@@ -300,93 +322,96 @@ class TxEtcd:
                 raise EtcdError(f"{path}: HTTP {reply.code} {document!r}")
             return document
 
-        d = self._gateway()
+        d: Deferred[Any] = self._gateway()
         d.addCallback(post)
         d.addCallback(decode)
         return d
 
-    def _guard(self, d, where):
+    def _guard(self, d: Deferred[Any], where: str) -> Deferred[Any]:
         return d.addErrback(_as_etcd_error, where)
 
-    def _wrap(self, where, convert, function, *args):
+    def _wrap(
+        self, where: str, convert: Callable[[Any], Any], function: Callable[..., Any], *args: Any
+    ) -> Deferred[Any]:
         """
         Run a txaioetcd call and ``convert`` its result; any failure, synchronous ones
         included, comes out as an ``EtcdError``.
         """
         try:
-            d = function(*args)
+            d: Deferred[Any] = function(*args)
         except Exception:
             d = fail()
         return self._guard(d.addCallback(convert), where)
 
-    def _lease(self, lease_id):
+    def _lease(self, lease_id: int) -> Any:
         return txaioetcd.Lease(self._client, None, 0, lease_id)
 
     # -- IEtcd -----------------------------------------------------------------------
 
-    def get(self, key):
+    def get(self, key: bytes) -> Deferred[bytes | None]:
         _check_bytes("key", key)
 
-        def first(result):
+        def first(result: Any) -> bytes | None:
             return _value(result.kvs[0].value) if result.kvs else None
 
         return self._wrap("get", first, self._client.get, key)
 
-    def get_prefix(self, prefix):
+    def get_prefix(self, prefix: bytes) -> Deferred[dict[bytes, bytes]]:
         _check_bytes("prefix", prefix)
         if prefix:
             keys = txaioetcd.KeySet(prefix, prefix=True)
         else:
             keys = txaioetcd.KeySet(b"\0", range_end=b"\0")  # every key
 
-        def as_dict(result):
+        def as_dict(result: Any) -> dict[bytes, bytes]:
             return {kv.key: _value(kv.value) for kv in result.kvs}
 
         return self._wrap("get_prefix", as_dict, self._client.get, keys)
 
-    def put(self, key, value, lease_id=None):
+    def put(self, key: bytes, value: bytes, lease_id: int | None = None) -> Deferred[None]:
         _check_bytes("key", key)
         _check_bytes("value", value)
         lease = self._lease(lease_id) if lease_id else None
         return self._wrap("put", lambda _revision: None, self._client.set, key, value, lease)
 
-    def put_if_absent(self, key, value):
+    def put_if_absent(self, key: bytes, value: bytes) -> Deferred[bytes]:
         _check_bytes("key", key)
         _check_bytes("value", value)
 
-        def transaction():
+        def transaction() -> Any:
             return txaioetcd.Transaction(
                 compare=[txaioetcd.CompCreated(key, "==", 0)],
                 success=[txaioetcd.OpSet(key, value)],
                 failure=[txaioetcd.OpGet(key)],
             )
 
-        def created(_success):
+        def created(_success: object) -> bytes:
             return value
 
-        def existing(failure):
-            failure.trap(txaioetcd.Failed)
+        def existing(failure: Failure) -> bytes | Failure:
+            if not isinstance(failure.value, txaioetcd.Failed):
+                return failure
             responses = failure.value.responses
             if not responses or not getattr(responses[0], "kvs", None):
                 raise EtcdError("put_if_absent: the key vanished during the transaction")
             return _value(responses[0].kvs[0].value)
 
         try:
-            d = self._client.submit(transaction())
+            d: Deferred[Any] = self._client.submit(transaction())
         except Exception:
             d = fail()
         d.addCallbacks(created, existing)
         return self._guard(d, "put_if_absent")
 
-    def delete(self, key):
+    def delete(self, key: bytes) -> Deferred[int]:
         _check_bytes("key", key)
         return self._wrap("delete", lambda deleted: deleted.deleted, self._client.delete, key)
 
-    def grant_lease(self, ttl):
+    def grant_lease(self, ttl: int) -> Deferred[int]:
         return self._wrap("grant_lease", lambda lease: lease.lease_id, self._client.lease, int(ttl))
 
-    def keep_alive(self, lease_id):
-        def ttl(document):
+    def keep_alive(self, lease_id: int) -> Deferred[int]:
+        def ttl(document: Document) -> int:
             result = document.get("result")
             if not isinstance(result, dict):
                 raise EtcdError(f"keep_alive: unexpected answer {document!r}")
@@ -397,17 +422,18 @@ class TxEtcd:
 
         return self._guard(self._call(KEEPALIVE_PATH, {"ID": lease_id}).addCallback(ttl), "keep_alive")
 
-    def revoke_lease(self, lease_id):
-        def gone_already(failure):
-            failure.trap(LeaseNotFound)
+    def revoke_lease(self, lease_id: int) -> Deferred[None]:
+        def gone_already(failure: Failure) -> Failure | None:
+            if not isinstance(failure.value, LeaseNotFound):
+                return failure
             return None
 
-        d = self._call(REVOKE_PATH, {"ID": lease_id})
+        d: Deferred[Any] = self._call(REVOKE_PATH, {"ID": lease_id})
         d.addCallback(lambda _: None)
         d.addErrback(gone_already)
         return self._guard(d, "revoke_lease")
 
-    def watch_prefix(self, prefix, on_change, start_revision=None):
+    def watch_prefix(self, prefix: bytes, on_change: WatchCallback, start_revision: int | None = None) -> _GatewayWatch:
         _check_bytes("prefix", prefix)
         watch = _GatewayWatch(self, prefix, on_change, start_revision)
         self._watches.add(watch)
@@ -415,32 +441,33 @@ class TxEtcd:
         watch._start()
         return watch
 
-    def _forget_watch(self, result, watch):
+    def _forget_watch(self, result: object, watch: _GatewayWatch) -> object:
         self._watches.discard(watch)
         return result
 
-    def close(self):
+    def close(self) -> Deferred[None]:
         """Cancel open watches and close pooled connections; fires when closed."""
         for watch in list(self._watches):
             watch.cancel()
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # type: ignore[no-untyped-call]
+        return closed
 
 
 class _WatchStream(Protocol):
     """Receives a watch response body and hands its bytes to the watch."""
 
-    def __init__(self, watch):
+    def __init__(self, watch: _GatewayWatch) -> None:
         self._watch = watch
 
-    def connectionMade(self):
-        if self._watch._finished:
+    def connectionMade(self) -> None:
+        if self._watch._finished and self.transport is not None:
             # Cancelled while the answer was on its way: drop the connection.
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         self._watch._received(data)
 
-    def connectionLost(self, reason=None):
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._watch._stream_ended(reason)
 
 
@@ -453,46 +480,48 @@ class _GatewayWatch:
 
     log = Logger()
 
-    def __init__(self, etcd, prefix, on_change, start_revision):
+    def __init__(self, etcd: TxEtcd, prefix: bytes, on_change: WatchCallback, start_revision: int | None) -> None:
         self._etcd = etcd
         self._prefix = prefix
         self._on_change = on_change
         self._start_revision = start_revision
-        self.started = Deferred()
-        self.done = Deferred()
-        self._pieces = []
+        self.started: Deferred[None] = Deferred()
+        self.done: Deferred[None] = Deferred()
+        self._pieces: list[bytes] = []
         self._pieces_size = 0
-        self._request = None
-        self._stream = None
+        self._request: Deferred[Any] | None = None
+        self._stream: _WatchStream | None = None
         self._finished = False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<watch {self._prefix!r} on {self._etcd.url}>"
 
-    def _create_request(self):
+    def _create_request(self) -> dict[str, Any]:
         keys = txaioetcd.KeySet(self._prefix, prefix=True) if self._prefix else txaioetcd.KeySet(b"\0", range_end=b"\0")
-        body = keys._marshal()
+        body: dict[str, Any] = keys._marshal()
         if self._start_revision is not None:
             body["start_revision"] = int(self._start_revision)
         return {"create_request": body}
 
-    def _start(self):
-        d = self._etcd._gateway()
+    def _start(self) -> None:
+        d: Deferred[Any] = self._etcd._gateway()
 
-        def post(prefix):
+        def post(prefix: str) -> Deferred[IResponse]:
             url = self._etcd.url + prefix + WATCH_PATH
-            return self._etcd._http.post(
+            posted: Deferred[Any] = self._etcd._http.post(
                 url,
                 json=self._create_request(),
                 unbuffered=True,
                 reactor=self._etcd._reactor,
                 timeout=self._etcd._timeout,
             )
+            return posted
 
-        def answered(response):
+        def answered(response: Any) -> Deferred[None] | None:
             self._request = None
             if response.code != 200 and not self._finished:
-                return response.content().addCallback(self._refused, response.code)
+                refused: Deferred[None] = response.content().addCallback(self._refused, response.code)
+                return refused
             self._stream = _WatchStream(self)
             response.deliverBody(self._stream)
             return None
@@ -502,7 +531,7 @@ class _GatewayWatch:
         d.addErrback(self._could_not_start)
         self._request = d
 
-    def _refused(self, body, code):
+    def _refused(self, body: bytes, code: int) -> None:
         try:
             document = json.loads(body.decode("utf-8"))
         except ValueError:
@@ -511,19 +540,19 @@ class _GatewayWatch:
             raise _gateway_error(document, "watch")
         raise EtcdError(f"watch: HTTP {code} {body[:200]!r}")
 
-    def _could_not_start(self, failure):
+    def _could_not_start(self, failure: Failure) -> None:
         if self._finished:
             return None
-        if failure.check(CancelledError, DeferredTimeoutError, *_TRANSPORT_FAILURES):
-            failure = Failure(EtcdUnavailable(f"watch on {self._etcd.url}: {_describe(failure)}"))
-        elif not failure.check(EtcdError):
-            failure = Failure(EtcdError(f"watch: unexpected {failure.getErrorMessage()}"))
+        if isinstance(failure.value, (CancelledError, DeferredTimeoutError, *_TRANSPORT_FAILURES)):
+            failure = _failure(EtcdUnavailable(f"watch on {self._etcd.url}: {_describe(failure)}"))
+        elif not isinstance(failure.value, EtcdError):
+            failure = _failure(EtcdError(f"watch: unexpected {failure.getErrorMessage()}"))
         self._finish(failure)
         return None
 
     # -- stream ----------------------------------------------------------------------
 
-    def _received(self, data):
+    def _received(self, data: bytes) -> None:
         # Documents end with a newline; the chunks of one may arrive in any number of
         # reads, so keep the pieces and join them once, when the newline comes.
         while data and not self._finished:
@@ -539,7 +568,7 @@ class _GatewayWatch:
             if line.strip():
                 self._document(line)
 
-    def _document(self, line):
+    def _document(self, line: bytes) -> None:
         try:
             document = json.loads(line.decode("utf-8"))
         except ValueError:
@@ -568,7 +597,7 @@ class _GatewayWatch:
                 reason += f" (compacted at revision {compacted})"
             self._abort(EtcdError(f"watch cancelled by etcd: {reason}"))
 
-    def _event(self, event):
+    def _event(self, event: dict[str, Any]) -> None:
         kv = txaioetcd.KeyValue._parse(event.get("kv", {}))
         # The gateway leaves out the default enum value: no "type" means PUT.
         value = None if event.get("type") == "DELETE" else _value(kv.value)
@@ -577,23 +606,24 @@ class _GatewayWatch:
         except Exception:
             self.log.failure("watch callback failed on {key!r}", key=kv.key)
 
-    def _stream_ended(self, reason):
+    def _stream_ended(self, reason: Failure | None) -> None:
         self._stream = None
         if self._finished:
             return
-        if reason is not None and reason.check(ResponseDone):
+        problem: EtcdError
+        if reason is not None and isinstance(reason.value, ResponseDone):
             problem = EtcdError(f"watch stream on {self._etcd.url} ended by etcd")
         else:
             problem = EtcdUnavailable(
                 "watch stream on {} lost: {}".format(self._etcd.url, _describe(reason) if reason is not None else "?")
             )
-        self._finish(Failure(problem))
+        self._finish(_failure(problem))
 
-    def _abort(self, problem):
-        self._finish(Failure(problem))
+    def _abort(self, problem: EtcdError) -> None:
+        self._finish(_failure(problem))
         self._disconnect()
 
-    def _finish(self, result):
+    def _finish(self, result: Failure | None) -> None:
         if self._finished:
             return
         self._finished = True
@@ -601,21 +631,21 @@ class _GatewayWatch:
             if isinstance(result, Failure):
                 self.started.errback(result)
             else:
-                self.started.errback(Failure(EtcdError("watch cancelled before it started")))
+                self.started.errback(_failure(EtcdError("watch cancelled before it started")))
         if isinstance(result, Failure):
             self.done.errback(result)
         else:
             self.done.callback(result)
 
-    def _disconnect(self):
+    def _disconnect(self) -> None:
         request, self._request = self._request, None
         if request is not None:
             request.cancel()
         stream = self._stream
         if stream is not None and stream.transport is not None:
-            stream.transport.stopProducing()
+            stream.transport.stopProducing()  # type: ignore[attr-defined]
 
-    def cancel(self):
+    def cancel(self) -> None:
         if self._finished:
             return
         self._finish(None)

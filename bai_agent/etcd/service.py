@@ -40,43 +40,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bai_agent.etcd.cluster_config import CONFIG_PARSERS, ClusterConfig, parse_config_value
+from bai_agent.etcd.cluster_config import ClusterConfig
 from bai_agent.etcd.interface import EtcdError, IEtcd, IWatch, LeaseNotFound
-from bai_agent.etcd.registration import FULL_RECORD_EVERY, MIN_LEASE_TTL, AgentRegistration, lease_ttl_for
-from bai_agent.etcd.secret_store import (
-    InvalidSecret,
-    RunBlocking,
-    SecretStore,
-    run_inline,
-    write_secret_cache,
-)
+from bai_agent.etcd.registration import AgentRegistration, lease_ttl_for
+from bai_agent.etcd.secret_store import RunBlocking, SecretStore, run_inline
 from bai_agent.protocol import keys
-from bai_agent.protocol.auth import is_valid_secret, read_secret_file
 from bai_agent.runtime.backoff import Backoff
 from bai_agent.runtime.inflight import InFlight
-
-__all__ = [
-    "BACKOFF_INITIAL",
-    "BACKOFF_MAX",
-    "CONFIG_PARSERS",
-    "FULL_RECORD_EVERY",
-    "MIN_LEASE_TTL",
-    "SECRET_NAME",
-    "STOP_TIMEOUT",
-    "EtcdHealth",
-    "EtcdService",
-    "InvalidSecret",
-    "is_valid_secret",
-    "lease_ttl_for",
-    "parse_config_value",
-    "read_secret_file",
-    "write_secret_cache",
-]
 
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 10.0
 STOP_TIMEOUT = 2.0
-SECRET_NAME = keys.SECRET_NAME
 
 
 class _Superseded(Exception):
@@ -89,8 +63,7 @@ def _caused_by(failure: Failure, *kinds: type[BaseException]) -> bool:
 
 
 def _describe(failure: Failure) -> str:
-    assert failure.type is not None
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}"
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
 
 
 @attrs.frozen

@@ -8,7 +8,9 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 
-from bai_agent.etcd.service import EtcdService, is_valid_secret, lease_ttl_for
+from bai_agent.etcd.registration import lease_ttl_for
+from bai_agent.etcd.service import EtcdService
+from bai_agent.protocol.auth import is_valid_secret
 from bai_agent.testing.memory_etcd import MemoryEtcd
 
 NAMESPACE = "ns"

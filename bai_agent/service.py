@@ -2,47 +2,83 @@
 The composition root: ``build_agent_service`` makes the one ``MultiService`` named
 ``bai-agent`` with its named children, started in this order and stopped in reverse:
 ``docker``, ``etcd``, ``kernels``, ``stats``, ``amp``, ``status``.
+
+Every part is built once, complete, in dependency order, and each consumer is given the
+narrow thing it uses: the AMP responders an ``AmpContext`` (the kernels as
+``IKernelOperations``), the page ``StatusSources`` (the kernels as ``IKernelView``), the
+etcd registration the ``AgentReport``'s record. The backends (Docker, etcd, runners, disk
+threads, cgroups, scratch volumes, the machine's GPUs and capacity) are made outside, by
+``tap.make_backends`` for a real agent and by tests with fakes. Nothing here touches the
+machine: the backends' makers probe it and create directories.
 """
 
 import os
+from typing import Any, Callable, Optional
 
-from twisted.application.internet import StreamServerEndpointService, TimerService
+import attrs
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
-from bai_agent.agent import AgentState
-from bai_agent.config import ensure_private_dir
-from bai_agent.docker.engine import DockerEngineClient
+import bai_agent
+from bai_agent.config import AgentConfig
 from bai_agent.docker.service import DockerService
 from bai_agent.etcd.service import EtcdService
-from bai_agent.etcd.txetcd import TxEtcd
+from bai_agent.health import AgentHealth
 from bai_agent.kernels.allocator import Allocator
-from bai_agent.kernels.gpus import discover_gpus
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
-from bai_agent.kernels.runner_link import connect_runner as default_connect_runner
-from bai_agent.node import scratch
-from bai_agent.resources import detect_capacity
-from bai_agent.rpc.server import AgentAMPFactory
+from bai_agent.report import AgentReport, agent_info
+from bai_agent.rpc.server import AgentAMPFactory, AmpContext
 from bai_agent.runner import RUNNER_DIR
-from bai_agent.stats.cgroups import CgroupReader
+from bai_agent.runtime.periodic import PeriodicService
 from bai_agent.stats.collector import StatsCollector
 from bai_agent.stats.gpu import GpuStats
 from bai_agent.stats.node import NodeStats
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
 from bai_agent.status.site import StatusSite
-from bai_agent.stopping import GracefulStop
+from bai_agent.status.sources import StatusSources
+from bai_agent.stopping import GracefulStop, StopFlag
 
 log = Logger()
 
+# The event journal's file in the state dir.
+EVENT_JOURNAL_NAME = "events.jsonl"
 # Seconds between two statistics rounds (kernels, node, GPUs).
 STATS_INTERVAL = 5.0
+# Seconds between two looks at etcd's and Docker's health (for the page's notes).
+HEALTH_WATCH_INTERVAL = 1.0
+
+
+@attrs.frozen
+class Backends:
+    """What the agent works through; ``tap.make_backends`` makes the real ones."""
+
+    #: An ``IDockerBackend`` (``DockerEngineClient``).
+    docker: Any
+    #: An ``IEtcd`` (``TxEtcd``).
+    etcd: Any
+    #: ``connect_runner(reactor, socket_path, ...)``: a kernel's runner link.
+    connect_runner: Callable[..., Deferred]
+    #: ``run_blocking(f, *args)``: disk work off the reactor thread.
+    run_blocking: Callable[..., Deferred]
+    #: Reads kernels' cgroups (``CgroupReader``).
+    cgroups: Any
+    #: The ``node.scratch.ScratchVolumes`` that limit kernels' homes.
+    scratch_volumes: Any
+    #: The machine's ``Capacity`` (cores, memory, GPUs, scratch disk).
+    capacity: Any
+    #: The NVIDIA devices found (``GpuDevice``), and the NVML module that found them.
+    gpus: tuple = ()
+    nvml: Any = None
+    #: The ``ThreadPool`` behind ``run_blocking``, started and stopped with the kernels.
+    thread_pool: Any = None
+    #: Clients to close once every service has stopped.
+    owned: tuple = ()
 
 
 class ListeningService(StreamServerEndpointService):
@@ -62,7 +98,7 @@ class ListeningService(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
-            raise SystemExit(f"bai-agent: cannot listen on {self.description} for {self.name}: {reason}")
+            raise SystemExit(f"bai-agent: cannot listen on {self.description} for {self.name}: {reason}") from None
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):
@@ -73,15 +109,20 @@ class ListeningService(StreamServerEndpointService):
 class AgentService(MultiService):
     """
     The ``bai-agent`` service. A stop first runs ``graceful_stop`` (see
-    ``bai_agent.stopping``), then its children stop in reverse order, then the clients the
-    composition root made for them are closed.
+    ``bai_agent.stopping``), then its children stop in reverse order, then the backends'
+    clients are closed. What it was built from stays readable (``report``, ``health``,
+    ``kernels``, ``amp``), for tests and tools that look inside a running agent.
     """
 
-    def __init__(self):
+    def __init__(self, graceful_stop: GracefulStop, backends: Backends) -> None:
         super().__init__()
-        self.owned_clients = []
-        self.thread_pools = []
-        self.graceful_stop = None
+        self.setName("bai-agent")
+        self.graceful_stop = graceful_stop
+        self.backends = backends
+        self.report: Optional[AgentReport] = None
+        self.health: Optional[AgentHealth] = None
+        self.kernels: Optional[KernelRegistry] = None
+        self.amp: Optional[AmpContext] = None
 
     def startService(self):
         try:
@@ -89,21 +130,18 @@ class AgentService(MultiService):
         except BaseException:
             # A child failed to start (a taken port raises SystemExit): the process is
             # about to exit, and must not hang on a worker thread an earlier child started.
-            for pool in self.thread_pools:
-                if pool.started:
-                    pool.stop()
+            pool = self.backends.thread_pool
+            if pool is not None and pool.started:
+                pool.stop()
             raise
 
     def stopService(self):
-        if self.graceful_stop is not None:
-            d = self.graceful_stop.run()
-            d.addErrback(lambda failure: log.failure("the graceful part of the stop failed", failure))
-        else:
-            d = succeed(None)
+        d = self.graceful_stop.run()
+        d.addErrback(lambda failure: log.failure("the graceful part of the stop failed", failure))
         d.addCallback(lambda _: MultiService.stopService(self))
 
         def close_clients(_):
-            for client in self.owned_clients:
+            for client in self.backends.owned:
                 try:
                     client.close()
                 except Exception:
@@ -112,177 +150,135 @@ class AgentService(MultiService):
         return d.addBoth(close_clients)
 
 
-def build_agent_service(
-    reactor,
-    config,
-    docker_backend=None,
-    etcd=None,
-    nvml=None,
-    connect_runner=None,
-    run_blocking=None,
-    cgroups=None,
-    scratch_volumes=None,
-) -> MultiService:
-    """
-    Build the agent from a validated ``AgentConfig``. ``docker_backend`` (an
-    ``IDockerBackend``), ``etcd`` (an ``IEtcd``), ``nvml`` (the pynvml module),
-    ``connect_runner``, ``run_blocking`` (disk work off the reactor thread),
-    ``cgroups`` (a ``CgroupReader``) and ``scratch_volumes`` (a
-    ``node.scratch.ScratchVolumes``, detected from ``config.scratch_type``) default to the
-    real ones; tests pass fakes.
-    """
-    compile_runner()
-    ensure_private_dir(config.scratch_root, "scratch root")
-    ensure_private_dir(config.state_dir, "state dir")
-    if scratch_volumes is None:
-        scratch_volumes = scratch.detect(config.scratch_root, config.scratch_type)  # ValueError: a start-up error
-    if not scratch_volumes.enforced:
-        log.warn(
-            "--scratch-type dir: kernels' homes are not limited; one kernel can fill the disk of {root}",
-            root=config.scratch_root,
-        )
-    else:
-        log.info("kernels' homes limited by {kind} on {root}", kind=scratch_volumes.kind, root=config.scratch_root)
-    gpus = discover_gpus(nvml)
-    capacity = detect_capacity(
-        config.reserved_cpu,
-        config.reserved_mem,
-        cuda_devices=len(gpus),
-        scratch=scratch.capacity_of(config.scratch_root),
-    )
-
-    top = AgentService()
-    top.setName("bai-agent")
-    if docker_backend is None:
-        docker_backend = DockerEngineClient(reactor, config.docker_host)
-    if etcd is None:
-        etcd = TxEtcd(reactor, config.etcd_url)
-        top.owned_clients.append(etcd)
-
-    docker = DockerService(reactor, docker_backend)
-    docker.setName("docker")
-    docker.setServiceParent(top)
-
+def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -> AgentService:
+    """Build the agent from a validated ``AgentConfig`` and its ``Backends``."""
+    stopping = StopFlag()
     metrics = AgentMetrics()
-    state = AgentState(config, reactor, docker, capacity, metrics)
-    metrics.attach(state)
-    top.agent_state = state
 
-    etcd_service = EtcdService(
-        reactor,
-        etcd,
-        config.namespace,
-        config.agent_id,
-        state.record,
-        heartbeat_interval=config.heartbeat_interval,
-        secret_file=config.secret_file,
-        secret_cache_path=config.secret_cache_path,
-    )
-    etcd_service.setName("etcd")
-    etcd_service.setServiceParent(top)
-    state.etcd = etcd_service
-
-    allocator = Allocator(capacity, gpus)
-    journal = EventJournal(os.path.join(config.state_dir, "events.jsonl"), reactor)
-    disk_pool = ThreadPool(minthreads=0, maxthreads=4, name="bai-agent-disk")
-    if run_blocking is None:
-        top.thread_pools.append(disk_pool)
+    docker = DockerService(reactor, backends.docker)
+    journal = EventJournal(os.path.join(config.state_dir, EVENT_JOURNAL_NAME), reactor)
+    allocator = Allocator(backends.capacity, list(backends.gpus))
+    # The etcd service is built after the report whose record it writes, and the kernels
+    # read the cluster's tunables from it: they ask for them when they need them.
     kernels = KernelRegistry(
         reactor,
         config,
         docker,
-        docker_backend,
+        backends.docker,
         allocator,
         journal,
-        connect_runner=connect_runner or default_connect_runner,
-        run_blocking=run_blocking or (lambda f, *args: deferToThreadPool(reactor, disk_pool, f, *args)),
+        connect_runner=backends.connect_runner,
+        run_blocking=backends.run_blocking,
         runner_dir=RUNNER_DIR,
-        cluster_config=lambda: etcd_service.cluster_config,
-        thread_pool=None if run_blocking else disk_pool,
-        scratch_volumes=scratch_volumes,
+        cluster_config=lambda: etcd.cluster_config,
+        thread_pool=backends.thread_pool,
+        scratch_volumes=backends.scratch_volumes,
     )
-    kernels.setName("kernels")
-    kernels.setServiceParent(top)
-    state.kernels = kernels
-    state.journal = journal
-
-    if gpus and nvml is None:
-        import pynvml as nvml  # discovery found devices, so it imports
     stats = StatsCollector(
         reactor,
-        cgroups or CgroupReader(),
+        backends.cgroups,
         kernels.stats_targets,
-        run_blocking=kernels.run_blocking,
+        run_blocking=backends.run_blocking,
         node=NodeStats(config.scratch_root),
-        gpus=GpuStats(nvml, gpus) if gpus else None,
+        gpus=GpuStats(backends.nvml, list(backends.gpus)) if backends.gpus else None,
         interval=STATS_INTERVAL,
     )
-    stats.setName("stats")
-    stats.setServiceParent(top)
-    kernels.stats = state.stats = stats
+    kernels.stats = stats
+    report = AgentReport(config, reactor, docker, kernels, stats, stopping)
+    etcd = EtcdService(
+        reactor,
+        backends.etcd,
+        config.namespace,
+        config.agent_id,
+        report.record,
+        heartbeat_interval=config.heartbeat_interval,
+        secret_file=config.secret_file,
+        secret_cache_path=config.secret_cache_path,
+        run_blocking=backends.run_blocking,
+    )
+    health = AgentHealth(reactor, docker, etcd, kernels, stopping)
 
-    graceful_stop = top.graceful_stop = GracefulStop(
-        reactor, state, config.stop_grace_period, config.destroy_kernels_on_stop
+    def info() -> dict:
+        return agent_info(report, etcd)
+
+    amp = AmpContext(
+        clock=reactor,
+        agent_id=config.agent_id,
+        version=bai_agent.__version__,
+        kernels=kernels,
+        journal=journal,
+        images=docker,
+        info=info,
+        secret=lambda: etcd.secret,
+        observe_command=metrics.observe_command,
+        heartbeat_interval=lambda: etcd.heartbeat_interval,
+        stopping=stopping,
+        authentication_deadline=config.authentication_deadline,
+    )
+    amp_factory = AgentAMPFactory(amp)
+    etcd.add_secret_listener(amp_factory.secret_changed)
+    sources = StatusSources(
+        config=config,
+        clock=reactor,
+        report=report,
+        health=health,
+        info=info,
+        kernels=kernels,
+        journal=journal,
+        stats=stats,
+        etcd=etcd,
+        docker=docker,
+        connections=amp.connections,
+    )
+    metrics.report(sources)
+    graceful_stop = GracefulStop(
+        reactor,
+        stopping,
+        amp,
+        kernels,
+        etcd.refresh_now,
+        health.note,
+        config.stop_grace_period,
+        config.destroy_kernels_on_stop,
     )
 
     def amp_listening(port):
         graceful_stop.amp_port = port
-        state.amp_port = port.getHost().port
-        log.info("AMP listening on {address}", address=state.amp_address())
-        etcd_service.refresh_now()
-
-    amp_factory = AgentAMPFactory(state)
-    etcd_service.add_secret_listener(amp_factory.secret_changed)
-    amp_service = ListeningService(
-        config.amp_endpoint, serverFromString(reactor, config.amp_endpoint), amp_factory, amp_listening
-    )
-    amp_service.setName("amp")
-    amp_service.setServiceParent(top)
-
-    status = MultiService()
-    status.setName("status")
-    status.setServiceParent(top)
+        report.amp_port = port.getHost().port
+        log.info("AMP listening on {address}", address=report.amp_address())
+        etcd.refresh_now()
 
     def http_listening(port):
         address = port.getHost()
-        state.http_port = (address.host, address.port)
-        log.info("status page on {url}", url=state.status_url())
-        etcd_service.refresh_now()
+        report.http_port = (address.host, address.port)
+        log.info("status page on {url}", url=report.status_url())
+        etcd.refresh_now()
 
-    site = StatusSite(StatusPage(state).app.resource(), reactor)
+    site = StatusSite(StatusPage(sources, metrics).app.resource(), reactor)
     site.displayTracebacks = False
     site.noisy = False
-    http_service = ListeningService(
-        config.http_endpoint, serverFromString(reactor, config.http_endpoint), site, http_listening
-    )
-    http_service.setName("http")
-    http_service.setServiceParent(status)
-    health_watch = TimerService(1.0, _never_raise(state.watch_health))
-    health_watch.clock = reactor
-    health_watch.setServiceParent(status)
+
+    top = AgentService(graceful_stop, backends)
+    top.report, top.health, top.kernels, top.amp = report, health, kernels, amp
+    for name, child in (
+        ("docker", docker),
+        ("etcd", etcd),
+        ("kernels", kernels),
+        ("stats", stats),
+        (
+            "amp",
+            ListeningService(
+                config.amp_endpoint, serverFromString(reactor, config.amp_endpoint), amp_factory, amp_listening
+            ),
+        ),
+    ):
+        child.setName(name)
+        child.setServiceParent(top)
+    status = MultiService()
+    status.setName("status")
+    status.setServiceParent(top)
+    http = ListeningService(config.http_endpoint, serverFromString(reactor, config.http_endpoint), site, http_listening)
+    http.setName("http")
+    http.setServiceParent(status)
+    PeriodicService(reactor, HEALTH_WATCH_INTERVAL, health.watch, what="health watch").setServiceParent(status)
     return top
-
-
-def compile_runner():
-    """
-    Write the runner's bytecode next to it, once, before the reactor runs: the runner
-    directory is mounted read-only into kernels, and without a cache each kernel's Python
-    would compile the runner again at start. A read-only install (bytecode written at
-    install time, or not writable) is fine as it is.
-    """
-    import compileall
-
-    try:
-        compileall.compile_dir(RUNNER_DIR, quiet=2, workers=1)
-    except OSError as e:
-        log.info("runner bytecode not written: {error}", error=e)
-
-
-def _never_raise(function):
-    def call():
-        try:
-            function()
-        except Exception:
-            log.failure("periodic {name} failed", name=function.__name__)
-
-    return call

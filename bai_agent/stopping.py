@@ -14,7 +14,7 @@ The first phase of a graceful stop (SIGTERM), before the services stop in revers
 Then ``etcd`` revokes the lease as it stops, so the record disappears at once.
 """
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -26,45 +26,61 @@ DELIVERY_POLL = 0.02
 DESTROY_TIMEOUT = 60.0
 
 
+class StopFlag:
+    """Raised once, when a graceful stop begins; the AMP server, the record and the health read it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
 class GracefulStop:
+    """
+    :param sessions: the AMP server factory (``connections``, ``commands_in_flight``).
+    :param kernels: the ``KernelRegistry`` (``running``, ``destroy_all``, ``announce_stopping``).
+    :param refresh_record: rewrites the etcd record now (it then says ``stopping``).
+    :param note: tells the status page.
+    """
+
     log = Logger()
 
-    def __init__(self, clock, state, grace_period, destroy_kernels):
+    def __init__(
+        self, clock, stopping: StopFlag, sessions, kernels, refresh_record, note, grace_period, destroy_kernels
+    ):
         self.clock = clock
-        self.state = state
+        self.stopping = stopping
+        self.sessions = sessions
+        self.kernels = kernels
+        self.refresh_record = refresh_record
+        self.note = note
         self.grace_period = grace_period
         self.destroy_kernels = destroy_kernels
         self.amp_port = None  # the listening port, once there is one
 
     @inlineCallbacks
     def run(self):
-        state = self.state
-        if state.stopping:
+        if self.stopping.requested:
             return
-        state.stopping = True
+        self.stopping.requested = True
+        in_flight = self.sessions.commands_in_flight
         deadline = self.clock.seconds() + self.grace_period
         self.log.info(
             "stopping: no new commands; {count} in flight get {grace:g} s to finish",
-            count=len(state.commands_in_flight),
+            count=len(in_flight),
             grace=self.grace_period,
         )
-        state.note("stopping")
+        self.note("stopping")
         if self.amp_port is not None:
             yield maybeDeferred(self.amp_port.stopListening)
-        if state.etcd is not None:
-            state.etcd.refresh_now()  # the record says "stopping" while we finish
-        pending = list(state.commands_in_flight)
-        if pending:
-            finished = yield within(
-                self.clock, DeferredList(pending, consumeErrors=True), deadline - self.clock.seconds()
-            )
+        self.refresh_record()  # the record says "stopping" while we finish
+        if in_flight:
+            finished = yield within(self.clock, in_flight.settled(), deadline - self.clock.seconds())
             if not finished:
                 self.log.warn(
                     "{count} commands still in flight after the grace period; their connections close",
-                    count=len(state.commands_in_flight),
+                    count=len(in_flight),
                 )
-        kernels = state.kernels
-        if kernels is not None and kernels.running:
+        kernels = self.kernels
+        if kernels.running:
             if self.destroy_kernels:
                 self.log.info("destroying {count} kernels (--destroy-kernels-on-stop)", count=kernels.count())
                 done = yield within(self.clock, kernels.destroy_all("agent-stopping"), DESTROY_TIMEOUT)
@@ -76,7 +92,7 @@ class GracefulStop:
                 self.log.warn(
                     "not every subscribed manager acknowledged the last events; they get them on their next Subscribe"
                 )
-        for connection in list(state.connections):
+        for connection in list(self.sessions.connections):
             if connection.transport is not None:
                 connection.transport.loseConnection()
 
@@ -85,7 +101,7 @@ class GracefulStop:
         """``True`` once every subscribed manager acknowledged every event; ``False`` after ``seconds``."""
         deadline = self.clock.seconds() + seconds
         while True:
-            feeds = [connection.feed for connection in self.state.connections if connection.feed is not None]
+            feeds = [connection.feed for connection in self.sessions.connections if connection.feed is not None]
             if all(feed.caught_up for feed in feeds):
                 return True
             if self.clock.seconds() >= deadline:

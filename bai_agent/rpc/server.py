@@ -16,13 +16,17 @@ dropped connections) are rate-limited (``bai_agent.runtime.lograte``).
 """
 
 import time
+from typing import Any, Callable, Optional
 
+import attrs
 from twisted.internet.defer import fail, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from bai_agent.kernels.interface import IKernelOperations
 from bai_agent.protocol import commands, errors
 from bai_agent.protocol.auth import new_nonce, verify_mac
 from bai_agent.rpc.events import EventFeed
@@ -33,6 +37,7 @@ from bai_agent.rpc.limits import (
     BoundedBoxReceiver,
     WaitingRoom,
 )
+from bai_agent.runtime.inflight import InFlight
 from bai_agent.runtime.lograte import LogRate
 
 MAX_FAILED_AUTHENTICATIONS = 3
@@ -46,9 +51,37 @@ ALLOWED_WHILE_STOPPING = frozenset(
 )
 
 
-def _forget(result, pending, d):
-    pending.discard(d)
-    return result
+@attrs.frozen
+class AmpContext:
+    """
+    What the responders and connections use of the agent, each part required. Built by the
+    composition root; the connections and the commands in flight are kept here so that a
+    graceful stop (``bai_agent.stopping``) can wait for and close them.
+    """
+
+    clock: IReactorTime
+    agent_id: str
+    version: str
+    #: ``IKernelOperations``: what commands do to kernels.
+    kernels: IKernelOperations
+    #: The event journal (``last_seq``, ``since``, listeners), for ``Subscribe``.
+    journal: Any
+    #: The ``DockerService``: ``healthy``, ``last_error`` and the local ``images``.
+    images: Any
+    #: The agent record for ``GetAgentInfo``.
+    info: Callable[[], dict]
+    #: The namespace secret, or None while the agent has none.
+    secret: Callable[[], Optional[str]]
+    #: ``observe_command(name, seconds, error_code)``, for the metrics.
+    observe_command: Callable[..., None]
+    #: Seconds between the agent's pings (and a third of how long a silent manager stays).
+    heartbeat_interval: Callable[[], float]
+    #: The ``StopFlag``: once raised, new connections and commands are refused.
+    stopping: Any
+    #: Seconds a new connection has to authenticate.
+    authentication_deadline: float
+    connections: set = attrs.field(factory=set)
+    commands_in_flight: InFlight = attrs.field(factory=InFlight)
 
 
 class AgentSession:
@@ -63,12 +96,12 @@ class AgentSession:
 
 
 class AgentLocator(amp.CommandLocator):
-    """Responders for one connection; ``agent`` is the ``AgentState`` of the daemon."""
+    """Responders for one connection, over the agent's ``AmpContext``."""
 
     log = Logger()
 
-    def __init__(self, agent, session: AgentSession, protocol=None):
-        self.agent = agent
+    def __init__(self, context: AmpContext, session: AgentSession, protocol=None):
+        self.context = context
         self.session = session
         self.protocol = protocol
 
@@ -87,7 +120,7 @@ class AgentLocator(amp.CommandLocator):
             if name not in commands.UNAUTHENTICATED_COMMANDS and not self.session.authenticated:
                 result = fail(errors.NotAuthenticated("authenticate first (Hello, then Authenticate)"))
                 result = result.addErrback(self._declared, command)
-            elif self.agent.stopping and name not in ALLOWED_WHILE_STOPPING:
+            elif self.context.stopping.requested and name not in ALLOWED_WHILE_STOPPING:
                 result = fail(errors.BackendUnavailable("the agent is stopping; retry on another agent or later"))
                 result = result.addErrback(self._declared, command)
             else:
@@ -100,8 +133,7 @@ class AgentLocator(amp.CommandLocator):
                     result = maybeDeferred(responder, box).addErrback(self._undeclared, name)
             result.addBoth(self._observe, name, started)
             if not result.called:
-                self.agent.commands_in_flight.add(result)
-                result.addBoth(_forget, self.agent.commands_in_flight, result)
+                self.context.commands_in_flight.track(result)
             return result
 
         return guarded
@@ -130,7 +162,7 @@ class AgentLocator(amp.CommandLocator):
         code = None
         if isinstance(result, Failure) and result.check(amp.RemoteAmpError):
             code = result.value.errorCode
-        self.agent.metrics.observe_command(name.decode(), time.monotonic() - started, code)
+        self.context.observe_command(name.decode(), time.monotonic() - started, code)
         return result
 
     # -- session ---------------------------------------------------------------------
@@ -138,15 +170,15 @@ class AgentLocator(amp.CommandLocator):
     @commands.Hello.responder
     def hello(self):
         return {
-            "agent_id": self.agent.agent_id,
-            "version": self.agent.version,
+            "agent_id": self.context.agent_id,
+            "version": self.context.version,
             "protocol": commands.PROTOCOL_VERSION,
             "nonce": self.session.nonce,
         }
 
     @commands.Authenticate.responder
     def authenticate(self, mac):
-        secret = self.agent.secret()
+        secret = self.context.secret()
         if secret is None:
             raise errors.BackendUnavailable("the agent has no secret yet (etcd unreachable); retry later")
         if verify_mac(secret, self.session.nonce, mac):
@@ -167,13 +199,13 @@ class AgentLocator(amp.CommandLocator):
         )
         if self.session.failed_authentications >= MAX_FAILED_AUTHENTICATIONS and self.protocol:
             # Let the error answer go out first, then hang up.
-            self.agent.clock.callLater(0, self.protocol.transport.loseConnection)
+            self.context.clock.callLater(0, self.protocol.transport.loseConnection)
         raise errors.AuthFailed("the MAC does not match this namespace's secret")
 
     def _log_rate(self):
         if self.protocol is not None:
             return self.protocol.log_rate
-        return LogRate(self.agent.clock, self.log)
+        return LogRate(self.context.clock, self.log)
 
     @commands.Ping.responder
     def ping(self, payload):
@@ -183,25 +215,25 @@ class AgentLocator(amp.CommandLocator):
 
     @commands.GetAgentInfo.responder
     def get_agent_info(self):
-        return {"info": self.agent.record()}
+        return {"info": self.context.info()}
 
     @commands.ListImages.responder
     def list_images(self):
-        if not self.agent.docker.healthy:
-            raise errors.BackendUnavailable(f"Docker is unreachable: {self.agent.docker.last_error}")
-        return {"images": [image.to_json() for image in self.agent.docker.images]}
+        if not self.context.images.healthy:
+            raise errors.BackendUnavailable(f"Docker is unreachable: {self.context.images.last_error}")
+        return {"images": [image.to_json() for image in self.context.images.images]}
 
     # -- kernels ---------------------------------------------------------------------
 
     @commands.ListKernels.responder
     def list_kernels(self):
-        return {"kernels": self.agent.kernels.list_records()}
+        return {"kernels": self.context.kernels.list_records()}
 
     @commands.CreateKernel.responder
     def create_kernel(
         self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None
     ):
-        d = self.agent.kernels.create(
+        d = self.context.kernels.create(
             kernel_id,
             image,
             resources,
@@ -214,49 +246,49 @@ class AgentLocator(amp.CommandLocator):
 
     @commands.DestroyKernel.responder
     def destroy_kernel(self, kernel_id, reason=None):
-        return self.agent.kernels.destroy(kernel_id, reason or "user-requested")
+        return self.context.kernels.destroy(kernel_id, reason or "user-requested")
 
     @commands.RestartKernel.responder
     def restart_kernel(self, kernel_id):
-        return self.agent.kernels.restart(kernel_id).addCallback(lambda record: {"kernel": record})
+        return self.context.kernels.restart(kernel_id).addCallback(lambda record: {"kernel": record})
 
     @commands.Execute.responder
     def execute(self, kernel_id, mode, code, run_id=None, options=None):
-        return self.agent.kernels.session(kernel_id).execute(mode, code, run_id=run_id, options=options)
+        return self.context.kernels.session(kernel_id).execute(mode, code, run_id=run_id, options=options)
 
     @commands.InterruptKernel.responder
     def interrupt_kernel(self, kernel_id):
-        return self.agent.kernels.session(kernel_id).interrupt()
+        return self.context.kernels.session(kernel_id).interrupt()
 
     @commands.GetCompletions.responder
     def get_completions(self, kernel_id, text, options=None):
-        d = self.agent.kernels.session(kernel_id).completions(text, options)
+        d = self.context.kernels.session(kernel_id).completions(text, options)
         return d.addCallback(lambda items: {"completions": items})
 
     @commands.GetKernelStats.responder
     def get_kernel_stats(self, kernel_id):
-        return self.agent.kernels.kernel_stats(kernel_id).addCallback(lambda stats: {"stats": stats})
+        return self.context.kernels.kernel_stats(kernel_id).addCallback(lambda stats: {"stats": stats})
 
     @commands.UploadFile.responder
     def upload_file(self, kernel_id, path, data, append):
-        return self.agent.kernels.upload(kernel_id, path, data, append).addCallback(lambda size: {"size": size})
+        return self.context.kernels.upload(kernel_id, path, data, append).addCallback(lambda size: {"size": size})
 
     @commands.DownloadFile.responder
     def download_file(self, kernel_id, path, offset, length):
-        d = self.agent.kernels.download(kernel_id, path, offset, length)
+        d = self.context.kernels.download(kernel_id, path, offset, length)
         return d.addCallback(lambda result: {"data": result[0], "size": result[1], "eof": result[2]})
 
     @commands.ListFiles.responder
     def list_files(self, kernel_id, path=None):
-        return self.agent.kernels.list_files(kernel_id, path or ".").addCallback(lambda entries: {"files": entries})
+        return self.context.kernels.list_files(kernel_id, path or ".").addCallback(lambda entries: {"files": entries})
 
     @commands.GetLogs.responder
     def get_logs(self, kernel_id, tail=None):
-        return self.agent.kernels.logs(kernel_id, tail).addCallback(lambda text: {"logs": text})
+        return self.context.kernels.logs(kernel_id, tail).addCallback(lambda text: {"logs": text})
 
     @commands.Reset.responder
     def reset(self):
-        return self.agent.kernels.reset().addCallback(lambda count: {"destroyed": count})
+        return self.context.kernels.reset().addCallback(lambda count: {"destroyed": count})
 
     # -- events ----------------------------------------------------------------------
 
@@ -264,7 +296,7 @@ class AgentLocator(amp.CommandLocator):
     def subscribe(self, since):
         if since < 0:
             raise errors.InvalidRequest(f"since must be 0 or a seq, got {since}")
-        last_seq = self.agent.journal.last_seq
+        last_seq = self.context.journal.last_seq
         if since > last_seq:
             # A seq this agent never gave: following it would skip every event up to it.
             raise errors.InvalidRequest(f"since {since} is after the last event seq {last_seq} of this agent")
@@ -290,12 +322,12 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
 
     log = Logger()
 
-    def __init__(self, agent, session: AgentSession, waiting: WaitingRoom, log_rate: LogRate):
-        self.agent = agent
+    def __init__(self, context: AmpContext, session: AgentSession, waiting: WaitingRoom, log_rate: LogRate):
+        self.context = context
         self.session = session
         self.waiting = waiting
         self.log_rate = log_rate
-        super().__init__(locator=AgentLocator(agent, session, self))
+        super().__init__(locator=AgentLocator(context, session, self))
         self._ping_call = None
         self._silence_call = None
         self._deadline_call = None
@@ -311,11 +343,11 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
 
     def connectionMade(self):
         super().connectionMade()
-        self.agent.connections.add(self)
+        self.context.connections.add(self)
         self._heard()
         self._schedule_ping()
-        deadline = self.agent.config.authentication_deadline
-        self._deadline_call = self.agent.clock.callLater(deadline, self._authentication_overdue)
+        deadline = self.context.authentication_deadline
+        self._deadline_call = self.context.clock.callLater(deadline, self._authentication_overdue)
         for oldest in self.waiting.enter(self):
             oldest.evict()
 
@@ -349,7 +381,7 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
             LogLevel.info,
             "closing connection from {peer}: it did not authenticate within {deadline:g} s",
             peer=self.session.peer,
-            deadline=self.agent.config.authentication_deadline,
+            deadline=self.context.authentication_deadline,
         )
         self.transport.abortConnection()
 
@@ -373,25 +405,25 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
         self.log.info("closing the session of manager {peer}: {why}", peer=self.session.peer, why=why)
         self.transport.loseConnection()
         if self._hang_up_call is None:
-            self._hang_up_call = self.agent.clock.callLater(HANG_UP_GRACE, self.transport.abortConnection)
+            self._hang_up_call = self.context.clock.callLater(HANG_UP_GRACE, self.transport.abortConnection)
 
     def subscribe(self, since: int) -> int:
         """Start (or restart) the event feed of this connection after ``since``."""
         if self.feed is not None:
             self.feed.stop()
         self.feed = None
-        feed = EventFeed(self.agent.journal, self, since)
+        feed = EventFeed(self.context.journal, self, since)
         last_seq = feed.start()  # EventsExpired escapes to the responder
         self.feed = feed
         # The answer goes out first; the replay follows it.
-        self.agent.clock.callLater(0, feed.resume)
+        self.context.clock.callLater(0, feed.resume)
         return last_seq
 
     def connectionLost(self, reason):
         if self.feed is not None:
             self.feed.stop()
             self.feed = None
-        self.agent.connections.discard(self)
+        self.context.connections.discard(self)
         self.waiting.leave(self)
         for call in (self._ping_call, self._silence_call, self._deadline_call, self._hang_up_call):
             if call is not None and call.active():
@@ -432,11 +464,11 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
         super().unhandledError(failure)
 
     def _heard(self):
-        timeout = 3 * self.agent.heartbeat_interval()
+        timeout = 3 * self.context.heartbeat_interval()
         if self._silence_call is not None and self._silence_call.active():
             self._silence_call.reset(timeout)
         else:
-            self._silence_call = self.agent.clock.callLater(timeout, self._silent)
+            self._silence_call = self.context.clock.callLater(timeout, self._silent)
 
     def _silent(self):
         self.log_rate.emit(
@@ -447,7 +479,7 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
         self.transport.abortConnection()
 
     def _schedule_ping(self):
-        self._ping_call = self.agent.clock.callLater(self.agent.heartbeat_interval(), self._ping)
+        self._ping_call = self.context.clock.callLater(self.context.heartbeat_interval(), self._ping)
 
     def _ping(self):
         self._ping_call = None
@@ -465,19 +497,19 @@ class AgentAMPFactory(Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, agent, max_waiting: int = MAX_WAITING_CONNECTIONS):
-        self.agent = agent
+    def __init__(self, context: AmpContext, max_waiting: int = MAX_WAITING_CONNECTIONS):
+        self.context = context
         self.waiting = WaitingRoom(max_waiting)
-        self.log_rate = LogRate(agent.clock, AgentAMP.log)
+        self.log_rate = LogRate(context.clock, AgentAMP.log)
 
     def stopFactory(self):
         self.log_rate.stop()  # say what was suppressed, now rather than never
 
     def buildProtocol(self, addr):
-        if self.agent.stopping:
+        if self.context.stopping.requested:
             return None  # closes the connection: the agent is going away
         peer = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"
-        protocol = AgentAMP(self.agent, AgentSession(peer), self.waiting, self.log_rate)
+        protocol = AgentAMP(self.context, AgentSession(peer), self.waiting, self.log_rate)
         protocol.factory = self
         return protocol
 
@@ -488,7 +520,7 @@ class AgentAMPFactory(Factory):
         """
         stale = [
             connection
-            for connection in list(self.agent.connections)
+            for connection in list(self.context.connections)
             if connection.session.authenticated and connection.session.secret != secret
         ]
         if stale:

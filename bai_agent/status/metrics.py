@@ -3,7 +3,7 @@ Prometheus metrics of one agent, in a registry of its own (never the global one,
 several agents in one process, as in tests, do not collide).
 
 The agent's own work (AMP command latency and errors) is counted as it happens; everything
-else is read from ``AgentState`` at scrape time: health, allocation, the statistics of each
+else is read from the ``StatusSources`` at scrape time: health, allocation, the statistics of each
 kernel (label ``kernel_id``), of the machine and of each NVIDIA device (label ``device``, the
 NVML index), the event journal and the etcd heartbeat's delay. Names follow Prometheus
 conventions: base units (seconds, bytes), shares as ``_ratio`` (0..1; a kernel's CPU ratio
@@ -13,13 +13,14 @@ counts cores, so 2.0 is two cores busy), ``_total`` only on counters.
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
+from bai_agent.stats import readings as stats_readings
 from bai_agent.status import readings
 
 COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class AgentMetrics:
-    """Counters the agent updates as it works, plus gauges read from its state at scrape time."""
+    """Counters the agent updates as it works, plus gauges read from the ``StatusSources`` at scrape time."""
 
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -36,7 +37,6 @@ class AgentMetrics:
             ["command", "code"],
             registry=self.registry,
         )
-        self.state = None
 
     def observe_command(self, command: str, seconds: float, error_code=None):
         self.command_seconds.labels(command).observe(seconds)
@@ -44,18 +44,17 @@ class AgentMetrics:
             code = error_code.decode("ascii", "replace") if isinstance(error_code, bytes) else str(error_code)
             self.command_errors.labels(command, code).inc()
 
-    def attach(self, state):
-        """Report ``state`` (an ``AgentState``) at every scrape."""
-        self.state = state
-        self.registry.register(_StateCollector(state))
+    def report(self, sources) -> None:
+        """Read ``sources`` (``StatusSources``) at every scrape, beside the counters; once."""
+        self.registry.register(_SourcesCollector(sources))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _StateCollector:
-    def __init__(self, state):
-        self.state = state
+class _SourcesCollector:
+    def __init__(self, sources):
+        self.sources = sources
 
     def describe(self):
         return []
@@ -65,42 +64,43 @@ class _StateCollector:
         return [family for family in self._families() if family.samples]
 
     def _families(self):
-        state = self.state
+        sources = self.sources
+        report = sources.report
         info = InfoMetricFamily("bai_agent", "Identity of this agent")
         info.add_metric(
             [],
-            {"agent_id": state.agent_id, "version": state.version, "namespace": state.config.namespace},
+            {"agent_id": report.agent_id, "version": report.version, "namespace": sources.config.namespace},
         )
         yield info
-        yield _gauge("bai_agent_uptime_seconds", "Seconds since the agent started", state.uptime())
+        yield _gauge("bai_agent_uptime_seconds", "Seconds since the agent started", report.uptime())
         yield _gauge(
             "bai_agent_etcd_registered",
             "1 when the agent record is registered in etcd",
-            int(state.etcd is not None and state.etcd.registered),
+            int(bool(sources.etcd.registered)),
         )
-        yield _gauge("bai_agent_docker_healthy", "1 when the Docker daemon answers", int(state.docker.healthy))
-        yield _gauge("bai_agent_healthy", "1 when /healthz answers 200", int(not state.problems()))
-        yield _gauge("bai_agent_amp_connections", "Open manager connections", len(state.connections))
-        yield _gauge("bai_agent_kernel_images", "Local kernel images", len(state.docker.images))
-        yield _gauge("bai_agent_kernels", "Kernels on this agent", state.kernel_count())
+        yield _gauge("bai_agent_docker_healthy", "1 when the Docker daemon answers", int(sources.docker.healthy))
+        yield _gauge("bai_agent_healthy", "1 when /healthz answers 200", int(not sources.health.problems()))
+        yield _gauge("bai_agent_amp_connections", "Open manager connections", len(sources.connections))
+        yield _gauge("bai_agent_kernel_images", "Local kernel images", len(sources.docker.images))
+        yield _gauge("bai_agent_kernels", "Kernels on this agent", sources.kernels.count())
         capacity = GaugeMetricFamily("bai_agent_resource_capacity", "Capacity by resource slot", labels=["slot"])
         used = GaugeMetricFamily("bai_agent_resource_used", "Allocated amount by resource slot", labels=["slot"])
-        for slot, amounts in state.resources().items():
+        for slot, amounts in report.resources().items():
             capacity.add_metric([slot], amounts["capacity"])
             used.add_metric([slot], amounts["used"])
         yield capacity
         yield used
-        yield from _agent_metrics(state)
-        records = state.kernels.records() if state.kernels is not None else []
-        yield from _kernel_metrics(records, readings.kernel_samples(state))
-        node = readings.node_sample(state)
+        yield from _agent_metrics(sources)
+        records = sources.kernels.records()
+        yield from _kernel_metrics(records, stats_readings.kernel_samples(sources.stats))
+        node = stats_readings.node_sample(sources.stats)
         if node is not None:
             yield from _node_metrics(node)
             yield from _gpu_metrics(node["gpus"], records)
 
 
-def _agent_metrics(state):
-    last_delay, largest_delay = readings.heartbeat_delays(state)
+def _agent_metrics(sources):
+    last_delay, largest_delay = readings.heartbeat_delays(sources.etcd)
     yield _gauge(
         "bai_agent_heartbeat_delay_seconds",
         "How late the last etcd heartbeat ran against its schedule",
@@ -111,16 +111,16 @@ def _agent_metrics(state):
         "The largest etcd heartbeat delay since the agent started",
         largest_delay,
     )
-    if state.etcd is not None and readings.number(state.etcd.last_heartbeat_at) is not None:
+    if stats_readings.number(sources.etcd.last_heartbeat_at) is not None:
         yield _gauge(
             "bai_agent_heartbeat_last_timestamp_seconds",
             "When the last etcd heartbeat was written (unix time)",
-            state.etcd.last_heartbeat_at,
+            sources.etcd.last_heartbeat_at,
         )
-    entries, last_seq = readings.journal_size(state)
+    entries, last_seq = readings.journal_size(sources.journal)
     yield _gauge("bai_agent_events_journal_entries", "Events kept in the event journal", entries)
     yield _gauge("bai_agent_events_last_seq", "Sequence number of the last event in the journal", last_seq)
-    seconds = readings.sample_seconds(state)
+    seconds = stats_readings.sample_seconds(sources.stats)
     if seconds is not None:
         yield _gauge(
             "bai_agent_stats_sample_seconds",

@@ -18,43 +18,51 @@ from klein import Klein
 from twisted.logger import Logger
 from werkzeug.exceptions import HTTPException
 
+from bai_agent.protocol.events import KERNEL_TERMINATED
+from bai_agent.stats import readings as stats_readings
 from bai_agent.status import readings
+from bai_agent.status.metrics import AgentMetrics
+from bai_agent.status.sources import StatusSources
 from bai_agent.status.assets import REFRESH_SECONDS, SCRIPT, STYLE
 
 log = Logger()
 
 
 class StatusPage:
+    """The routes, over ``StatusSources``; ``metrics`` renders ``/metrics``."""
+
     app = Klein()
 
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, sources: StatusSources, metrics: AgentMetrics):
+        self.sources = sources
+        self.metrics_page = metrics
 
     def snapshot(self) -> dict:
-        state = self.state
-        etcd = state.etcd
-        docker = state.docker
-        heartbeat_delay, heartbeat_delay_max = readings.heartbeat_delays(state)
-        journal_entries, journal_last_seq = readings.journal_size(state)
-        kernels = state.kernels.records() if state.kernels is not None else []
-        node = readings.node_sample(state)
+        sources = self.sources
+        etcd = sources.etcd
+        docker = sources.docker
+        heartbeat_delay, heartbeat_delay_max = readings.heartbeat_delays(etcd)
+        journal_entries, journal_last_seq = readings.journal_size(sources.journal)
+        kernels = sources.kernels.records()
+        node = stats_readings.node_sample(sources.stats)
+        problems = sources.health.problems()
         return {
-            "agent": state.record(),
-            "healthy": not state.problems(),
-            "problems": state.problems(),
-            "uptime": state.uptime(),
+            "agent": sources.info(),
+            "healthy": not problems,
+            "problems": problems,
+            "uptime": sources.report.uptime(),
             "etcd": {
-                "address": state.config.etcd_addr,
-                "namespace": state.config.namespace,
-                "registered": bool(etcd and etcd.registered),
-                "last_error": etcd.last_error if etcd else None,
-                "last_heartbeat_at": etcd.last_heartbeat_at if etcd else None,
-                "heartbeat_interval": state.heartbeat_interval(),
+                "address": sources.config.etcd_addr,
+                "namespace": sources.config.namespace,
+                "registered": bool(etcd.registered),
+                "last_error": etcd.last_error,
+                "last_heartbeat_at": etcd.last_heartbeat_at,
+                "heartbeat_interval": etcd.heartbeat_interval,
                 "heartbeat_delay": heartbeat_delay,
                 "heartbeat_delay_max": heartbeat_delay_max,
             },
             "docker": {
-                "host": state.config.docker_host,
+                "host": sources.config.docker_host,
                 "healthy": docker.healthy,
                 "last_error": docker.last_error,
                 "api_version": docker.api_version,
@@ -62,14 +70,14 @@ class StatusPage:
             },
             "images": [image.to_json() for image in docker.images],
             "kernels": kernels,
-            "now": state.clock.seconds(),
-            "connections": len(state.connections),
-            "events": recent_events(state),
+            "now": sources.clock.seconds(),
+            "connections": len(sources.connections),
+            "events": recent_events(sources.health, sources.journal),
             "journal": {"entries": journal_entries, "last_seq": journal_last_seq},
             "stats": {
                 "node": node,
-                "kernels": readings.kernel_samples(state),
-                "sample_seconds": readings.sample_seconds(state),
+                "kernels": stats_readings.kernel_samples(sources.stats),
+                "sample_seconds": stats_readings.sample_seconds(sources.stats),
             },
             "gpus": gpu_devices(node, kernels),
         }
@@ -90,7 +98,7 @@ class StatusPage:
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request):
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        problems = self.state.problems()
+        problems = self.sources.health.problems()
         if problems:
             request.setResponseCode(503)
             return ("unhealthy\n" + "".join(f"{problem}\n" for problem in problems)).encode("utf-8")
@@ -99,7 +107,7 @@ class StatusPage:
     @app.route("/metrics", methods=["GET", "HEAD"])
     def metrics(self, request):
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-        return self.state.metrics.render()
+        return self.metrics_page.render()
 
     @app.handle_errors(Exception)
     def failed(self, request, failure):
@@ -132,11 +140,11 @@ def strict_json_value(value):
     return value
 
 
-def recent_events(state) -> list:
+def recent_events(health, journal) -> list:
     """Health changes and the journal's last events, oldest first."""
-    events = [{"ts": ts, "message": message} for ts, message in state.recent_events]
-    if state.journal is not None and state.journal.last_seq:
-        tail = state.journal.since(max(0, state.journal.last_seq - RECENT_EVENTS))
+    events = [{"ts": ts, "message": message} for ts, message in health.recent_events]
+    if journal.last_seq:
+        tail = journal.since(max(0, journal.last_seq - RECENT_EVENTS))
         events += [{"ts": event.ts, "message": describe_event(event)} for event in tail]
     return sorted(events, key=lambda event: event["ts"])[-RECENT_EVENTS:]
 
@@ -145,7 +153,7 @@ def describe_event(event) -> str:
     text = f"#{event.seq} {event.type}"
     if event.kernel_id:
         text += f" {event.kernel_id}"
-    if event.type == "kernel-terminated":
+    if event.type == KERNEL_TERMINATED:
         text += f" ({event.data.get('reason')}, exit code {event.data.get('exit_code')})"
     return text
 

@@ -27,7 +27,7 @@ from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from bai_agent.protocol.client import AgentClient
-from bai_agent.status.page import StatusPage, render_html
+from bai_agent.status.page import render_html
 from tests.functional.agent_process import REPO, running_agent
 from tests.functional.test_kernels_real import IMAGE
 from tests.unit.test_status_metrics import BusyAgent
@@ -253,7 +253,7 @@ def test_operator_sees_identity_health_kernels_and_resource_bars(agent, reactor)
 @pytest_twisted.inlineCallbacks
 def test_the_script_draws_what_the_server_draws(tmp_path, reactor):
     busy = BusyAgent(tmp_path)
-    page = StatusPage(busy.state)
+    page = busy.state.status_page()
     port = reactor.listenTCP(0, Site(page.app.resource()), interface="127.0.0.1")
     try:
         url = f"http://127.0.0.1:{port.getHost().port}/"

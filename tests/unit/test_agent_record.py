@@ -2,11 +2,9 @@
 
 from twisted.internet.task import Clock
 
-from bai_agent.agent import MEASURED_MEM_STEP, AgentState
-from bai_agent.config import AgentConfig
 from bai_agent.node.capacity import Capacity
-from bai_agent.status.metrics import AgentMetrics
-from tests.unit.test_rpc_server import StubDocker
+from bai_agent.report import MEASURED_MEM_STEP
+from tests.agent_parts import AgentParts
 
 
 class StubStats:
@@ -18,10 +16,9 @@ class StubStats:
 
 
 def state(tmp_path, node=None):
-    config = AgentConfig(agent_id="a1", scratch_root=str(tmp_path), state_dir=str(tmp_path))
-    agent = AgentState(config, Clock(), StubDocker(), Capacity(4.0, 8 << 30, 2), AgentMetrics())
-    agent.stats = StubStats(node)
-    return agent
+    return AgentParts(
+        Clock(), tmp_path, agent_id="a1", capacity=Capacity(4.0, 8 << 30, 2), stats=StubStats(node)
+    ).report
 
 
 def test_without_a_sample_the_record_has_capacity_and_grants_only(tmp_path):

@@ -11,19 +11,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
 from twisted.test import iosim
 
 from bai_agent.config import AgentConfig
 from bai_agent.kernels import kernel as states
-from bai_agent.kernels.container import AGENT_ID_LABEL
 from bai_agent.protocol import commands
 from bai_agent.protocol.auth import compute_mac
+from bai_agent.protocol.labels import AGENT_ID_LABEL
 from bai_agent.rpc.limits import UNAUTHENTICATED
 from bai_agent.rpc.server import AgentAMPFactory
 from bai_agent.service import build_agent_service
+from bai_agent.tap import prepare_directories
+from bai_agent.testing.backends import fake_backends
 from bai_agent.testing.fake_docker import FakeDockerBackend
 from bai_agent.testing.fake_runner import FakeRunners
 from bai_agent.testing.memory_etcd import MemoryEtcd
@@ -67,21 +68,17 @@ class Agent:
             allowed_mount_roots=(str(root / "data"),),
             scratch_type="dir",  # homes stay plain directories in unit tests
         )
-        self.service = build_agent_service(
-            self.reactor,
-            self.config,
-            docker_backend=self.docker,
-            etcd=self.etcd,
-            run_blocking=maybeDeferred,
-            connect_runner=self.runners.connect,
+        prepare_directories(self.config)
+        backends = fake_backends(
+            self.reactor, self.config.scratch_root, docker=self.docker, etcd=self.etcd, runners=self.runners
         )
+        self.service = build_agent_service(self.reactor, self.config, backends)
         self.service.privilegedStartService()
         self.service.startService()
         self.reactor.advance(0)
-        self.state = self.service.agent_state
-        self.registry = self.state.kernels
-        self.factory = AgentAMPFactory(self.state)
-        assert self.state.secret(), "the agent has no secret: MemoryEtcd bootstrap did not run"
+        self.registry = self.service.kernels
+        self.factory = AgentAMPFactory(self.service.amp)
+        assert self.service.amp.secret(), "the agent has no secret: MemoryEtcd bootstrap did not run"
         assert self.registry.recovered
 
     def stop(self):
@@ -153,7 +150,10 @@ class Connection:
         hello = self.call({amp.COMMAND: b"Hello"})
         assert amp.ANSWER in hello, hello
         answer = self.call(
-            {amp.COMMAND: b"Authenticate", b"mac": compute_mac(self.agent.state.secret(), hello[b"nonce"]).encode()}
+            {
+                amp.COMMAND: b"Authenticate",
+                b"mac": compute_mac(self.agent.service.amp.secret(), hello[b"nonce"]).encode(),
+            }
         )
         assert amp.ANSWER in answer, answer
 

@@ -7,7 +7,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from bai_agent.protocol import errors
-from bai_agent.stopping import GracefulStop, within
+from bai_agent.runtime.inflight import InFlight
+from bai_agent.stopping import GracefulStop, StopFlag, within
 from tests.unit.test_rpc_server import Harness, authenticate, failure_type
 
 
@@ -59,9 +60,11 @@ class StubEtcd:
 
 
 class StubState:
+    """The parts a graceful stop works on: the stop flag, the AMP sessions, kernels, etcd, notes."""
+
     def __init__(self):
-        self.stopping = False
-        self.commands_in_flight = set()
+        self.stop_flag = StopFlag()
+        self.commands_in_flight = InFlight()
         self.connections = set()
         self.kernels = StubKernels()
         self.etcd = StubEtcd()
@@ -69,6 +72,10 @@ class StubState:
 
     def note(self, text):
         self.notes.append(text)
+
+    @property
+    def stopping(self):
+        return self.stop_flag.requested
 
 
 class StubPort:
@@ -85,7 +92,9 @@ def clock():
 
 
 def run(clock, state, grace=10.0, destroy=False):
-    stop = GracefulStop(clock, state, grace, destroy)
+    stop = GracefulStop(
+        clock, state.stop_flag, state, state.kernels, state.etcd.refresh_now, state.note, grace, destroy
+    )
     stop.amp_port = StubPort()
     results = []
     stop.run().addBoth(results.append)
@@ -95,7 +104,7 @@ def run(clock, state, grace=10.0, destroy=False):
 def test_stop_stops_listening_marks_stopping_and_waits_for_commands_in_flight(clock):
     state = StubState()
     command = Deferred()
-    state.commands_in_flight.add(command)
+    state.commands_in_flight.track(command)
     stop, results = run(clock, state)
     assert state.stopping and stop.amp_port.stopped
     assert state.etcd.refreshes == 1  # the record says "stopping" at once
@@ -109,7 +118,7 @@ def test_stop_stops_listening_marks_stopping_and_waits_for_commands_in_flight(cl
 def test_commands_still_running_after_the_grace_period_are_not_waited_for(clock):
     state = StubState()
     command = Deferred()
-    state.commands_in_flight.add(command)
+    state.commands_in_flight.track(command)
     connection = StubConnection()
     state.connections.add(connection)
     _, results = run(clock, state, grace=3.0)
@@ -192,11 +201,11 @@ def harness(tmp_path):
 def test_while_stopping_new_commands_are_refused_but_ping_answers(harness):
     client, _, pump = harness.connect()
     authenticate(harness, client, pump)
-    harness.state.stopping = True
+    harness.state.stopping.requested = True
     assert failure_type(harness.call(pump, client.get_agent_info())) is errors.BackendUnavailable
     assert harness.call(pump, client.ping("still there")) == "still there"
 
 
 def test_while_stopping_new_connections_are_closed(harness):
-    harness.state.stopping = True
+    harness.state.stopping.requested = True
     assert harness.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)) is None

@@ -5,7 +5,6 @@ the authentication deadline, the cap on waiting connections, secret rotation, an
 rate of the log lines a stranger can cause.
 """
 
-import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -15,9 +14,7 @@ from twisted.logger import capturedLogs
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from bai_agent.agent import AgentState
 from bai_agent.config import AgentConfig
-from bai_agent.node.capacity import Capacity
 from bai_agent.protocol.auth import compute_mac
 from bai_agent.rpc.limits import (
     AUTHENTICATED,
@@ -27,28 +24,12 @@ from bai_agent.rpc.limits import (
     UNAUTHENTICATED,
     WaitingRoom,
 )
-from bai_agent.rpc.server import HANG_UP_GRACE, AgentAMPFactory
+from bai_agent.rpc.server import HANG_UP_GRACE
 from bai_agent.runtime.lograte import BURST, PERIOD
-from bai_agent.status.metrics import AgentMetrics
+from tests.agent_parts import AgentParts, StubDocker, StubEtcd
 
 SECRET = "5e" * 32
 NEW_SECRET = "a7" * 32
-
-
-@attrs.define
-class StubDocker:
-    healthy: bool = True
-    last_error: str = None
-    images: list = attrs.Factory(list)
-
-
-@attrs.define
-class StubEtcd:
-    secret: str = SECRET
-    registered: bool = True
-    last_error: str = None
-    last_heartbeat_at: float = None
-    heartbeat_interval: float = 1000.0  # no pings or silence in the way of these tests
 
 
 class Connection:
@@ -103,11 +84,10 @@ def serialise(box: dict) -> bytes:
 class Harness:
     def __init__(self, tmp_path, max_waiting=256, **config):
         self.clock = Clock()
-        config = AgentConfig(agent_id="agent-1", scratch_root=str(tmp_path), state_dir=str(tmp_path), **config)
-        self.state = AgentState(config, self.clock, StubDocker(), Capacity(4.0, 8 << 30, 0), AgentMetrics())
-        self.state.metrics.attach(self.state)
-        self.state.etcd = StubEtcd()
-        self.factory = AgentAMPFactory(self.state, max_waiting=max_waiting)
+        # No pings or silence in the way of these tests.
+        etcd = StubEtcd(secret=SECRET, heartbeat_interval=1000.0)
+        self.state = AgentParts(self.clock, tmp_path, etcd=etcd, docker=StubDocker(images=[]), **config)
+        self.factory = self.state.amp_factory(max_waiting=max_waiting)
         self._ports = iter(range(5000, 65000))
 
     def connect(self) -> Connection:

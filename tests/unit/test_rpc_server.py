@@ -1,60 +1,23 @@
 """The AMP server: session rules, authentication, robustness against bad input."""
 
-import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test import iosim
 
-from bai_agent.agent import AgentState
-from bai_agent.config import AgentConfig
-from bai_agent.node.capacity import Capacity
 from bai_agent.protocol import commands, errors
 from bai_agent.protocol.auth import compute_mac
 from bai_agent.protocol.client import AgentClient, ManagerLocator
-from bai_agent.rpc.server import MAX_FAILED_AUTHENTICATIONS, AgentAMPFactory
-from bai_agent.status.metrics import AgentMetrics
-
-SECRET = "5e" * 32
-
-
-@attrs.define
-class StubImage:
-    name: str
-
-    def to_json(self):
-        return {"name": self.name, "id": "sha256:1", "runtime_type": "python", "labels": {}}
-
-
-@attrs.define
-class StubDocker:
-    healthy: bool = True
-    last_error: str = None
-    images: list = attrs.Factory(lambda: [StubImage("bai-kernel/python:3.11")])
-    api_version: str = "1.41"
-    daemon_version: str = "20.10"
-
-
-@attrs.define
-class StubEtcd:
-    secret: str = SECRET
-    registered: bool = True
-    last_error: str = None
-    last_heartbeat_at: float = None
-    heartbeat_interval: float = 3.0
-    heartbeat_delay: float = 0.0
-    heartbeat_delay_max: float = 0.0
+from bai_agent.rpc.server import MAX_FAILED_AUTHENTICATIONS
+from tests.agent_parts import SECRET, AgentParts, StubDocker, StubEtcd  # noqa: F401 (shared)
 
 
 class Harness:
-    def __init__(self, tmp_path):
-        self.clock = Clock()
-        config = AgentConfig(agent_id="agent-1", scratch_root=str(tmp_path), state_dir=str(tmp_path))
-        self.state = AgentState(config, self.clock, StubDocker(), Capacity(4.0, 8 << 30, 0), AgentMetrics())
-        self.state.metrics.attach(self.state)
-        self.state.etcd = StubEtcd()
-        self.factory = AgentAMPFactory(self.state)
+    def __init__(self, tmp_path, clock=None, **parts):
+        self.clock = clock if clock is not None else Clock()
+        self.state = AgentParts(self.clock, tmp_path, **parts)
+        self.factory = self.state.amp_factory()
 
     def connect(self):
         """A manager connection: (AgentClient, server protocol, pump)."""

@@ -1,15 +1,16 @@
 """The composition root, on MemoryReactorClock with the fake Docker and MemoryEtcd."""
 
 import json
+import os
 
 import pytest
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.testing import MemoryReactorClock
 
 from bai_agent.config import AgentConfig
 from bai_agent.service import build_agent_service
+from bai_agent.tap import prepare_directories
+from bai_agent.testing.backends import fake_backends
 from bai_agent.testing.fake_docker import FakeDockerBackend
-from bai_agent.testing.fake_runner import FakeRunners
 from bai_agent.testing.memory_etcd import MemoryEtcd
 
 
@@ -29,14 +30,9 @@ def parts(tmp_path):
         state_dir=str(tmp_path / "state"),
         scratch_type="dir",
     )
-    # Disk work at once: a MemoryReactor never runs what a thread pool hands back to it.
+    prepare_directories(config)
     service = build_agent_service(
-        reactor,
-        config,
-        docker_backend=docker,
-        etcd=etcd,
-        run_blocking=maybeDeferred,
-        connect_runner=FakeRunners().connect,
+        reactor, config, fake_backends(reactor, config.scratch_root, docker=docker, etcd=etcd)
     )
     yield reactor, etcd, docker, service
     if service.running:
@@ -67,7 +63,7 @@ def test_started_agent_listens_registers_and_reports_healthy(parts):
     assert stored["amp_endpoint"] == "10.1.2.3:7001"
     assert stored["status_url"].endswith(":7003/")  # MemoryReactor reports 0.0.0.0; see functional tests
     assert stored["images"] == ["bai-kernel/python:3.11"]
-    assert service.agent_state.problems() == []
+    assert service.health.problems() == []
 
 
 def test_stop_revokes_the_lease_and_leaves_no_timers(parts):
@@ -84,15 +80,12 @@ def test_stop_revokes_the_lease_and_leaves_no_timers(parts):
     assert reactor.getDelayedCalls() == []
 
 
-def test_unwritable_scratch_root_is_a_value_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    config = AgentConfig(agent_id="n", scratch_root=str(blocker / "x"), state_dir=str(tmp_path / "s"))
-    with pytest.raises(ValueError, match="cannot create scratch root"):
-        build_agent_service(
-            MemoryReactorClock(),
-            config,
-            docker_backend=FakeDockerBackend(),
-            etcd=MemoryEtcd(),
-            run_blocking=maybeDeferred,
-        )
+def test_building_the_agent_touches_no_directory(tmp_path):
+    # Creating the scratch root and the state dir is tap.prepare_directories' work, done
+    # (and reported as a usage error) before the composition root runs.
+    config = AgentConfig(agent_id="n", scratch_root=str(tmp_path / "scratch"), state_dir=str(tmp_path / "state"))
+    reactor = MemoryReactorClock()
+    backends = fake_backends(reactor, str(tmp_path))
+    service = build_agent_service(reactor, config, backends)
+    assert [child.name for child in service] == ["docker", "etcd", "kernels", "stats", "amp", "status"]
+    assert sorted(os.listdir(tmp_path)) == []

@@ -11,12 +11,15 @@ import math
 import attrs
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.task import Clock
 
-from bai_agent.kernels.allocator import Allocator, ResourceRequest
+from bai_agent.kernels.allocator import ResourceRequest
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.node.capacity import Capacity
 from bai_agent.node.gpus import GpuDevice
-from tests.unit.test_rpc_server import Harness, StubEtcd
+from tests.agent_parts import FakeKernels as BaseFakeKernels
+from tests.agent_parts import StubEtcd
+from tests.unit.test_rpc_server import Harness
 
 NOW = 1_700_000_000.0
 GIB = 1 << 30
@@ -48,14 +51,8 @@ class FakeStats:
         return self.node
 
 
-class FakeKernels:
-    """The registry's reading side, over a real allocator: ``records``, ``count``, ``allocator``."""
-
-    def __init__(self, capacity, gpus):
-        self.allocator = Allocator(capacity, gpus, cpu_cores=[0, 1, 2, 3])
-        self.recovered = True
-        self.taken_over = True
-        self.kernels = {}
+class FakeKernels(BaseFakeKernels):
+    """The registry's reading side, over a real allocator, with ``add``."""
 
     def add(self, kernel_id, image, cpu, mem, gpus=0, created_at=NOW, last_used=NOW, status="running"):
         grant = self.allocator.allocate(kernel_id, ResourceRequest(cpu=cpu, mem=mem, cuda_devices=gpus))
@@ -70,12 +67,6 @@ class FakeKernels:
             "idle_timeout": 0,
             "exec_timeout": 0,
         }
-
-    def records(self):
-        return sorted(self.kernels.values(), key=lambda record: record["created_at"])
-
-    def count(self):
-        return len(self.kernels)
 
 
 def kernel_sample(cpu_used_ms=0, cpu_util=0.0, mem_bytes=0, **fields):
@@ -115,19 +106,14 @@ class BusyAgent(Harness):
     """
 
     def __init__(self, tmp_path):
-        super().__init__(tmp_path)
-        state = self.state
-        self.clock.advance(NOW)
-        state.started_at = NOW - 3600
+        clock_at = NOW
         gpus = [GpuDevice(0, "GPU-aaaa", "NVIDIA H100", 80 * GIB), GpuDevice(1, "GPU-bbbb", "NVIDIA H100", 80 * GIB)]
-        state.kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus)
-        state.kernels.add(
-            "k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5
-        )
-        state.kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
-        state.stats = FakeStats()
-        state.stats.sample_seconds = 0.0042
-        state.stats.kernels = {
+        kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus, cpu_cores=[0, 1, 2, 3])
+        kernels.add("k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5)
+        kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
+        stats = FakeStats()
+        stats.sample_seconds = 0.0042
+        stats.kernels = {
             "k-train": kernel_sample(
                 cpu_used_ms=7_250_500,
                 cpu_util=150.0,
@@ -142,7 +128,7 @@ class BusyAgent(Harness):
             ),
             "k-idle": kernel_sample(cpu_used_ms=1200, cpu_util=0.0, mem_bytes=20 << 20),
         }
-        state.stats.node = node_sample(
+        stats.node = node_sample(
             gpus=[
                 {
                     "index": 0,
@@ -155,14 +141,18 @@ class BusyAgent(Harness):
                 {"index": 1, "uuid": "GPU-bbbb", "name": "NVIDIA H100", "error": "GPU is lost"},
             ]
         )
-        state.journal = EventJournal(str(tmp_path / "events.jsonl"), self.clock, fsync=False)
-        state.journal.open()
-        state.journal.append("agent-started")
-        state.journal.append("kernel-started", "k-train")
-        state.journal.append("kernel-started", "k-idle")
-        state.etcd = LateEtcd(last_heartbeat_at=NOW - 1, heartbeat_delay=0.25, heartbeat_delay_max=1.5)
-        state.metrics.observe_command("CreateKernel", 0.8)
-        state.metrics.observe_command("Execute", 0.002, b"KERNEL_NOT_FOUND")
+        clock = Clock()
+        clock.advance(clock_at)
+        journal = EventJournal(str(tmp_path / "events.jsonl"), clock, fsync=False)
+        journal.open()
+        journal.append("agent-started")
+        journal.append("kernel-started", "k-train")
+        journal.append("kernel-started", "k-idle")
+        etcd = LateEtcd(last_heartbeat_at=NOW - 1, heartbeat_delay=0.25, heartbeat_delay_max=1.5)
+        super().__init__(tmp_path, clock=clock, kernels=kernels, stats=stats, journal=journal, etcd=etcd)
+        self.state.report.started_at = NOW - 3600
+        self.state.metrics.observe_command("CreateKernel", 0.8)
+        self.state.metrics.observe_command("Execute", 0.002, b"KERNEL_NOT_FOUND")
 
     def close(self):
         self.state.journal.close()

@@ -9,7 +9,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 
-from bai_agent.status.page import StatusPage
 from tests.unit.test_rpc_server import Harness
 from tests.unit.test_status_metrics import NOW, BusyAgent, FakeStats, kernel_sample
 
@@ -27,7 +26,7 @@ def busy(tmp_path):
 
 
 def get(harness, path):
-    http = StubTreq(StatusPage(harness.state).app.resource())
+    http = StubTreq(harness.state.status_page().app.resource())
     response = resolved(http.get(f"http://agent{path}"))
     body = resolved(response.content())
     http.flush()
@@ -108,7 +107,7 @@ def test_a_failing_route_answers_500_without_a_traceback(harness):
     def broken():
         raise RuntimeError("secret internals")
 
-    harness.state.record = broken
+    harness.state.info = broken
     response, body = get(harness, "/status.json")
     assert response.code == 500
     assert b"secret internals" not in body
@@ -122,16 +121,16 @@ def test_unknown_path_is_404(harness):
 
 def test_health_changes_become_recent_events(harness):
     harness.state.docker.healthy = False
-    harness.state.watch_health()
+    harness.state.health.watch()
     # Healthy at the first look is worth telling; unhealthy is not news yet (connecting).
     assert [message for _, message in harness.state.recent_events] == ["registered in etcd"]
     harness.state.recent_events.clear()
     harness.state.etcd.registered = False
     harness.state.etcd.last_error = "timeout"
     harness.clock.advance(5)
-    harness.state.watch_health()
+    harness.state.health.watch()
     harness.state.etcd.registered = True
-    harness.state.watch_health()
+    harness.state.health.watch()
     messages = [message for _, message in harness.state.recent_events]
     assert messages == ["etcd registration lost: timeout", "registered in etcd"]
 
@@ -242,9 +241,8 @@ def test_health_shows_heartbeat_delay_journal_and_sampling(busy):
 
 
 @pytest.mark.parametrize("stats", [None, "empty"])
-def test_a_just_started_agent_renders_without_statistics(harness, stats):
-    if stats == "empty":
-        harness.state.stats = FakeStats()
+def test_a_just_started_agent_renders_without_statistics(tmp_path, stats):
+    harness = Harness(tmp_path, stats=FakeStats() if stats == "empty" else None)
     response, body = get(harness, "/")
     page = body.decode()
     assert response.code == 200

@@ -5,15 +5,19 @@ Every command declares the common errors (``INVALID_REQUEST``, ``NOT_AUTHENTICAT
 ``BACKEND_UNAVAILABLE``) through ``AgentCommand``; command-specific errors are added on top.
 """
 
-from twisted.protocols.amp import Boolean, Command, Float, Integer, String, Unicode
+from __future__ import annotations
+
+from typing import Final
+
+from twisted.protocols.amp import Command
 
 from bai_agent.protocol import errors as agent_errors
-from bai_agent.protocol.arguments import Big, BigJson, BigUnicode, Json
+from bai_agent.protocol.arguments import Big, BigJson, BigUnicode, Boolean, Float, Integer, Json, String, Unicode
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 
 
-def _errors(*extra):
+def _errors(*extra: type[agent_errors.AgentError]) -> dict[type[Exception], bytes]:
     return {error: error.code for error in agent_errors.COMMON_ERRORS + extra}
 
 
@@ -228,7 +232,7 @@ class Event(Command):
     requiresAnswer = True
 
 
-MANAGER_TO_AGENT = (
+MANAGER_TO_AGENT: tuple[type[AgentCommand], ...] = (
     Hello,
     Authenticate,
     Ping,
@@ -250,8 +254,8 @@ MANAGER_TO_AGENT = (
     Reset,
 )
 
-AGENT_TO_MANAGER = (Ping, Event)
+AGENT_TO_MANAGER: tuple[type[Command], ...] = (Ping, Event)
 
-UNAUTHENTICATED_COMMANDS = frozenset({Hello.commandName, Authenticate.commandName})
+UNAUTHENTICATED_COMMANDS: frozenset[bytes] = frozenset({Hello.commandName, Authenticate.commandName})
 
-COMMANDS_BY_NAME = {command.commandName: command for command in MANAGER_TO_AGENT}
+COMMANDS_BY_NAME: dict[bytes, type[AgentCommand]] = {command.commandName: command for command in MANAGER_TO_AGENT}

@@ -6,42 +6,114 @@ them to their codes, so a responder raises ``KernelNotFound("...")`` and the man
 ``AgentClient`` gets the same class back with the message.
 """
 
+from __future__ import annotations
+
+from typing import ClassVar
+
 
 class AgentError(Exception):
     """Base of every declared error; ``str(error)`` is the message sent on the wire."""
 
-    code = b"AGENT_ERROR"
+    code: ClassVar[bytes] = b"AGENT_ERROR"
 
 
-def _error(name, code, doc):
-    return type(name, (AgentError,), {"code": code, "__doc__": doc})
+class InvalidRequest(AgentError):
+    """A bad argument; the message says which."""
+
+    code = b"INVALID_REQUEST"
 
 
-InvalidRequest = _error("InvalidRequest", b"INVALID_REQUEST", "A bad argument; the message says which.")
-NotAuthenticated = _error("NotAuthenticated", b"NOT_AUTHENTICATED", "Authenticate first.")
-BackendUnavailable = _error("BackendUnavailable", b"BACKEND_UNAVAILABLE", "Docker or etcd is unreachable; retry later.")
-AuthFailed = _error("AuthFailed", b"AUTH_FAILED", "The MAC does not match the namespace secret.")
-KernelNotFound = _error("KernelNotFound", b"KERNEL_NOT_FOUND", "No kernel with that id.")
-KernelExists = _error("KernelExists", b"KERNEL_EXISTS", "A kernel with that id exists.")
-ImageNotFound = _error("ImageNotFound", b"IMAGE_NOT_FOUND", "No local kernel image of that name.")
-InsufficientResources = _error(
-    "InsufficientResources", b"INSUFFICIENT_RESOURCES", "The request does not fit the free capacity."
-)
-KernelCreationFailed = _error("KernelCreationFailed", b"KERNEL_CREATION_FAILED", "The kernel could not be started.")
-KernelNotRunning = _error("KernelNotRunning", b"KERNEL_NOT_RUNNING", "The kernel is not running.")
-RunConflict = _error("RunConflict", b"RUN_CONFLICT", "Another run is active on the kernel.")
-PathNotAllowed = _error("PathNotAllowed", b"PATH_NOT_ALLOWED", "The path leaves /home/work.")
-FileTooLarge = _error("FileTooLarge", b"FILE_TOO_LARGE", "The file would exceed the size cap.")
-FileNotFound = _error("FileNotFound", b"FILE_NOT_FOUND", "No such file.")
-EventsExpired = _error("EventsExpired", b"EVENTS_EXPIRED", "The requested events are older than the journal keeps.")
+class NotAuthenticated(AgentError):
+    """Authenticate first."""
 
-COMMON_ERRORS = (InvalidRequest, NotAuthenticated, BackendUnavailable)
+    code = b"NOT_AUTHENTICATED"
 
-ALL_ERRORS = (
+
+class BackendUnavailable(AgentError):
+    """Docker or etcd is unreachable; retry later."""
+
+    code = b"BACKEND_UNAVAILABLE"
+
+
+class AuthFailed(AgentError):
+    """The MAC does not match the namespace secret."""
+
+    code = b"AUTH_FAILED"
+
+
+class KernelNotFound(AgentError):
+    """No kernel with that id."""
+
+    code = b"KERNEL_NOT_FOUND"
+
+
+class KernelExists(AgentError):
+    """A kernel with that id exists."""
+
+    code = b"KERNEL_EXISTS"
+
+
+class ImageNotFound(AgentError):
+    """No local kernel image of that name."""
+
+    code = b"IMAGE_NOT_FOUND"
+
+
+class InsufficientResources(AgentError):
+    """The request does not fit the free capacity."""
+
+    code = b"INSUFFICIENT_RESOURCES"
+
+
+class KernelCreationFailed(AgentError):
+    """The kernel could not be started."""
+
+    code = b"KERNEL_CREATION_FAILED"
+
+
+class KernelNotRunning(AgentError):
+    """The kernel is not running."""
+
+    code = b"KERNEL_NOT_RUNNING"
+
+
+class RunConflict(AgentError):
+    """Another run is active on the kernel."""
+
+    code = b"RUN_CONFLICT"
+
+
+class PathNotAllowed(AgentError):
+    """The path leaves /home/work."""
+
+    code = b"PATH_NOT_ALLOWED"
+
+
+class FileTooLarge(AgentError):
+    """The file would exceed the size cap."""
+
+    code = b"FILE_TOO_LARGE"
+
+
+class FileNotFound(AgentError):
+    """No such file."""
+
+    code = b"FILE_NOT_FOUND"
+
+
+class EventsExpired(AgentError):
+    """The requested events are older than the journal keeps."""
+
+    code = b"EVENTS_EXPIRED"
+
+
+COMMON_ERRORS: tuple[type[AgentError], ...] = (InvalidRequest, NotAuthenticated, BackendUnavailable)
+
+ALL_ERRORS: tuple[type[AgentError], ...] = (
     COMMON_ERRORS
     + (AuthFailed, KernelNotFound, KernelExists, ImageNotFound, InsufficientResources)
     + (KernelCreationFailed, KernelNotRunning, RunConflict, PathNotAllowed, FileTooLarge)
     + (FileNotFound, EventsExpired)
 )
 
-ERRORS_BY_CODE = {error.code: error for error in ALL_ERRORS}
+ERRORS_BY_CODE: dict[bytes, type[AgentError]] = {error.code: error for error in ALL_ERRORS}

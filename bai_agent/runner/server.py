@@ -9,6 +9,12 @@ It listens on a UNIX socket (mode 0600, in a 0700 directory the user cannot ente
 the agent, one connection at a time: a new connection replaces the old one, and runs go
 on across the change. User code always runs as ``--uid``/``--gid``, in its own session.
 
+This module is the ``Runner``: the poll loop, the interpreter and the runs, the children
+it reaps. Beside it: ``options.py`` (the command line), ``messages.py`` (the agent's
+messages, checked and answered), ``connection.py`` (the agent's socket and the outbox),
+``interpreter.py`` (the persistent interpreter, ``query.py``), ``batch.py`` (batch runs),
+``procs.py`` (spawning user processes).
+
 Wire protocol (version 1). Frames: 4-byte big-endian length + one UTF-8 JSON object with a
 string ``type``; at most 8 MiB; a bad frame closes that connection.
 
@@ -68,6 +74,8 @@ yet completely written to the old one. Control answers (pong, completions, ...) 
 the outbox and go first.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import select
@@ -83,14 +91,13 @@ import interpreter  # noqa: E402
 import jsoncodec  # noqa: E402
 import procs  # noqa: E402
 from connection import AgentConnection, Outbox  # noqa: E402
+from messages import PROTOCOL, RUNNER_VERSION, AgentMessages  # noqa: E402
+from options import USAGE, UsageError, parse_args  # noqa: E402
 
-PROTOCOL = 1
-RUNNER_VERSION = "1.0"
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Any
 
-#: Default cap of the outbox, in bytes.
-OUTBOX_LIMIT = 4 * 1024 * 1024
-#: Input sent to the interpreter but not yet taken: beyond this, completions are refused.
-TO_CHILD_LIMIT = 16 * 1024 * 1024
 #: poll() timeout: a safety net for reaping; signals wake the loop anyway.
 POLL_MS = 2000
 
@@ -167,18 +174,21 @@ class Runner:
         self.identity = procs.Identity(options.uid, options.gid, options.home, environ)
         self.supports_query = options.runtime_type == "python"
         self.outbox = Outbox(options.outbox_limit)
-        self.conn = None
-        self.run = None
+        self._messages = AgentMessages(self)
+        # (None until there is one; the sibling modules are not visible to mypy anyway)
+        self.conn: Any = None  # the AgentConnection
+        self.run: Any = None  # the QueryRun or batch.BatchRun under way
         self.last_run_id = None
-        self.interp = None
+        self.interp: Any = None  # the interpreter.InterpreterProcess
         self._interp_error = None
-        self._children = {}  # pid -> callback(status)
-        self._completions = {}  # our request id -> (interpreter, connection, the agent's id)
+        self._children: dict = {}  # pid -> callback(status)
+        self._completions: dict = {}  # our request id -> (interpreter, connection, the agent's id)
         self._next_completion = 0
         self._seq = 0
         self._stopping = False
-        self.listener = None
-        self._wakeup_r = self._wakeup_w = None
+        self.listener: Any = None  # the listening socket, once listen() has made it
+        self._wakeup_r: Any = None  # the signal wake-up pipe, once install_signals() has made it
+        self._wakeup_w: Any = None
 
     # -- set-up and the loop -------------------------------------------------------
 
@@ -186,7 +196,7 @@ class Runner:
         path = self.options.socket
         # Bind and listen under a temporary name, then rename: the socket appears at
         # its path only once it accepts connections (and replaces a stale one).
-        temporary = "%s.%d.tmp" % (path, os.getpid())
+        temporary = f"{path}.{os.getpid()}.tmp"
         for stale in (temporary, path):
             try:
                 if stat.S_ISSOCK(os.lstat(stale).st_mode):
@@ -224,7 +234,7 @@ class Runner:
         self.install_signals()
         if self.supports_query:
             self.ensure_interpreter()
-        log("listening on %s (pid %d)" % (self.options.socket, os.getpid()))
+        log(f"listening on {self.options.socket} (pid {os.getpid()})")
         try:
             while not self._stopping:
                 self._iterate()
@@ -233,7 +243,7 @@ class Runner:
 
     def _interest(self):
         """fd -> (owner, on_read or None, on_write or None), from the state right now."""
-        interest = {
+        interest: dict = {
             self._wakeup_r: (self, self._on_wakeup, None),
             self.listener.fileno(): (self, self._on_accept, None),
         }
@@ -291,7 +301,7 @@ class Runner:
         except Exception as e:  # one fd must never take the runner down
             import traceback  # only here: start-up time matters, failures are rare
 
-            log("error handling fd %d: %s" % (fd, traceback.format_exc()))
+            log(f"error handling fd {fd}: {traceback.format_exc()}")
             if owner is not self:
                 owner.fault(e)
 
@@ -319,7 +329,7 @@ class Runner:
                 "type": "hello",
                 "protocol": PROTOCOL,
                 "runner_version": RUNNER_VERSION,
-                "python": "%d.%d.%d" % sys.version_info[:3],
+                "python": "{}.{}.{}".format(*sys.version_info[:3]),
                 "pid": os.getpid(),
                 "runtime_type": self.options.runtime_type,
                 "features": self.features(),
@@ -409,9 +419,10 @@ class Runner:
             "is_password": is_password,
             "delivered": False,
         }
-        self._announce_waiting(run)
+        self.announce_waiting(run)
 
-    def _announce_waiting(self, run):
+    def announce_waiting(self, run):
+        """Tell the agent (now, or whoever connects next) that ``run`` waits for input."""
         waiting = run.waiting
 
         def delivered():
@@ -434,6 +445,12 @@ class Runner:
             for pipe in interp.pipes:
                 pipe.drain(self.emit_output)
             self.finish_run(run, exit_code)
+
+    def request_completions(self, interp, conn, agent_id, text):
+        """Ask ``interp`` to complete ``text``; the answer goes to ``conn`` as ``agent_id``."""
+        self._next_completion += 1
+        self._completions[self._next_completion] = (interp, conn, agent_id)
+        interp.send({"type": "complete", "id": self._next_completion, "text": text})
 
     def interpreter_completions(self, interp, request_id, items):
         owner, conn, agent_id = self._completions.pop(request_id, (None, None, None))
@@ -514,128 +531,8 @@ class Runner:
     # -- messages from the agent --------------------------------------------------------
 
     def handle(self, conn, message):
-        if conn is not self.conn or conn.closed:
-            return
-        kind = message["type"]
-        if kind == "ping":
-            conn.reply({"type": "pong", "id": message.get("id")})
-            return
-        if not conn.handshaken:
-            self._handshake(conn, message)
-            return
-        handler = self._handlers.get(kind)
-        if handler is None:
-            conn.reply(error("UNKNOWN_MESSAGE", f"unknown message type {kind[:64]!r}"))
-            return
-        handler(self, conn, message)
-
-    def _handshake(self, conn, message):
-        if message["type"] != "hello":
-            conn.reply(error("PROTOCOL_ERROR", "the first message must be hello"))
-            conn.closing = True
-        elif message.get("protocol") != PROTOCOL:
-            conn.reply(
-                error(
-                    "PROTOCOL_MISMATCH",
-                    "this runner speaks protocol %d, not %r" % (PROTOCOL, message.get("protocol")),
-                )
-            )
-            conn.closing = True
-        else:
-            conn.handshaken = True
-            run = self.run
-            if run is not None and run.waiting is not None and run.waiting["delivered"]:
-                # The last connection got the question; this one must see it too.
-                self._announce_waiting(run)
-
-    def _on_hello(self, conn, message):
-        pass  # already shaken hands
-
-    def _on_execute(self, conn, message):
-        run_id, mode, code = message.get("run_id"), message.get("mode"), message.get("code", "")
-        options = message.get("options") or {}
-        if not isinstance(run_id, str) or not run_id:
-            conn.reply(error("BAD_REQUEST", "execute needs a run_id (a non-empty string)"))
-            return
-        if not isinstance(code, str) or not isinstance(options, dict):
-            conn.reply(error("BAD_REQUEST", "code must be a string and options an object", run_id))
-            return
-        if mode not in ("query", "batch"):
-            conn.reply(error("BAD_REQUEST", "mode must be query or batch", run_id))
-            return
-        if self.run is not None:
-            conn.reply(error("RUN_CONFLICT", f"run {self.run.run_id} is active", run_id))
-            return
-        if mode == "query":
-            if not self.supports_query:
-                conn.reply(
-                    error(
-                        "NOT_SUPPORTED",
-                        f"a {self.options.runtime_type} runtime runs batch only",
-                        run_id,
-                    )
-                )
-                return
-            self.start_query(run_id, code)
-        else:
-            for key in ("build", "exec"):
-                if options.get(key) is not None and not isinstance(options.get(key), str):
-                    conn.reply(error("BAD_REQUEST", f"options.{key} must be a string", run_id))
-                    return
-            self.start_batch(run_id, options, code)
-
-    def _on_input(self, conn, message):
-        run_id, data = message.get("run_id"), message.get("data", "")
-        run = self.run
-        if run is None or run.run_id != run_id or run.waiting is None:
-            conn.reply(error("NOT_WAITING_INPUT", f"run {run_id!r} is not waiting for input", run_id))
-            return
-        if not isinstance(data, str):
-            conn.reply(error("BAD_REQUEST", "input data must be a string", run_id))
-            return
-        request = run.waiting["request"]
-        run.waiting = None
-        run.interp.send({"type": "input", "request": request, "data": data})
-
-    def _on_interrupt(self, conn, message):
-        ok = self.run is not None and bool(self.run.interrupt())
-        answer = {"type": "interrupt-result", "ok": ok}
-        if "id" in message:
-            answer["id"] = message["id"]
-        conn.reply(answer)
-
-    def _on_complete(self, conn, message):
-        agent_id, text = message.get("id"), message.get("text")
-        interp = self.interp
-        if (
-            not isinstance(text, str)
-            or self.run is not None  # the interpreter is busy: do not wait for it
-            or interp is None
-            or not interp.channel_open
-            or interp.queued_to_child > TO_CHILD_LIMIT
-        ):
-            conn.reply({"type": "completions", "id": agent_id, "items": []})
-            return
-        self._next_completion += 1
-        self._completions[self._next_completion] = (interp, conn, agent_id)
-        interp.send({"type": "complete", "id": self._next_completion, "text": text[-4096:]})
-
-    def _on_cancel(self, conn, message):
-        run_id = message.get("run_id")
-        run = self.run
-        if run is None or run.run_id != run_id:
-            conn.reply(error("NO_SUCH_RUN", f"run {run_id!r} is not active", run_id))
-            return
-        run.cancel()  # "finished" (137) follows once the process is gone
-
-    _handlers = {
-        "hello": _on_hello,
-        "execute": _on_execute,
-        "input": _on_input,
-        "interrupt": _on_interrupt,
-        "complete": _on_complete,
-        "cancel": _on_cancel,
-    }
+        """A message from the agent on ``conn`` (see ``messages.AgentMessages``)."""
+        self._messages.handle(conn, message)
 
     # -- the end -------------------------------------------------------------------
 
@@ -685,17 +582,6 @@ class _PipeReader:
         return id(self.pipe)
 
 
-def error(code, message, run_id=None):
-    answer = {"type": "error", "code": code, "message": message}
-    if run_id is not None:
-        answer["run_id"] = run_id
-    return answer
-
-
-class UsageError(Exception):
-    pass
-
-
 def read_user_environ(path):
     """
     The kernel's environment for user processes, from ``path`` (a JSON object of strings
@@ -728,56 +614,6 @@ def read_user_environ(path):
         and "\0" not in name
         and "\0" not in value
     }
-
-
-#: option -> (attribute, converter, default); ``None`` default means required. A small
-#: parser instead of argparse, whose import is a quarter of the runner's start-up time.
-OPTIONS = {
-    "--socket": ("socket", str, None),
-    "--uid": ("uid", int, None),
-    "--gid": ("gid", int, None),
-    "--home": ("home", str, None),
-    "--runtime-type": ("runtime_type", str, "python"),
-    "--runtime-path": ("runtime_path", str, "/usr/bin/python3"),
-    "--outbox-limit": ("outbox_limit", int, OUTBOX_LIMIT),
-    "--environ-file": ("environ_file", str, ""),
-}
-USAGE = (
-    "usage: main.py --socket PATH --uid N --gid N --home DIR [--runtime-type python|shell] "
-    "[--runtime-path PATH] [--outbox-limit BYTES] [--environ-file PATH]"
-)
-
-
-class Options:
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-def parse_args(argv):
-    values = {attribute: default for attribute, _, default in OPTIONS.values()}
-    argv = list(argv)
-    while argv:
-        option = argv.pop(0)
-        value = None
-        if "=" in option:
-            option, value = option.split("=", 1)
-        if option not in OPTIONS:
-            raise UsageError(f"unknown option {option}")
-        if value is None:
-            if not argv:
-                raise UsageError(f"{option} needs a value")
-            value = argv.pop(0)
-        attribute, convert, _ = OPTIONS[option]
-        try:
-            values[attribute] = convert(value)
-        except ValueError:
-            raise UsageError(f"{option}: invalid value {value!r}")
-    missing = [option for option, (attribute, _, _) in OPTIONS.items() if values[attribute] is None]
-    if missing:
-        raise UsageError("missing " + ", ".join(missing))
-    if values["runtime_type"] not in ("python", "shell"):
-        raise UsageError("--runtime-type must be python or shell")
-    return Options(**values)
 
 
 def main(argv=None):

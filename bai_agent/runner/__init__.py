@@ -4,10 +4,11 @@ The in-container runner: the main process of every kernel container.
 This directory is bind-mounted read-only, alone, at ``/opt/bai/runner`` in each kernel
 container and started there by the image's own Python (3.8+), so everything in it uses
 the standard library only and imports its siblings as top-level modules (``main.py``, the
-entry point, puts its own directory on ``sys.path`` and runs ``server.py``). Kernel images may carry a *minimal* Python
-(Debian's ``python3-minimal`` has no ``json``, ``rlcompleter``, ``getpass``, ``shutil``),
-so the runner brings its own fallbacks for those (``jsoncodec.py``, the completer and
-the ``getpass`` shim in ``query.py``).
+entry point, puts its own directory on ``sys.path`` and runs ``server.py``). Kernel
+images may carry a *minimal* Python (Debian's ``python3-minimal`` has no ``json``,
+``rlcompleter``, ``getpass``, ``shutil``), so the runner brings its own fallbacks for
+those (``jsoncodec.py``, the completer in ``completion.py`` and the ``getpass`` shim in
+``query.py``).
 
 The agent imports this package only for :data:`RUNNER_DIR` and :func:`runner_command`,
 and ``framing`` (shared frame format); see ``server.py`` for the wire protocol.

@@ -36,10 +36,8 @@ import ast
 import builtins
 import codecs
 import io
-import keyword
 import linecache
 import os
-import re
 import select
 import signal
 import sys
@@ -52,10 +50,11 @@ import types
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
+import completion  # noqa: E402
 import framing  # noqa: E402
 import jsoncodec  # noqa: E402
 
-for _name in ("framing", "jsoncodec"):
+for _name in ("completion", "framing", "jsoncodec"):
     sys.modules.pop(_name, None)
 # REPL semantics: the working directory (the home), not the runner, heads sys.path.
 sys.path[:] = [p for p in sys.path if p not in (_HERE, "")]
@@ -68,8 +67,7 @@ FLUSH_DELAY = 0.01
 CHUNK = 64 * 1024
 #: Output written between runs is held up to this size; then writers (threads) block.
 LATE_LIMIT = 1024 * 1024
-#: At most this many completions are returned, and a prompt is cut at this length.
-MAX_COMPLETIONS = 1000
+#: A prompt is cut at this length.
 MAX_PROMPT = 64 * 1024
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -421,51 +419,6 @@ def _install_getpass(input_):
     module.fallback_getpass = getpass
 
 
-# -- completion -----------------------------------------------------------------------
-
-_TRAILING_NAME = re.compile(r"((?:[^\W\d]\w*\.)*)(\w*)$")
-
-
-def complete(namespace, text):
-    """
-    Completions of the dotted name at the end of ``text`` (``"print(os.pa"`` ->
-    ``["os.pardir", "os.path", "os.pathsep"]``): global names, builtins and keywords, or
-    attributes of an object reached through plain names and attributes (nothing is
-    called). Names starting with ``_`` only when the text starts them too.
-    """
-    match = _TRAILING_NAME.search(text)
-    prefix, partial = match.groups()
-    if not prefix and not partial:
-        return []
-    if prefix:
-        parts = prefix[:-1].split(".")
-        if parts[0] in namespace:
-            obj = namespace[parts[0]]
-        elif hasattr(builtins, parts[0]):
-            obj = getattr(builtins, parts[0])
-        else:
-            return []
-        for part in parts[1:]:
-            obj = getattr(obj, part)
-        names = set(dir(obj))
-        if hasattr(obj, "__class__"):
-            names.add("__class__")
-    else:
-        names = set(keyword.kwlist) | set(namespace) | set(dir(builtins))
-    if not partial:
-        hidden = "_"
-    elif partial == "_":
-        hidden = "__"
-    else:
-        hidden = None
-    items = sorted(
-        prefix + name
-        for name in names
-        if isinstance(name, str) and name.startswith(partial) and not (hidden and name.startswith(hidden))
-    )
-    return items[:MAX_COMPLETIONS]
-
-
 # -- running code -------------------------------------------------------------------------
 
 
@@ -553,7 +506,7 @@ class Interpreter:
             pass
 
     def execute(self, code, seq):
-        filename = "<input-%d>" % seq
+        filename = f"<input-{seq:d}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         # Runs start on the kernel's own streams, whatever the last one did with them.
         sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, self.stdin
@@ -590,7 +543,7 @@ class Interpreter:
         try:
             _interrupts.armed = True
             try:
-                items = complete(self.namespace, text)
+                items = completion.complete(self.namespace, text)
             finally:
                 _interrupts.armed = False
         except BaseException:  # a property that raises, an interrupt: no completions
@@ -598,7 +551,7 @@ class Interpreter:
         self.channel.send({"type": "completions", "id": request_id, "items": items})
 
     def serve(self):
-        self.channel.send({"type": "ready", "pid": os.getpid(), "python": "%d.%d.%d" % sys.version_info[:3]})
+        self.channel.send({"type": "ready", "pid": os.getpid(), "python": "{}.{}.{}".format(*sys.version_info[:3])})
         while True:
             try:
                 message = self.channel.receive()

@@ -29,7 +29,7 @@ class FrameError(ValueError):
 def encode_payload(payload, max_frame=MAX_FRAME):
     """One frame around ``payload`` (bytes)."""
     if len(payload) > max_frame:
-        raise FrameError("frame of %d bytes exceeds the limit of %d" % (len(payload), max_frame))
+        raise FrameError(f"frame of {len(payload)} bytes exceeds the limit of {max_frame}")
     return _HEADER.pack(len(payload)) + payload
 
 
@@ -45,7 +45,7 @@ def decode_message(payload):
     try:
         message = jsoncodec.loads(bytes(payload).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise FrameError(f"malformed frame: {e}")
+        raise FrameError(f"malformed frame: {e}") from e
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise FrameError("a frame must hold a JSON object with a string 'type'")
     return message
@@ -81,7 +81,7 @@ class FrameDecoder:
             while len(buffer) - self._start >= HEADER_SIZE:
                 (size,) = _HEADER.unpack_from(buffer, self._start)
                 if size > self.max_frame:
-                    raise FrameError("frame of %d bytes exceeds the limit of %d" % (size, self.max_frame))
+                    raise FrameError(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
                 end = self._start + HEADER_SIZE + size
                 if len(buffer) < end:
                     break

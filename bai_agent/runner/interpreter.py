@@ -205,7 +205,7 @@ class InterpreterProcess:
         try:
             message = framing.decode_message(payload)
         except framing.FrameError as e:
-            raise ChildProtocolError(str(e))
+            raise ChildProtocolError(str(e)) from e
         kind = message["type"]
         if kind == "ready":
             self.ready = True

@@ -111,7 +111,7 @@ _CONSTANTS = (("true", True), ("false", False), ("null", None))
 
 
 def _fail(message, pos):
-    raise ValueError("%s at char %d" % (message, pos))
+    raise ValueError(f"{message} at char {pos}")
 
 
 def _decode_string(text, pos):
@@ -223,7 +223,7 @@ if _json is not None:  # pragma: no branch
         try:
             return _json.loads(text)
         except RecursionError:
-            raise ValueError("document nested too deeply")
+            raise ValueError("document nested too deeply") from None
 
     IMPLEMENTATION = "json"
 else:  # pragma: no cover - exercised in minimal images (functional tests)

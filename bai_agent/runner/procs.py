@@ -41,8 +41,7 @@ class Identity:
         """Fail early when the runner cannot switch to this identity."""
         if os.geteuid() != 0 and (os.getuid(), os.getgid()) != (self.uid, self.gid):
             raise SpawnError(
-                "the runner runs as uid %d and cannot run user code as uid %d gid %d"
-                % (os.getuid(), self.uid, self.gid)
+                f"the runner runs as uid {os.getuid()} and cannot run user code as uid {self.uid} gid {self.gid}"
             )
 
 
@@ -83,7 +82,7 @@ def spawn(argv, identity, stdin, stdout, stderr, pass_fds=(), environ=None):
     except OSError as e:
         os.close(status_r)
         os.close(status_w)
-        raise SpawnError(f"cannot fork: {e}")
+        raise SpawnError(f"cannot fork: {e}") from e
     if pid == 0:  # pragma: no cover - the child, measured by its behaviour in tests
         try:
             os.close(status_r)
@@ -138,8 +137,8 @@ def describe_status(status):
             name = signal.Signals(signum).name
         except ValueError:
             name = "?"
-        return "signal %d (%s)" % (signum, name)
-    return "exit code %d" % exit_code(status)
+        return f"signal {signum} ({name})"
+    return f"exit code {exit_code(status)}"
 
 
 def signal_group(pgid, signum):

@@ -115,7 +115,7 @@ def within(clock, d, seconds):
     comes first. ``d`` itself is never cancelled: the work goes on, the stop just stops
     waiting for it. ``d``'s failure is consumed (logged by whoever owns it).
     """
-    result = Deferred(lambda _: timer.active() and timer.cancel())
+    result: Deferred[bool] = Deferred(lambda _: timer.active() and timer.cancel())
 
     def expire():
         if not result.called:

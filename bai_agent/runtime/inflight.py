@@ -6,7 +6,7 @@ its ``stopService`` (or a graceful stop) can wait for them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 
@@ -48,9 +48,17 @@ class InFlight:
         """
         if not self._pending:
             return succeed(None)
-        watchers = []
-        for d in list(self._pending):
-            watcher: Deferred = Deferred()
-            d.addBoth(lambda result, w=watcher: (w.callback(None), result)[1])
-            watchers.append(watcher)
+        watchers = [when_fired(d) for d in list(self._pending)]
         return DeferredList(watchers).addCallback(lambda _: None)
+
+
+def when_fired(d: Deferred[Any]) -> Deferred[None]:
+    """A Deferred that fires with None when ``d`` fires, leaving ``d``'s result to its callers."""
+    watcher: Deferred[None] = Deferred()
+
+    def fired(result: object) -> object:
+        watcher.callback(None)
+        return result
+
+    d.addBoth(fired)
+    return watcher

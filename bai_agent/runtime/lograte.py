@@ -38,7 +38,7 @@ class LogRate:
         self.log = log
         self.burst = burst
         self.period = period
-        self._windows = {}
+        self._windows: dict[str, _Window] = {}
 
     def emit(self, kind: str, level: LogLevel, format: str, **fields) -> bool:
         """Log ``format`` with ``fields`` at ``level`` unless ``kind`` is over its rate; whether it was."""

@@ -18,6 +18,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from bai_agent.runtime.inflight import when_fired
+
 log = Logger()
 
 
@@ -64,16 +66,12 @@ class PeriodicService(Service):
         self._loop = None
         if self._round is None:
             return succeed(None)
-        done: Deferred = Deferred()
-        self._round.addBoth(lambda result: (done.callback(None), result)[1])
-        return done
+        return when_fired(self._round)
 
     def run_now(self) -> Deferred:
         """A round out of turn (after the one in flight, if any); fires when it has ended."""
         if self._round is not None:
-            later: Deferred = Deferred()
-            self._round.addBoth(lambda result: (later.callback(None), result)[1])
-            return later.addCallback(lambda _: self._one_round())
+            return when_fired(self._round).addCallback(lambda _: self._one_round())
         return self._one_round()
 
     def _one_round(self) -> Deferred:

@@ -14,16 +14,17 @@ from typing import Optional
 import attr
 from twisted.logger import Logger
 
+from bai_agent.protocol.labels import (
+    CORECOUNT_ENVS_LABEL,
+    FEATURES_LABEL,
+    KERNELSPEC_LABEL,
+    MIN_MEM_LABEL,
+    RUNTIME_PATH_LABEL,
+    RUNTIME_TYPE_LABEL,
+)
 from bai_agent.values import parse_size
 
 log = Logger()
-
-KERNELSPEC_LABEL = "ai.backend.kernelspec"
-RUNTIME_TYPE_LABEL = "ai.backend.runtime-type"
-RUNTIME_PATH_LABEL = "ai.backend.runtime-path"
-FEATURES_LABEL = "ai.backend.features"
-MIN_MEM_LABEL = "ai.backend.resource.min.mem"
-CORECOUNT_ENVS_LABEL = "ai.backend.envs.corecount"
 
 RUNTIME_TYPES = ("python", "shell")
 DEFAULT_RUNTIME_TYPE = "python"
@@ -109,7 +110,7 @@ def _spec_from_labels(labels, image):
         try:
             min_mem = parse_size(labels[MIN_MEM_LABEL])
         except ValueError as e:
-            raise _InvalidSpec(f"{MIN_MEM_LABEL}: {e}")
+            raise _InvalidSpec(f"{MIN_MEM_LABEL}: {e}") from e
 
     corecount_envs = tuple(str(labels.get(CORECOUNT_ENVS_LABEL, "")).split())
     bad_envs = [name for name in corecount_envs if not _ENV_NAME.match(name)]

@@ -6,13 +6,12 @@ the resource limits of its grant and the hardening every kernel gets.
 import math
 
 from bai_agent.kernels.workspace import KERNEL_GID, KERNEL_UID
+from bai_agent.protocol.labels import AGENT_ID_LABEL, KERNEL_ID_LABEL
 from bai_agent.runner import MOUNT_POINT as RUNNER_MOUNT
 from bai_agent.runner import STATE_MOUNT_POINT as RUN_MOUNT
 from bai_agent.runner import runner_command
 
 HOME = "/home/work"
-KERNEL_ID_LABEL = "ai.backend.kernel-id"
-AGENT_ID_LABEL = "ai.backend.agent-id"
 
 # The runner runs as root in the container only to set up user code as uid 1000; these
 # are all the capabilities it needs for that. Everything else is dropped.

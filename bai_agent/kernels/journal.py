@@ -28,40 +28,19 @@ import os
 from collections.abc import Mapping
 from typing import Callable, Optional
 
-import attr
+import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from bai_agent.protocol import events
 from bai_agent.protocol.errors import EventsExpired, InvalidRequest
 
 log = Logger()
 
-EVENT_TYPES = frozenset(
-    {
-        "agent-started",
-        "agent-stopping",
-        "kernel-creating",
-        "kernel-started",
-        "kernel-restarted",
-        "kernel-terminated",
-    }
-)
-
+# For the checks of ``append``: sets of the protocol's tuples.
+EVENT_TYPES = frozenset(events.EVENT_TYPES)
 #: ``data["reason"]`` of a ``kernel-terminated`` event.
-TERMINATION_REASONS = frozenset(
-    {
-        "user-requested",
-        "idle-timeout",
-        "exec-timeout",
-        "oom-killed",
-        "self-terminated",
-        "agent-reset",
-        "agent-stopping",
-        "restarting",
-        "orphan-cleanup",
-        "creation-failed",
-    }
-)
+TERMINATION_REASONS = frozenset(events.TERMINATION_REASONS)
 
 DEFAULT_KEEP = 10000
 
@@ -71,7 +50,7 @@ def _dumps(value) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-@attr.frozen
+@attrs.frozen
 class AgentEvent:
     """One journal entry, as the ``Event`` command carries it."""
 
@@ -258,7 +237,7 @@ class EventJournal:
             data = {}
         if not isinstance(data, Mapping):
             raise ValueError(f"event data must be a mapping, not {data!r}")
-        if type == "kernel-terminated" and data.get("reason") not in TERMINATION_REASONS:
+        if type == events.KERNEL_TERMINATED and data.get("reason") not in TERMINATION_REASONS:
             raise ValueError(f"unknown termination reason {data.get('reason')!r}")
         try:
             # Through JSON and back, so the event in memory is the one a reopen reads.

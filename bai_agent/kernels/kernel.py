@@ -5,8 +5,19 @@ Statuses move ``creating -> running -> (restarting -> running)* -> terminating -
 terminated``; the registry owns the transitions and serialises them per kernel.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 import attrs
-from twisted.internet.defer import DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock
+
+if TYPE_CHECKING:
+    from bai_agent.docker.images import KernelImage
+    from bai_agent.kernels.allocator import Grant
+    from bai_agent.kernels.execution import ExecutionSession
+    from bai_agent.kernels.runner_link import RunnerLink
+    from bai_agent.kernels.spec import Mount
 
 CREATING = "creating"
 RUNNING = "running"
@@ -20,27 +31,27 @@ STATUSES = (CREATING, RUNNING, RESTARTING, TERMINATING, TERMINATED)
 @attrs.define(eq=False)
 class Kernel:
     kernel_id: str
-    image: object  # KernelImage
-    grant: object  # allocator.Grant
-    environ: dict
-    mounts: tuple
+    image: KernelImage
+    grant: Grant
+    environ: dict[str, str]
+    mounts: tuple[Mount, ...]
     idle_timeout: int
     exec_timeout: int
     created_at: float
     last_used: float
     status: str = CREATING
-    container_id: str = None
-    exit_code: int = None
-    link: object = None  # RunnerLink while running
-    session: object = None  # ExecutionSession over that link
-    reconnecting: object = None  # Deferred of a runner reconnection under way
+    container_id: str | None = None
+    exit_code: int | None = None
+    link: RunnerLink | None = None  # while running
+    session: ExecutionSession | None = None  # over that link
+    reconnecting: Deferred[RunnerLink] | None = None  # a runner reconnection under way
     oom_killed: bool = False
     kill_seen: bool = False  # Docker reported a kill signal sent through its API
-    last_stats: dict = attrs.Factory(dict)
+    last_stats: dict[str, Any] = attrs.Factory(dict)
     lock: DeferredLock = attrs.Factory(DeferredLock)
-    terminated: object = None  # Deferred firing with the destroy answer once terminated
+    terminated: Deferred[dict[str, Any]] | None = None  # fires with the destroy answer once terminated
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         record = {
             "kernel_id": self.kernel_id,
             "image": self.image.name,
@@ -56,7 +67,7 @@ class Kernel:
             record["exit_code"] = self.exit_code
         return record
 
-    def saved_state(self) -> dict:
+    def saved_state(self) -> dict[str, Any]:
         """What ``kernel.json`` keeps, so that a restarted agent can adopt the kernel."""
         return {
             "kernel_id": self.kernel_id,
@@ -70,3 +81,10 @@ class Kernel:
             "idle_timeout": self.idle_timeout,
             "exec_timeout": self.exec_timeout,
         }
+
+    def answer(self) -> dict[str, Any]:
+        """The answer to ``DestroyKernel`` (and what ``terminated`` fires with)."""
+        answer: dict[str, Any] = {"kernel_id": self.kernel_id, "stats": dict(self.last_stats)}
+        if self.exit_code is not None:
+            answer["exit_code"] = self.exit_code
+        return answer

@@ -17,26 +17,32 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 
 from bai_agent import ctl
-from bai_agent.protocol import errors
-from bai_agent.repl import (
+from bai_agent.ctl import run as ctl_run
+from bai_agent.ctl.cli import build_parser
+from bai_agent.ctl.errors import CtlError
+from bai_agent.ctl.repl import (
     CONTINUATION_PROMPT,
     PROMPT,
     CodeBlock,
     Completer,
     Console,
-    KernelRun,
-    LineSource,
     QueueTerminal,
     ReactorThread,
     ReplSession,
-    RunResult,
     SessionEnded,
+    is_exit_command,
+)
+from bai_agent.ctl.run import (
+    KernelRun,
+    LineSource,
+    RunResult,
     StreamTerminal,
     console_text,
-    is_exit_command,
+    read_code,
     render_console,
     split_prompt,
 )
+from bai_agent.protocol import errors
 
 
 def answer(status, console=(), exit_code=None, options=None, run_id="r1"):
@@ -386,24 +392,24 @@ def test_stream_terminal_shows_output_and_answers_empty_lines_after_the_end():
 
 
 def parse(*argv):
-    return ctl.build_parser().parse_args(list(argv))
+    return build_parser().parse_args(list(argv))
 
 
 def test_run_takes_code_from_c_from_a_file_or_from_stdin(tmp_path):
-    assert ctl.read_code(parse("run", "a", "k", "-c", "print(1)")) == ("query", "print(1)", {})
+    assert read_code(parse("run", "a", "k", "-c", "print(1)")) == ("query", "print(1)", {})
     source = tmp_path / "code.py"
     source.write_text("print(2)\n")
-    assert ctl.read_code(parse("run", "a", "k", str(source))) == ("query", "print(2)\n", {})
-    assert ctl.read_code(parse("run", "a", "k", "-"), io.StringIO("print(3)")) == ("query", "print(3)", {})
+    assert read_code(parse("run", "a", "k", str(source))) == ("query", "print(2)\n", {})
+    assert read_code(parse("run", "a", "k", "-"), io.StringIO("print(3)")) == ("query", "print(3)", {})
 
 
 def test_batch_mode_takes_build_and_exec():
-    assert ctl.read_code(parse("run", "a", "k", "--batch", "--build", "make", "--exec", "./a")) == (
+    assert read_code(parse("run", "a", "k", "--batch", "--build", "make", "--exec", "./a")) == (
         "batch",
         "",
         {"build": "make", "exec": "./a"},
     )
-    assert ctl.read_code(parse("run", "a", "k", "--batch", "-c", "echo hi")) == ("batch", "echo hi", {})
+    assert read_code(parse("run", "a", "k", "--batch", "-c", "echo hi")) == ("batch", "echo hi", {})
 
 
 @pytest.mark.parametrize(
@@ -418,8 +424,8 @@ def test_batch_mode_takes_build_and_exec():
     ],
 )
 def test_bad_run_arguments_are_one_line_errors(argv, message):
-    with pytest.raises(ctl.CtlError, match=message):
-        ctl.read_code(parse("run", "a", "k", *argv))
+    with pytest.raises(CtlError, match=message):
+        read_code(parse("run", "a", "k", *argv))
 
 
 def test_repl_and_interrupt_arguments():
@@ -437,9 +443,9 @@ class ImmediateReactor(Clock):
 
 def run_code(client, argv, stdin=""):
     args = parse("run", "a", "k", *argv)
-    mode, code, options = ctl.read_code(args)
+    mode, code, options = read_code(args)
     out, err = io.StringIO(), io.StringIO()
-    d = ctl._run_code(ImmediateReactor(), client, args, mode, code, options, out, err, io.StringIO(stdin))
+    d = ctl_run.run_code(ImmediateReactor(), client, args, mode, code, options, out, err, io.StringIO(stdin))
     return d, out, err
 
 
@@ -458,7 +464,7 @@ def test_run_code_says_when_the_exec_timeout_ended_it():
 
 def test_run_code_reports_a_busy_kernel():
     d, _, _ = run_code(ScriptedClient([errors.RunConflict("run r0 is still active")]), ["-c", "x"])
-    with pytest.raises(ctl.CtlError, match="busy"):
+    with pytest.raises(CtlError, match="busy"):
         result_of(d)
 
 
@@ -713,10 +719,10 @@ def test_ctl_repl_passes_the_connection_and_user_errors(monkeypatch):
         seen.update(reactor=reactor, args=args, connect=connect, user_errors=user_errors)
         return 3
 
-    monkeypatch.setattr("bai_agent.repl.main", fake_main)
+    monkeypatch.setattr("bai_agent.ctl.repl.main", fake_main)
     with pytest.raises(SystemExit) as exit_info:
         ctl.main(["repl", "agent-1"])
     assert exit_info.value.code == 3
-    assert seen["user_errors"] == (ctl.CtlError,) and callable(seen["connect"])
+    assert seen["user_errors"] == (CtlError,) and callable(seen["connect"])
     assert isinstance(seen["args"], argparse.Namespace)
     assert hasattr(seen["reactor"], "callFromThread")  # the reactor is handed in

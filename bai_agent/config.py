@@ -23,9 +23,6 @@ import attrs
 from bai_agent.protocol.auth import read_secret_file
 from bai_agent.values import (
     AGENT_ID_PATTERN,
-    HEARTBEAT_INTERVAL_RANGE,
-    KERNEL_ID_PATTERN,
-    MAX_TIMEOUT,
     NAMESPACE_PATTERN,
     NETWORK_NAME_PATTERN,
     SCRATCH_TYPES,
@@ -43,16 +40,9 @@ __all__ = [
     "default_agent_id",
     "default_docker_host",
     "ensure_private_dir",
-    # moved to bai_agent.values; re-exported until every importer uses bai_agent.values
-    "AGENT_ID_PATTERN",
-    "HEARTBEAT_INTERVAL_RANGE",
-    "KERNEL_ID_PATTERN",
-    "MAX_TIMEOUT",
-    "NAMESPACE_PATTERN",
-    "parse_cpu",
+    # moved to bai_agent.values: re-exported only while etcd and ctl code imports them from here
     "parse_heartbeat_interval",
     "parse_host_port",
-    "parse_size",
     "parse_timeout",
 ]
 

@@ -42,10 +42,11 @@ def discover_gpus(nvml: Nvml | None = None) -> list[GpuDevice]:
     """
     if nvml is None:
         try:
-            import pynvml as nvml
+            import pynvml
         except ImportError:
             log.info("no NVIDIA devices: nvidia-ml-py (pynvml) is not installed")
             return []
+        nvml = pynvml
     try:
         nvml.nvmlInit()
     except Exception as error:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...

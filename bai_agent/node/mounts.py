@@ -29,7 +29,7 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 
-def _path(value) -> bytes:
+def _path(value: str | bytes | None) -> bytes | None:
     return os.fsencode(value) if value is not None else None
 
 

@@ -16,7 +16,8 @@ inside the kernel and never fill the host's disk. ``--scratch-type`` chooses how
 - ``auto`` (the default): ``quota`` where the scratch root supports it, else ``hostfile``.
 
 ``ScratchVolumes`` is made once at start (``detect``), then ``limit(home, size)`` (of the
-new, empty home the workspace made) and ``remove(home)`` run for each kernel; they block on the disk (call them off the reactor).
+new, empty home the workspace made) and ``remove(home)`` run for each kernel; they block
+on the disk (call them off the reactor).
 A loop-mounted home outlives the agent: a restarted agent finds it mounted and adopts it
 as it is.
 """

@@ -137,7 +137,7 @@ class _Frame:
     def __init__(self, fd: int, ino: int):
         self.fd = fd
         self.ino = ino
-        self.entries = None  # its open scandir iterator
+        self.entries: os._ScandirIterator[str] | None = None  # its open scandir iterator
         self.child: str | None = None  # the name of the subdirectory being emptied
         self.left = False  # something in it could not be removed
         self.made_writable = False
@@ -174,7 +174,9 @@ class _Remover:
         self.stuck: set = set()  # inode numbers of directories that keep something
         self.refills: dict = {}  # inode number -> times found filled again
         self.just_left: int | None = None  # the inode of the directory last emptied
-        self.dev = self.root_ino = self.root_mount = None
+        self.dev: int | None = None
+        self.root_ino: int | None = None
+        self.root_mount: int | None = None
 
     def run(self) -> Removal:
         removed = False
@@ -226,7 +228,7 @@ class _Remover:
         self.dev, self.root_ino = info.st_dev, info.st_ino
         self.root_mount = mount_id(root)
         for _ in range(MAX_REFILLS + 1):
-            left = self._empty(root)
+            left = self._empty(root, info.st_ino)
             if left:
                 return False
             try:
@@ -242,10 +244,10 @@ class _Remover:
         self._fail(self.parent_fd, self.name, "keeps being filled")
         return False
 
-    def _empty(self, root: int) -> bool:
-        """Empty the root as far as possible; whether something had to be left in it."""
-        frames = [_Frame(os.dup(root), self.root_ino)]  # the open levels, deepest last
-        inos = array.array("Q", [self.root_ino])  # every level of the current path
+    def _empty(self, root: int, root_ino: int) -> bool:
+        """Empty the root (whose inode is ``root_ino``) as far as possible; whether something had to be left in it."""
+        frames = [_Frame(os.dup(root), root_ino)]  # the open levels, deepest last
+        inos = array.array("Q", [root_ino])  # every level of the current path
         restarts = 0
         self.just_left = None
         try:
@@ -281,7 +283,7 @@ class _Remover:
                     self._fail(root, ".", "keeps being moved while it is removed")
                     return True
                 del inos[1:]
-                frames.append(_Frame(os.dup(root), self.root_ino))
+                frames.append(_Frame(os.dup(root), root_ino))
         finally:
             for frame in frames:
                 frame.close()

@@ -9,6 +9,8 @@ last one stopped. Control answers (hello, pong, completions, interrupt-result, e
 belong to one connection and go ahead of the outbox, between frames.
 """
 
+from __future__ import annotations
+
 import collections
 
 import framing
@@ -32,11 +34,17 @@ class _Entry:
 
     __slots__ = ("data", "on_sent", "size", "run_id", "stream", "parts", "chars")
 
+    # Set for output messages only (see ``Outbox.add_output``).
+    run_id: object
+    stream: str
+    parts: list
+    chars: int
+
     def __init__(self, data=None, on_sent=None):
         self.data = data
         self.on_sent = on_sent
         self.size = len(data) if data is not None else 0
-        self.parts = None
+        self.parts = None  # type: ignore[assignment]  # not an open output message
 
     def open_for(self, run_id, stream, room):
         return self.data is None and self.run_id == run_id and self.stream == stream and self.chars < room
@@ -50,7 +58,7 @@ class Outbox:
 
     def __init__(self, limit):
         self.limit = limit
-        self.entries = collections.deque()
+        self.entries: collections.deque = collections.deque()
         self.size = 0
 
     @property
@@ -114,7 +122,7 @@ class AgentConnection:
         self.sock = sock
         sock.setblocking(False)
         self.decoder = framing.FrameDecoder()
-        self.priority = collections.deque()
+        self.priority: collections.deque = collections.deque()
         self.priority_size = 0
         self.handshaken = False
         self.closing = False  # close once the pending answers are written

@@ -8,12 +8,14 @@ object with a string ``type``.
 longer than its limit as soon as the length prefix says so, without buffering the body.
 """
 
+from __future__ import annotations
+
 import struct
 
 try:  # imported as bai_agent.runner.framing (the agent, tests)
     from . import jsoncodec
 except ImportError:  # run from the mounted directory, where siblings are top-level
-    import jsoncodec
+    import jsoncodec  # type: ignore[no-redef]
 
 #: The largest payload either side accepts (8 MiB).
 MAX_FRAME = 8 * 1024 * 1024
@@ -24,6 +26,9 @@ HEADER_SIZE = _HEADER.size
 
 class FrameError(ValueError):
     """The peer sent a frame that is too large or is not a JSON object with a type."""
+
+    #: The good frames decoded before the bad one (set by ``FrameDecoder.feed``).
+    messages: list
 
 
 def encode_payload(payload, max_frame=MAX_FRAME):

@@ -7,6 +7,8 @@ it *broken*; the runner then kills it and starts a fresh one. Messages for the a
 always rebuilt by the runner, never forwarded as they came.
 """
 
+from __future__ import annotations
+
 import errno
 import os
 import signal
@@ -14,6 +16,10 @@ import socket
 
 import framing
 import procs
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Any
 
 QUERY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "query.py")
 
@@ -48,7 +54,7 @@ class InterpreterProcess:
         self.broken = None  # the reason, once broken
         self.killed = False  # by the runner, because it broke
         self.exited = False
-        self.channel = None
+        self.channel: Any = None  # our end of the socket pair, while the process lives
         self._decoder = framing.FrameDecoder(messages=False)
         self._to_child = bytearray()
         self.stdout = None

@@ -10,12 +10,18 @@ and the runner must work there: it brings this fallback instead of depending on 
 ``loads`` raises ``ValueError`` for anything that is not one well-formed JSON document.
 """
 
+from __future__ import annotations
+
 import re
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 try:  # pragma: no cover - which branch runs depends on the image
     import json as _json
 except ImportError:  # pragma: no cover
-    _json = None
+    _json = None  # type: ignore[assignment]
 
 #: Nesting deeper than this is refused by the fallback decoder (the runner's own
 #: messages nest two levels; this only guards the recursion).
@@ -86,14 +92,15 @@ def _encode(value, parts, depth):
 
 def py_dumps(value):
     """The pure-Python encoder (public for tests)."""
-    parts = []
+    parts: list = []
     _encode(value, parts, 0)
     return "".join(parts)
 
 
 # -- decoder ------------------------------------------------------------------------
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
+#: Matches at every position, so its ``match`` is never None.
+_WHITESPACE: Any = re.compile(r"[ \t\n\r]*")
 _NUMBER = re.compile(r"(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?")
 _STRING_CHUNK = re.compile(r'([^"\\\x00-\x1f]*)(["\\\x00-\x1f])')
 _HEX4 = re.compile(r"[0-9a-fA-F]{4}")
@@ -110,7 +117,7 @@ _SIMPLE_ESCAPES = {
 _CONSTANTS = (("true", True), ("false", False), ("null", None))
 
 
-def _fail(message, pos):
+def _fail(message: str, pos: int) -> NoReturn:
     raise ValueError(f"{message} at char {pos}")
 
 
@@ -155,10 +162,10 @@ def _decode_value(text, pos, depth):
     if char == '"':
         return _decode_string(text, pos + 1)
     if char == "{":
-        result = {}
+        members: dict = {}
         pos = _WHITESPACE.match(text, pos + 1).end()
         if text[pos : pos + 1] == "}":
-            return result, pos + 1
+            return members, pos + 1
         while True:
             if text[pos : pos + 1] != '"':
                 _fail("expecting property name in double quotes", pos)
@@ -166,26 +173,26 @@ def _decode_value(text, pos, depth):
             pos = _WHITESPACE.match(text, pos).end()
             if text[pos : pos + 1] != ":":
                 _fail("expecting ':' delimiter", pos)
-            result[key], pos = _decode_value(text, pos + 1, depth + 1)
+            members[key], pos = _decode_value(text, pos + 1, depth + 1)
             pos = _WHITESPACE.match(text, pos).end()
             char = text[pos : pos + 1]
             if char == "}":
-                return result, pos + 1
+                return members, pos + 1
             if char != ",":
                 _fail("expecting ',' delimiter", pos)
             pos = _WHITESPACE.match(text, pos + 1).end()
     if char == "[":
-        result = []
+        items: list = []
         pos = _WHITESPACE.match(text, pos + 1).end()
         if text[pos : pos + 1] == "]":
-            return result, pos + 1
+            return items, pos + 1
         while True:
             item, pos = _decode_value(text, pos, depth + 1)
-            result.append(item)
+            items.append(item)
             pos = _WHITESPACE.match(text, pos).end()
             char = text[pos : pos + 1]
             if char == "]":
-                return result, pos + 1
+                return items, pos + 1
             if char != ",":
                 _fail("expecting ',' delimiter", pos)
             pos += 1

@@ -46,6 +46,10 @@ import time
 import traceback
 import types
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing into the user's process
+if TYPE_CHECKING:
+    from typing import Any
+
 # -- imports from the runner directory, which must not stay visible to user code -----
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -394,6 +398,7 @@ def _install_getpass(input_):
     def getpass(prompt="Password: ", stream=None):
         return _strip_newline(input_.request(prompt, True))
 
+    module: Any  # the real getpass module, or the stand-in made here
     try:
         import getpass as module
     except ImportError:  # python3-minimal has no getpass: offer a small one
@@ -451,7 +456,7 @@ def _print_exception(exc_type, exc, tb):
 
 def _run_code(code, filename, namespace):
     """Compile and run ``code``; a last expression statement is shown like the REPL does."""
-    tree = compile(code, filename, "exec", ast.PyCF_ONLY_AST, True)
+    tree: Any = compile(code, filename, "exec", ast.PyCF_ONLY_AST, True)  # an ast.Module
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Interactive(body=[tree.body.pop()])
@@ -575,7 +580,7 @@ def main(argv):
         import faulthandler
 
         # A crash (segfault) shows the user's stack on the raw stderr pipe.
-        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)  # type: ignore[arg-type]
     except Exception:
         pass
     try:

@@ -24,6 +24,7 @@ import collections
 import json
 import math
 import uuid
+from typing import Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -53,7 +54,7 @@ class Run:
         # taken (joining as it comes would copy the growing text at every message).
         self.console = []
         self.buffered = 0
-        self.statuses = collections.deque()  # (status, exit_code, console, options)
+        self.statuses: collections.deque[tuple] = collections.deque()  # (status, exit_code, console, options)
         self.finished = False
         self.timed_out = False
         self.timeout_call = None
@@ -100,7 +101,7 @@ class ExecutionSession:
         self.clock = clock
         self.exec_timeout = exec_timeout
         self.on_activity = on_activity
-        self.run = None
+        self.run: Optional[Run] = None
         self.waiter = None  # (Deferred, flush timer) of the Execute call waiting, if any
         self.paused = False
         self.closed = None  # why the session ended
@@ -161,7 +162,7 @@ class ExecutionSession:
         return run
 
     def _answer_when_ready(self, flush_timeout):
-        d = Deferred()
+        d: Deferred[dict] = Deferred()
         timer = self.clock.callLater(flush_timeout, self._flush)
         self.waiter = (d, timer)
         self._maybe_answer()
@@ -259,7 +260,7 @@ class ExecutionSession:
             run.timeout_call.cancel()
         run.add_status("exec-timeout" if run.timed_out else "finished", exit_code)
 
-    def _exec_timeout(self, run):
+    def _exec_timeout(self, run: Run) -> None:
         if run is self.run and not run.finished:
             self.log.info(
                 "run {run_id} on kernel {kernel_id} exceeded its {timeout}s exec timeout",

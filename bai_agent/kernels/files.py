@@ -183,7 +183,7 @@ def list_files(home: str, path: str = ".") -> list[dict]:
     components = resolve(home, path)
     with _os_errors(components):
         with _directory(home, components, create=False) as fd:
-            entries = []
+            entries: list[dict] = []
             with os.scandir(fd) as scan:
                 for entry in scan:
                     if len(entries) == MAX_LIST_ENTRIES:

@@ -144,10 +144,10 @@ class EventJournal:
         self._keep = keep
         self._fsync = fsync
         # Consecutive seqs, oldest first, and the same events as their file lines.
-        self._events = collections.deque(maxlen=keep)
-        self._lines = collections.deque(maxlen=keep)
+        self._events: collections.deque[AgentEvent] = collections.deque(maxlen=keep)
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=keep)
         self._last_seq = 0
-        self._fd = None
+        self._fd: Optional[int] = None
         self._size = 0  # bytes in the file, all of them whole lines
         self._line_count = 0  # lines in the file, damaged ones included
         self._listeners: list[Callable[[AgentEvent], object]] = []
@@ -241,7 +241,7 @@ class EventJournal:
             raise ValueError(f"unknown termination reason {data.get('reason')!r}")
         try:
             # Through JSON and back, so the event in memory is the one a reopen reads.
-            data = json.loads(_dumps(dict(data)))
+            copied = json.loads(_dumps(dict(data)))
         except (TypeError, ValueError) as e:
             raise ValueError(f"event data is not JSON: {e}") from None
 
@@ -249,7 +249,7 @@ class EventJournal:
             seq=self._last_seq + 1,
             type=type,
             kernel_id=kernel_id,
-            data=data,
+            data=copied,
             ts=float(self._clock.seconds()),
         )
         line = (_dumps(event.to_json()) + "\n").encode("ascii")

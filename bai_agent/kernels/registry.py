@@ -453,7 +453,8 @@ class KernelRegistry(Service):
             yield self.run_blocking(workspace.write_environ, user_environment(kernel))
             steps["saved"] = time.monotonic() - started
             if limiting is not None:
-                limiting, waiting = None, limiting
+                waiting: Deferred[Any] = limiting
+                limiting = None
                 yield waiting
                 steps["home limited"] = time.monotonic() - started
             yield self.backend.start_container(container_id)

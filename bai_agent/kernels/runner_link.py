@@ -12,8 +12,11 @@ has started its runner.
 Timers run on an injected ``IReactorTime``; nothing here imports a reactor.
 """
 
+from typing import Any, Callable, Optional, cast
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,10 +61,10 @@ class RunnerLink(Protocol):
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
         self._decoder = FrameDecoder(max_frame, messages=False)
-        self.ready = Deferred()
-        self.dead = Deferred()
-        self.hello = None
-        self._handler = None
+        self.ready: Deferred[dict] = Deferred()
+        self.dead: Deferred[Any] = Deferred()  # fires with the reason
+        self.hello: Optional[dict] = None
+        self._handler: Optional[Callable[[dict], object]] = None
         self._early = []
         self._closed = False
         self._dead_reason = None
@@ -106,7 +109,7 @@ class RunnerLink(Protocol):
         if not self.alive:
             return succeed([])
         request_id = self._new_id()
-        d = Deferred()
+        d: Deferred[list] = Deferred()
         call = self._clock.callLater(timeout, self._expire, self._completions, request_id, [])
         self._completions[request_id] = (d, call)
         self.send({"type": "complete", "id": request_id, "text": text, "options": options or {}})
@@ -117,7 +120,7 @@ class RunnerLink(Protocol):
         if not self.alive:
             return succeed(False)
         request_id = self._new_id()
-        d = Deferred()
+        d: Deferred[bool] = Deferred()
         call = self._clock.callLater(timeout, self._expire, self._interrupts, request_id, False)
         self._interrupts[request_id] = (d, call)
         self.send({"type": "interrupt", "id": request_id})
@@ -133,17 +136,17 @@ class RunnerLink(Protocol):
     def pauseProducing(self):
         self._paused = True
         if self.transport is not None:
-            self.transport.pauseProducing()
+            cast(IPushProducer, self.transport).pauseProducing()
 
     def resumeProducing(self):
         self._paused = False
         self._last_heard = self._clock.seconds()  # nothing could be heard while paused
         if self.transport is not None:
-            self.transport.resumeProducing()
+            cast(IPushProducer, self.transport).resumeProducing()
 
     def stopProducing(self):
         if self.transport is not None:
-            self.transport.stopProducing()
+            cast(IPushProducer, self.transport).stopProducing()
 
     # -- Protocol ---------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class RunnerLink(Protocol):
 
     def dataReceived(self, data):
         self._last_heard = self._clock.seconds()
+        broken: Optional[FrameError]
         try:
             payloads = self._decoder.feed(data)
         except FrameError as e:
@@ -205,8 +209,10 @@ class RunnerLink(Protocol):
     def _deliver(self, message):
         # The owner's bug must not take the link down with it (an exception escaping
         # dataReceived would drop the connection): log it and go on.
+        handler = self._handler
         try:
-            self._handler(message)
+            if handler is not None:
+                handler(message)
         except Exception:
             log.failure("runner message handler failed on a {kind} message", kind=message.get("type"))
 
@@ -218,7 +224,7 @@ class RunnerLink(Protocol):
         elif message.get("protocol") != PROTOCOL_VERSION:
             self._fail_handshake(
                 RunnerProtocolError(
-                    "the runner speaks protocol %r, this agent %d" % (message.get("protocol"), PROTOCOL_VERSION)
+                    f"the runner speaks protocol {message.get('protocol')!r}, this agent {PROTOCOL_VERSION}"
                 )
             )
         else:
@@ -267,7 +273,7 @@ class RunnerLink(Protocol):
             for request_id in list(pending):
                 self._answer(pending, request_id, value)
         if self.transport is not None:
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
         if not self.ready.called:
             self.ready.errback(Failure(handshake_error or RunnerUnavailable(reason)))
         self.dead.callback(reason)
@@ -305,7 +311,7 @@ class _Connector:
         self._attempt_d = None
         self._handshaking = None  # the link of an attempt that connected, awaiting its hello
         self._cancelled = False
-        self.result = Deferred(self._cancel)
+        self.result: Deferred[RunnerLink] = Deferred(self._cancel)
 
     def start(self):
         self._attempt()

@@ -106,7 +106,7 @@ def load_saved_states(state_dir: str) -> dict:
     ``{kernel_id: saved state}`` of every ``kernel.json`` under ``state_dir``; unreadable
     or malformed files are skipped (the caller cleans what no state explains).
     """
-    states = {}
+    states: dict[str, dict] = {}
     root = os.path.join(state_dir, "kernels")
     try:
         keys = os.listdir(root)
@@ -141,7 +141,7 @@ def remove_state_dirs_except(state_dir: str, keep_keys: set) -> list:
     first ``TreeNotRemoved`` once all were tried, if one had to be left.
     """
     root = os.path.join(state_dir, "kernels")
-    removed = []
+    removed: list[str] = []
     try:
         keys = os.listdir(root)
     except FileNotFoundError:

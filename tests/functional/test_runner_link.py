@@ -1,7 +1,6 @@
-import json
-
 """RunnerLink on a task.Clock and a StringTransport; connect_runner on a real reactor."""
 
+import json
 import os
 import shutil
 import struct
@@ -24,6 +23,7 @@ from bai_agent.kernels.runner_link import (
     split_output_frame,
 )
 from bai_agent.runner.framing import FrameDecoder, encode
+from bai_agent.testing.deferreds import failure_of, result_of
 
 HELLO = {
     "type": "hello",
@@ -67,20 +67,6 @@ class Harness:
 @pytest.fixture
 def harness():
     return Harness(keepalive_interval=5.0, keepalive_timeout=15.0)
-
-
-def failure_of(d):
-    failures = []
-    d.addErrback(failures.append)
-    assert failures, "the Deferred did not fail"
-    return failures[0]
-
-
-def result_of(d):
-    results = []
-    d.addCallback(results.append)
-    assert results, "the Deferred has no result"
-    return results[0]
 
 
 # -- handshake ------------------------------------------------------------------------------

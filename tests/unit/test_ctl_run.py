@@ -43,6 +43,7 @@ from bai_agent.ctl.run import (
     split_prompt,
 )
 from bai_agent.protocol import errors
+from bai_agent.testing.deferreds import result_of
 
 
 def answer(status, console=(), exit_code=None, options=None, run_id="r1"):
@@ -119,15 +120,6 @@ class RecordingTerminal:
             return succeed(self.lines.pop(0))
         self.pending = Deferred()
         return self.pending
-
-
-def result_of(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 # -- blocks of lines ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from bai_agent.docker.interface import (
     DockerNotFound,
     DockerUnavailable,
 )
+from bai_agent.testing.deferreds import error_of, result_of
 from bai_agent.testing.docker_contract import KERNEL_LABELS, SLEEP_CMD
 from bai_agent.testing.fake_docker import FakeDockerBackend
 
@@ -19,23 +20,6 @@ IMAGE = "bai-kernel/python:3.11"
 
 #: The top-level fields of a container event from Docker 20.10.
 EVENT_FIELDS = {"status", "id", "from", "Type", "Action", "Actor", "scope", "time", "timeNano"}
-
-
-def result_of(d):
-    """The result of a Deferred that has fired (the fake's usually have)."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    [result] = results
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
-
-
-def failure_of(d, error_type):
-    with pytest.raises(error_type) as e:
-        result_of(d)
-    return e.value
 
 
 @pytest.fixture
@@ -224,7 +208,7 @@ def test_on_start_runs_the_commands_behaviour_after_the_start_event(fake, events
     assert result_of(fake.container_logs(container_id)) == "a\nb\nc\n"
     assert result_of(fake.container_logs(container_id, tail=2)) == "b\nc\n"
     assert result_of(fake.container_logs(container_id, tail=0)) == ""
-    failure_of(fake.container_logs(container_id, tail=-1), DockerError)
+    error_of(fake.container_logs(container_id, tail=-1), DockerError)
 
 
 # -- waiting -------------------------------------------------------------------------------
@@ -234,7 +218,7 @@ def test_cancelling_a_wait_forgets_it(fake):
     container_id = running(fake)
     waiting = fake.wait_container(container_id)
     waiting.cancel()
-    failure_of(waiting, CancelledError)
+    error_of(waiting, CancelledError)
     fake.die(container_id, 0)  # firing the cancelled waiter again would raise
 
 
@@ -243,7 +227,7 @@ def test_cancelling_a_wait_forgets_it(fake):
 
 def test_fail_next_fails_one_call_without_effect(fake, events):
     fake.fail_next("create_container", DockerUnavailable("create: timed out"))
-    error = failure_of(fake.create_container("k1", config()), DockerUnavailable)
+    error = error_of(fake.create_container("k1", config()), DockerUnavailable)
     assert error.message == "create: timed out"
     assert fake.container_status("k1") is None
     assert events == []
@@ -253,7 +237,7 @@ def test_fail_next_fails_one_call_without_effect(fake, events):
 
 def test_fail_next_applied_does_the_work_then_loses_the_answer(fake):
     fake.fail_next("create_container", DockerUnavailable("lost"), applied=True)
-    failure_of(fake.create_container("k1", config()), DockerUnavailable)
+    error_of(fake.create_container("k1", config()), DockerUnavailable)
     assert fake.container_status("k1") == "created"  # a leak for the caller to clean up
     listed = result_of(fake.list_containers(labels={"ai.backend.kernel-id": "k1"}))
     assert [c["Names"] for c in listed] == [["/k1"]]
@@ -263,8 +247,8 @@ def test_fail_next_queues_failures_in_order(fake):
     container_id = running(fake)
     fake.fail_next("remove_container", DockerConflict("removal in progress", status=409))
     fake.fail_next("remove_container", DockerError("disk on fire", status=500))
-    failure_of(fake.remove_container(container_id), DockerConflict)
-    error = failure_of(fake.remove_container(container_id), DockerError)
+    error_of(fake.remove_container(container_id), DockerConflict)
+    error = error_of(fake.remove_container(container_id), DockerError)
     assert error.status == 500
     assert fake.container_status(container_id) == "running"
     result_of(fake.remove_container(container_id))
@@ -274,7 +258,7 @@ def test_fail_next_queues_failures_in_order(fake):
 def test_fail_next_reaches_the_events_stream(fake):
     fake.fail_next("stream_events", DockerUnavailable("no events"))
     stream = fake.stream_events(lambda event: None)
-    failure_of(stream.done, DockerUnavailable)
+    error_of(stream.done, DockerUnavailable)
     assert fake.open_streams == 0
 
 
@@ -298,7 +282,7 @@ def test_calls_are_recorded_with_the_container(fake):
 def test_a_daemon_gone_fails_container_calls_as_unavailable(fake):
     container_id = running(fake)
     fake.set_available(False)
-    failure_of(fake.kill_container(container_id), DockerUnavailable)
+    error_of(fake.kill_container(container_id), DockerUnavailable)
     assert fake.container_status(container_id) == "running"
 
 
@@ -310,7 +294,7 @@ def test_a_container_is_found_by_id_prefix_and_by_name(fake):
     assert len(container_id) == 64
     for ref in (container_id, container_id[:12], "k1", "/k1"):
         assert result_of(fake.inspect_container(ref))["Id"] == container_id
-    failure_of(fake.inspect_container("k"), DockerNotFound)
+    error_of(fake.inspect_container("k"), DockerNotFound)
 
 
 def test_without_a_name_the_daemon_picks_one(fake):

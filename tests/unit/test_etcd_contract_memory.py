@@ -4,6 +4,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from bai_agent.etcd.interface import EtcdUnavailable, LeaseNotFound
+from bai_agent.testing.deferreds import result_of
 from bai_agent.testing.etcd_contract import EtcdContractTests, assert_now
 from bai_agent.testing.memory_etcd import MemoryEtcd
 
@@ -16,17 +17,6 @@ class TestMemoryEtcdContract(EtcdContractTests):
     @pytest.fixture
     def eventually(self):
         return assert_now
-
-
-def result_of(d):
-    """The result of an already-fired Deferred (MemoryEtcd answers synchronously)."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    result = results[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
 
 
 @pytest.fixture

@@ -5,20 +5,12 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from bai_agent.etcd.service import EtcdService
+from bai_agent.testing.deferreds import result_of
 from bai_agent.testing.memory_etcd import MemoryEtcd
 
 SECRET_KEY = b"/bai/ns/config/agent/secret"
 FIRST = "ab" * 32
 SECOND = "cd" * 40
-
-
-def result_of(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture

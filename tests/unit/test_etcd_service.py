@@ -11,6 +11,7 @@ from twisted.internet.task import Clock, deferLater
 from bai_agent.etcd.registration import lease_ttl_for
 from bai_agent.etcd.service import EtcdService
 from bai_agent.protocol.auth import is_valid_secret
+from bai_agent.testing.deferreds import result_of
 from bai_agent.testing.memory_etcd import MemoryEtcd
 
 NAMESPACE = "ns"
@@ -72,15 +73,6 @@ class SlowWatchEtcd(MemoryEtcd):
         watch.started = Deferred()
         self.starting.append(watch.started)
         return watch
-
-
-def result_of(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
 from bai_agent.node.capacity import Capacity
 from bai_agent.protocol import errors
+from bai_agent.testing.deferreds import has_fired, result_of
 from bai_agent.testing.fake_docker import FakeDockerBackend
 from bai_agent.testing.fake_runner import FakeRunners
 
@@ -74,13 +75,13 @@ class Harness:
         self.registry.startService()
 
     def create(self, kernel_id="k1", image=IMAGE, resources=None, **kwargs):
-        return result(self.registry.create(kernel_id, image, resources or {"cpu": 1, "mem": "256m"}, **kwargs))
+        return result_of(self.registry.create(kernel_id, image, resources or {"cpu": 1, "mem": "256m"}, **kwargs))
 
     def events(self, type=None):
         return [event for event in self.journal.since(0) if type is None or event.type == type]
 
     def containers(self):
-        return result(self.backend.list_containers(labels={"ai.backend.agent-id": "a1"}, all=True))
+        return result_of(self.backend.list_containers(labels={"ai.backend.agent-id": "a1"}, all=True))
 
     def assert_nothing_leaked(self):
         assert self.containers() == []
@@ -118,22 +119,6 @@ class HeldDisk:
             maybeDeferred(f, *args).chainDeferred(d)
 
 
-def fired(d):
-    results = []
-    d.addBoth(lambda r: results.append(r) or r)
-    return bool(results)
-
-
-def result(d):
-    """The result of an already-fired Deferred, raising its failure."""
-    results = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
-
-
 @pytest.fixture
 def h(tmp_path):
     return Harness(tmp_path)
@@ -148,7 +133,7 @@ def test_create_starts_a_hardened_container_and_answers_a_running_record(h):
     assert record["kernel_id"] == "k1" and record["image"] == IMAGE
     assert record["resources"]["cpu"] == 1 and record["resources"]["mem"] == 256 << 20
     (container,) = h.containers()
-    inspect = result(h.backend.inspect_container(container["Id"]))
+    inspect = result_of(h.backend.inspect_container(container["Id"]))
     assert inspect["Name"].lstrip("/") == "kernel.a1.k1"
     config, host = inspect["Config"], inspect["HostConfig"]
     assert config["Labels"]["ai.backend.kernel-id"] == "k1"
@@ -183,7 +168,7 @@ def test_create_starts_a_hardened_container_and_answers_a_running_record(h):
 def test_fractional_cpu_gets_a_quota_and_no_cpuset(h):
     h.create(resources={"cpu": 0.5, "mem": "128m"})
     (container,) = h.containers()
-    host = result(h.backend.inspect_container(container["Id"]))["HostConfig"]
+    host = result_of(h.backend.inspect_container(container["Id"]))["HostConfig"]
     assert host["CpuQuota"] == 50000 and host["CpuPeriod"] == 100000
     assert not host.get("CpusetCpus")
 
@@ -191,7 +176,7 @@ def test_fractional_cpu_gets_a_quota_and_no_cpuset(h):
 def test_mounts_under_an_allowed_root_are_bound(h):
     h.create(mounts=[{"source": str(h.allowed / "set"), "target": "/data/set", "mode": "ro"}])
     (container,) = h.containers()
-    binds = result(h.backend.inspect_container(container["Id"]))["HostConfig"]["Binds"]
+    binds = result_of(h.backend.inspect_container(container["Id"]))["HostConfig"]["Binds"]
     # Docker gets the checked directory pinned under the kernel's state dir, not the path.
     pin = os.path.join(h.registry.workspace("k1").state_dir, "mounts", "0")
     assert f"{pin}:/data/set:ro" in binds
@@ -214,7 +199,7 @@ def test_a_mount_source_swapped_for_a_symlink_is_refused_at_the_restart(h, tmp_p
     os.symlink(outside, h.allowed / "set")
     (outside / "shadow").write_text("root only")
     with pytest.raises(errors.KernelCreationFailed, match="symlink"):
-        result(h.registry.restart("k1"))
+        result_of(h.registry.restart("k1"))
     assert seen == []  # never handed to Docker
     h.assert_nothing_leaked()
 
@@ -291,7 +276,7 @@ def test_duplicate_kernel_id_is_kernel_exists(h):
 
 def test_destroy_of_an_unknown_kernel_is_kernel_not_found(h):
     with pytest.raises(errors.KernelNotFound):
-        result(maybeDeferred(h.registry.destroy, "nope"))
+        result_of(maybeDeferred(h.registry.destroy, "nope"))
 
 
 @pytest.mark.parametrize("method", ["create_container", "start_container"])
@@ -323,7 +308,7 @@ def test_runner_that_never_answers_fails_the_create_and_rolls_back(h):
 
 def test_destroy_removes_container_scratch_dir_and_grant(h):
     h.create()
-    answer = result(h.registry.destroy("k1"))
+    answer = result_of(h.registry.destroy("k1"))
     assert answer["kernel_id"] == "k1"
     assert "stats" in answer
     h.assert_nothing_leaked()
@@ -338,12 +323,12 @@ def test_two_destroys_share_one_answer_and_one_event(h):
     h.disk.hold()  # the first destroy stops at removing the directories
     first = h.registry.destroy("k1")
     second = h.registry.destroy("k1")
-    assert not fired(first) and not fired(second)
+    assert not has_fired(first) and not has_fired(second)
     h.disk.release()
-    assert result(first) == result(second)
+    assert result_of(first) == result_of(second)
     assert len(h.events("kernel-terminated")) == 1
     with pytest.raises(errors.KernelNotFound):
-        result(maybeDeferred(h.registry.destroy, "k1"))
+        result_of(maybeDeferred(h.registry.destroy, "k1"))
 
 
 def test_destroy_during_create_waits_then_destroys(h):
@@ -352,10 +337,10 @@ def test_destroy_during_create_waits_then_destroys(h):
     destroying = h.registry.destroy("k1")
     with pytest.raises(errors.KernelExists):
         h.create("k1")
-    assert not fired(creating) and not fired(destroying)
+    assert not has_fired(creating) and not has_fired(destroying)
     h.runners.release()
-    assert result(creating)["status"] == "running"
-    assert result(destroying)["kernel_id"] == "k1"
+    assert result_of(creating)["status"] == "running"
+    assert result_of(destroying)["kernel_id"] == "k1"
     h.assert_nothing_leaked()
 
 
@@ -364,7 +349,7 @@ def test_restart_keeps_the_home_and_grant_and_replaces_the_container(h):
     home = os.path.join(h.config.scratch_root, "k1", "notes.txt")
     with open(home, "w") as f:
         f.write("kept")
-    restarted = result(h.registry.restart("k1"))
+    restarted = result_of(h.registry.restart("k1"))
     assert restarted["status"] == "running"
     assert restarted["container_id"] != record["container_id"]
     assert restarted["resources"] == record["resources"]
@@ -379,18 +364,18 @@ def test_restart_during_destroy_is_kernel_not_found(h):
     h.create()
     h.disk.hold()
     d = h.registry.destroy("k1")
-    assert not fired(d)
+    assert not has_fired(d)
     with pytest.raises(errors.KernelNotFound):
-        result(maybeDeferred(h.registry.restart, "k1"))
+        result_of(maybeDeferred(h.registry.restart, "k1"))
     h.disk.release()
-    result(d)
+    result_of(d)
     h.assert_nothing_leaked()
 
 
 def test_reset_destroys_every_kernel(h):
     for kernel_id in ("k1", "k2", "k3"):
         h.create(kernel_id)
-    assert result(h.registry.reset()) == 3
+    assert result_of(h.registry.reset()) == 3
     h.assert_nothing_leaked()
     assert {event.data["reason"] for event in h.events("kernel-terminated")} == {"agent-reset"}
 
@@ -427,7 +412,7 @@ def test_an_oom_kill_docker_reports_late_or_not_at_all_is_still_oom_killed(h, oo
 
 def test_a_container_killed_through_docker_is_self_terminated_not_oom(h):
     record = h.create()
-    result(h.backend.kill_container(record["container_id"]))  # like `docker kill`
+    result_of(h.backend.kill_container(record["container_id"]))  # like `docker kill`
     (terminated,) = h.events("kernel-terminated")
     assert terminated.data == {"reason": "self-terminated", "exit_code": 137, "stats": {}}
     h.assert_nothing_leaked()
@@ -437,7 +422,7 @@ def test_a_missed_die_event_is_found_by_the_relist(h):
     record = h.create()
     h.backend.set_available(False)  # the events stream breaks: the die is not seen
     h.backend.set_available(True)
-    result(h.backend.remove_container(record["container_id"], force=True))
+    result_of(h.backend.remove_container(record["container_id"], force=True))
     assert h.registry.kernels  # not noticed yet
     h.docker.healthy = True
     h.clock.advance(10)
@@ -450,7 +435,7 @@ def test_kernels_that_died_while_docker_was_away_are_reported_when_it_answers_ag
     h.backend.set_available(False)  # the daemon goes away; its events stream breaks
     assert not h.docker.healthy
     h.backend.set_available(True)  # back, but the agent has not reconnected yet
-    result(h.backend.remove_container(record["container_id"], force=True))  # unseen
+    result_of(h.backend.remove_container(record["container_id"], force=True))  # unseen
     assert h.registry.kernels
     h.clock.advance(2)  # the reconnect, long before the next 10 s re-list
     h.assert_nothing_leaked()
@@ -461,7 +446,7 @@ def test_kernels_that_died_while_docker_was_away_are_reported_when_it_answers_ag
 def test_a_container_whose_removal_failed_is_removed_by_the_relist(h):
     record = h.create()
     h.backend.fail_next("remove_container", DockerError("device busy"))
-    result(h.registry.destroy("k1"))
+    result_of(h.registry.destroy("k1"))
     assert [c["Id"] for c in h.containers()] == [record["container_id"]]  # left behind
     assert h.allocator.used()["cpu"] == 0  # but nothing else held for it
     h.clock.advance(10)
@@ -473,7 +458,7 @@ def test_a_lost_runner_with_a_dead_container_ends_the_kernel(h):
     record = h.create()
     h.backend.set_available(False)
     h.backend.set_available(True)
-    result(h.backend.kill_container(record["container_id"]))
+    result_of(h.backend.kill_container(record["container_id"]))
     h.runners.links[0].close("connection lost")
     h.assert_nothing_leaked()
 
@@ -514,7 +499,7 @@ def test_list_and_saved_state(h):
 
 def test_stop_journals_agent_stopping(h):
     h.create()
-    result(h.registry.stopService())
+    result_of(h.registry.stopService())
     assert h.events()[-1].type == "agent-stopping"
 
 
@@ -523,7 +508,7 @@ def test_stop_journals_agent_stopping(h):
 
 def restarted(h):
     """A new registry over the same Docker, directories and journal file: the agent restarted."""
-    result(h.registry.stopService())
+    result_of(h.registry.stopService())
     h.allocator = Allocator(Capacity(cpu=4.0, mem=8 * GIB, cuda_device=0), [], cpu_cores=[0, 1, 2, 3])
     h.journal = EventJournal(
         h.journal.path if hasattr(h.journal, "path") else str(h.tmp / "state" / "events.jsonl"), h.clock, fsync=False
@@ -550,12 +535,12 @@ def test_restart_adopts_running_kernels_and_reports_what_ended_meanwhile(h):
     registry = restarted(h)
     h.backend.die(died["container_id"], 7)  # while no agent watched
     # Another agent's kernel and a container without kernel labels: never touched.
-    foreign = result(
+    foreign = result_of(
         h.backend.create_container(
             "kernel.a2.x", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a2", "ai.backend.kernel-id": "x"}}
         )
     )
-    unlabelled = result(h.backend.create_container("bystander", {"Image": IMAGE}))
+    unlabelled = result_of(h.backend.create_container("bystander", {"Image": IMAGE}))
     registry.startService()
 
     assert registry.recovered
@@ -599,7 +584,7 @@ def test_restart_removes_what_an_interrupted_create_left(h):
     registry = restarted(h)
     # A container of ours with no saved state (killed between create and save), and a
     # home with neither state nor container (killed after making the directories).
-    orphan = result(
+    orphan = result_of(
         h.backend.create_container(
             "kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}
         )
@@ -668,10 +653,10 @@ def test_while_runners_are_reconnected_every_kernel_is_listed_and_commands_wait_
     with pytest.raises(errors.BackendUnavailable, match="reconnecting"):
         registry.session("alive")
     destroyed = registry.destroy("alive")  # waits for the reconnection, then destroys
-    assert not fired(destroyed)
+    assert not has_fired(destroyed)
     assert len(h.runners.held) == 2
     h.runners.release()
-    assert result(destroyed)["kernel_id"] == "alive"
+    assert result_of(destroyed)["kernel_id"] == "alive"
     assert registry.taken_over
     assert registry.session("other") is not None
     ended = {e.kernel_id: e.data["reason"] for e in h.journal.since(0) if e.type == "kernel-terminated"}
@@ -680,7 +665,7 @@ def test_while_runners_are_reconnected_every_kernel_is_listed_and_commands_wait_
 
 def test_a_new_kernel_cannot_take_the_id_of_one_the_take_over_is_still_ending(h):
     registry = restarted(h)
-    orphan = result(
+    orphan = result_of(
         h.backend.create_container(
             "kernel.a1.half", {"Image": IMAGE, "Labels": {"ai.backend.agent-id": "a1", "ai.backend.kernel-id": "half"}}
         )
@@ -722,7 +707,7 @@ def test_a_reconnect_under_way_is_cancelled_when_the_kernel_ends(h):
     h.runners.hold()
     h.runners.links[0].close("keepalive timeout")  # a reconnect starts and waits
     assert len(h.runners.held) == 1
-    result(h.registry.destroy("k1"))
+    result_of(h.registry.destroy("k1"))
     pending, _ = h.runners.held[0]
     assert pending.called  # cancelled: it can never take a later kernel's runner
     h.assert_nothing_leaked()
@@ -767,7 +752,7 @@ def test_destroy_answers_and_reports_the_sample_taken_before_the_stop(h):
     h.create()
     stats.samples["k1"] = {"cpu_used_ms": 10}
     stats.fresh["k1"] = {"cpu_used_ms": 1500, "mem_bytes": 1 << 20}
-    answer = result(h.registry.destroy("k1"))
+    answer = result_of(h.registry.destroy("k1"))
     assert answer["stats"] == {"cpu_used_ms": 1500, "mem_bytes": 1 << 20}
     assert h.events("kernel-terminated")[0].data["stats"] == answer["stats"]
     assert stats.forgotten == ["k1"]
@@ -786,19 +771,19 @@ def test_a_death_reports_the_latest_periodic_sample(h):
 def test_kernel_stats_gives_the_latest_or_a_fresh_sample(h):
     h.registry.stats = stats = StubStats()
     with pytest.raises(errors.KernelNotFound):
-        result(h.registry.kernel_stats("nope"))
+        result_of(h.registry.kernel_stats("nope"))
     h.create()
     stats.fresh["k1"] = {"cpu_used_ms": 7}
-    assert result(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 7}  # none yet: sampled now
+    assert result_of(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 7}  # none yet: sampled now
     stats.samples["k1"] = {"cpu_used_ms": 9}
-    assert result(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 9}
+    assert result_of(h.registry.kernel_stats("k1")) == {"cpu_used_ms": 9}
     assert len(stats.sampled) == 1
 
 
 def test_destroy_all_on_stop_reports_agent_stopping_and_leaks_nothing(h):
     h.create("k1")
     h.create("k2")
-    assert result(h.registry.destroy_all("agent-stopping")) == 2
+    assert result_of(h.registry.destroy_all("agent-stopping")) == 2
     h.assert_nothing_leaked()
     assert sorted((e.kernel_id, e.data["reason"]) for e in h.events("kernel-terminated")) == [
         ("k1", "agent-stopping"),

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 
+from bai_agent.testing.deferreds import result_of
 from tests.unit.test_rpc_server import Harness
 from tests.unit.test_status_metrics import NOW, BusyAgent, FakeStats, kernel_sample
 
@@ -27,19 +28,10 @@ def busy(tmp_path):
 
 def get(harness, path):
     http = StubTreq(harness.state.status_page().app.resource())
-    response = resolved(http.get(f"http://agent{path}"))
-    body = resolved(response.content())
+    response = result_of(http.get(f"http://agent{path}"))
+    body = result_of(response.content())
     http.flush()
     return response, body
-
-
-def resolved(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "the request did not complete"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 def test_healthz_is_200_when_etcd_and_docker_are_healthy(harness):

@@ -51,6 +51,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+from typing import Any
 
 import attrs
 from twisted.logger import Logger
@@ -153,7 +154,7 @@ class Grant:
         )
 
 
-def parse_resource_request(resources, capacity: Capacity, default_scratch: int = 0) -> ResourceRequest:
+def parse_resource_request(resources: Any, capacity: Capacity, default_scratch: int = 0) -> ResourceRequest:
     """
     The request in a ``CreateKernel``'s ``resources`` (decoded JSON).
 

@@ -3,13 +3,23 @@ The Docker container of a kernel: its name, labels and the Engine API create bod
 the resource limits of its grant and the hardening every kernel gets.
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from bai_agent.kernels.workspace import KERNEL_GID, KERNEL_UID
 from bai_agent.protocol.labels import AGENT_ID_LABEL, KERNEL_ID_LABEL
 from bai_agent.runner import MOUNT_POINT as RUNNER_MOUNT
 from bai_agent.runner import STATE_MOUNT_POINT as RUN_MOUNT
 from bai_agent.runner import runner_command
+
+if TYPE_CHECKING:
+    from bai_agent.docker.images import KernelImage
+    from bai_agent.kernels.allocator import Grant
+    from bai_agent.kernels.kernel import Kernel
+    from bai_agent.kernels.workspace import Workspace
 
 HOME = "/home/work"
 
@@ -22,18 +32,18 @@ def container_name(agent_id: str, kernel_id: str) -> str:
     return f"kernel.{agent_id}.{kernel_id}"
 
 
-def container_labels(agent_id: str, kernel_id: str) -> dict:
+def container_labels(agent_id: str, kernel_id: str) -> dict[str, str]:
     return {KERNEL_ID_LABEL: kernel_id, AGENT_ID_LABEL: agent_id}
 
 
-def core_count(grant) -> int:
+def core_count(grant: Grant) -> int:
     """What a kernel should tell its libraries about cores: its pinned or its quota's share."""
     if grant.cpuset:
         return len(grant.cpuset)
     return max(1, math.ceil(grant.cpu))
 
 
-def kernel_command(image) -> list:
+def kernel_command(image: KernelImage) -> list[str]:
     """The runner, started by the image's own interpreter."""
     return runner_command(
         python=image.runtime_path,
@@ -45,7 +55,7 @@ def kernel_command(image) -> list:
     )
 
 
-def user_environment(kernel) -> dict:
+def user_environment(kernel: Kernel) -> dict[str, str]:
     """
     The environment of the kernel's user processes: the manager's ``environ`` and the
     image's core-count variables. The runner reads it from the run directory; it is never
@@ -58,7 +68,15 @@ def user_environment(kernel) -> dict:
     return environ
 
 
-def container_config(kernel, workspace, agent_id, runner_dir, network, pids_limit, mount_binds=()) -> dict:
+def container_config(
+    kernel: Kernel,
+    workspace: Workspace,
+    agent_id: str,
+    runner_dir: str,
+    network: str,
+    pids_limit: int,
+    mount_binds: Iterable[str] = (),
+) -> dict[str, Any]:
     """
     The ``POST /containers/create`` body of ``kernel``; ``mount_binds`` are the ``Binds``
     entries of its mounts, pinned (``pinned_mounts.pin``), never the manager's paths.

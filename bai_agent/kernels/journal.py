@@ -26,7 +26,7 @@ import itertools
 import json
 import os
 from collections.abc import Mapping
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -71,7 +71,7 @@ class AgentEvent:
         }
 
     @classmethod
-    def from_json(cls, value) -> "AgentEvent":
+    def from_json(cls, value: Any) -> "AgentEvent":
         """
         The event from ``to_json()``'s dict, or from its JSON text (``str`` or ``bytes``).
         Raise ``ValueError`` when it is not one.

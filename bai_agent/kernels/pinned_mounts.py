@@ -15,16 +15,23 @@ left is unmounted when the kernel's directories are removed.
 Everything here blocks on the disk: call it through ``run_blocking``.
 """
 
+from __future__ import annotations
+
 import os
 import stat
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from bai_agent.node import mounts as host_mounts
 from bai_agent.protocol.errors import InvalidRequest
 
+if TYPE_CHECKING:
+    from bai_agent.kernels.spec import Mount
+
 PIN_DIR = "mounts"
 
 
-def open_source(source: str, allowed_roots) -> int:
+def open_source(source: str, allowed_roots: Iterable[str]) -> int:
     """
     An ``O_PATH`` fd of ``source`` (a real, absolute path), opened one component at a
     time from ``/`` without following a symlink; ``InvalidRequest`` if a component is (or
@@ -59,7 +66,7 @@ def open_source(source: str, allowed_roots) -> int:
         raise
 
 
-def pin(state_dir: str, mounts, allowed_roots) -> list:
+def pin(state_dir: str, mounts: Iterable[Mount], allowed_roots: Iterable[str]) -> list[str]:
     """
     Check and pin every mount of a kernel; the ``Binds`` entries for Docker, in order.
     On any failure, what was pinned is undone and the error raised.

@@ -5,8 +5,12 @@ with a message naming the argument; nothing touches the disk but ``resolve_mount
 ``realpath``.
 """
 
+from __future__ import annotations
+
 import os
 import re
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -75,17 +79,17 @@ RESERVED_TARGETS = (
 )
 
 
-def check_kernel_id(kernel_id) -> str:
+def check_kernel_id(kernel_id: Any) -> str:
     if not isinstance(kernel_id, str) or not KERNEL_ID_PATTERN.match(kernel_id):
         raise InvalidRequest(f"kernel_id must match {KERNEL_ID_PATTERN.pattern}, got {str(kernel_id)[:80]!r}")
     return kernel_id
 
 
-def check_kernel_id_quietly(kernel_id) -> bool:
+def check_kernel_id_quietly(kernel_id: Any) -> bool:
     return isinstance(kernel_id, str) and bool(KERNEL_ID_PATTERN.match(kernel_id))
 
 
-def check_environ(environ) -> dict:
+def check_environ(environ: Any) -> dict[str, str]:
     """``environ`` must be a JSON object of string names to string values."""
     if environ is None:
         return {}
@@ -109,7 +113,7 @@ def check_environ(environ) -> dict:
     return dict(environ)
 
 
-def check_timeout(name, value, default) -> int:
+def check_timeout(name: str, value: Any, default: Any) -> int:
     """A timeout in whole seconds, 0 meaning never; None takes ``default``."""
     if value is None:
         return default
@@ -128,7 +132,7 @@ class Mount:
         return {"source": self.source, "target": self.target, "mode": "ro" if self.read_only else "rw"}
 
 
-def resolve_mounts(mounts, allowed_roots) -> tuple:
+def resolve_mounts(mounts: Any, allowed_roots: Iterable[str]) -> tuple[Mount, ...]:
     """
     Check the manager's ``mounts`` against the operator's allowed roots. A source is
     resolved (symlinks followed) before the check, so ``..`` and links cannot escape a

@@ -14,6 +14,7 @@ Every function here blocks on the disk: the registry calls them in its thread po
 import hashlib
 import json
 import os
+from typing import Any
 
 from bai_agent.kernels import pinned_mounts
 from bai_agent.node.trees import TreeNotRemoved, remove_tree
@@ -31,7 +32,7 @@ def kernel_key(kernel_id: str) -> str:
 class Workspace:
     """Paths of one kernel's directories, and the disk work on them."""
 
-    def __init__(self, scratch_root: str, state_dir: str, kernel_id: str, volumes=None):
+    def __init__(self, scratch_root: str, state_dir: str, kernel_id: str, volumes: Any = None) -> None:
         self.kernel_id = kernel_id
         self.volumes = volumes  # the ScratchVolumes that limit homes (None: plain directories)
         self.scratch_dir = os.path.join(scratch_root, kernel_id)

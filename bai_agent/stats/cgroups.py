@@ -100,7 +100,9 @@ class CgroupReader:
     Safe to call from several threads (the caches are plain dict updates).
     """
 
-    def __init__(self, root: str = "/sys/fs/cgroup", version: int | None = None, proc: str = "/proc", parent=None):
+    def __init__(
+        self, root: str = "/sys/fs/cgroup", version: int | None = None, proc: str = "/proc", parent: str | None = None
+    ) -> None:
         if version is None:
             version = detect_cgroup_version(root)
         if version not in (1, 2):
@@ -111,19 +113,19 @@ class CgroupReader:
         self.parent = _checked_parent(parent)
         self._mounts = self._controller_mounts() if version == 1 else {}
         self._located: dict[str, dict[str, str]] = {}
-        self._reported: set = set()
+        self._reported: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         #: ``(container_id, message)`` of each new problem, for the caller to log.
-        self.problems: collections.deque = collections.deque(maxlen=1000)
+        self.problems: collections.deque[tuple[str, str]] = collections.deque(maxlen=1000)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<CgroupReader v{self.version} {self.root}>"
 
     # -- locating ---------------------------------------------------------------------
 
     def _controller_mounts(self) -> dict[str, str]:
         """v1 controller -> its mount dir; co-mounted ones (``cpu,cpuacct``) included."""
-        mounts = {}
+        mounts: dict[str, str] = {}
         try:
             names = sorted(os.listdir(self.root))
         except OSError:
@@ -175,7 +177,7 @@ class CgroupReader:
 
     # -- reading ----------------------------------------------------------------------
 
-    def read(self, container_id: str) -> dict | None:
+    def read(self, container_id: str) -> dict[str, int | None] | None:
         """
         ``{cpu_used_ns, mem_bytes, mem_max_bytes, io_read_bytes, io_write_bytes,
         net_rx_bytes, net_tx_bytes, pids, pid}`` of ``container_id``, or ``None`` when
@@ -232,7 +234,7 @@ class CgroupReader:
         # memory.peak exists from Linux 5.19; before it the collector keeps the maximum.
         peak = self._number(container_id, peak_path, optional=True)
         io_read = io_write = 0
-        io_stat = self._text(container_id, os.path.join(unified, "io.stat"))
+        io_stat = self._text(container_id, os.path.join(unified, "io.stat")) or ""  # None only if optional
         for line in io_stat.splitlines():
             # "MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=.. dbytes=.. dios=.."
             for field in line.split()[1:]:
@@ -375,7 +377,7 @@ class CgroupReader:
             self._reported.add(key)
         self.problems.append((container_id, message))
 
-    def drain_problems(self) -> list:
+    def drain_problems(self) -> list[tuple[str, str]]:
         """The problems reported since the last call (each only the first time)."""
         drained = []
         while self.problems:

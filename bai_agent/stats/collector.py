@@ -17,10 +17,13 @@ Kernel sample keys (PROTOCOL.md ``GetKernelStats``) are ``SAMPLE_KEYS`` of
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -29,6 +32,30 @@ from bai_agent.protocol.samples import SAMPLE_KEYS
 from bai_agent.stats.scratch import ScratchSizer
 
 log = Logger()
+
+#: A sample (a kernel's, keys ``SAMPLE_KEYS``, or the node's): JSON-ready values by name.
+Sample = dict[str, Any]
+
+if TYPE_CHECKING:
+    from bai_agent.stats.gpu import GpuStats
+    from bai_agent.stats.node import NodeStats
+
+    # One kernel's reading from the worker thread: the cgroup counters (None: no cgroup;
+    # an exception: the reading failed), when they were read, the scratch dir's bytes
+    # (None: not measured this time).
+    _Reading = tuple[Mapping[str, Any] | Exception | None, float, int | None]
+    # A round's readings: the kernels', the node's (or its error), the GPUs' (or why there
+    # are none), when the node was read, the worker thread's CPU seconds.
+    _RoundReadings = tuple[
+        list[_Reading], Sample | None, Exception | None, list[Sample] | None, str | None, float, float
+    ]
+
+
+class CgroupSource(Protocol):
+    """What the collector reads kernels' counters from: a ``CgroupReader``, or a fake."""
+
+    def read(self, container_id: str) -> Mapping[str, Any] | None: ...
+
 
 # What a sample copies from the cgroup reading as it is.
 _COUNTERS = (
@@ -41,11 +68,11 @@ _COUNTERS = (
 )
 
 
-def empty_sample(sampled_at: float) -> dict:
+def empty_sample(sampled_at: float) -> Sample:
     """A sample of zeros: what a kernel that was never sampled reports."""
-    sample = {key: 0 for key in SAMPLE_KEYS}
-    sample["cpu_util"] = 0.0
-    sample["sampled_at"] = float(sampled_at)
+    sample: Sample = {key: 0 for key in SAMPLE_KEYS}
+    sample[samples.CPU_UTIL] = 0.0
+    sample[samples.SAMPLED_AT] = float(sampled_at)
     return sample
 
 
@@ -61,14 +88,14 @@ class KernelTarget:
 class _KernelState:
     """What the collector remembers of one kernel between samples."""
 
-    def __init__(self, target: KernelTarget, sizer):
+    def __init__(self, target: KernelTarget, sizer: ScratchSizer | None) -> None:
         self.container_id = target.container_id
         self.sizer = sizer
-        self.previous_cpu_ns = None
-        self.previous_at = None
+        self.previous_cpu_ns: int | None = None
+        self.previous_at: float | None = None
         self.mem_max = 0
         self.scratch_bytes = 0
-        self.latest = None
+        self.latest: Sample | None = None
         self.failing = False  # its last reading failed and that was logged
 
 
@@ -86,8 +113,16 @@ class StatsCollector(Service):
     """
 
     def __init__(
-        self, clock, cgroups, kernels, run_blocking, node=None, gpus=None, interval=5.0, sizer_factory=ScratchSizer
-    ):
+        self,
+        clock: IReactorTime,
+        cgroups: CgroupSource,
+        kernels: Callable[[], Iterable[KernelTarget]],
+        run_blocking: Callable[..., Deferred[Any]],
+        node: NodeStats | None = None,
+        gpus: GpuStats | None = None,
+        interval: float = 5.0,
+        sizer_factory: Callable[[str], ScratchSizer] = ScratchSizer,
+    ) -> None:
         if not (isinstance(interval, (int, float)) and interval > 0):
             raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
         self._clock = clock
@@ -100,10 +135,10 @@ class StatsCollector(Service):
         self.interval = float(interval)
         self._sizer_factory = sizer_factory
         self._states: dict[str, _KernelState] = {}
-        self._node_latest = None
-        self._loop = None
+        self._node_latest: Sample | None = None
+        self._loop: LoopingCall | None = None
         self._round_running = False
-        self._round_waiters: list[Deferred] = []
+        self._round_waiters: list[Deferred[None]] = []
         #: agent CPU time (of the worker thread) the last round took, in seconds
         self.sample_seconds = 0.0
         #: rounds completed, for metrics
@@ -111,22 +146,22 @@ class StatsCollector(Service):
 
     # -- service ----------------------------------------------------------------------
 
-    def startService(self):
+    def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self.interval, now=True).addErrback(
+        loop = self._loop = LoopingCall(self._tick)
+        loop.clock = self._clock
+        loop.start(self.interval, now=True).addErrback(
             lambda failure: log.failure("the statistics loop stopped", failure)
         )
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
         d = self._when_round_done()
 
-        def closed(_):
+        def closed(_: object) -> None:
             for state in self._states.values():
                 if state.sizer is not None:
                     state.sizer.close()
@@ -136,30 +171,30 @@ class StatsCollector(Service):
 
         return d.addCallback(closed)
 
-    def _tick(self):
+    def _tick(self) -> Deferred[None] | None:
         if self._round_running:
             return None  # the previous round (a manual one) still runs: skip this tick
         return self.sample()
 
-    def _when_round_done(self) -> Deferred:
+    def _when_round_done(self) -> Deferred[None]:
         if not self._round_running:
             return succeed(None)
-        waiter = Deferred()
+        waiter: Deferred[None] = Deferred()
         self._round_waiters.append(waiter)
         return waiter
 
     # -- the public reading side ------------------------------------------------------
 
-    def latest(self, kernel_id: str) -> dict | None:
+    def latest(self, kernel_id: str) -> Sample | None:
         state = self._states.get(kernel_id)
         if state is None or state.latest is None:
             return None
         return dict(state.latest)
 
-    def latest_all(self) -> dict[str, dict]:
+    def latest_all(self) -> dict[str, Sample]:
         return {kernel_id: dict(state.latest) for kernel_id, state in self._states.items() if state.latest is not None}
 
-    def node_latest(self) -> dict | None:
+    def node_latest(self) -> Sample | None:
         return None if self._node_latest is None else dict(self._node_latest)
 
     def forget(self, kernel_id: str) -> None:
@@ -175,7 +210,7 @@ class StatsCollector(Service):
 
     # -- rounds -----------------------------------------------------------------------
 
-    def sample(self) -> Deferred:
+    def sample(self) -> Deferred[None]:
         """
         One full round now (kernels, node, GPUs); fires with None when it is done, never
         with a failure. While a round runs, a call waits for that round instead.
@@ -188,14 +223,14 @@ class StatsCollector(Service):
         d.addBoth(self._round_done)
         return d
 
-    def _round_done(self, _):
+    def _round_done(self, _: object) -> None:
         self._round_running = False
         waiters, self._round_waiters = self._round_waiters, []
         for waiter in waiters:
             waiter.callback(None)
         return None
 
-    def _start_round(self) -> Deferred:
+    def _start_round(self) -> Deferred[None]:
         entries = [(target, self._state_for(target)) for target in self._targets()]
         d = self._run_blocking(self._read_round, entries)
         d.addCallback(self._finish_round, entries)
@@ -233,7 +268,7 @@ class StatsCollector(Service):
             state = self._states[target.kernel_id] = _KernelState(target, sizer)
         return state
 
-    def _read_kernel(self, container_id, state):
+    def _read_kernel(self, container_id: str, state: _KernelState) -> _Reading:
         """In the worker thread: ``(raw or None or the exception, read time, scratch bytes or None)``."""
         try:
             raw = self._cgroups.read(container_id)
@@ -242,7 +277,7 @@ class StatsCollector(Service):
         # The reactor's seconds() is plain time.time(), safe from any thread; with a
         # test Clock the thread is the test's own.
         at = self._clock.seconds()
-        scratch = None
+        scratch: int | None = None
         if raw is not None and state.sizer is not None:
             try:
                 scratch = state.sizer.step()
@@ -250,11 +285,14 @@ class StatsCollector(Service):
                 return error, at, None
         return raw, at, scratch
 
-    def _read_round(self, entries):
+    def _read_round(self, entries: list[tuple[KernelTarget, _KernelState]]) -> _RoundReadings:
         """In the worker thread: every reading of one round, and its CPU time."""
         started = time.thread_time()
         kernels = [self._read_kernel(target.container_id, state) for target, state in entries]
-        node = gpus = node_error = gpus_error = None
+        node: Sample | None = None
+        gpus: list[Sample] | None = None
+        node_error: Exception | None = None
+        gpus_error: str | None = None
         if self._node is not None:
             try:
                 node = self._node.sample()
@@ -273,7 +311,7 @@ class StatsCollector(Service):
         node_at = self._clock.seconds()
         return kernels, node, node_error, gpus, gpus_error, node_at, time.thread_time() - started
 
-    def _finish_round(self, result, entries):
+    def _finish_round(self, result: _RoundReadings, entries: list[tuple[KernelTarget, _KernelState]]) -> None:
         kernels, node, node_error, gpus, gpus_error, node_at, cpu_seconds = result
         for (target, state), reading in zip(entries, kernels):
             if self._states.get(target.kernel_id) is not state:
@@ -285,15 +323,22 @@ class StatsCollector(Service):
         if gpus_error is not None:
             log.warn("{error}", error=gpus_error)
         if self._node is not None or self._gpus is not None:
-            latest = {"sampled_at": node_at}
+            latest: Sample = {samples.SAMPLED_AT: node_at}
             if node is not None:
                 latest.update(node)
-            latest["gpus"] = gpus or []
+            latest[samples.NODE_GPUS] = gpus or []
             self._node_latest = latest
         self.sample_seconds = cpu_seconds
         self.rounds += 1
 
-    def _absorb(self, target, state, raw, at, scratch):
+    def _absorb(
+        self,
+        target: KernelTarget,
+        state: _KernelState,
+        raw: Mapping[str, Any] | Exception | None,
+        at: float,
+        scratch: int | None,
+    ) -> Sample | None:
         """Turn one reading into a sample (reactor thread); the sample, or None."""
         if isinstance(raw, Exception):
             if not state.failing:
@@ -323,19 +368,21 @@ class StatsCollector(Service):
         return sample
 
     @staticmethod
-    def _make_sample(state, raw, at, scratch, util) -> dict:
-        sample = {
-            "cpu_used_ms": int(raw["cpu_used_ns"]) // 1_000_000,
-            "cpu_util": round(util, 1),
-            "mem_max_bytes": max(state.mem_max, int(raw["mem_max_bytes"]), int(raw["mem_bytes"])),
-            "scratch_bytes": int(scratch if scratch is not None else state.scratch_bytes),
-            "sampled_at": float(at),
+    def _make_sample(
+        state: _KernelState, raw: Mapping[str, Any], at: float, scratch: int | None, util: float
+    ) -> Sample:
+        sample: Sample = {
+            samples.CPU_USED_MS: int(raw["cpu_used_ns"]) // 1_000_000,
+            samples.CPU_UTIL: round(util, 1),
+            samples.MEM_MAX_BYTES: max(state.mem_max, int(raw["mem_max_bytes"]), int(raw["mem_bytes"])),
+            samples.SCRATCH_BYTES: int(scratch if scratch is not None else state.scratch_bytes),
+            samples.SAMPLED_AT: float(at),
         }
         for key in _COUNTERS:
             sample[key] = int(raw[key])
         return {key: sample[key] for key in SAMPLE_KEYS}
 
-    def _log_reader_problems(self):
+    def _log_reader_problems(self) -> None:
         drain = getattr(self._cgroups, "drain_problems", None)
         if drain is None:
             return
@@ -344,7 +391,7 @@ class StatsCollector(Service):
 
     # -- one kernel, now --------------------------------------------------------------
 
-    def sample_kernel(self, target: KernelTarget) -> Deferred:
+    def sample_kernel(self, target: KernelTarget) -> Deferred[Sample]:
         """
         A fresh sample of one kernel (right before its container is removed); fires with
         the latest sample when the cgroup is already gone or the reading fails, and with
@@ -353,7 +400,8 @@ class StatsCollector(Service):
         container_id = getattr(target, "container_id", None)
         if not isinstance(container_id, str) or not container_id:
             # No container (it was never created): nothing to read, only what we have.
-            state = self._states.get(getattr(target, "kernel_id", None))
+            kernel_id: Any = getattr(target, "kernel_id", None)  # what a caller passed, unchecked
+            state = self._states.get(kernel_id)
             latest = None if state is None else state.latest
             return succeed(dict(latest) if latest is not None else empty_sample(self._clock.seconds()))
         try:
@@ -362,14 +410,14 @@ class StatsCollector(Service):
             log.failure("statistics: bad kernel target {target!r}", target=target)
             return succeed(empty_sample(self._clock.seconds()))
 
-        def absorbed(reading):
+        def absorbed(reading: _Reading) -> Sample | None:
             sample = None
             if self._states.get(target.kernel_id) is state:
                 sample = self._absorb(target, state, *reading)
             self._log_reader_problems()
             return sample
 
-        def fallback(sample):
+        def fallback(sample: Sample | None) -> Sample:
             if sample is not None:
                 return dict(sample)
             if state.latest is not None:

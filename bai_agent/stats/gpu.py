@@ -22,6 +22,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from bai_agent.node.gpus import GpuDevice, Nvml, describe_nvml_error, nvml_text
+from bai_agent.protocol import samples
 
 log = Logger()
 
@@ -85,7 +86,11 @@ class GpuStats:
         return handle
 
     def _sample_device(self, device: GpuDevice) -> dict[str, Any]:
-        entry: dict[str, Any] = {"index": device.index, "uuid": device.uuid, "name": device.name}
+        entry: dict[str, Any] = {
+            samples.GPU_INDEX: device.index,
+            samples.GPU_UUID: device.uuid,
+            samples.GPU_NAME: device.name,
+        }
         try:
             handle = self._handle(device)
             memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
@@ -93,9 +98,11 @@ class GpuStats:
             util = self._utilisation(handle)
         except Exception as error:
             self._handles.pop(device.index, None)
-            entry["error"] = describe_nvml_error(error)
+            entry[samples.SAMPLE_ERROR] = describe_nvml_error(error)
             return entry
-        entry.update(util_percent=util, mem_used=mem_used, mem_total=mem_total)
+        entry[samples.GPU_UTIL_PERCENT] = util
+        entry[samples.GPU_MEM_USED] = mem_used
+        entry[samples.GPU_MEM_TOTAL] = mem_total
         return entry
 
     def _utilisation(self, handle: Any) -> float | None:
@@ -106,4 +113,3 @@ class GpuStats:
             if not_supported is not None and isinstance(error, not_supported):
                 return None
             raise
-

@@ -29,6 +29,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 
 DEFAULT_MAX_ENTRIES = 20_000
 DEFAULT_MAX_SECONDS = 0.1
@@ -43,7 +44,7 @@ class _Directory:
 
     __slots__ = ("parent", "name", "dev", "ino")  # hashed by identity: cheap at any depth
 
-    def __init__(self, parent, name, dev, ino):
+    def __init__(self, parent: _Directory | None, name: str, dev: int, ino: int) -> None:
         self.parent, self.name, self.dev, self.ino = parent, name, dev, ino
 
 
@@ -64,8 +65,8 @@ class ScratchSizer:
         path: str,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         max_seconds: float = DEFAULT_MAX_SECONDS,
-        timer=time.monotonic,
-    ):
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not isinstance(path, str) or not path:
             raise ValueError(f"invalid scratch path {path!r}")
         if not isinstance(max_entries, int) or max_entries < 1:
@@ -85,24 +86,26 @@ class ScratchSizer:
         self.walks = 0
         self._walking = False
         self._closing = False
-        self._open_fds = collections.OrderedDict()  # _Directory -> fd, most recent last
-        self._root_fd = None  # the home, open for the walk under way
-        self._entries_fd = None
+        # _Directory -> fd, most recent last
+        self._open_fds: collections.OrderedDict[_Directory, int] = collections.OrderedDict()
+        self._root_fd: int | None = None  # the home, open for the walk under way
+        self._entries_fd: int | None = None
         self._start_walk()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "complete" if self.complete else "partial"
         return f"<ScratchSizer {self.path} {self.bytes} bytes ({state})>"
 
     def _start_walk(self) -> None:
         self._close_directories()
         self._total = 0
-        self._seen_inodes: set = set()
-        self._pending = collections.deque()
-        self._entries = None  # the open scandir iterator of the directory being read
+        self._seen_inodes: set[tuple[int, int]] = set()
+        self._pending: collections.deque[_Directory | None] = collections.deque()
+        # the open scandir iterator of the directory being read
+        self._entries: os._ScandirIterator[str] | None = None
         self._entries_fd = None  # the fd it reads, owned until it is closed
-        self._current = None  # and that directory (a _Directory, or _ROOT)
-        self._device = None
+        self._current: _Directory | None = None  # and that directory (a _Directory, or _ROOT)
+        self._device: int | None = None
         self._walking = False
 
     def _close_directories(self) -> None:
@@ -190,7 +193,7 @@ class ScratchSizer:
         self._root_fd, self._device = fd, st.st_dev
         return st.st_blocks * 512
 
-    def _open(self, directory):
+    def _open(self, directory: _Directory | None) -> os._ScandirIterator[str] | None:
         """A scandir iterator of a queued directory, if it is still the one that was listed."""
         fd = self._directory_fd(directory)
         if fd is None:
@@ -205,9 +208,9 @@ class ScratchSizer:
             self._entries_fd = None
             return None
 
-    def _directory_fd(self, directory):
+    def _directory_fd(self, directory: _Directory | None) -> int | None:
         # Go up to the nearest directory that is open, then down, one openat a level.
-        chain = []
+        chain: list[_Directory] = []
         while directory is not _ROOT and directory not in self._open_fds:
             chain.append(directory)
             directory = directory.parent
@@ -238,7 +241,7 @@ class ScratchSizer:
             os.close(self._entries_fd)
             self._entries_fd = None
 
-    def _count(self, entry) -> None:
+    def _count(self, entry: os.DirEntry[str]) -> None:
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:

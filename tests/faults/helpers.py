@@ -13,20 +13,18 @@ import base64
 import json
 import shutil
 import signal
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field, fields
 from urllib.parse import quote, urlencode
 
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 
 from bai_agent.docker.engine import image_path
 from bai_agent.node.scratch import VOLUMES_DIR, ScratchVolumes
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.docker_host import docker_request
+from bai_agent.testing.waiting import blocking, wait_until
 from tests.functional.agent_process import AgentProcess
 
 AGENT_ID_LABEL = "ai.backend.agent-id"
@@ -113,44 +111,6 @@ class Ledger:
             f"events lost {t.events_lost} (of {t.events_expected} expected), "
             f"containers leaked {t.containers_leaked}, scratch dirs leaked {t.scratch_dirs_leaked}"
         )
-
-
-# -- the reactor and blocking work ----------------------------------------------------------
-
-
-def blocking(reactor, f, *args, **kwargs):
-    """Run blocking ``f`` in the reactor's thread pool; a Deferred of its result."""
-    return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
-
-
-@inlineCallbacks
-def wait_until(reactor, predicate, timeout, what):
-    """Poll ``predicate()`` (quick, non-blocking) until true; its value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        yield sleep(reactor, 0.05)
-
-
-@inlineCallbacks
-def wait_until_blocking(reactor, predicate, timeout, what):
-    """``wait_until`` for a predicate that blocks (HTTP, Docker): it runs in a thread."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = yield blocking(reactor, predicate)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        yield sleep(reactor, 0.1)
 
 
 # -- Docker (any daemon, by its host) and etcd (by URL) -----------------------------------------

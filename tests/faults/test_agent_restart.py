@@ -9,7 +9,8 @@ import signal
 import pytest
 import pytest_twisted
 
-from tests.faults.helpers import AGENT_ID_LABEL, KERNEL_ID_LABEL, by_id, kernel_ids, wait_until_blocking
+from bai_agent.testing.waiting import wait_until_blocking
+from tests.faults.helpers import AGENT_ID_LABEL, KERNEL_ID_LABEL, by_id, kernel_ids
 
 KERNELS = {
     "keep-a": {"cpu": 1, "mem": "128m"},

@@ -12,7 +12,8 @@ a kernel killed after the restart is reported ``self-terminated`` (the stream sa
 import pytest_twisted
 from twisted.internet.defer import inlineCallbacks
 
-from tests.faults.helpers import DockerAPI, blocking, kernel_ids, wait_until_blocking
+from bai_agent.testing.waiting import blocking, wait_until_blocking
+from tests.faults.helpers import DockerAPI, kernel_ids
 
 
 def health(agent, code, word=None):

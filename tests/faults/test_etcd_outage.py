@@ -8,7 +8,8 @@ authenticating with it.
 import pytest_twisted
 
 from bai_agent.protocol.client import AgentClient
-from tests.faults.helpers import blocking, etcd_get, etcd_put, etcd_record, kernel_ids, wait_until_blocking
+from bai_agent.testing.waiting import blocking, wait_until_blocking
+from tests.faults.helpers import etcd_get, etcd_put, etcd_record, kernel_ids
 
 
 def health(agent, code, word=None):

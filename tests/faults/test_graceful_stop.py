@@ -8,7 +8,8 @@ import signal
 
 import pytest_twisted
 
-from tests.faults.helpers import STOP_REASONS, etcd_record, kernel_ids, wait_until
+from bai_agent.testing.waiting import wait_until
+from tests.faults.helpers import STOP_REASONS, etcd_record, kernel_ids
 
 SLOW_CODE = "open('started', 'w').close()\nimport time\ntime.sleep(2)\nprint('done')"
 

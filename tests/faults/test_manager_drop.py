@@ -10,7 +10,8 @@ import pytest
 import pytest_twisted
 
 from bai_agent.protocol import errors
-from tests.faults.helpers import by_id, sleep, wait_until
+from bai_agent.testing.waiting import sleep, wait_until
+from tests.faults.helpers import by_id
 
 RESOURCES = {"cpu": 0.5, "mem": "64m"}
 SLOW_CODE = (

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from bai_agent.node import mounts
+from bai_agent.testing.docker_cli import docker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -173,11 +174,6 @@ def etcd_record(etcd_url, key: str):
     if not kvs:
         return None
     return json.loads(base64.b64decode(kvs[0]["value"]))
-
-
-def docker(*args, check=True):
-    """The docker CLI against the test Docker daemon."""
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=check)
 
 
 def containers_of(agent_id):

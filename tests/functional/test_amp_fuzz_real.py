@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols import amp
 
 from bai_agent.protocol import commands
 from bai_agent.protocol.auth import compute_mac
 from bai_agent.protocol.client import AgentClient
+from bai_agent.testing.waiting import sleep
 from tests import amp_strategies as boxes
 from tests.functional.agent_process import containers_of, running_agent
 
@@ -49,10 +49,6 @@ def client(agent, reactor):
     yield client
     pytest_twisted.blockon(client.reset())
     client.close()
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 def assert_agent_fine(agent):

@@ -45,15 +45,6 @@ def ctl_argv(agent, *args):
     ]
 
 
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class Terminal:
     """A command on a pseudo-terminal of its own (its controlling terminal), typed at."""
 

@@ -8,14 +8,12 @@ import json
 import os
 import shutil
 import tempfile
-from urllib.parse import unquote
 
 import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -24,6 +22,8 @@ from bai_agent.docker.engine import DockerEngineClient, image_path, pick_api_ver
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 from bai_agent.docker.streams import JSONStreamDecoder, JSONStreamError
 from bai_agent.testing.docker_host import docker_host_from_env, require_docker
+from bai_agent.testing.standin_docker import StandInDaemon
+from bai_agent.testing.waiting import sleep
 
 # -- docker_host --------------------------------------------------------------------
 
@@ -190,43 +190,6 @@ def test_decoder_bounds_the_size_of_one_value():
 # -- HTTP against a stand-in daemon ---------------------------------------------------
 
 
-class StandInDaemon(Resource):
-    """Answers like dockerd; records every request's method and raw URI."""
-
-    isLeaf = True
-
-    def __init__(self, api_version="1.41"):
-        super().__init__()
-        self.api_version = api_version
-        self.requests = []
-        self.bodies = []  # (content type, body) of each request
-        self.routes = {}
-        self.event_requests = []  # open /events requests, for the test to write to
-
-    def render(self, request):
-        self.requests.append((request.method.decode(), request.uri.decode()))
-        self.bodies.append((request.getHeader("content-type"), request.content.read()))
-        path = unquote(request.path.decode())
-        if path == "/version":
-            return self._json(request, {"Version": "20.10.99", "ApiVersion": self.api_version})
-        if path.endswith("/events"):
-            request.setHeader(b"content-type", b"application/json")
-            request.write(b"")  # headers now, as dockerd flushes them
-            self.event_requests.append(request)
-            return NOT_DONE_YET
-        route = self.routes.get(path)
-        if route is None:
-            return self._json(request, {"message": f"page not found: {path}"}, 404)
-        status, body = route
-        request.setResponseCode(status)
-        return body if isinstance(body, bytes) else json.dumps(body).encode()
-
-    def _json(self, request, doc, status=200):
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(doc).encode()
-
-
 @pytest.fixture
 def socket_dir():
     # UNIX socket paths are limited to ~107 bytes; pytest's tmp_path can be longer.
@@ -237,7 +200,7 @@ def socket_dir():
 
 @pytest_twisted.async_yield_fixture
 async def daemon(reactor, socket_dir):
-    resource = StandInDaemon()
+    resource = StandInDaemon(reactor)
     port = reactor.listenUNIX(os.path.join(socket_dir, "d.sock"), Site(resource))
     yield resource
     await port.stopListening()
@@ -248,10 +211,6 @@ async def client(reactor, daemon, socket_dir):
     client = DockerEngineClient(reactor, f"unix://{socket_dir}/d.sock", timeout=5.0)
     yield client
     await client.close()
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.inlineCallbacks

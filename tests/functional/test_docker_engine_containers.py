@@ -8,64 +8,21 @@ import json
 import os
 import shutil
 import tempfile
-from urllib.parse import unquote
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import Site
 
 from bai_agent.docker.engine import DockerEngineClient
 from bai_agent.docker.interface import DockerConflict, DockerError, DockerNotFound
+from bai_agent.testing.standin_docker import StandInDaemon
 
 CID = "c0ffee" * 10 + "abcd"
 
 
 def frame(stream_byte, payload):
     return bytes([stream_byte, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
-
-
-class StandInDaemon(Resource):
-    """
-    Answers ``routes[(method, path)]``: ``(status, body)`` (a dict/list is sent as
-    JSON), optionally ``(status, body, delay)`` to answer ``delay`` seconds later.
-    Records each request's method, path, query arguments and body.
-    """
-
-    isLeaf = True
-
-    def __init__(self, reactor):
-        super().__init__()
-        self.reactor = reactor
-        self.routes = {}
-        self.requests = []
-
-    def render(self, request):
-        method = request.method.decode()
-        path = unquote(request.path.decode())
-        args = {k.decode(): [v.decode() for v in vs] for k, vs in request.args.items()}
-        body = request.content.read()
-        self.requests.append((method, path, args, json.loads(body) if body else None))
-        if path == "/version":
-            return json.dumps({"Version": "20.10.24", "ApiVersion": "1.41"}).encode()
-        status, answer, *delay = self.routes.get((method, path), (404, {"message": f"page not found: {path}"}))
-        if not isinstance(answer, bytes):
-            answer = json.dumps(answer).encode()
-        request.setResponseCode(status)
-        if not delay:
-            return answer if status != 304 else b""
-
-        def later():
-            request.write(answer)
-            request.finish()
-
-        call = self.reactor.callLater(delay[0], later)
-        request.notifyFinish().addErrback(lambda _: call.active() and call.cancel())
-        return NOT_DONE_YET
-
-    def last(self):
-        return self.requests[-1]
 
 
 @pytest.fixture

@@ -7,21 +7,17 @@ import uuid
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 
 from bai_agent.etcd.interface import EtcdError
 from bai_agent.etcd.service import EtcdService
 from bai_agent.etcd.txetcd import TxEtcd
 from bai_agent.testing.etcd_server import EtcdServer
+from bai_agent.testing.waiting import sleep
 
 pytestmark = pytest.mark.functional
 
 ETCDCTL = "/usr/bin/etcdctl"
-
-
-async def sleep(reactor, seconds):
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def wait_for(reactor, check, timeout, what):

@@ -11,7 +11,8 @@ import time
 import pytest_twisted
 
 from bai_agent.node.trees import remove_tree
-from tests.functional.executing import IMAGE, run_to_end, sleep, text, wait_until
+from bai_agent.testing.waiting import sleep, wait_until
+from tests.functional.executing import IMAGE, run_to_end, text
 
 MIB = 1 << 20
 SUBDIRS = 200

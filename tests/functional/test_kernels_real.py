@@ -10,8 +10,9 @@ import pytest_twisted
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
+from bai_agent.testing.waiting import wait_until
 from tests.functional.agent_process import containers_of, docker, running_agent
-from tests.functional.executing import IMAGE, wait_until
+from tests.functional.executing import IMAGE
 
 
 def our_containers(agent):

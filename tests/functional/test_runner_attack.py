@@ -6,17 +6,17 @@ is healthy, and the attacked kernel either still works or is reported terminated
 destroyed without leaving a container.
 """
 
-import subprocess
 import textwrap
 import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
+from bai_agent.testing.docker_cli import docker
+from bai_agent.testing.waiting import sleep
 from tests.functional.agent_process import AgentProcess
 from tests.functional.executing import IMAGE
 
@@ -27,12 +27,10 @@ PIDS_LIMIT = 64
 BAD_LOG_LINES = ("Unhandled Error", "Unhandled error in Deferred", "failed unexpectedly")
 
 
-def docker(*args):
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
-
-
 def our_containers():
-    return docker("ps", "-aq", "--no-trunc", "--filter", f"label=ai.backend.agent-id={AGENT_ID}").stdout.split()
+    return docker(
+        "ps", "-aq", "--no-trunc", "--filter", f"label=ai.backend.agent-id={AGENT_ID}", check=False
+    ).stdout.split()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def agent(tmp_path_factory, etcd_server, docker_host):
     yield process
     process.stop()
     for container in our_containers():
-        docker("rm", "-f", container)
+        docker("rm", "-f", container, check=False)
     process.remove_state()
 
 
@@ -61,10 +59,6 @@ def client(agent, reactor):
     yield client
     pytest_twisted.blockon(client.reset())
     client.close()
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.inlineCallbacks

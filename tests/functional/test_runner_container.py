@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import tempfile
 import time
 
@@ -18,6 +17,7 @@ import pytest_twisted
 
 import bai_agent.runner
 from bai_agent.kernels.runner_link import connect_runner
+from bai_agent.testing.docker_cli import docker
 from tests.functional.test_runner_process import Client
 
 pytestmark = pytest.mark.functional
@@ -25,14 +25,6 @@ pytestmark = pytest.mark.functional
 KERNEL_IMAGE = "bai-kernel/python:3.11"
 KERNEL_UID = 1000
 CAPABILITIES = ["CHOWN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER"]
-
-
-def docker(docker_host, *args, check=True, timeout=60):
-    environ = dict(os.environ, DOCKER_HOST=docker_host)
-    result = subprocess.run(["docker"] + list(args), env=environ, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError("docker {} failed: {}".format(" ".join(args[:2]), result.stderr.strip()))
-    return result
 
 
 class KernelContainer:
@@ -49,7 +41,7 @@ class KernelContainer:
         self.socket_path = os.path.join(self.state_dir, "runner.sock")
 
     def start(self):
-        if docker(self.docker_host, "image", "inspect", KERNEL_IMAGE, check=False).returncode != 0:
+        if docker("image", "inspect", KERNEL_IMAGE, docker_host=self.docker_host, check=False).returncode != 0:
             pytest.fail(
                 f"the kernel image {KERNEL_IMAGE} is missing: build it with scripts/build-kernel-image",
                 pytrace=False,
@@ -73,7 +65,7 @@ class KernelContainer:
             KERNEL_IMAGE,
         ]
         args += bai_agent.runner.runner_command(uid=KERNEL_UID, gid=KERNEL_UID)
-        self.container_id = docker(self.docker_host, *args).stdout.strip()
+        self.container_id = docker(*args, docker_host=self.docker_host).stdout.strip()
 
     def wait_for_socket(self, timeout=30.0):
         deadline = time.monotonic() + timeout
@@ -85,22 +77,22 @@ class KernelContainer:
     def logs(self):
         if self.container_id is None:
             return ""
-        result = docker(self.docker_host, "logs", self.container_id, check=False)
+        result = docker("logs", self.container_id, docker_host=self.docker_host, check=False)
         return result.stdout + result.stderr
 
     def state(self):
         return docker(
-            self.docker_host,
             "inspect",
             "-f",
             "{{.State.Status}} {{.State.ExitCode}}",
             self.container_id,
+            docker_host=self.docker_host,
         ).stdout.split()
 
     def remove(self):
         try:
             if self.container_id is not None:
-                docker(self.docker_host, "rm", "-f", self.container_id, check=False)
+                docker("rm", "-f", self.container_id, docker_host=self.docker_host, check=False)
         finally:
             shutil.rmtree(self.base, ignore_errors=True)
 
@@ -210,12 +202,12 @@ def test_batch_in_the_container(client):
 def test_output_flows_with_bounded_buffers(client):
     result = client.run("for i in range(200000): print('%09d' % i)", timeout=60)
     assert result.exit_code == 0
-    assert result.stdout == "".join("%09d\n" % i for i in range(200000))
+    assert result.stdout == "".join(f"{i:09d}\n" for i in range(200000))
 
 
 def test_sigterm_ends_the_container_cleanly(container, client):
     client.run("import subprocess; p = subprocess.Popen(['sleep', '600'])")
-    docker(container.docker_host, "kill", "--signal", "TERM", container.container_id)
+    docker("kill", "--signal", "TERM", container.container_id, docker_host=container.docker_host)
     deadline = time.monotonic() + 20
     while container.state()[0] != "exited":
         assert time.monotonic() < deadline, "the runner did not stop on SIGTERM"

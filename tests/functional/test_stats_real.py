@@ -7,16 +7,16 @@ Each container runs the kernel image on ``--network none``, carries the label
 """
 
 import os
-import subprocess
 import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from bai_agent.stats import SAMPLE_KEYS, CgroupReader, KernelTarget, StatsCollector
+from bai_agent.testing.docker_cli import docker
 from bai_agent.testing.docker_host import remove_container, require_kernel_image
+from bai_agent.testing.waiting import sleep
 
 MIB = 1 << 20
 LABEL = f"ai.backend.agent-id=stats-test-{os.getpid()}"
@@ -44,10 +44,6 @@ while time.time() - t < {BURN_SECONDS}:
 open('/home/work/burned', 'w').close()
 time.sleep(600)
 """
-
-
-def docker(*args):
-    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60, check=True)
 
 
 @pytest.fixture
@@ -88,10 +84,6 @@ def run_container(containers, image, home, command):
     ).stdout.strip()
     containers.append(container_id)
     return container_id
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 @pytest_twisted.inlineCallbacks

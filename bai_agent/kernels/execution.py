@@ -20,18 +20,24 @@ One run at a time per kernel (``RUN_CONFLICT``); a new run may start once the ru
 reported the previous one finished, and discards what no manager collected of it.
 """
 
+from __future__ import annotations
+
 import collections
 import json
 import math
 import uuid
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.arguments import RawJson
 from bai_agent.values import KERNEL_ID_PATTERN
+
+if TYPE_CHECKING:
+    from bai_agent.kernels.runner_link import RunnerLink
 
 MAX_CODE_BYTES = 1 << 20
 BUFFER_LIMIT = 8 << 20
@@ -47,22 +53,22 @@ EXIT_CANCELLED = 137
 class Run:
     """One run: its output since the last collection, and the statuses not yet told."""
 
-    def __init__(self, run_id, mode):
+    def __init__(self, run_id: str, mode: str) -> None:
         self.run_id = run_id
         self.mode = mode
         # [type, [pieces]] pairs: consecutive output of one stream is joined once, when
         # taken (joining as it comes would copy the growing text at every message).
-        self.console = []
+        self.console: list[list[Any]] = []
         self.buffered = 0
         self.statuses: collections.deque[tuple] = collections.deque()  # (status, exit_code, console, options)
         self.finished = False
         self.timed_out = False
-        self.timeout_call = None
+        self.timeout_call: IDelayedCall | None = None
 
-    def add_output(self, stream, text):
+    def add_output(self, stream: str, text: str) -> None:
         self.add_raw_output(stream, json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8"))
 
-    def add_raw_output(self, stream, raw):
+    def add_raw_output(self, stream: str, raw: bytes) -> None:
         """Output still JSON-escaped, as the runner sent it (see ``split_output_frame``)."""
         if self.console and self.console[-1][0] == stream:
             self.console[-1][1].append(raw)
@@ -70,7 +76,7 @@ class Run:
             self.console.append([stream, [raw]])
         self.buffered += len(raw)
 
-    def take_console(self):
+    def take_console(self) -> RawJson:
         console = RawJson(
             b"["
             + b",".join(
@@ -81,7 +87,7 @@ class Run:
         self.console, self.buffered = [], 0
         return console
 
-    def add_status(self, status, exit_code=None, options=None):
+    def add_status(self, status: str, exit_code: int | None = None, options: dict | None = None) -> None:
         self.statuses.append((status, exit_code, self.take_console(), options))
 
 
@@ -95,22 +101,29 @@ class ExecutionSession:
 
     log = Logger()
 
-    def __init__(self, kernel_id, link, clock, exec_timeout=0, on_activity=lambda: None):
+    def __init__(
+        self,
+        kernel_id: str,
+        link: RunnerLink,
+        clock: IReactorTime,
+        exec_timeout: int = 0,
+        on_activity: Callable[[], object] = lambda: None,
+    ) -> None:
         self.kernel_id = kernel_id
         self.link = link
         self.clock = clock
         self.exec_timeout = exec_timeout
         self.on_activity = on_activity
-        self.run: Optional[Run] = None
-        self.waiter = None  # (Deferred, flush timer) of the Execute call waiting, if any
+        self.run: Run | None = None
+        self.waiter: tuple[Deferred[dict], IDelayedCall] | None = None  # of the Execute call waiting, if any
         self.paused = False
-        self.closed = None  # why the session ended
+        self.closed: str | None = None  # why the session ended
         link.handler = self.handle
         link.dead.addCallback(self._link_dead)
 
     # -- Execute ---------------------------------------------------------------------------
 
-    def execute(self, mode, code, run_id=None, options=None):
+    def execute(self, mode: str, code: str, run_id: str | None = None, options: dict | None = None) -> Deferred[dict]:
         """Fire with the ``Execute`` answer (a dict); declared errors for bad calls."""
         if self.closed is not None:
             raise errors.KernelNotRunning(f"kernel {self.kernel_id} is not running ({self.closed})")
@@ -195,19 +208,19 @@ class ExecutionSession:
 
     # -- other commands --------------------------------------------------------------------
 
-    def interrupt(self):
+    def interrupt(self) -> Deferred[dict]:
         if self.closed is not None:
             raise errors.KernelNotRunning(f"kernel {self.kernel_id} is not running ({self.closed})")
         self.on_activity()
 
-        def told(ok):
+        def told(ok: bool) -> dict:
             if not ok:
                 raise errors.KernelNotRunning(f"nothing runs on kernel {self.kernel_id}")
             return {}
 
         return self.link.interrupt().addCallback(told)
 
-    def completions(self, text, options=None):
+    def completions(self, text: str, options: dict | None = None) -> Deferred[list]:
         if self.closed is not None:
             raise errors.KernelNotRunning(f"kernel {self.kernel_id} is not running ({self.closed})")
         if options is not None and not isinstance(options, dict):
@@ -217,7 +230,7 @@ class ExecutionSession:
 
     # -- from the runner -------------------------------------------------------------------
 
-    def handle(self, message):
+    def handle(self, message: dict) -> None:
         run = self.run
         kind = message.get("type")
         if run is None or message.get("run_id") not in (None, run.run_id):

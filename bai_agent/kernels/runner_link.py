@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IPushProducer, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,7 +56,13 @@ class RunnerLink(Protocol):
     it is set are kept and handed over when it is.
     """
 
-    def __init__(self, clock, keepalive_interval=5.0, keepalive_timeout=15.0, max_frame=MAX_FRAME):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 15.0,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
         self._clock = clock
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
@@ -65,24 +71,24 @@ class RunnerLink(Protocol):
         self.dead: Deferred[Any] = Deferred()  # fires with the reason
         self.hello: Optional[dict] = None
         self._handler: Optional[Callable[[dict], object]] = None
-        self._early = []
+        self._early: list[dict] = []
         self._closed = False
-        self._dead_reason = None
+        self._dead_reason: Optional[str] = None
         self._paused = False
-        self._last_heard = None
-        self._keepalive_call = None
+        self._last_heard = 0.0  # set at connectionMade, before any keepalive
+        self._keepalive_call: Optional[IDelayedCall] = None
         self._next_id = 0
-        self._completions = {}  # id -> (Deferred, timeout call)
-        self._interrupts = {}
+        self._completions: dict[int, tuple[Deferred[list], IDelayedCall]] = {}
+        self._interrupts: dict[int, tuple[Deferred[bool], IDelayedCall]] = {}
 
     # -- the owner's API ---------------------------------------------------------
 
     @property
-    def handler(self):
+    def handler(self) -> Optional[Callable[[dict], object]]:
         return self._handler
 
     @handler.setter
-    def handler(self, handler):
+    def handler(self, handler: Optional[Callable[[dict], object]]) -> None:
         self._handler = handler
         early, self._early = self._early, []
         for message in early:
@@ -92,16 +98,16 @@ class RunnerLink(Protocol):
                 self._deliver(message)
 
     @property
-    def alive(self):
+    def alive(self) -> bool:
         return self.hello is not None and not self._closed
 
-    def send(self, message):
+    def send(self, message: dict) -> None:
         """Send one message (a dict); ``RunnerUnavailable`` if the link is closed."""
         if self._closed or self.transport is None:
             raise RunnerUnavailable("the link to the runner is closed")
         self.transport.write(encode(message))
 
-    def request_completions(self, text, options=None, timeout=5.0):
+    def request_completions(self, text: str, options: Optional[dict] = None, timeout: float = 5.0) -> Deferred[list]:
         """
         A Deferred list of completions of ``text``. Completion is best effort: a timeout,
         a busy kernel or a lost link give an empty list, never an error.
@@ -115,7 +121,7 @@ class RunnerLink(Protocol):
         self.send({"type": "complete", "id": request_id, "text": text, "options": options or {}})
         return d
 
-    def interrupt(self, timeout=5.0):
+    def interrupt(self, timeout: float = 5.0) -> Deferred[bool]:
         """A Deferred bool: whether the runner had a run to interrupt (False on timeout)."""
         if not self.alive:
             return succeed(False)
@@ -126,34 +132,34 @@ class RunnerLink(Protocol):
         self.send({"type": "interrupt", "id": request_id})
         return d
 
-    def close(self, reason="closed by the agent"):
+    def close(self, reason: str = "closed by the agent") -> None:
         """Close the link; ``dead`` fires with ``reason``."""
         self._declare_dead(reason)
 
     # Backpressure: the owner stops reading when its own buffer is full; the runner
     # then stops reading user output, and user code blocks on write.
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         self._paused = True
         if self.transport is not None:
             cast(IPushProducer, self.transport).pauseProducing()
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         self._paused = False
         self._last_heard = self._clock.seconds()  # nothing could be heard while paused
         if self.transport is not None:
             cast(IPushProducer, self.transport).resumeProducing()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         if self.transport is not None:
             cast(IPushProducer, self.transport).stopProducing()
 
     # -- Protocol ---------------------------------------------------------------------
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         self._last_heard = self._clock.seconds()
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         self._last_heard = self._clock.seconds()
         broken: Optional[FrameError]
         try:
@@ -178,7 +184,7 @@ class RunnerLink(Protocol):
         if broken is not None:
             self._declare_dead(f"bad frame from the runner: {broken}")
 
-    def connectionLost(self, reason=None):
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         why = "connection lost"
         if reason is not None and reason.value is not None:
             why = f"connection lost: {reason.getErrorMessage()}"
@@ -378,7 +384,9 @@ class _Connector:
             self._handshaking.close("connect_runner cancelled")
 
 
-def connect_runner(reactor, socket_path, clock, timeout=30.0, **link_options):
+def connect_runner(
+    reactor: Any, socket_path: str, clock: IReactorTime, timeout: float = 30.0, **link_options: Any
+) -> Deferred[RunnerLink]:
     """
     Connect to the runner listening at ``socket_path`` (a host path), retrying with a
     short backoff (50 ms doubling to 500 ms) while the container starts it, for at most
@@ -407,7 +415,7 @@ _STREAMS = {b'","stream":"stdout","data":"': "stdout", b'","stream":"stderr","da
 _STREAM_PART = len(b'","stream":"stdout","data":"')
 
 
-def split_output_frame(payload):
+def split_output_frame(payload: bytes) -> Optional[dict]:
     """
     An ``output`` frame as ``{"type": "output-raw", "run_id", "stream", "raw"}`` where
     ``raw`` is the data still JSON-escaped (UTF-8 bytes, without the quotes); None for

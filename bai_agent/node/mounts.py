@@ -8,6 +8,8 @@ directory* onto a private mount point; Docker then mounts the private point, so 
 swapped in for the original path later is never followed.
 """
 
+from __future__ import annotations
+
 import collections
 import ctypes
 import ctypes.util
@@ -33,7 +35,7 @@ def _path(value: str | bytes | None) -> bytes | None:
     return os.fsencode(value) if value is not None else None
 
 
-def mount(source, target, fstype=None, flags=0, data=None) -> None:
+def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0, data: str | None = None) -> None:
     """``mount(2)``; ``OSError`` with the errno on failure."""
     result = _libc.mount(_path(source), _path(target), _path(fstype), flags, _path(data))
     if result != 0:
@@ -97,7 +99,7 @@ def mount_points_under(root: str) -> list:
     return sorted(found, key=lambda point: point.count("/"), reverse=True)
 
 
-def mount_containing(path: str):
+def mount_containing(path: str) -> MountEntry | None:
     """The ``MountEntry`` of the filesystem ``path`` is on (the innermost, topmost); None if unknown."""
     real = os.path.realpath(path)
     best = None

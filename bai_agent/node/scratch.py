@@ -22,6 +22,8 @@ A loop-mounted home outlives the agent: a restarted agent finds it mounted and a
 as it is.
 """
 
+from __future__ import annotations
+
 import errno
 import fcntl
 import hashlib
@@ -29,6 +31,8 @@ import os
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterable
+from typing import cast
 
 from bai_agent.node import mounts
 from bai_agent.values import SCRATCH_TYPES as KINDS
@@ -52,7 +56,7 @@ class ScratchError(Exception):
     """A home's volume could not be made or removed; the message says why."""
 
 
-def detect(scratch_root: str, kind: str, log=None) -> "ScratchVolumes":
+def detect(scratch_root: str, kind: str, log: object = None) -> ScratchVolumes:
     """
     The volumes for ``kind`` on ``scratch_root``; ``ValueError`` (a start-up error) when
     the scratch root cannot do what ``kind`` asks.
@@ -71,7 +75,7 @@ def detect(scratch_root: str, kind: str, log=None) -> "ScratchVolumes":
     return ScratchVolumes(scratch_root, kind)
 
 
-def quota_unsupported(scratch_root: str):
+def quota_unsupported(scratch_root: str) -> str | None:
     """Why project quotas cannot limit homes under ``scratch_root``; None when they can."""
     entry = mounts.mount_containing(scratch_root)
     if entry is None:
@@ -94,7 +98,7 @@ def quota_unsupported(scratch_root: str):
     return f"{scratch_root} is on {fstype}, which has no project quotas (XFS or ext4 have)"
 
 
-def hostfile_unsupported():
+def hostfile_unsupported() -> str | None:
     """Why loop-mounted images cannot be used here; None when they can."""
     if os.geteuid() != 0:
         return "loop-mounting a home needs root"
@@ -160,7 +164,7 @@ class ScratchVolumes:
                 pass
         # A project quota needs no undoing: the project's blocks go with its files.
 
-    def remove_images_except(self, homes) -> list:
+    def remove_images_except(self, homes: Iterable[str]) -> list[str]:
         """
         Delete the images of no home in ``homes`` (what a create killed before it mounted
         its image left); the paths deleted. An image still attached to a loop device
@@ -182,7 +186,7 @@ class ScratchVolumes:
                     pass
         return removed
 
-    def used(self, home: str):
+    def used(self, home: str) -> int | None:
         """Bytes the home's own filesystem says are used (hostfile), else None."""
         if self.kind != "hostfile" or not mounts.is_mount_point(home):
             return None
@@ -238,7 +242,9 @@ class ScratchVolumes:
             fcntl.ioctl(fd, _FS_IOC_FSSETXATTR, new)
         finally:
             os.close(fd)
-        filesystem = mounts.mount_containing(self.scratch_root)
+        # detect chose quotas because this filesystem was found; were it gone from the
+        # mount table since, the AttributeError below would say so (as it always has).
+        filesystem = cast(mounts.MountEntry, mounts.mount_containing(self.scratch_root))
         kib = max(1, size // 1024)
         if filesystem.fstype == "xfs":
             _run(["xfs_quota", "-x", "-c", f"limit -p bhard={kib}k {project}", filesystem.point], "limit", home)
@@ -246,7 +252,7 @@ class ScratchVolumes:
             _run(["setquota", "-P", str(project), "0", str(kib), "0", "0", filesystem.point], "limit", home)
 
 
-def _run(argv, what, home) -> None:
+def _run(argv: list[str], what: str, home: str) -> None:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -110,7 +110,7 @@ def mount_id(fd: int) -> int | None:
     return None
 
 
-def remove_tree(path) -> Removal:
+def remove_tree(path: str | bytes) -> Removal:
     """
     Remove ``path`` and everything below it, as described above; what is already gone is
     fine. ``path`` itself is not followed if it is a symlink: the symlink is removed.
@@ -142,7 +142,7 @@ class _Frame:
         self.left = False  # something in it could not be removed
         self.made_writable = False
 
-    def next_entry(self):
+    def next_entry(self) -> os.DirEntry[str] | None:
         try:
             if self.entries is None:
                 self.entries = os.scandir(self.fd)
@@ -288,7 +288,7 @@ class _Remover:
             for frame in frames:
                 frame.close()
 
-    def _entry(self, frame: _Frame, entry, frames, inos) -> None:
+    def _entry(self, frame: _Frame, entry: os.DirEntry[str], frames: list[_Frame], inos: array.array[int]) -> None:
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
         except OSError:
@@ -298,7 +298,7 @@ class _Remover:
         else:
             self._unlink(frame, entry.name, frames, inos, 0)
 
-    def _unlink(self, frame: _Frame, name: str, frames, inos, tries: int) -> None:
+    def _unlink(self, frame: _Frame, name: str, frames: list[_Frame], inos: array.array[int], tries: int) -> None:
         while True:
             try:
                 os.unlink(name, dir_fd=frame.fd)
@@ -329,7 +329,9 @@ class _Remover:
             return  # gone meanwhile
         self._directory(frame, name, ino, frames, inos, tries + 1)
 
-    def _directory(self, frame: _Frame, name: str, ino: int, frames, inos, tries: int) -> None:
+    def _directory(
+        self, frame: _Frame, name: str, ino: int, frames: list[_Frame], inos: array.array[int], tries: int
+    ) -> None:
         """Remove the subdirectory ``name``, or make it the current level to empty it."""
         if ino in self.stuck:
             frame.left = True
@@ -389,7 +391,9 @@ class _Remover:
         if len(frames) > MAX_OPEN:
             frames.pop(0).close()  # reopened through '..' when the walk comes back up
 
-    def _open_directory(self, frame: _Frame, name: str, frames, inos, tries: int) -> int | None:
+    def _open_directory(
+        self, frame: _Frame, name: str, frames: list[_Frame], inos: array.array[int], tries: int
+    ) -> int | None:
         try:
             return os.open(name, _DIR_FLAGS, dir_fd=frame.fd)
         except FileNotFoundError:
@@ -408,7 +412,9 @@ class _Remover:
             self._leave(frame, name, error)
             return None
 
-    def _not_a_directory(self, frame: _Frame, name: str, frames, inos, tries: int) -> None:
+    def _not_a_directory(
+        self, frame: _Frame, name: str, frames: list[_Frame], inos: array.array[int], tries: int
+    ) -> None:
         """A symlink or a file where a directory was: remove that, never follow it."""
         if tries >= _SWAP_TRIES:
             self._leave(frame, name, "keeps changing between file and directory")
@@ -487,11 +493,11 @@ class _Remover:
             if where not in self.mount_points:  # met again when a level is listed again
                 self.mount_points.append(where)
 
-    def _leave(self, frame: _Frame, name: str, reason) -> None:
+    def _leave(self, frame: _Frame, name: str, reason: str | OSError) -> None:
         frame.left = True
         self._fail(frame.fd, name, reason)
 
-    def _fail(self, dir_fd: int, name: str, reason) -> None:
+    def _fail(self, dir_fd: int, name: str, reason: str | OSError) -> None:
         if len(self.failures) < MAX_REPORTED:
             if isinstance(reason, OSError):
                 reason = reason.strerror or str(reason)

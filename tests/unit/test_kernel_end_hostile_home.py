@@ -9,8 +9,9 @@ import os
 import pytest
 
 from bai_agent.kernels.workspace import Workspace
+from bai_agent.testing.deferreds import result_of
 from tests.deep_trees import deep_chain, removes_deep_trees  # noqa: F401 (autouse)
-from tests.unit.test_kernel_registry import Harness, restarted, result
+from tests.unit.test_kernel_registry import Harness, restarted
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def test_a_kernel_whose_home_is_5000_deep_ends_and_frees_everything(h):
     home = h.registry.workspace("k1").scratch_dir
     deep_chain(home, 5000, every=1000)
     os.symlink("/", os.path.join(home, "root"))
-    answer = result(h.registry.destroy("k1"))
+    answer = result_of(h.registry.destroy("k1"))
     assert answer["kernel_id"] == "k1"
     h.assert_nothing_leaked()
     (terminated,) = h.events("kernel-terminated")
@@ -41,7 +42,7 @@ def test_a_removal_that_raises_never_keeps_the_grant_or_the_id(h, monkeypatch, e
         raise error
 
     monkeypatch.setattr(Workspace, "remove", failing_remove)
-    assert result(h.registry.destroy("k1"))["kernel_id"] == "k1"
+    assert result_of(h.registry.destroy("k1"))["kernel_id"] == "k1"
     assert h.registry.kernels == {}
     assert h.allocator.used() == {"cpu": 0, "mem": 0, "cuda.device": 0}
     assert [event.kernel_id for event in h.events("kernel-terminated")] == ["k1"]

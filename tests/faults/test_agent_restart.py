@@ -12,6 +12,9 @@ import pytest_twisted
 from bai_agent.testing.waiting import wait_until_blocking
 from tests.faults.helpers import AGENT_ID_LABEL, KERNEL_ID_LABEL, by_id, kernel_ids
 
+pytestmark = pytest.mark.faults
+
+
 KERNELS = {
     "keep-a": {"cpu": 1, "mem": "128m"},
     "keep-b": {"cpu": 0.5, "mem": "64m"},

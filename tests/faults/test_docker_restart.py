@@ -9,11 +9,14 @@ a kernel killed after the restart is reported ``self-terminated`` (the stream sa
 ``kill``; the periodic re-list alone would take an unexplained exit 137 for the OOM killer).
 """
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import inlineCallbacks
 
 from bai_agent.testing.waiting import blocking, wait_until_blocking
 from tests.faults.helpers import DockerAPI, kernel_ids
+
+pytestmark = pytest.mark.faults
 
 
 def health(agent, code, word=None):

@@ -5,11 +5,14 @@ registers again and writes back the namespace secret it knew, so that managers k
 authenticating with it.
 """
 
+import pytest
 import pytest_twisted
 
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.waiting import blocking, wait_until_blocking
 from tests.faults.helpers import etcd_get, etcd_put, etcd_record, kernel_ids
+
+pytestmark = pytest.mark.faults
 
 
 def health(agent, code, word=None):

@@ -6,10 +6,14 @@ running for the next start (default) or are all destroyed (``--destroy-kernels-o
 
 import signal
 
+import pytest
 import pytest_twisted
 
 from bai_agent.testing.waiting import wait_until
 from tests.faults.helpers import STOP_REASONS, etcd_record, kernel_ids
+
+pytestmark = pytest.mark.faults
+
 
 SLOW_CODE = "open('started', 'w').close()\nimport time\ntime.sleep(2)\nprint('done')"
 

@@ -1,6 +1,10 @@
 """The suite's own bookkeeping: a lost event, a gap or a leak must show in the figures."""
 
+import pytest
+
 from tests.faults.helpers import EventRecorder, Figures, Ledger
+
+pytestmark = pytest.mark.faults
 
 
 def event(seq, type="kernel-terminated", kernel_id="k", reason="user-requested"):

@@ -13,6 +13,9 @@ from bai_agent.protocol import errors
 from bai_agent.testing.waiting import sleep, wait_until
 from tests.faults.helpers import by_id
 
+pytestmark = pytest.mark.faults
+
+
 RESOURCES = {"cpu": 0.5, "mem": "64m"}
 SLOW_CODE = (
     "open('started', 'w').close()\nimport time\ntime.sleep(1)\ny = x + 1\nopen('finished', 'w').close()\nprint('done')"

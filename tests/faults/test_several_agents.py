@@ -6,9 +6,12 @@ only its own leftovers, and both are registered.
 
 import signal
 
+import pytest
 import pytest_twisted
 
 from tests.faults.helpers import AGENT_ID_LABEL, KERNEL_ID_LABEL, etcd_record, kernel_ids
+
+pytestmark = pytest.mark.faults
 
 
 @pytest_twisted.inlineCallbacks

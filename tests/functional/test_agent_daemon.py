@@ -15,6 +15,9 @@ from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.etcd_server import EtcdServer
 from tests.functional.agent_process import AgentProcess, etcd_record
 
+pytestmark = pytest.mark.functional
+
+
 KERNEL_IMAGE = "bai-kernel/python:3.11"
 
 

@@ -20,6 +20,8 @@ import pytest
 
 from tests.functional.agent_process import containers_of, env, running_agent
 
+pytestmark = pytest.mark.functional
+
 
 def our_containers(agent):
     return containers_of(agent.agent_id)

@@ -20,6 +20,9 @@ from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import AgentProcess, running_agent
 from tests.functional.executing import IMAGE, run_to_end, text
 
+pytestmark = pytest.mark.functional
+
+
 MIB = 1 << 20
 
 FILL = """

@@ -12,6 +12,8 @@ from twisted.internet.defer import CancelledError
 from bai_agent.testing.docker_contract import PRINT_CMD, PYTHON, SLEEP_CMD, container_config
 from tests.functional.test_docker_contract_real import real_docker_fixture
 
+pytestmark = pytest.mark.functional
+
 
 @pytest.fixture
 def docker(request):

@@ -2,11 +2,14 @@
 
 import uuid
 
+import pytest
 from twisted.internet.task import deferLater
 
 from bai_agent.docker.engine import DockerEngineClient
 from bai_agent.testing import docker_host as host_helpers
 from bai_agent.testing.docker_contract import make_docker_backend_tests
+
+pytestmark = pytest.mark.functional
 
 
 class RealDockerFixture:

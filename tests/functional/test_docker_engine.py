@@ -25,6 +25,9 @@ from bai_agent.testing.docker_host import docker_host_from_env, require_docker
 from bai_agent.testing.standin_docker import StandInDaemon
 from bai_agent.testing.waiting import sleep
 
+pytestmark = pytest.mark.functional
+
+
 # -- docker_host --------------------------------------------------------------------
 
 

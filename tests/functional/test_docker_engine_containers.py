@@ -18,6 +18,9 @@ from bai_agent.docker.engine import DockerEngineClient
 from bai_agent.docker.interface import DockerConflict, DockerError, DockerNotFound
 from bai_agent.testing.standin_docker import StandInDaemon
 
+pytestmark = pytest.mark.functional
+
+
 CID = "c0ffee" * 10 + "abcd"
 
 

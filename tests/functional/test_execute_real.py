@@ -10,6 +10,8 @@ from bai_agent.protocol import errors
 from tests.functional.agent_process import docker
 from tests.functional.executing import IMAGE, SHELL_IMAGE, run_to_end, text
 
+pytestmark = pytest.mark.functional
+
 
 @pytest_twisted.inlineCallbacks
 def test_query_mode_keeps_state_order_and_survives_crashes(client):

@@ -9,6 +9,8 @@ import pytest_twisted
 from bai_agent.protocol import errors
 from tests.functional.executing import IMAGE, run_to_end, text
 
+pytestmark = pytest.mark.functional
+
 
 @pytest_twisted.inlineCallbacks
 def test_upload_download_list_and_the_kernel_sees_the_files(client, agent):

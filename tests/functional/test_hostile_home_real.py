@@ -8,11 +8,15 @@ directories kept swapping for symlinks out of the home while the agent sizes it.
 import os
 import time
 
+import pytest
 import pytest_twisted
 
 from bai_agent.node.trees import remove_tree
 from bai_agent.testing.waiting import sleep, wait_until
 from tests.functional.executing import IMAGE, run_to_end, text
+
+pytestmark = pytest.mark.functional
+
 
 MIB = 1 << 20
 SUBDIRS = 200

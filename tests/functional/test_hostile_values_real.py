@@ -13,6 +13,8 @@ import pytest_twisted
 from bai_agent.protocol import errors
 from tests.functional.executing import IMAGE, run_to_end, text
 
+pytestmark = pytest.mark.functional
+
 
 def etcdctl(etcd_server, *args):
     return subprocess.run(

@@ -11,6 +11,8 @@ from bai_agent.protocol import errors
 from tests.functional.agent_process import docker
 from tests.functional.executing import IMAGE, SHELL_IMAGE, run_to_end, text
 
+pytestmark = pytest.mark.functional
+
 
 def runner_environment(container_id) -> dict:
     """What the runner process (pid 1 of the container) runs with, read from the host."""

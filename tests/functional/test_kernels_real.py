@@ -14,6 +14,8 @@ from bai_agent.testing.waiting import wait_until
 from tests.functional.agent_process import containers_of, docker, running_agent
 from tests.functional.executing import IMAGE
 
+pytestmark = pytest.mark.functional
+
 
 def our_containers(agent):
     return containers_of(agent.agent_id)

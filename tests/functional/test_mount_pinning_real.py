@@ -15,6 +15,8 @@ from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import running_agent
 from tests.functional.executing import IMAGE, run_to_end, text
 
+pytestmark = pytest.mark.functional
+
 
 @pytest.fixture
 def roots(tmp_path):

@@ -12,6 +12,9 @@ from bai_agent.kernels.workspace import Workspace
 from bai_agent.node import mounts, scratch
 from bai_agent.node.scratch import ScratchVolumes, detect
 
+pytestmark = pytest.mark.functional
+
+
 MIB = 1 << 20
 
 

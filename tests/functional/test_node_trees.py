@@ -16,6 +16,8 @@ from bai_agent.node import mounts, trees
 from bai_agent.node.trees import TreeNotRemoved, remove_tree
 from tests.deep_trees import assert_intact, deep_chain, open_fds, outside_tree, removes_deep_trees  # noqa: F401 (autouse)
 
+pytestmark = pytest.mark.functional
+
 
 def test_a_10000_deep_tree_is_removed_with_a_bounded_number_of_fds(tmp_path, monkeypatch):
     home = tmp_path / "home"

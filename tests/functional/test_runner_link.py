@@ -25,6 +25,9 @@ from bai_agent.kernels.runner_link import (
 from bai_agent.runner.framing import FrameDecoder, encode
 from bai_agent.testing.deferreds import failure_of, result_of
 
+pytestmark = pytest.mark.functional
+
+
 HELLO = {
     "type": "hello",
     "protocol": 1,

@@ -28,6 +28,9 @@ import bai_agent.runner
 from bai_agent.kernels.runner_link import RunnerLink, connect_runner
 from bai_agent.runner.framing import FrameDecoder, encode
 
+pytestmark = pytest.mark.functional
+
+
 RUNTIME = "/usr/bin/python3"  # what kernel images have; readable by uid 1000
 USER_UID = 1000 if os.geteuid() == 0 else os.getuid()
 USER_GID = 1000 if os.geteuid() == 0 else os.getgid()

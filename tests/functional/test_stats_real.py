@@ -18,6 +18,9 @@ from bai_agent.testing.docker_cli import docker
 from bai_agent.testing.docker_host import remove_container, require_kernel_image
 from bai_agent.testing.waiting import sleep
 
+pytestmark = pytest.mark.functional
+
+
 MIB = 1 << 20
 LABEL = f"ai.backend.agent-id=stats-test-{os.getpid()}"
 DATA_SIZE = 4 * MIB

@@ -19,6 +19,8 @@ from bai_agent.protocol.client import AgentClient
 from tests.functional.agent_process import docker, running_agent
 from tests.functional.executing import IMAGE
 
+pytestmark = pytest.mark.functional
+
 
 @pytest.fixture
 def agent(tmp_path, etcd_server, docker_host):

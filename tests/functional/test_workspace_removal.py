@@ -14,6 +14,8 @@ from bai_agent.kernels.workspace import Workspace, kernel_key, remove_state_dirs
 from bai_agent.node import mounts
 from tests.deep_trees import assert_intact, deep_chain, outside_tree, removes_deep_trees  # noqa: F401
 
+pytestmark = pytest.mark.functional
+
 
 @pytest.fixture
 def workspace(tmp_path):

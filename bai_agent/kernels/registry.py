@@ -59,10 +59,7 @@ if TYPE_CHECKING:
 RELIST_INTERVAL = 10.0
 IDLE_CHECK_INTERVAL = 1.0
 STOP_GRACE = 2
-DESTROY_REASONS = events.DESTROY_REASONS
 TAKING_OVER = "the agent is still taking over the kernels of its last run; retry"
-
-Inline = Generator[Deferred[Any], Any, Any]
 
 
 class KernelRegistry(Service):
@@ -473,8 +470,9 @@ class KernelRegistry(Service):
     def destroy(self, kernel_id: str, reason: str = events.USER_REQUESTED) -> Deferred[dict[str, Any]]:
         """Destroy a kernel; fires with ``{kernel_id, exit_code, stats}``."""
         kernel = self.get(kernel_id)
-        if reason not in DESTROY_REASONS:
-            raise errors.InvalidRequest(f"reason must be one of {', '.join(DESTROY_REASONS)}; got {reason!r}")
+        if reason not in events.DESTROY_REASONS:
+            reasons = ", ".join(events.DESTROY_REASONS)
+            raise errors.InvalidRequest(f"reason must be one of {reasons}; got {reason!r}")
         return self._destroy_kernel(kernel, reason)
 
     def _destroy_kernel(self, kernel: Kernel, reason: str) -> Deferred[dict[str, Any]]:

@@ -8,6 +8,10 @@ Standard library only, Python 3.8+ (see ``__init__.py``).
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Any
+
 PROTOCOL = 1
 RUNNER_VERSION = "1.0"
 
@@ -30,10 +34,10 @@ class AgentMessages:
     ``runner`` is the ``server.Runner`` whose runs, interpreter and outbox they act on.
     """
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner: Any) -> None:
         self.runner = runner
 
-    def handle(self, conn, message: dict) -> None:
+    def handle(self, conn: Any, message: dict) -> None:
         runner = self.runner
         if conn is not runner.conn or conn.closed:
             return

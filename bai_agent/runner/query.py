@@ -36,6 +36,8 @@ reading a frame (that would break the channel): there it is deferred to the end 
 critical section.
 """
 
+from __future__ import annotations
+
 import ast
 import builtins
 import linecache
@@ -109,7 +111,7 @@ def _run_code(code, filename, namespace):
 
 
 class Interpreter:
-    def __init__(self, channel):
+    def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.output = userio.Output(channel)
         self.stdout = userio.TextWriter(self.output, b"o", 1, "<stdout>")
@@ -124,7 +126,7 @@ class Interpreter:
         sys.modules["__main__"] = module
         return module
 
-    def install(self):
+    def install(self) -> None:
         sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, self.stdin
         sys.argv = [""]
 
@@ -151,7 +153,7 @@ class Interpreter:
         except OSError:
             pass
 
-    def execute(self, code, seq):
+    def execute(self, code: str, seq: int) -> None:
         filename = f"<input-{seq:d}>"
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         # Runs start on the kernel's own streams, whatever the last one did with them.
@@ -184,7 +186,7 @@ class Interpreter:
         self.output.end_run()
         self.channel.send({"type": "done", "exit_code": exit_code})
 
-    def complete(self, request_id, text):
+    def complete(self, request_id: object, text: str) -> None:
         items = []
         try:
             userio.interrupts.armed = True
@@ -196,7 +198,7 @@ class Interpreter:
             items = []
         self.channel.send({"type": "completions", "id": request_id, "items": items})
 
-    def serve(self):
+    def serve(self) -> None:
         self.channel.send({"type": "ready", "pid": os.getpid(), "python": "{}.{}.{}".format(*sys.version_info[:3])})
         while True:
             try:
@@ -211,7 +213,7 @@ class Interpreter:
             # anything else ("input" that came too late) is dropped
 
 
-def main(argv):
+def main(argv: list) -> None:
     fd = int(argv[argv.index("--fd") + 1])
     os.set_inheritable(fd, False)  # subprocesses of user code must not get the channel
     channel = userio.Channel(fd)

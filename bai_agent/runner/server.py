@@ -96,7 +96,9 @@ from options import USAGE, UsageError, parse_args  # noqa: E402
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
+
+    from options import Options
 
 #: poll() timeout: a safety net for reaping; signals wake the loop anyway.
 POLL_MS = 2000
@@ -106,7 +108,7 @@ EXIT_CANCELLED = 137
 EXIT_NOT_STARTED = 127
 
 
-def log(message):
+def log(message: str) -> None:
     """The runner's own diagnostics go to its stderr: the container log."""
     try:
         sys.stderr.write(f"bai-runner: {message}\n")
@@ -120,20 +122,20 @@ class QueryRun:
 
     mode = "query"
 
-    def __init__(self, runner, run_id, interp):
+    def __init__(self, runner: Runner, run_id: str, interp: Any) -> None:
         self.runner = runner
         self.run_id = run_id
         self.interp = interp
         self.cancelled = False
-        self.waiting = None  # {"request", "prompt", "is_password", "delivered"}
+        self.waiting: dict | None = None  # {"request", "prompt", "is_password", "delivered"}
         self.started = False
         self.interrupt_pending = False
 
     @property
-    def pipes(self):
+    def pipes(self) -> tuple:
         return self.interp.pipes
 
-    def interrupt(self):
+    def interrupt(self) -> bool:
         if self.started:
             return self.interp.interrupt()
         # The interpreter has not begun the code yet (still starting, or reading the
@@ -141,22 +143,22 @@ class QueryRun:
         self.interrupt_pending = True
         return True
 
-    def on_started(self):
+    def on_started(self) -> None:
         self.started = True
         if self.interrupt_pending:
             self.interrupt_pending = False
             self.interp.interrupt()
 
-    def cancel(self):
+    def cancel(self) -> None:
         self.cancelled = True
         self.interp.kill()
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         self.interp.kill()
 
 
 class Runner:
-    def __init__(self, options):
+    def __init__(self, options: Options) -> None:
         self.options = options
         # The runner's own environment is the container's (the image's, and HOME): nothing
         # a manager chose. The kernel's environment is for the user's processes only.
@@ -180,7 +182,7 @@ class Runner:
         self.run: Any = None  # the QueryRun or batch.BatchRun under way
         self.last_run_id = None
         self.interp: Any = None  # the interpreter.InterpreterProcess
-        self._interp_error = None
+        self._interp_error: str | None = None
         self._children: dict = {}  # pid -> callback(status)
         self._completions: dict = {}  # our request id -> (interpreter, connection, the agent's id)
         self._next_completion = 0
@@ -192,7 +194,7 @@ class Runner:
 
     # -- set-up and the loop -------------------------------------------------------
 
-    def listen(self):
+    def listen(self) -> None:
         path = self.options.socket
         # Bind and listen under a temporary name, then rename: the socket appears at
         # its path only once it accepts connections (and replaces a stale one).
@@ -215,7 +217,7 @@ class Runner:
         os.rename(temporary, path)
         self.listener = listener
 
-    def install_signals(self):
+    def install_signals(self) -> None:
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_r, False)
         os.set_blocking(self._wakeup_w, False)
@@ -228,7 +230,7 @@ class Runner:
             signal.signal(signum, stop)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
-    def serve(self):
+    def serve(self) -> None:
         self.identity.check()
         self.listen()
         self.install_signals()
@@ -337,15 +339,15 @@ class Runner:
             }
         )
 
-    def features(self):
+    def features(self) -> list:
         if self.supports_query:
             return ["query", "batch", "user-input", "complete", "interrupt", "cancel"]
         return ["batch", "interrupt", "cancel"]
 
-    def fault(self, error):  # pragma: no cover - the listener and wakeup pipe
+    def fault(self, error: BaseException) -> None:  # pragma: no cover - the listener and wakeup pipe
         pass
 
-    def drop_connection(self, conn, why):
+    def drop_connection(self, conn: Any, why: str) -> None:
         if conn.closed:
             return
         log(f"agent connection closed: {why}")
@@ -358,7 +360,7 @@ class Runner:
 
     # -- children ------------------------------------------------------------------
 
-    def watch_child(self, pid, callback):
+    def watch_child(self, pid: int, callback: Callable[[int], object]) -> None:
         self._children[pid] = callback
 
     def _reap(self):
@@ -377,7 +379,7 @@ class Runner:
 
     # -- the interpreter ----------------------------------------------------------
 
-    def ensure_interpreter(self):
+    def ensure_interpreter(self) -> Any:
         """The running interpreter, started if need be; None if it cannot start."""
         if self.interp is not None:
             if self.interp.broken is None:
@@ -395,21 +397,21 @@ class Runner:
         self.watch_child(interp.pid, lambda status: self._interpreter_exited(interp, status))
         return interp
 
-    def interpreter_ready(self, interp):
+    def interpreter_ready(self, interp: Any) -> None:
         pass
 
-    def interpreter_started(self, interp):
+    def interpreter_started(self, interp: Any) -> None:
         run = self.run
         if isinstance(run, QueryRun) and run.interp is interp:
             run.on_started()
 
-    def interpreter_output(self, interp, stream, text):
+    def interpreter_output(self, interp: Any, stream: str, text: str) -> None:
         run = self.run
         if isinstance(run, QueryRun) and run.interp is interp:
             self.emit_output(stream, text)
         # else: leftovers of an interpreter already replaced; they belong to no run
 
-    def interpreter_waiting_input(self, interp, request, prompt, is_password):
+    def interpreter_waiting_input(self, interp: Any, request: int, prompt: str, is_password: bool) -> None:
         run = self.run
         if not isinstance(run, QueryRun) or run.interp is not interp:
             return
@@ -421,7 +423,7 @@ class Runner:
         }
         self.announce_waiting(run)
 
-    def announce_waiting(self, run):
+    def announce_waiting(self, run: Any) -> None:
         """Tell the agent (now, or whoever connects next) that ``run`` waits for input."""
         waiting = run.waiting
 
@@ -438,7 +440,7 @@ class Runner:
             on_sent=delivered,
         )
 
-    def interpreter_done(self, interp, exit_code):
+    def interpreter_done(self, interp: Any, exit_code: int) -> None:
         run = self.run
         if isinstance(run, QueryRun) and run.interp is interp and not run.cancelled:
             # Raw output (subprocesses, os.write) written during the run is in the pipes.
@@ -446,18 +448,18 @@ class Runner:
                 pipe.drain(self.emit_output)
             self.finish_run(run, exit_code)
 
-    def request_completions(self, interp, conn, agent_id, text):
+    def request_completions(self, interp: Any, conn: Any, agent_id: object, text: str) -> None:
         """Ask ``interp`` to complete ``text``; the answer goes to ``conn`` as ``agent_id``."""
         self._next_completion += 1
         self._completions[self._next_completion] = (interp, conn, agent_id)
         interp.send({"type": "complete", "id": self._next_completion, "text": text})
 
-    def interpreter_completions(self, interp, request_id, items):
+    def interpreter_completions(self, interp: Any, request_id: int, items: list) -> None:
         owner, conn, agent_id = self._completions.pop(request_id, (None, None, None))
         if owner is interp and conn is not None and conn is self.conn:
             conn.reply({"type": "completions", "id": agent_id, "items": items})
 
-    def interpreter_broken(self, interp, reason):
+    def interpreter_broken(self, interp: Any, reason: str) -> None:
         log(f"{reason}; killing it")
         interp.killed = interp.kill()
 
@@ -497,21 +499,21 @@ class Runner:
 
     # -- runs ----------------------------------------------------------------------
 
-    def emit(self, message, on_sent=None):
+    def emit(self, message: dict, on_sent: Callable[[], object] | None = None) -> None:
         self.outbox.add(message, on_sent)
 
-    def emit_output(self, stream, text):
+    def emit_output(self, stream: str, text: str) -> None:
         run_id = self.run.run_id if self.run is not None else self.last_run_id
         self.outbox.add_output(run_id, stream, text)
 
-    def finish_run(self, run, exit_code):
+    def finish_run(self, run: Any, exit_code: int) -> None:
         if self.run is not run:
             return
         self.outbox.add({"type": "finished", "run_id": run.run_id, "exit_code": exit_code})
         self.last_run_id = run.run_id
         self.run = None
 
-    def start_query(self, run_id, code):
+    def start_query(self, run_id: str, code: str) -> None:
         interp = self.ensure_interpreter()
         if interp is None:
             run = QueryRun(self, run_id, None)
@@ -523,20 +525,20 @@ class Runner:
         self.run = QueryRun(self, run_id, interp)
         interp.send({"type": "execute", "seq": self._seq, "code": code})
 
-    def start_batch(self, run_id, options, code):
+    def start_batch(self, run_id: str, options: dict, code: str) -> None:
         run = batch.BatchRun(self, run_id, options.get("build"), options.get("exec"), code)
         self.run = run
         run.start()
 
     # -- messages from the agent --------------------------------------------------------
 
-    def handle(self, conn, message):
+    def handle(self, conn: Any, message: dict) -> None:
         """A message from the agent on ``conn`` (see ``messages.AgentMessages``)."""
         self._messages.handle(conn, message)
 
     # -- the end -------------------------------------------------------------------
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         log("shutting down")
         if self.run is not None:
             self.run.shutdown()
@@ -563,7 +565,7 @@ class _PipeReader:
 
     __slots__ = ("runner", "pipe")
 
-    def __init__(self, runner, pipe):
+    def __init__(self, runner: Runner, pipe: Any) -> None:
         self.runner = runner
         self.pipe = pipe
 
@@ -582,7 +584,7 @@ class _PipeReader:
         return id(self.pipe)
 
 
-def read_user_environ(path):
+def read_user_environ(path: str) -> dict:
     """
     The kernel's environment for user processes, from ``path`` (a JSON object of strings
     that the agent wrote in the root-only run directory); empty when there is no such
@@ -616,7 +618,7 @@ def read_user_environ(path):
     }
 
 
-def main(argv=None):
+def main(argv: list | None = None) -> int:
     try:
         options = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as e:

@@ -10,6 +10,8 @@ there): tracebacks shown to the user leave this module's frames out too. Standar
 library only, Python 3.8+ (see ``__init__.py``).
 """
 
+from __future__ import annotations
+
 import codecs
 import io
 import os
@@ -40,7 +42,7 @@ _MAIN_THREAD = threading.get_ident()
 _forked = False  # set in children forked by user code (os.fork, multiprocessing)
 
 
-def mark_forked():
+def mark_forked() -> None:
     """In a child forked by user code: never touch the channel again (see ``Output``)."""
     global _forked
     _forked = True
@@ -99,25 +101,25 @@ critical = interrupts
 
 
 class Channel:
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self.fd = fd
         self._decoder = framing.FrameDecoder(messages=False)
-        self._payloads = []
+        self._payloads: list = []
         # Threads write whole frames one at a time (a large write to a stream socket
         # can interleave with another thread's).
         self._write_lock = threading.RLock()
 
-    def send_payload(self, payload):
+    def send_payload(self, payload: bytes) -> None:
         data = memoryview(framing.encode_payload(payload))
         with critical:
             with self._write_lock:
                 while data:
                     data = data[os.write(self.fd, data) :]
 
-    def send(self, message):
+    def send(self, message: dict) -> None:
         self.send_payload(jsoncodec.dumps(message).encode("utf-8", "replace"))
 
-    def receive(self):
+    def receive(self) -> dict:
         """The next message (a dict); ``EOFError`` when the runner has gone."""
         while not self._payloads:
             # Wait outside the critical section (a SIGINT may interrupt the wait, and
@@ -137,12 +139,12 @@ class Channel:
 class Output:
     """The one ordered buffer behind sys.stdout and sys.stderr."""
 
-    def __init__(self, channel):
+    def __init__(self, channel: Channel) -> None:
         self._channel = channel
         # Reentrant: a Python signal handler of user code may print while the main
         # thread is inside write() or a flush.
         self._cond = threading.Condition(threading.RLock())
-        self._segments = []  # [stream byte, [texts]] in order
+        self._segments: list = []  # [stream byte, [texts]] in order
         self._size = 0
         self._flushing = False
         self.running = False
@@ -150,7 +152,7 @@ class Output:
         thread.daemon = True
         thread.start()
 
-    def write(self, stream, text):
+    def write(self, stream: bytes, text: str) -> None:
         if _forked:  # a forked child must not touch the channel: use the raw pipes
             os.write(1 if stream == b"o" else 2, _encode_text(text))
             return
@@ -172,7 +174,7 @@ class Output:
                 elif was_empty:
                     self._cond.notify_all()
 
-    def flush(self):
+    def flush(self) -> None:
         if _forked:
             return
         with critical:
@@ -194,13 +196,13 @@ class Output:
             self._flushing = False
         self._cond.notify_all()  # writers held back between runs may go on
 
-    def start_run(self):
+    def start_run(self) -> None:
         with critical:
             with self._cond:
                 self.running = True
                 self._flush_locked()  # what threads wrote since the last run
 
-    def end_run(self):
+    def end_run(self) -> None:
         with critical:
             with self._cond:
                 self._flush_locked()
@@ -250,7 +252,7 @@ class TextWriter(io.TextIOBase):
     line_buffering = False
     mode = "w"
 
-    def __init__(self, output, stream, fd, name):
+    def __init__(self, output: Output, stream: bytes, fd: int, name: str) -> None:
         self._output = output
         self._stream = stream
         self._fd = fd
@@ -258,32 +260,32 @@ class TextWriter(io.TextIOBase):
         self.buffer = _BinaryWriter(self)
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self._name
 
-    def writable(self):
+    def writable(self) -> bool:
         return True
 
-    def write(self, text):
+    def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         self._output.write(self._stream, text)
         return len(text)
 
-    def flush(self):
+    def flush(self) -> None:
         self._output.flush()
 
-    def isatty(self):
+    def isatty(self) -> bool:
         return False
 
-    def fileno(self):
+    def fileno(self) -> int:
         # The raw pipe: a subprocess given sys.stdout writes there, and still shows.
         return self._fd
 
-    def reconfigure(self, **options):
+    def reconfigure(self, **options: object) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         # Closing the kernel's stdout would only lose output; flush instead.
         self.flush()
 
@@ -292,13 +294,13 @@ class TextWriter(io.TextIOBase):
 
 
 class Input:
-    def __init__(self, channel, output):
+    def __init__(self, channel: Channel, output: Output) -> None:
         self._channel = channel
         self._output = output
         self._lock = threading.Lock()
         self._requests = 0
 
-    def request(self, prompt, is_password):
+    def request(self, prompt: object, is_password: bool) -> str:
         """Ask the runner for a line of input; block until it comes."""
         if _forked or not self._output.running:
             raise EOFError("input is only available while a run is active")
@@ -332,27 +334,27 @@ class InputReader(io.TextIOBase):
     mode = "r"
     name = "<stdin>"
 
-    def __init__(self, input_):
+    def __init__(self, input_: Input) -> None:
         self._input = input_
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
 
-    def isatty(self):
+    def isatty(self) -> bool:
         return False
 
-    def readline(self, size=-1):
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]  # text, as TextIOBase
         line = self._input.request("", False)
         return line if line.endswith("\n") else line + "\n"
 
-    def read(self, size=-1):
+    def read(self, size: int | None = -1) -> str:
         return self.readline()
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
-def strip_newline(line):
+def strip_newline(line: str) -> str:
     if line.endswith("\r\n"):
         return line[:-2]
     if line.endswith("\n"):
@@ -360,7 +362,7 @@ def strip_newline(line):
     return line
 
 
-def install_getpass(input_):
+def install_getpass(input_: Input) -> None:
     def getpass(prompt="Password: ", stream=None):
         return strip_newline(input_.request(prompt, True))
 

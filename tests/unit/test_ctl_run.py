@@ -9,11 +9,9 @@ import concurrent.futures
 import io
 import queue
 import signal
-import threading
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
 
 from bai_agent import ctl
@@ -27,7 +25,6 @@ from bai_agent.ctl.repl import (
     Completer,
     Console,
     QueueTerminal,
-    ReactorThread,
     ReplSession,
     SessionEnded,
     is_exit_command,
@@ -685,23 +682,6 @@ def test_queue_terminal_posts_output_and_input_requests():
     assert events.get_nowait() == ("output", [["stdout", "x"]])
     assert events.get_nowait()[:3] == ("input", "who? ", True)
     assert events.empty() and not d.called
-
-
-def test_reactor_thread_runs_calls_in_the_reactor_and_returns_results():
-    reactor = SelectReactor()
-    bridge = ReactorThread(reactor)
-    bridge.start()
-    try:
-        assert bridge.submit(lambda: threading.current_thread().name).result(5) == "bai-reactor"
-        assert bridge.submit(lambda: succeed(7)).result(5) == 7
-        with pytest.raises(ValueError):
-            bridge.submit(lambda: fail(ValueError("x"))).result(5)
-        got = concurrent.futures.Future()
-        bridge.call_soon(got.set_result, 1)
-        assert got.result(5) == 1
-    finally:
-        bridge.stop()
-    assert not bridge.thread.is_alive()
 
 
 def test_ctl_repl_passes_the_connection_and_user_errors(monkeypatch):

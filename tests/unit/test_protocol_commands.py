@@ -52,15 +52,3 @@ def test_kernel_commands_answer_kernel_not_found():
         argument_names = [name for name, _ in command.arguments]
         if b"kernel_id" in argument_names and command is not commands.CreateKernel:
             assert errors.KernelNotFound in command.errors, command
-
-
-def test_protocol_module_imports_without_the_rest_of_the_agent():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys; import bai_agent.protocol, bai_agent.protocol.discovery;"
-        "bad = [m for m in sys.modules if m.startswith('bai_agent.') and not m.startswith('bai_agent.protocol')];"
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)

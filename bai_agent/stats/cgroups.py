@@ -33,6 +33,7 @@ import collections
 import os
 import re
 import threading
+from typing import Any
 
 #: What a container id may look like; anything else would be a path, not a name.
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
@@ -200,7 +201,7 @@ class CgroupReader:
         sample.update(pid=pid, net_rx_bytes=rx, net_tx_bytes=tx)
         return sample
 
-    def _read_v1(self, container_id, located) -> dict:
+    def _read_v1(self, container_id: str, located: dict[str, str]) -> dict[str, Any]:
         cpuacct = located["cpuacct"]
         # The one file that must be there: without it the cgroup is gone (FileNotFoundError).
         cpu_used_ns = self._number(container_id, os.path.join(cpuacct, "cpuacct.usage"), required=True)
@@ -225,9 +226,9 @@ class CgroupReader:
             "_procs_dir": pids_dir or memory or cpuacct,
         }
 
-    def _read_v2(self, container_id, located) -> dict:
+    def _read_v2(self, container_id: str, located: dict[str, str]) -> dict[str, Any]:
         unified = located["unified"]
-        cpu_stat = self._text(container_id, os.path.join(unified, "cpu.stat"), required=True)
+        cpu_stat = self._text(container_id, os.path.join(unified, "cpu.stat"), required=True) or ""  # never None
         usage_usec = self._keyed(container_id, "cpu.stat", cpu_stat).get("usage_usec", 0)
         mem_bytes = self._number(container_id, os.path.join(unified, "memory.current"))
         peak_path = os.path.join(unified, "memory.peak")
@@ -256,7 +257,7 @@ class CgroupReader:
             "_procs_dir": unified,
         }
 
-    def _blkio_v1(self, container_id, blkio) -> tuple[int, int]:
+    def _blkio_v1(self, container_id: str, blkio: str) -> tuple[int, int]:
         text = None
         for name in ("blkio.throttle.io_service_bytes", "blkio.throttle.io_service_bytes_recursive"):
             text = self._text(container_id, os.path.join(blkio, name), optional=True)
@@ -281,7 +282,7 @@ class CgroupReader:
                 write += value
         return read, write
 
-    def _read_network(self, container_id, procs_dir) -> tuple[int | None, int, int]:
+    def _read_network(self, container_id: str, procs_dir: str) -> tuple[int | None, int, int]:
         """One member pid, and rx/tx bytes of its network namespace without ``lo``."""
         procs = self._text(container_id, os.path.join(procs_dir, "cgroup.procs"), optional=True) or ""
         pid = None
@@ -300,7 +301,7 @@ class CgroupReader:
             return pid, rx, tx
         return pid, 0, 0
 
-    def _net_dev(self, container_id, text) -> tuple[int, int]:
+    def _net_dev(self, container_id: str, text: str) -> tuple[int, int]:
         rx = tx = 0
         for line in text.splitlines()[2:]:  # two header lines
             name, colon, counters = line.partition(":")
@@ -318,7 +319,7 @@ class CgroupReader:
 
     # -- small file helpers -----------------------------------------------------------
 
-    def _text(self, container_id, path, required=False, optional=False) -> str | None:
+    def _text(self, container_id: str, path: str, required: bool = False, optional: bool = False) -> str | None:
         """
         The file's text. Missing: ``FileNotFoundError`` if ``required`` (the cgroup is
         gone), ``None`` if ``optional``, else ``""`` and a problem. Other errors: a problem.
@@ -336,15 +337,15 @@ class CgroupReader:
             self._problem(container_id, f"{path}: {error}")
             return None if optional else ""
 
-    def _number(self, container_id, path, required=False, optional=False) -> int:
+    def _number(self, container_id: str, path: str, required: bool = False, optional: bool = False) -> int:
         text = self._text(container_id, path, required=required, optional=optional)
         if not text:
             return 0
         return self._parse_int(container_id, os.path.basename(path), text.strip())
 
-    def _keyed(self, container_id, name, text) -> dict[str, int]:
+    def _keyed(self, container_id: str, name: str, text: str) -> dict[str, int]:
         """``key value`` lines -> ``{key: int}``; garbled lines are problems."""
-        values = {}
+        values: dict[str, int] = {}
         for line in text.splitlines():
             fields = line.split()
             if not fields:
@@ -355,7 +356,7 @@ class CgroupReader:
             values[fields[0]] = self._parse_int(container_id, name, fields[1])
         return values
 
-    def _parse_int(self, container_id, name, word) -> int:
+    def _parse_int(self, container_id: str, name: str, word: str) -> int:
         try:
             value = int(word)
         except ValueError:
@@ -368,7 +369,7 @@ class CgroupReader:
             return 0
         return value
 
-    def _problem(self, container_id, message) -> None:
+    def _problem(self, container_id: str, message: str) -> None:
         # Once per container and kind of problem, not once per sample.
         key = (container_id, message.split(":")[0])
         with self._lock:

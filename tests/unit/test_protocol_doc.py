@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from bai_agent.protocol import commands, errors
+from bai_agent.protocol import commands, errors, events, keys, labels
 
 DOC = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "protocol.md")
 
@@ -49,3 +49,29 @@ def test_every_command_has_a_row_naming_its_arguments(doc):
 def test_every_error_code_is_documented(doc):
     missing = [error.code.decode() for error in errors.ALL_ERRORS if f"`{error.code.decode()}`" not in doc]
     assert missing == [], f"docs/protocol.md does not name the error codes {missing}"
+
+
+def test_every_event_type_and_termination_reason_is_documented(doc):
+    missing = [name for name in events.EVENT_TYPES + events.TERMINATION_REASONS if f"`{name}`" not in doc]
+    assert missing == [], f"docs/protocol.md does not name {missing}"
+
+
+def test_every_label_is_documented(doc):
+    names = [value for name, value in vars(labels).items() if name.endswith("_LABEL") and isinstance(value, str)]
+    assert names, "no labels found in bai_agent.protocol.labels"
+    missing = [name for name in names if name not in doc]
+    assert missing == [], f"docs/protocol.md does not name the labels {missing}"
+
+
+def test_every_etcd_key_is_documented(doc):
+    layout = [
+        keys.agents_prefix("{namespace}"),
+        keys.agent_key("{namespace}", "{agent_id}"),
+        keys.secret_key("{namespace}"),
+        keys.agent_config_prefix("{namespace}"),
+    ]
+    relative = [key.decode()[len("/bai/{namespace}/") :] for key in layout]
+    missing = [key for key in relative if key.rstrip("/") not in doc]
+    tunables = [keys.HEARTBEAT_INTERVAL, keys.IDLE_TIMEOUT, keys.EXEC_TIMEOUT]
+    missing += [name for name in tunables if name not in doc]
+    assert missing == [], f"docs/protocol.md does not name the etcd keys {missing}"

@@ -14,6 +14,8 @@ The agent imports this package only for :data:`RUNNER_DIR` and :func:`runner_com
 and ``framing`` (shared frame format); see ``server.py`` for the wire protocol.
 """
 
+from __future__ import annotations
+
 import os
 
 #: The host directory to bind-mount read-only into kernel containers.
@@ -34,16 +36,16 @@ ENVIRON_NAME = "environ.json"
 
 
 def runner_command(
-    python="/usr/bin/python3",
-    uid=1000,
-    gid=1000,
-    home="/home/work",
-    runtime_type="python",
-    runtime_path="/usr/bin/python3",
-    mount_point=MOUNT_POINT,
-    socket_path=STATE_MOUNT_POINT + "/" + SOCKET_NAME,
-    environ_file=STATE_MOUNT_POINT + "/" + ENVIRON_NAME,
-):
+    python: str = "/usr/bin/python3",
+    uid: int = 1000,
+    gid: int = 1000,
+    home: str = "/home/work",
+    runtime_type: str = "python",
+    runtime_path: str = "/usr/bin/python3",
+    mount_point: str = MOUNT_POINT,
+    socket_path: str = STATE_MOUNT_POINT + "/" + SOCKET_NAME,
+    environ_file: str = STATE_MOUNT_POINT + "/" + ENVIRON_NAME,
+) -> list[str]:
     """The container command (argv list) that starts the runner."""
     return [
         python,

@@ -7,10 +7,16 @@ there was no build command), then ``finished``: the exec command's exit code, 12
 the build failed (exec skipped) or a command could not be started, 137 when cancelled.
 """
 
+from __future__ import annotations
+
 import os
 import signal
 
 import procs
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Any
 
 SHELL = "/bin/sh"
 #: Code longer than this (bytes) goes to a script file instead of ``sh -c`` (the kernel
@@ -26,37 +32,37 @@ EXIT_CANCELLED = 128 + signal.SIGKILL
 class BatchRun:
     mode = "batch"
 
-    def __init__(self, runner, run_id, build, exec_command, code):
+    def __init__(self, runner: Any, run_id: str, build: str | None, exec_command: str | None, code: str) -> None:
         self.runner = runner
         self.run_id = run_id
         self.build = build
         self.exec_command = exec_command
         self.code = code
-        self.phase = None  # "build", "exec", then "done"
-        self.pid = None
-        self.pipes = []
+        self.phase: str | None = None  # "build", "exec", then "done"
+        self.pid: int | None = None
+        self.pipes: list = []
         self.cancelled = False
         self.waiting = None  # batch runs never wait for input (stdin is /dev/null)
-        self._script = None
+        self._script: str | None = None
 
     # -- what the runner calls ----------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         if self.build:
             self._spawn([SHELL, "-c", self.build], "build")
         else:
             self.runner.emit({"type": "build-finished", "run_id": self.run_id, "exit_code": 0, "skipped": True})
             self._start_exec()
 
-    def interrupt(self):
+    def interrupt(self) -> bool:
         return self.pid is not None and procs.signal_group(self.pid, signal.SIGINT)
 
-    def cancel(self):
+    def cancel(self) -> None:
         self.cancelled = True
         if self.pid is not None:
             procs.signal_group(self.pid, signal.SIGKILL)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         self.cancel()
         self._cleanup()
 

@@ -16,6 +16,10 @@ import collections
 import framing
 import procs
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
 #: Output messages carry at most this many characters.
 CHUNK = procs.CHUNK
 #: At most this much is handed to the socket in one go.
@@ -40,13 +44,13 @@ class _Entry:
     parts: list
     chars: int
 
-    def __init__(self, data=None, on_sent=None):
+    def __init__(self, data: bytes | None = None, on_sent: Callable[[], object] | None = None) -> None:
         self.data = data
         self.on_sent = on_sent
         self.size = len(data) if data is not None else 0
         self.parts = None  # type: ignore[assignment]  # not an open output message
 
-    def open_for(self, run_id, stream, room):
+    def open_for(self, run_id: object, stream: str, room: int) -> bool:
         return self.data is None and self.run_id == run_id and self.stream == stream and self.chars < room
 
 
@@ -56,21 +60,21 @@ class Outbox:
     #: Estimated framing and JSON overhead of an output message, for the size count.
     OUTPUT_OVERHEAD = 80
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.entries: collections.deque = collections.deque()
         self.size = 0
 
     @property
-    def full(self):
+    def full(self) -> bool:
         return self.size >= self.limit
 
-    def add(self, message, on_sent=None):
+    def add(self, message: dict, on_sent: Callable[[], object] | None = None) -> None:
         entry = _Entry(framing.encode(message), on_sent)
         self.entries.append(entry)
         self.size += entry.size
 
-    def add_output(self, run_id, stream, text):
+    def add_output(self, run_id: object, stream: str, text: str) -> None:
         """Output text, joined to the last message while that is open and small enough."""
         while text:
             tail = self.entries[-1] if self.entries else None
@@ -87,7 +91,7 @@ class Outbox:
             tail.size += len(piece)
             self.size += len(piece)
 
-    def freeze(self, entry):
+    def freeze(self, entry: _Entry) -> bytes:
         """The frame of ``entry``, encoded now if it was still open."""
         if entry.data is None:
             # Keep this key order and the compact encoding: the agent passes the escaped
@@ -101,12 +105,12 @@ class Outbox:
                     "data": "".join(entry.parts),
                 }
             )
-            entry.parts = None
+            entry.parts = None  # type: ignore[assignment]  # no longer open
             self.size += len(entry.data) - entry.size
             entry.size = len(entry.data)
         return entry.data
 
-    def sent(self, entry):
+    def sent(self, entry: _Entry) -> None:
         head = self.entries.popleft()
         assert head is entry
         self.size -= entry.size
@@ -117,7 +121,7 @@ class Outbox:
 class AgentConnection:
     """One agent connection; ``runner`` handles its messages and owns the outbox."""
 
-    def __init__(self, runner, sock):
+    def __init__(self, runner: Any, sock: Any) -> None:
         self.runner = runner
         self.sock = sock
         sock.setblocking(False)
@@ -127,14 +131,14 @@ class AgentConnection:
         self.handshaken = False
         self.closing = False  # close once the pending answers are written
         self.closed = False
-        self._batch = None
-        self._batch_frames = []  # (end offset, outbox entry or None) in the batch
+        self._batch: memoryview | None = None
+        self._batch_frames: list = []  # (end offset, outbox entry or None) in the batch
         self._sent = 0
 
-    def fileno(self):
+    def fileno(self) -> int:
         return self.sock.fileno()
 
-    def reply(self, message):
+    def reply(self, message: dict) -> None:
         """Queue a control answer, ahead of the outbox (but never inside a frame)."""
         if self.closed:
             return
@@ -143,16 +147,16 @@ class AgentConnection:
         self.priority_size += len(frame)
 
     @property
-    def wants_read(self):
+    def wants_read(self) -> bool:
         return not self.closed and not self.closing and self.priority_size < PRIORITY_LIMIT
 
     @property
-    def wants_write(self):
+    def wants_write(self) -> bool:
         if self.closed:
             return False
         return bool(self._batch or self.priority or (self.handshaken and self.runner.outbox.entries))
 
-    def on_readable(self):
+    def on_readable(self) -> None:
         try:
             data = self.sock.recv(256 * 1024)
         except (BlockingIOError, InterruptedError):
@@ -197,7 +201,7 @@ class AgentConnection:
             self._batch = memoryview(b"".join(parts))
             self._sent = 0
 
-    def on_writable(self):
+    def on_writable(self) -> None:
         if self._batch is None:
             self._fill_batch()
             if self._batch is None:
@@ -221,10 +225,10 @@ class AgentConnection:
             if self.closing and not self.priority:
                 self.runner.drop_connection(self, "closed after an error")
 
-    def fault(self, error):
+    def fault(self, error: BaseException) -> None:
         self.runner.drop_connection(self, f"runner error: {error!r}")
 
-    def close(self):
+    def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._batch = None

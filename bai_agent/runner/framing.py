@@ -31,21 +31,21 @@ class FrameError(ValueError):
     messages: list
 
 
-def encode_payload(payload, max_frame=MAX_FRAME):
+def encode_payload(payload: bytes, max_frame: int = MAX_FRAME) -> bytes:
     """One frame around ``payload`` (bytes)."""
     if len(payload) > max_frame:
         raise FrameError(f"frame of {len(payload)} bytes exceeds the limit of {max_frame}")
     return _HEADER.pack(len(payload)) + payload
 
 
-def encode(message, max_frame=MAX_FRAME):
+def encode(message: dict, max_frame: int = MAX_FRAME) -> bytes:
     """One frame carrying ``message`` (a dict) as UTF-8 JSON."""
     # "replace": a lone surrogate in some text (user output can hold one) becomes "?"
     # instead of making the whole message unencodable.
     return encode_payload(jsoncodec.dumps(message).encode("utf-8", "replace"), max_frame)
 
 
-def decode_message(payload):
+def decode_message(payload: bytes) -> dict:
     """The message (a dict with a str ``type``) in one payload; ``FrameError`` if none."""
     try:
         message = jsoncodec.loads(bytes(payload).decode("utf-8"))
@@ -64,7 +64,7 @@ class FrameDecoder:
     frame) the decoder is unusable: the stream has lost its framing.
     """
 
-    def __init__(self, max_frame=MAX_FRAME, messages=True):
+    def __init__(self, max_frame: int = MAX_FRAME, messages: bool = True) -> None:
         self.max_frame = max_frame
         self._messages = messages
         self._buffer = bytearray()
@@ -72,11 +72,11 @@ class FrameDecoder:
         self.broken = False
 
     @property
-    def buffered(self):
+    def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
         return len(self._buffer) - self._start
 
-    def feed(self, data):
+    def feed(self, data: bytes) -> list:
         if self.broken:
             raise FrameError("the stream already had a bad frame")
         self._buffer += data

@@ -45,7 +45,7 @@ class InterpreterProcess:
     - ``interpreter_broken(interp, reason)``: the channel is unusable (the process may live)
     """
 
-    def __init__(self, listener, identity, runtime_path):
+    def __init__(self, listener: Any, identity: Any, runtime_path: str) -> None:
         self._listener = listener
         self._identity = identity
         self._runtime_path = runtime_path
@@ -62,7 +62,7 @@ class InterpreterProcess:
 
     # -- life --------------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         """Start the process; raise ``procs.SpawnError`` if it cannot be."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = procs.nonblocking_pipe()
@@ -86,22 +86,22 @@ class InterpreterProcess:
         self.stderr = procs.OutputPipe(err_r, "stderr")
 
     @property
-    def pipes(self):
+    def pipes(self) -> list:
         return [p for p in (self.stdout, self.stderr) if p is not None and not p.closed]
 
-    def signal(self, signum):
+    def signal(self, signum: int) -> bool:
         """Signal the interpreter's process group (it leads its own session)."""
         if self.pid is None or self.exited:
             return False
         return procs.signal_group(self.pid, signum)
 
-    def interrupt(self):
+    def interrupt(self) -> bool:
         return self.signal(signal.SIGINT)
 
-    def kill(self):
+    def kill(self) -> bool:
         return self.signal(signal.SIGKILL)
 
-    def close(self):
+    def close(self) -> None:
         """Release the runner's ends (after the process has been reaped)."""
         if self.channel is not None:
             self.channel.close()
@@ -113,22 +113,22 @@ class InterpreterProcess:
     # -- the channel ---------------------------------------------------------------
 
     @property
-    def channel_open(self):
+    def channel_open(self) -> bool:
         return self.channel is not None and self.broken is None
 
-    def send(self, message):
+    def send(self, message: dict) -> None:
         if self.channel_open:
             self._to_child += framing.encode(message)
 
     @property
-    def wants_write(self):
+    def wants_write(self) -> bool:
         return self.channel_open and bool(self._to_child)
 
     @property
-    def queued_to_child(self):
+    def queued_to_child(self) -> int:
         return len(self._to_child)
 
-    def on_writable(self):
+    def on_writable(self) -> None:
         try:
             sent = self.channel.send(self._to_child)
         except (BlockingIOError, InterruptedError):
@@ -138,7 +138,7 @@ class InterpreterProcess:
             return
         del self._to_child[:sent]
 
-    def on_readable(self, limit=256 * 1024):
+    def on_readable(self, limit: int = 256 * 1024) -> None:
         """Read and handle what the channel has (at most ``limit`` bytes)."""
         try:
             data = self.channel.recv(limit)
@@ -161,7 +161,7 @@ class InterpreterProcess:
             return
         self._handle_all(payloads)
 
-    def drain(self, limit=4 * 1024 * 1024):
+    def drain(self, limit: int = 4 * 1024 * 1024) -> None:
         """Handle what is left in the channel, after the process has died."""
         taken = 0
         while self.channel_open and taken < limit:
@@ -182,7 +182,7 @@ class InterpreterProcess:
                 return
             self._handle_all(payloads)
 
-    def fault(self, error):
+    def fault(self, error: BaseException) -> None:
         self._break(f"runner error on the interpreter channel: {error!r}")
 
     def _break(self, reason):

@@ -90,7 +90,7 @@ def _encode(value, parts, depth):
         raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def py_dumps(value):
+def py_dumps(value: object) -> str:
     """The pure-Python encoder (public for tests)."""
     parts: list = []
     _encode(value, parts, 0)
@@ -208,7 +208,7 @@ def _decode_value(text, pos, depth):
     _fail("expecting value", pos)
 
 
-def py_loads(text):
+def py_loads(text: str) -> Any:
     """The pure-Python decoder (public for tests)."""
     if not isinstance(text, str):
         raise TypeError("py_loads takes str")
@@ -223,10 +223,10 @@ def py_loads(text):
 
 if _json is not None:  # pragma: no branch
 
-    def dumps(value):
+    def dumps(value: object) -> str:
         return _json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
-    def loads(text):
+    def loads(text: str) -> Any:
         try:
             return _json.loads(text)
         except RecursionError:

@@ -11,10 +11,16 @@ before exec comes back to the parent through a close-on-exec pipe and is raised 
 The runner is single-threaded, so forking and running Python in the child is safe.
 """
 
+from __future__ import annotations
+
 import codecs
 import errno
 import os
 import signal
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
+if TYPE_CHECKING:
+    from typing import Callable
 
 #: The most read from one pipe at a time, and the largest output chunk in characters.
 CHUNK = 64 * 1024
@@ -31,13 +37,13 @@ class SpawnError(Exception):
 class Identity:
     """Who user processes run as, and where."""
 
-    def __init__(self, uid, gid, home, environ):
+    def __init__(self, uid: int, gid: int, home: str, environ: dict) -> None:
         self.uid = uid
         self.gid = gid
         self.home = home
         self.environ = environ
 
-    def check(self):
+    def check(self) -> None:
         """Fail early when the runner cannot switch to this identity."""
         if os.geteuid() != 0 and (os.getuid(), os.getgid()) != (self.uid, self.gid):
             raise SpawnError(
@@ -69,7 +75,15 @@ def _child_setup(identity, fds, pass_fds):
     os.chdir(identity.home)
 
 
-def spawn(argv, identity, stdin, stdout, stderr, pass_fds=(), environ=None):
+def spawn(
+    argv: list,
+    identity: Identity,
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    pass_fds: tuple = (),
+    environ: dict | None = None,
+) -> int:
     """
     Start ``argv`` (``argv[0]`` an absolute path) as the user, in a new session, with
     fds 0, 1, 2 from ``stdin``, ``stdout``, ``stderr``. Return its pid (also its process
@@ -120,7 +134,7 @@ def _wait_quietly(pid):
         pass
 
 
-def exit_code(status):
+def exit_code(status: int) -> int:
     """A wait status as a shell would report it: the exit code, or 128 + signal."""
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -129,7 +143,7 @@ def exit_code(status):
     return 255  # pragma: no cover - stopped processes are not reported (no WUNTRACED)
 
 
-def describe_status(status):
+def describe_status(status: int) -> str:
     """Words for a wait status: 'exit code 3', 'signal 11 (SIGSEGV)'."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
@@ -141,7 +155,7 @@ def describe_status(status):
     return f"exit code {exit_code(status)}"
 
 
-def signal_group(pgid, signum):
+def signal_group(pgid: int, signum: int) -> bool:
     """Send ``signum`` to a process group; False when it is already gone."""
     try:
         os.killpg(pgid, signum)
@@ -152,14 +166,14 @@ def signal_group(pgid, signum):
         return False
 
 
-def nonblocking_pipe():
+def nonblocking_pipe() -> tuple:
     """A pipe whose read end is non-blocking (the runner's) and write end blocking (the user's)."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     return read_fd, write_fd
 
 
-def open_devnull():
+def open_devnull() -> int:
     return os.open(os.devnull, os.O_RDONLY)
 
 
@@ -170,13 +184,13 @@ class OutputPipe:
     become U+FFFD).
     """
 
-    def __init__(self, fd, stream):
+    def __init__(self, fd: int, stream: str) -> None:
         self.fd = fd
         self.stream = stream
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.closed = False
 
-    def read(self, limit=CHUNK):
+    def read(self, limit: int = CHUNK) -> tuple:
         """
         One non-blocking read: ``(text, size)`` where size is the number of bytes read,
         0 when nothing is there yet, or -1 at end of file (the pipe is then closed).
@@ -194,7 +208,7 @@ class OutputPipe:
             return self._decoder.decode(b"", True), -1
         return self._decoder.decode(data), len(data)
 
-    def drain(self, emit, limit=DRAIN_LIMIT):
+    def drain(self, emit: Callable[[str, str], object], limit: int = DRAIN_LIMIT) -> None:
         """Read what is there now, up to ``limit`` bytes, passing text to ``emit(stream, text)``."""
         taken = 0
         while taken < limit and not self.closed:
@@ -205,10 +219,10 @@ class OutputPipe:
                 break
             taken += size
 
-    def fault(self, error):
+    def fault(self, error: BaseException) -> None:
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         if not self.closed:
             self.closed = True
             os.close(self.fd)

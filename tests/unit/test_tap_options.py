@@ -123,24 +123,40 @@ def test_a_bad_value_creates_no_directory(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_help_documents_every_option():
-    text = str(Options())
-    for option in (
-        "etcd-addr",
-        "namespace",
-        "agent-id",
-        "amp-endpoint",
-        "advertise-host",
-        "http-endpoint",
-        "scratch-root",
-        "state-dir",
-        "docker-host",
-        "heartbeat-interval",
-        "secret-file",
-        "reserved-cpu",
-        "reserved-mem",
-    ):
-        assert f"--{option}" in text
+def declared_options():
+    """
+    ``(option, takes a value, help text)`` of every option ``Options`` declares: its
+    ``optParameters``, its ``optFlags`` and its ``opt_*`` methods (twistd's own included).
+    """
+    found = []
+    for long_name, _short, _default, *rest in Options.optParameters:
+        found.append((f"--{long_name}", True, rest[0] if rest else None))
+    for long_name, _short, *rest in Options.optFlags:
+        found.append((f"--{long_name}", False, rest[0] if rest else None))
+    for attribute in dir(Options):
+        if attribute.startswith("opt_"):
+            method = getattr(Options, attribute)
+            name = attribute[len("opt_") :].replace("_", "-")
+            takes_value = method.__code__.co_argcount > 1
+            found.append((f"--{name}" if len(name) > 1 else f"-{name}", takes_value, method.__doc__))
+    return found
+
+
+def test_declared_options_include_the_agents_parameters_flags_and_methods():
+    names = {name for name, _, _ in declared_options()}
+    assert {"--etcd-addr", "--destroy-kernels-on-stop", "--allowed-mount-root", "--help"} <= names
+
+
+@pytest.mark.parametrize(
+    ("option", "takes_value", "doc"), declared_options(), ids=[option for option, _, _ in declared_options()]
+)
+def test_help_documents_every_option(option, takes_value, doc):
+    assert doc and doc.strip(), f"{option} has no help text"
+    words = " ".join(str(Options()).split())
+    shown = f"{option}= " if takes_value and option.startswith("--") else f"{option} "
+    # Twisted wraps help across lines; with whitespace collapsed, the option is followed
+    # by its whole help text.
+    assert shown + " ".join(doc.split()) in words, f"{option} is not in --help with its text"
 
 
 def test_a_second_sigterm_does_not_stop_the_reactor_twice():

@@ -24,11 +24,11 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from bai_agent.protocol import samples
 from bai_agent.protocol.samples import SAMPLE_KEYS
+from bai_agent.runtime.periodic import PeriodicService
 from bai_agent.stats.scratch import ScratchSizer
 
 log = Logger()
@@ -136,7 +136,7 @@ class StatsCollector(Service):
         self._sizer_factory = sizer_factory
         self._states: dict[str, _KernelState] = {}
         self._node_latest: Sample | None = None
-        self._loop: LoopingCall | None = None
+        self._loop: PeriodicService | None = None
         self._round_running = False
         self._round_waiters: list[Deferred[None]] = []
         #: agent CPU time (of the worker thread) the last round took, in seconds
@@ -148,16 +148,13 @@ class StatsCollector(Service):
 
     def startService(self) -> None:
         super().startService()
-        loop = self._loop = LoopingCall(self._tick)
-        loop.clock = self._clock
-        loop.start(self.interval, now=True).addErrback(
-            lambda failure: log.failure("the statistics loop stopped", failure)
-        )
+        self._loop = PeriodicService(self._clock, self.interval, self._tick, what="statistics round")
+        self._loop.startService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._loop is not None and self._loop.running:
-            self._loop.stop()
+            self._loop.stopService()
         self._loop = None
         d = self._when_round_done()
 

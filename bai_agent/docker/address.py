@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import attr
+import attrs
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 
-@attr.frozen
+@attrs.frozen
 class DockerAddress:
     """A parsed ``DOCKER_HOST``: ``unix`` with ``path``, or ``tcp`` with ``host`` and ``port``."""
 

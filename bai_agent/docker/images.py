@@ -11,7 +11,7 @@ import types
 from collections.abc import Mapping
 from typing import Optional
 
-import attr
+import attrs
 from twisted.logger import Logger
 
 from bai_agent.protocol.labels import (
@@ -39,7 +39,7 @@ def _freeze_labels(labels):
     return types.MappingProxyType(dict(labels))
 
 
-@attr.frozen
+@attrs.frozen
 class KernelImage:
     """
     One kernel image under one ``name:tag``. ``labels`` holds all the image's labels
@@ -51,7 +51,7 @@ class KernelImage:
     runtime_type: str = DEFAULT_RUNTIME_TYPE
     runtime_path: str = DEFAULT_RUNTIME_PATH
     features: tuple[str, ...] = ()
-    labels: Mapping[str, str] = attr.field(
+    labels: Mapping[str, str] = attrs.field(
         factory=dict, converter=_freeze_labels, hash=False, repr=lambda labels: repr(dict(labels))
     )
     min_mem: int = 0
@@ -160,7 +160,7 @@ def kernel_image_from_inspect(name, doc) -> Optional[KernelImage]:
 
 def kernel_images_from_inspect(inspect_docs):
     """One ``KernelImage`` per ``name:tag`` in the ``RepoTags`` of each kernel image."""
-    images = []
+    images: list[KernelImage] = []
     for doc in inspect_docs:
         tags = doc.get("RepoTags") if isinstance(doc, dict) else None
         tags = [t for t in tags or () if isinstance(t, str) and t != "<none>:<none>"]

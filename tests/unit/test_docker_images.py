@@ -1,6 +1,6 @@
 """Kernel images from inspect documents: label parsing, validation, legacy labels."""
 
-import attr
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -203,7 +203,7 @@ def test_kernel_images_are_frozen_hashable_values():
     image = kernel_image_from_inspect("k:1", inspect_doc(labels))
     labels["ai.backend.kernelspec"] = "0"  # the caller's dict is copied
     assert image.labels["ai.backend.kernelspec"] == "1"
-    with pytest.raises(attr.exceptions.FrozenInstanceError):
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
         image.name = "other"
     with pytest.raises(TypeError):
         image.labels["x"] = "y"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from types import FrameType
 from typing import IO, Any, Protocol
 
-import attr
+import attrs
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
@@ -99,7 +99,7 @@ def split_prompt(console: Iterable[ConsoleEntry] | None) -> tuple[list[list[Any]
 # -- one run, on the reactor ------------------------------------------------------------------
 
 
-@attr.s(frozen=True, auto_attribs=True)
+@attrs.frozen
 class RunResult:
     """How a run ended: its last status (``finished`` or ``exec-timeout``) and exit code."""
 

@@ -4,8 +4,8 @@ How long a manager waits for code to run on a kernel, and how fast output stream
 
     .venv/bin/python bench/execute.py [--runs 500] [--docker-runs 30] [--megabytes 50]
 
-Needs ``jupyter_client`` and ``ipykernel`` for the Jupyter baseline (it says how to install
-them when they are missing). Starts its own etcd and a real agent (kernels without a
+Needs the ``bench`` extra of pyproject.toml (``jupyter_client`` and ``ipykernel``) for the
+Jupyter baseline. Starts its own etcd and a real agent (kernels without a
 network), creates one kernel (``bai-kernel/python:3.11``, cpu 1, mem 512m), then in one run:
 
 - agent: ``Execute`` of ``print(1)`` in query mode over AMP until ``finished``, ``--runs``
@@ -44,7 +44,6 @@ CODE = "print(1)"
 LINE = 250  # bytes per line of the streamed output
 STREAM_FILE = "bench-stream.txt"
 STREAM_REPEATS = 3
-INSTALL_HINT = ".venv/bin/pip install jupyter_client ipykernel"
 
 
 def stream_code(megabytes):
@@ -57,7 +56,7 @@ def check_jupyter():
         import ipykernel  # noqa: F401
         import jupyter_client  # noqa: F401
     except ImportError as e:
-        sys.exit(f"bench/execute.py: the Jupyter baseline needs jupyter_client and ipykernel ({e}); run:\n  {INSTALL_HINT}")
+        sys.exit(f"bench/execute.py: the Jupyter baseline needs the bench extra (jupyter_client, ipykernel): {e}")
 
 
 # -- agent ------------------------------------------------------------------------------------

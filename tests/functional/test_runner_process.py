@@ -100,7 +100,7 @@ class RunnerProcess:
             return f.read()
 
     def peak_rss_kib(self):
-        with open("/proc/%d/status" % self.pid) as f:
+        with open(f"/proc/{self.pid}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1])
@@ -108,7 +108,7 @@ class RunnerProcess:
 
     def children(self):
         try:
-            with open("/proc/%d/task/%d/children" % (self.pid, self.pid)) as f:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
                 return [int(pid) for pid in f.read().split()]
         except FileNotFoundError:
             return []
@@ -182,7 +182,7 @@ class Client:
 
     def start(self, code="", mode="query", options=None, run_id=None):
         self._runs += 1
-        run_id = run_id or "run-%d" % self._runs
+        run_id = run_id or f"run-{self._runs}"
         message = {"type": "execute", "run_id": run_id, "mode": mode, "code": code}
         if options is not None:
             message["options"] = options
@@ -260,7 +260,7 @@ def test_hello_comes_first_and_describes_the_runner(runner):
     assert hello["type"] == "hello"
     assert hello["protocol"] == 1
     assert hello["pid"] == runner.pid
-    assert hello["python"] == "%d.%d.%d" % sys.version_info[:3]
+    assert hello["python"] == "{}.{}.{}".format(*sys.version_info[:3])
     assert hello["runner_version"]
     assert set(hello["features"]) >= {"query", "batch", "user-input", "complete", "interrupt"}
     assert hello["active_run"] is None
@@ -337,7 +337,7 @@ def test_stdout_and_stderr_keep_their_relative_order(client):
 
 def test_small_writes_are_coalesced(client):
     result = client.run("for i in range(10000): print(i)")
-    assert result.stdout == "".join("%d\n" % i for i in range(10000))
+    assert result.stdout == "".join(f"{i}\n" for i in range(10000))
     assert len(result.outputs) < 50
 
 
@@ -357,9 +357,9 @@ def test_threads_and_signal_handlers_printing_at_once_keep_the_channel_whole(cli
     )
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert [line for line in lines if line.startswith("m ")] == ["m %d" % i for i in range(20000)]
-    assert [line for line in lines if line.startswith("t ")] == ["t %d" % i for i in range(20000)]
-    assert set(lines) - {"m %d" % i for i in range(20000)} - {"t %d" % i for i in range(20000)} <= {
+    assert [line for line in lines if line.startswith("m ")] == [f"m {i}" for i in range(20000)]
+    assert [line for line in lines if line.startswith("t ")] == [f"t {i}" for i in range(20000)]
+    assert set(lines) - {f"m {i}" for i in range(20000)} - {f"t {i}" for i in range(20000)} <= {
         "tick",
         "done",
     }
@@ -558,7 +558,7 @@ def test_cancel_kills_the_run_and_the_next_one_gets_a_fresh_interpreter(client):
     assert client.run("print('x' in globals())").stdout == "False\n"
     # The whole process group went, not just the interpreter.
     deadline = time.monotonic() + 5
-    while os.path.exists("/proc/%d" % sleep_pid) and not _is_zombie(sleep_pid):
+    while os.path.exists(f"/proc/{sleep_pid}") and not _is_zombie(sleep_pid):
         assert time.monotonic() < deadline, "the run's subprocess survived the cancel"
         time.sleep(0.05)
 
@@ -619,14 +619,14 @@ def test_batch_code_runs_as_a_shell_script_as_the_user(runner, client):
         "exit_code": 0,
         "skipped": True,
     }
-    assert result.stdout == "%d\n%s\n%s\n" % (USER_UID, runner.home, runner.home)
+    assert result.stdout == f"{USER_UID}\n{runner.home}\n{runner.home}\n"
     assert result.exit_code == 3
 
 
 def test_batch_code_too_long_for_one_argument_runs_from_a_file(client):
-    code = "".join("echo line%d\n" % i for i in range(20000))  # ~250 KB
+    code = "".join(f"echo line{i}\n" for i in range(20000))  # ~250 KB
     result = client.run(code, mode="batch")
-    assert result.stdout == "".join("line%d\n" % i for i in range(20000))
+    assert result.stdout == "".join(f"line{i}\n" for i in range(20000))
     assert result.exit_code == 0
     assert not [name for name in os.listdir("/tmp") if name.startswith("bai-batch-")]
 
@@ -668,7 +668,7 @@ def test_a_shell_runtime_runs_batch_only():
 
 def test_5_mb_of_output_arrives_whole_and_in_order_with_bounded_memory(runner, client):
     lines = 5 * 1024 * 1024 // 100
-    run_id = client.start("for i in range(%d): print('%%099d' %% i)" % lines)
+    run_id = client.start(f"for i in range({lines}): print('%099d' % i)")
     time.sleep(1.0)  # do not read: the runner must stop reading user output
     received = []
     while True:
@@ -679,7 +679,7 @@ def test_5_mb_of_output_arrives_whole_and_in_order_with_bounded_memory(runner, c
         if len(received) % 8 == 0:
             time.sleep(0.002)  # a slow reader
     assert message == {"type": "finished", "run_id": run_id, "exit_code": 0}
-    assert "".join(received) == "".join("%099d\n" % i for i in range(lines))
+    assert "".join(received) == "".join(f"{i:099d}\n" for i in range(lines))
     assert max(len(data) for data in received) <= 64 * 1024
     assert runner.peak_rss_kib() < 100 * 1024
 
@@ -763,15 +763,15 @@ def test_user_code_cannot_reach_the_runner(runner, client):
         "import socket, os, signal\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         "try:\n"
-        "    s.connect(%r)\n"
+        f"    s.connect({runner.socket_path!r})\n"
         "    print('connected')\n"
         "except PermissionError:\n"
         "    print('no connect')\n"
         "try:\n"
-        "    os.kill(%d, signal.SIGTERM)\n"
+        f"    os.kill({runner.pid}, signal.SIGTERM)\n"
         "    print('killed')\n"
         "except PermissionError:\n"
-        "    print('no kill')\n" % (runner.socket_path, runner.pid)
+        "    print('no kill')\n"
     )
     if os.geteuid() != 0:
         pytest.skip("user code runs as the runner's own user here")  # pragma: no cover
@@ -838,14 +838,14 @@ def test_sigterm_stops_the_runner_and_its_children(runner, client):
     runner.process.send_signal(signal.SIGTERM)
     assert runner.process.wait(10) == 0
     for pid in children:
-        assert not os.path.exists("/proc/%d" % pid) or _is_zombie(pid)
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
     assert not os.path.exists(runner.socket_path)
     assert run_id
 
 
 def _is_zombie(pid):
     try:
-        with open("/proc/%d/stat" % pid) as f:
+        with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True

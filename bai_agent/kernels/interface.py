@@ -5,7 +5,15 @@ metrics and the etcd record read). ``KernelRegistry`` provides both; the composi
 hands each consumer only the one it uses, so a consumer's imports show what it depends on.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from bai_agent.kernels.execution import ExecutionSession
 
 
 class IKernelView(Interface):
@@ -14,7 +22,7 @@ class IKernelView(Interface):
     taken_over = Attribute("True once the kernels of the last run are adopted or ended")
     allocator = Attribute("The Allocator: capacity (``capacity.as_slots()``) and ``used()`` per slot")
 
-    def records() -> list:
+    def records() -> list[dict[str, Any]]:
         """The kernels' records (PROTOCOL.md section 5), one dict per kernel."""
 
     def count() -> int:
@@ -24,35 +32,43 @@ class IKernelView(Interface):
 class IKernelOperations(Interface):
     """What managers' commands do to kernels; each returns a Deferred or raises an ``AgentError``."""
 
-    def list_records() -> list:
+    def list_records() -> list[dict[str, Any]]:
         """The records of every kernel (``BACKEND_UNAVAILABLE`` during a take-over)."""
 
-    def create(kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None):
+    def create(
+        kernel_id: str,
+        image: str,
+        resources: Any,
+        environ: dict[str, str] | None = None,
+        mounts: Any = None,
+        idle_timeout: int | None = None,
+        exec_timeout: int | None = None,
+    ) -> Deferred[dict[str, Any]]:
         """Create and start a kernel; fires with its record."""
 
-    def destroy(kernel_id, reason="user-requested"):
+    def destroy(kernel_id: str, reason: str = "user-requested") -> Deferred[dict[str, Any]]:
         """Destroy a kernel; fires with its last record (and statistics)."""
 
-    def restart(kernel_id):
+    def restart(kernel_id: str) -> Deferred[dict[str, Any]]:
         """Restart a kernel's container, keeping its home; fires with its record."""
 
-    def reset():
+    def reset() -> Deferred[int]:
         """Destroy every kernel; fires with how many were destroyed."""
 
-    def session(kernel_id):
+    def session(kernel_id: str) -> ExecutionSession:
         """The runner session of a running kernel (``execute``, ``interrupt``, ``completions``)."""
 
-    def kernel_stats(kernel_id):
+    def kernel_stats(kernel_id: str) -> Deferred[dict[str, Any]]:
         """Fires with the kernel's latest statistics sample."""
 
-    def upload(kernel_id, path, data, append):
+    def upload(kernel_id: str, path: str, data: bytes, append: bool) -> Deferred[int]:
         """Write ``data`` to ``path`` in the kernel's home; fires with the file's size."""
 
-    def download(kernel_id, path, offset, length):
-        """Fires with ``(data, size)`` of a file in the kernel's home."""
+    def download(kernel_id: str, path: str, offset: int, length: int) -> Deferred[tuple[bytes, int, bool]]:
+        """Fires with ``(data, size, eof)`` of a read from a file in the kernel's home."""
 
-    def list_files(kernel_id, path):
+    def list_files(kernel_id: str, path: str) -> Deferred[list[dict[str, Any]]]:
         """Fires with the entries of a directory in the kernel's home."""
 
-    def logs(kernel_id, tail=None):
+    def logs(kernel_id: str, tail: int | None = None) -> Deferred[str]:
         """Fires with the kernel container's output."""

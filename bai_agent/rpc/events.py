@@ -10,18 +10,37 @@ next ``Subscribe`` answers ``EVENTS_EXPIRED``. Events are sent at least once: a 
 that reconnects subscribes again with the last seq it acknowledged.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from bai_agent.protocol import commands
 from bai_agent.protocol.errors import EventsExpired
 
+if TYPE_CHECKING:
+    from bai_agent.kernels.journal import AgentEvent, EventJournal
+
 WINDOW = 64
+
+
+class Subscriber(Protocol):
+    """The connection a feed sends on (an ``AgentAMP``)."""
+
+    @property
+    def transport(self) -> ITransport | None: ...
+
+    def callRemote(self, commandType: type[commands.Event], **arguments: Any) -> Deferred[Any]: ...
 
 
 class EventFeed:
     log = Logger()
 
-    def __init__(self, journal, protocol, since: int, window: int = WINDOW):
+    def __init__(self, journal: EventJournal, protocol: Subscriber, since: int, window: int = WINDOW) -> None:
         self.journal = journal
         self.protocol = protocol
         self.next_seq = since + 1
@@ -36,7 +55,7 @@ class EventFeed:
         self.journal.add_listener(self._appended)
         return self.journal.last_seq
 
-    def resume(self):
+    def resume(self) -> None:
         """Send what is pending (called once the ``Subscribe`` answer has gone out)."""
         self._pump()
 
@@ -45,15 +64,15 @@ class EventFeed:
         """Whether the manager acknowledged every event there is (or the feed ended)."""
         return self.stopped or self.acknowledged >= self.journal.last_seq
 
-    def stop(self):
+    def stop(self) -> None:
         if not self.stopped:
             self.stopped = True
             self.journal.remove_listener(self._appended)
 
-    def _appended(self, event):
+    def _appended(self, event: AgentEvent) -> None:
         self._pump()
 
-    def _pump(self):
+    def _pump(self) -> None:
         if self.stopped or self.outstanding >= self.window or self.next_seq > self.journal.last_seq:
             return
         try:
@@ -61,7 +80,8 @@ class EventFeed:
         except EventsExpired:
             self.log.warn("subscriber fell behind the journal; closing its connection")
             self.stop()
-            self.protocol.transport.loseConnection()
+            if self.protocol.transport is not None:
+                self.protocol.transport.loseConnection()
             return
         for event in pending[: self.window - self.outstanding]:
             self.next_seq = event.seq + 1
@@ -76,12 +96,12 @@ class EventFeed:
             )
             d.addCallbacks(self._acknowledged, self._failed, callbackArgs=(event.seq,))
 
-    def _acknowledged(self, _, seq):
+    def _acknowledged(self, _: object, seq: int) -> None:
         self.outstanding -= 1
         self.acknowledged = max(self.acknowledged, seq)
         self._pump()
 
-    def _failed(self, failure):
+    def _failed(self, failure: Failure) -> None:
         # The connection is gone (or the manager refused the event): stop here; the
         # manager resubscribes from what it acknowledged.
         self.outstanding -= 1

@@ -30,12 +30,34 @@ connect, whatever it sends meanwhile, and at most ``MAX_WAITING_CONNECTIONS`` ma
 once (``WaitingRoom``). Authenticated connections never count.
 """
 
+from __future__ import annotations
+
 import collections
 import math
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import attrs
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from bai_agent.protocol.arguments import MAX_VALUE_LENGTH
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IConsumer, ITCPTransport
+    from twisted.protocols import amp
+
+    class IConnectionTransport(ITCPTransport, IConsumer):
+        """
+        What a manager connection's transport offers (TCP's, and the tests' fakes): it can
+        be aborted and takes the protocol as its streaming producer. Only for the type
+        checker, which cannot tell that from ``Protocol.transport``'s ``ITransport``.
+        """
+
+    # The mixin is only ever listed before ``amp.BinaryBoxProtocol``: it uses its parser.
+    _BoxProtocol = amp.BinaryBoxProtocol
+else:
+    _BoxProtocol = object
 
 #: The most Big data one call may carry (UploadFile ``data``, Execute ``code``).
 MAX_BIG_DATA = 1 << 20
@@ -60,12 +82,14 @@ UNAUTHENTICATED = BoxLimit(max_bytes=4 << 10, max_keys=8)
 AUTHENTICATED = BoxLimit(max_bytes=MAX_BIG_DATA + 2 * (64 << 10), max_keys=64 + BIG_DATA_CHUNKS)
 
 
-class BoundedBoxReceiver:
+@implementer(IPushProducer)
+class BoundedBoxReceiver(_BoxProtocol):
     """
     A mixin for ``amp.BinaryBoxProtocol`` (and so ``amp.AMP``), listed before it: bounds
     each box by ``box_limit()`` and calls ``box_limit_exceeded(reason)`` (which closes the
     connection) the moment a box would pass it; nothing is parsed after that. It also
-    registers itself as its transport's streaming producer (see the module docstring).
+    registers itself as its transport's streaming producer (see the module docstring),
+    ``IPushProducer`` with the parser's ``pauseProducing`` and ``resumeProducing``.
 
     It works on the parser's own state (``_unprocessed``, ``state``, ``stringReceived``),
     which ``Int16StringReceiver`` and ``StatefulStringProtocol`` have kept for many
@@ -76,6 +100,7 @@ class BoundedBoxReceiver:
     _box_keys = 0
     _held = b""  # bytes received while paused: at most one read of the transport
     _refused = False
+    transport: IConnectionTransport | None
 
     def box_limit(self) -> BoxLimit:
         raise NotImplementedError
@@ -83,23 +108,25 @@ class BoundedBoxReceiver:
     def box_limit_exceeded(self, reason: str) -> None:
         raise NotImplementedError
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         super().connectionMade()
+        assert self.transport is not None  # makeConnection set it
         self.transport.registerProducer(self, True)
 
-    def resumeProducing(self):
-        if getattr(self.transport, "disconnecting", False):
+    def resumeProducing(self) -> None:
+        transport = self.transport
+        if transport is not None and getattr(transport, "disconnecting", False):
             # Closing: a transport with a paused producer would wait for it for ever
             # instead of finishing its close once the answers are out.
-            self.transport.unregisterProducer()
+            transport.unregisterProducer()
             return
         super().resumeProducing()
 
-    def stopProducing(self):
+    def stopProducing(self) -> None:
         # The transport is going away; it needs no call back (the default would make one).
         self.paused = True
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
         if self.innerProtocol is not None:  # a protocol switch: no longer AMP
@@ -127,7 +154,7 @@ class BoundedBoxReceiver:
             if self._refused or self._keyLengthLimitExceeded:
                 return
 
-    def stringReceived(self, string):
+    def stringReceived(self, string: bytes) -> None:
         if self._refused:
             return
         if self.state in ("init", "key"):
@@ -145,7 +172,7 @@ class BoundedBoxReceiver:
             self._box_bytes += 2 + len(string)
         super().stringReceived(string)
 
-    def _refuse(self, reason):
+    def _refuse(self, reason: str) -> None:
         self._refused = True
         self._held = b""
         self._currentBox = None
@@ -155,7 +182,10 @@ class BoundedBoxReceiver:
         self.box_limit_exceeded(reason)
 
 
-class WaitingRoom:
+Connection = TypeVar("Connection", bound=Hashable)
+
+
+class WaitingRoom(Generic[Connection]):
     """
     The connections that have not authenticated yet, oldest first, at most ``capacity``.
 
@@ -172,22 +202,22 @@ class WaitingRoom:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._waiting = collections.OrderedDict()
+        self._waiting: collections.OrderedDict[Connection, None] = collections.OrderedDict()
 
-    def enter(self, connection) -> list:
+    def enter(self, connection: Connection) -> list[Connection]:
         """Admit ``connection``; the connections to close to make room for it, oldest first."""
         self._waiting[connection] = None
-        evicted = []
+        evicted: list[Connection] = []
         while len(self._waiting) > self.capacity:
             oldest, _ = self._waiting.popitem(last=False)
             evicted.append(oldest)
         return evicted
 
-    def leave(self, connection) -> None:
+    def leave(self, connection: Connection) -> None:
         self._waiting.pop(connection, None)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._waiting)
 
-    def __contains__(self, connection):
+    def __contains__(self, connection: object) -> bool:
         return connection in self._waiting

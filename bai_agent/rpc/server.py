@@ -15,13 +15,15 @@ Lines a stranger can cause (failed authentications, connections closed for bad b
 dropped connections) are rate-limited (``bai_agent.runtime.lograte``).
 """
 
+from __future__ import annotations
+
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
-from twisted.internet.defer import fail, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITransport
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -35,10 +37,14 @@ from bai_agent.rpc.limits import (
     MAX_WAITING_CONNECTIONS,
     UNAUTHENTICATED,
     BoundedBoxReceiver,
+    BoxLimit,
     WaitingRoom,
 )
 from bai_agent.runtime.inflight import InFlight
 from bai_agent.runtime.lograte import LogRate
+
+if TYPE_CHECKING:
+    from bai_agent.rpc.limits import IConnectionTransport
 
 MAX_FAILED_AUTHENTICATIONS = 3
 #: Seconds a connection closed for a rotated secret may take to flush its answers.
@@ -69,9 +75,9 @@ class AmpContext:
     #: The ``DockerService``: ``healthy``, ``last_error`` and the local ``images``.
     images: Any
     #: The agent record for ``GetAgentInfo``.
-    info: Callable[[], dict]
+    info: Callable[[], dict[str, Any]]
     #: The namespace secret, or None while the agent has none.
-    secret: Callable[[], Optional[str]]
+    secret: Callable[[], str | None]
     #: ``observe_command(name, seconds, error_code)``, for the metrics.
     observe_command: Callable[..., None]
     #: Seconds between the agent's pings (and a third of how long a silent manager stays).
@@ -80,18 +86,18 @@ class AmpContext:
     stopping: Any
     #: Seconds a new connection has to authenticate.
     authentication_deadline: float
-    connections: set = attrs.field(factory=set)
+    connections: set[AgentAMP] = attrs.field(factory=set)
     commands_in_flight: InFlight = attrs.field(factory=InFlight)
 
 
 class AgentSession:
     """What the agent knows about one manager connection."""
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str) -> None:
         self.peer = peer
         self.nonce = new_nonce()
         self.authenticated = False
-        self.secret = None  # the secret it authenticated with: a rotation ends the session
+        self.secret: str | None = None  # the secret it authenticated with: a rotation ends the session
         self.failed_authentications = 0
 
 
@@ -100,14 +106,14 @@ class AgentLocator(amp.CommandLocator):
 
     log = Logger()
 
-    def __init__(self, context: AmpContext, session: AgentSession, protocol=None):
+    def __init__(self, context: AmpContext, session: AgentSession, protocol: AgentAMP | None = None) -> None:
         self.context = context
         self.session = session
         self.protocol = protocol
 
     # -- dispatch --------------------------------------------------------------------
 
-    def locateResponder(self, name):
+    def locateResponder(self, name: bytes) -> Callable[[amp.AmpBox], Deferred[Any]] | None:
         command = commands.COMMANDS_BY_NAME.get(name)
         if command is None:
             return None
@@ -115,8 +121,9 @@ class AgentLocator(amp.CommandLocator):
         if responder is None:
             return None
 
-        def guarded(box):
+        def guarded(box: amp.AmpBox) -> Deferred[Any]:
             started = time.monotonic()
+            result: Deferred[Any]
             if name not in commands.UNAUTHENTICATED_COMMANDS and not self.session.authenticated:
                 result = fail(errors.NotAuthenticated("authenticate first (Hello, then Authenticate)"))
                 result = result.addErrback(self._declared, command)
@@ -138,11 +145,13 @@ class AgentLocator(amp.CommandLocator):
 
         return guarded
 
-    def _declared(self, failure, command):
-        code = command.allErrors[failure.trap(*command.allErrors)]
+    def _declared(self, failure: Failure, command: type[commands.AgentCommand]) -> Failure:
+        # allErrors: what Command's metaclass collects from ``errors``; Twisted does not declare it.
+        all_errors = command.allErrors  # type: ignore[attr-defined]
+        code = all_errors[failure.trap(*all_errors)]
         return Failure(amp.RemoteAmpError(code, str(failure.value)))
 
-    def _undeclared(self, failure, name):
+    def _undeclared(self, failure: Failure, name: bytes) -> Failure:
         if failure.check(amp.RemoteAmpError):
             return failure
         self.log.failure(
@@ -151,16 +160,17 @@ class AgentLocator(amp.CommandLocator):
             command=name.decode(),
             peer=self.session.peer,
         )
+        why = failure.getErrorMessage() or type(failure.value).__name__
         return Failure(
             amp.RemoteAmpError(
                 errors.BackendUnavailable.code,
-                f"{name.decode()} failed inside the agent ({failure.getErrorMessage() or failure.type.__name__}); see the agent log",
+                f"{name.decode()} failed inside the agent ({why}); see the agent log",
             )
         )
 
-    def _observe(self, result, name, started):
+    def _observe(self, result: object, name: bytes, started: float) -> object:
         code = None
-        if isinstance(result, Failure) and result.check(amp.RemoteAmpError):
+        if isinstance(result, Failure) and isinstance(result.value, amp.RemoteAmpError):
             code = result.value.errorCode
         self.context.observe_command(name.decode(), time.monotonic() - started, code)
         return result
@@ -168,7 +178,7 @@ class AgentLocator(amp.CommandLocator):
     # -- session ---------------------------------------------------------------------
 
     @commands.Hello.responder
-    def hello(self):
+    def hello(self) -> dict[str, Any]:
         return {
             "agent_id": self.context.agent_id,
             "version": self.context.version,
@@ -177,7 +187,7 @@ class AgentLocator(amp.CommandLocator):
         }
 
     @commands.Authenticate.responder
-    def authenticate(self, mac):
+    def authenticate(self, mac: str) -> dict[str, Any]:
         secret = self.context.secret()
         if secret is None:
             raise errors.BackendUnavailable("the agent has no secret yet (etcd unreachable); retry later")
@@ -199,26 +209,26 @@ class AgentLocator(amp.CommandLocator):
         )
         if self.session.failed_authentications >= MAX_FAILED_AUTHENTICATIONS and self.protocol:
             # Let the error answer go out first, then hang up.
-            self.context.clock.callLater(0, self.protocol.transport.loseConnection)
+            self.context.clock.callLater(0, self.protocol.connected_transport().loseConnection)
         raise errors.AuthFailed("the MAC does not match this namespace's secret")
 
-    def _log_rate(self):
+    def _log_rate(self) -> LogRate:
         if self.protocol is not None:
             return self.protocol.log_rate
         return LogRate(self.context.clock, self.log)
 
     @commands.Ping.responder
-    def ping(self, payload):
+    def ping(self, payload: str) -> dict[str, Any]:
         return {"payload": payload}
 
     # -- agent -----------------------------------------------------------------------
 
     @commands.GetAgentInfo.responder
-    def get_agent_info(self):
+    def get_agent_info(self) -> dict[str, Any]:
         return {"info": self.context.info()}
 
     @commands.ListImages.responder
-    def list_images(self):
+    def list_images(self) -> dict[str, Any]:
         if not self.context.images.healthy:
             raise errors.BackendUnavailable(f"Docker is unreachable: {self.context.images.last_error}")
         return {"images": [image.to_json() for image in self.context.images.images]}
@@ -226,13 +236,20 @@ class AgentLocator(amp.CommandLocator):
     # -- kernels ---------------------------------------------------------------------
 
     @commands.ListKernels.responder
-    def list_kernels(self):
+    def list_kernels(self) -> dict[str, Any]:
         return {"kernels": self.context.kernels.list_records()}
 
     @commands.CreateKernel.responder
     def create_kernel(
-        self, kernel_id, image, resources, environ=None, mounts=None, idle_timeout=None, exec_timeout=None
-    ):
+        self,
+        kernel_id: str,
+        image: str,
+        resources: Any,
+        environ: Any = None,
+        mounts: Any = None,
+        idle_timeout: int | None = None,
+        exec_timeout: int | None = None,
+    ) -> Deferred[dict[str, Any]]:
         d = self.context.kernels.create(
             kernel_id,
             image,
@@ -245,55 +262,57 @@ class AgentLocator(amp.CommandLocator):
         return d.addCallback(lambda record: {"kernel": record})
 
     @commands.DestroyKernel.responder
-    def destroy_kernel(self, kernel_id, reason=None):
+    def destroy_kernel(self, kernel_id: str, reason: str | None = None) -> Deferred[dict[str, Any]]:
         return self.context.kernels.destroy(kernel_id, reason or "user-requested")
 
     @commands.RestartKernel.responder
-    def restart_kernel(self, kernel_id):
+    def restart_kernel(self, kernel_id: str) -> Deferred[dict[str, Any]]:
         return self.context.kernels.restart(kernel_id).addCallback(lambda record: {"kernel": record})
 
     @commands.Execute.responder
-    def execute(self, kernel_id, mode, code, run_id=None, options=None):
+    def execute(
+        self, kernel_id: str, mode: str, code: str, run_id: str | None = None, options: Any = None
+    ) -> Deferred[dict[str, Any]]:
         return self.context.kernels.session(kernel_id).execute(mode, code, run_id=run_id, options=options)
 
     @commands.InterruptKernel.responder
-    def interrupt_kernel(self, kernel_id):
+    def interrupt_kernel(self, kernel_id: str) -> Deferred[dict[str, Any]]:
         return self.context.kernels.session(kernel_id).interrupt()
 
     @commands.GetCompletions.responder
-    def get_completions(self, kernel_id, text, options=None):
+    def get_completions(self, kernel_id: str, text: str, options: Any = None) -> Deferred[dict[str, Any]]:
         d = self.context.kernels.session(kernel_id).completions(text, options)
         return d.addCallback(lambda items: {"completions": items})
 
     @commands.GetKernelStats.responder
-    def get_kernel_stats(self, kernel_id):
+    def get_kernel_stats(self, kernel_id: str) -> Deferred[dict[str, Any]]:
         return self.context.kernels.kernel_stats(kernel_id).addCallback(lambda stats: {"stats": stats})
 
     @commands.UploadFile.responder
-    def upload_file(self, kernel_id, path, data, append):
+    def upload_file(self, kernel_id: str, path: str, data: bytes, append: bool) -> Deferred[dict[str, Any]]:
         return self.context.kernels.upload(kernel_id, path, data, append).addCallback(lambda size: {"size": size})
 
     @commands.DownloadFile.responder
-    def download_file(self, kernel_id, path, offset, length):
+    def download_file(self, kernel_id: str, path: str, offset: int, length: int) -> Deferred[dict[str, Any]]:
         d = self.context.kernels.download(kernel_id, path, offset, length)
         return d.addCallback(lambda result: {"data": result[0], "size": result[1], "eof": result[2]})
 
     @commands.ListFiles.responder
-    def list_files(self, kernel_id, path=None):
+    def list_files(self, kernel_id: str, path: str | None = None) -> Deferred[dict[str, Any]]:
         return self.context.kernels.list_files(kernel_id, path or ".").addCallback(lambda entries: {"files": entries})
 
     @commands.GetLogs.responder
-    def get_logs(self, kernel_id, tail=None):
+    def get_logs(self, kernel_id: str, tail: int | None = None) -> Deferred[dict[str, Any]]:
         return self.context.kernels.logs(kernel_id, tail).addCallback(lambda text: {"logs": text})
 
     @commands.Reset.responder
-    def reset(self):
+    def reset(self) -> Deferred[dict[str, Any]]:
         return self.context.kernels.reset().addCallback(lambda count: {"destroyed": count})
 
     # -- events ----------------------------------------------------------------------
 
     @commands.Subscribe.responder
-    def subscribe(self, since):
+    def subscribe(self, since: int) -> dict[str, Any]:
         if since < 0:
             raise errors.InvalidRequest(f"since must be 0 or a seq, got {since}")
         last_seq = self.context.journal.last_seq
@@ -322,26 +341,36 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
 
     log = Logger()
 
-    def __init__(self, context: AmpContext, session: AgentSession, waiting: WaitingRoom, log_rate: LogRate):
+    def __init__(
+        self, context: AmpContext, session: AgentSession, waiting: WaitingRoom[AgentAMP], log_rate: LogRate
+    ) -> None:
         self.context = context
         self.session = session
         self.waiting = waiting
         self.log_rate = log_rate
         super().__init__(locator=AgentLocator(context, session, self))
-        self._ping_call = None
-        self._silence_call = None
-        self._deadline_call = None
-        self._hang_up_call = None
-        self.feed = None
+        self._ping_call: IDelayedCall | None = None
+        self._silence_call: IDelayedCall | None = None
+        self._deadline_call: IDelayedCall | None = None
+        self._hang_up_call: IDelayedCall | None = None
+        self.feed: EventFeed | None = None
 
-    def makeConnection(self, transport):
+    def connected_transport(self) -> IConnectionTransport:
+        """
+        The transport, for what runs only while connected: parsing, the responders, and
+        timers and the ``WaitingRoom``, which ``connectionLost`` cancels and leaves.
+        """
+        assert self.transport is not None, "the connection is closed"
+        return self.transport
+
+    def makeConnection(self, transport: ITransport) -> None:
         # Not amp.AMP's, which logs every connection made and lost: two lines per connect,
         # which anyone can cause. The agent logs what matters itself, at a bounded rate.
         self._transportPeer = transport.getPeer()
         self._transportHost = transport.getHost()
         amp.BinaryBoxProtocol.makeConnection(self, transport)
 
-    def connectionMade(self):
+    def connectionMade(self) -> None:
         super().connectionMade()
         self.context.connections.add(self)
         self._heard()
@@ -353,10 +382,10 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
 
     # -- limits ----------------------------------------------------------------------
 
-    def box_limit(self):
+    def box_limit(self) -> BoxLimit:
         return AUTHENTICATED if self.session.authenticated else UNAUTHENTICATED
 
-    def box_limit_exceeded(self, reason):
+    def box_limit_exceeded(self, reason: str) -> None:
         self.log_rate.emit(
             "oversized box",
             LogLevel.warn,
@@ -364,16 +393,16 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
             peer=self.session.peer,
             reason=reason,
         )
-        self.transport.abortConnection()
+        self.connected_transport().abortConnection()
 
-    def session_authenticated(self):
+    def session_authenticated(self) -> None:
         """The manager authenticated: it no longer waits, and may send the protocol's largest boxes."""
         self.waiting.leave(self)
         if self._deadline_call is not None and self._deadline_call.active():
             self._deadline_call.cancel()
         self._deadline_call = None
 
-    def _authentication_overdue(self):
+    def _authentication_overdue(self) -> None:
         self._deadline_call = None
         self.waiting.leave(self)
         self.log_rate.emit(
@@ -383,9 +412,9 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
             peer=self.session.peer,
             deadline=self.context.authentication_deadline,
         )
-        self.transport.abortConnection()
+        self.connected_transport().abortConnection()
 
-    def evict(self):
+    def evict(self) -> None:
         """Close this waiting connection to make room for a newer one (see ``WaitingRoom``)."""
         self.log_rate.emit(
             "waiting connection closed",
@@ -394,18 +423,19 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
             peer=self.session.peer,
             limit=self.waiting.capacity,
         )
-        self.transport.abortConnection()
+        self.connected_transport().abortConnection()
 
-    def end_session(self, why: str):
+    def end_session(self, why: str) -> None:
         """
         Close an authenticated connection (its secret was rotated): commands are no longer
         taken, answers already written go out within ``HANG_UP_GRACE`` seconds.
         """
         self.session.authenticated = False
         self.log.info("closing the session of manager {peer}: {why}", peer=self.session.peer, why=why)
-        self.transport.loseConnection()
+        transport = self.connected_transport()
+        transport.loseConnection()
         if self._hang_up_call is None:
-            self._hang_up_call = self.context.clock.callLater(HANG_UP_GRACE, self.transport.abortConnection)
+            self._hang_up_call = self.context.clock.callLater(HANG_UP_GRACE, transport.abortConnection)
 
     def subscribe(self, since: int) -> int:
         """Start (or restart) the event feed of this connection after ``since``."""
@@ -419,7 +449,7 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
         self.context.clock.callLater(0, feed.resume)
         return last_seq
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.feed is not None:
             self.feed.stop()
             self.feed = None
@@ -432,7 +462,7 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
         amp.BinaryBoxProtocol.connectionLost(self, reason)  # amp.AMP's only adds a log line
         self.transport = None
 
-    def ampBoxReceived(self, box):
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
         self._heard()
         try:
             command = box.get(amp.COMMAND)
@@ -447,9 +477,9 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
                 peer=self.session.peer,
                 error=_describe(e),
             )
-            self.transport.loseConnection()
+            self.connected_transport().loseConnection()
 
-    def unhandledError(self, failure):
+    def unhandledError(self, failure: Failure) -> None:
         """
         A command sent without ``_ask`` failed: there is nobody to answer, so log it and
         keep the connection (AMP would drop it, as for a failure of its own).
@@ -463,25 +493,25 @@ class AgentAMP(BoundedBoxReceiver, amp.AMP):
             return
         super().unhandledError(failure)
 
-    def _heard(self):
+    def _heard(self) -> None:
         timeout = 3 * self.context.heartbeat_interval()
         if self._silence_call is not None and self._silence_call.active():
             self._silence_call.reset(timeout)
         else:
             self._silence_call = self.context.clock.callLater(timeout, self._silent)
 
-    def _silent(self):
+    def _silent(self) -> None:
         self.log_rate.emit(
             "silent connection", LogLevel.info, "dropping silent manager connection {peer}", peer=self.session.peer
         )
         # Nothing heard for three intervals: the peer does not read either, so waiting for
         # the answers to flush could hold the connection for ever.
-        self.transport.abortConnection()
+        self.connected_transport().abortConnection()
 
-    def _schedule_ping(self):
+    def _schedule_ping(self) -> None:
         self._ping_call = self.context.clock.callLater(self.context.heartbeat_interval(), self._ping)
 
-    def _ping(self):
+    def _ping(self) -> None:
         self._ping_call = None
         d = self.callRemote(commands.Ping, payload="heartbeat")
         d.addErrback(lambda failure: None)  # a lost connection ends here; silence handles the rest
@@ -497,15 +527,15 @@ class AgentAMPFactory(Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, context: AmpContext, max_waiting: int = MAX_WAITING_CONNECTIONS):
+    def __init__(self, context: AmpContext, max_waiting: int = MAX_WAITING_CONNECTIONS) -> None:
         self.context = context
-        self.waiting = WaitingRoom(max_waiting)
+        self.waiting: WaitingRoom[AgentAMP] = WaitingRoom(max_waiting)
         self.log_rate = LogRate(context.clock, AgentAMP.log)
 
-    def stopFactory(self):
+    def stopFactory(self) -> None:
         self.log_rate.stop()  # say what was suppressed, now rather than never
 
-    def buildProtocol(self, addr):
+    def buildProtocol(self, addr: IAddress | None) -> AgentAMP | None:
         if self.context.stopping.requested:
             return None  # closes the connection: the agent is going away
         peer = f"{getattr(addr, 'host', addr)}:{getattr(addr, 'port', '')}"

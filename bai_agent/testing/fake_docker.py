@@ -621,7 +621,7 @@ class FakeDockerBackend:
         try:
             container = self._container(ref)
         except DockerNotFound as e:
-            raise DockerNotFound(f"Cannot kill container: {ref}: {e.message}", status=404)
+            raise DockerNotFound(f"Cannot kill container: {ref}: {e.message}", status=404) from None
         number = _signal_number(signal)
         if container.status != "running":
             raise DockerConflict(

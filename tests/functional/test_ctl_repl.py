@@ -110,7 +110,7 @@ class Terminal:
         try:
             return self.process.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout}s; output:\n{self.output[-2000:]!r}")
+            raise AssertionError(f"still running after {timeout}s; output:\n{self.output[-2000:]!r}") from None
 
     def close(self):
         if self.process.poll() is None:

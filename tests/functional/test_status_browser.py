@@ -75,7 +75,7 @@ def chromium(*args, timeout=CHROMIUM_TIMEOUT) -> bytes:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
-        raise AssertionError(f"chromium did not finish in {timeout}s: {argv}")
+        raise AssertionError(f"chromium did not finish in {timeout}s: {argv}") from None
     finally:
         try:  # helpers (zygote, renderer) that outlive the browser, if any
             os.killpg(process.pid, signal.SIGKILL)

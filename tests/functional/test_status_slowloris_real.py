@@ -24,7 +24,7 @@ def agent(tmp_path_factory, etcd_server, docker_host):
 
 def test_slowloris_clients_are_closed_after_the_header_timeout(agent):
     clients = []
-    for index in range(SLOW_CLIENTS):
+    for _ in range(SLOW_CLIENTS):
         sock = socket.create_connection(("127.0.0.1", agent.http_port), timeout=5)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         clients.append(sock)

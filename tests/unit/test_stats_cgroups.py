@@ -16,13 +16,13 @@ Inter-|   Receive                                                |  Transmit
     lo:    5000      10    0    0    0     0          0         0     5000      10    0    0    0     0       0          0
   eth0:    1200       8    0    0    0     0          0         0      800       6    0    0    0     0       0          0
   eth1:      34       1    0    0    0     0          0         0       66       1    0    0    0     0       0          0
-"""
+"""  # noqa: E501 (/proc/net/dev lines as the kernel writes them)
 
 NET_DEV_LO_ONLY = """\
 Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
     lo:    1604       2    0    0    0     0          0         0     1604       2    0    0    0     0       0          0
-"""
+"""  # noqa: E501
 
 BLKIO = """\
 8:0 Read 1048576

@@ -48,7 +48,9 @@ def failure_of(d: "Deferred[Any]", *expected: type[BaseException]) -> Failure:
 
 def error_of(d: "Deferred[Any]", *expected: type[BaseException]) -> BaseException:
     """The exception ``d`` failed with (``failure_of(d, *expected).value``)."""
-    return failure_of(d, *expected).value
+    error = failure_of(d, *expected).value
+    assert error is not None
+    return error
 
 
 def has_fired(d: "Deferred[Any]") -> bool:

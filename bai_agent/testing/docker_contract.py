@@ -28,6 +28,8 @@ then ``err\n`` to stderr and exit 0, and ``OOM_CMD`` run out of memory (exit 137
 The factory cleans up after itself (``request.addfinalizer``).
 """
 
+from typing import Any
+
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -104,7 +106,7 @@ def watch_container(docker, container_id):
     returning ``(events, stream)``: the stream gives no signal that it is, so update
     the container (a harmless change that emits an ``update`` event) until one arrives.
     """
-    events = []
+    events: list[dict[str, Any]] = []
     stream = docker.backend.stream_events(events.append, filters={"type": ["container"], "container": [container_id]})
     for attempt in range(40):
         yield docker.backend.update_container(container_id, {"CpuShares": 1024 + attempt})
@@ -121,7 +123,7 @@ def _actions(events):
 
 def _expect_failure(d, error_type):
     """A Deferred firing with the failure's exception; it fails if ``d`` did not fail so."""
-    result = Deferred()
+    result: Deferred[Any] = Deferred()
 
     def succeeded(value):
         result.errback(AssertionError(f"expected {error_type.__name__}, got result {value!r}"))
@@ -180,6 +182,7 @@ def make_docker_backend_tests(fixture_factory):
             assert by_name["RepoTags"] == [name]
             assert KERNEL_LABELS.items() <= by_name["Config"]["Labels"].items()
             image = kernel_image_from_inspect(name, by_name)
+            assert image is not None
             assert (image.name, image.id, image.features, image.min_mem) == (
                 name,
                 image_id,
@@ -197,7 +200,7 @@ def make_docker_backend_tests(fixture_factory):
         def test_events_stream_delivers_image_events(self, docker):
             name = docker.unique_name()
             image_id = docker.add_image(name, KERNEL_LABELS)
-            events = []
+            events: list[dict[str, Any]] = []
             stream = docker.backend.stream_events(events.append, filters={"type": ["image"]})
             assert verifyObject(IEventStream, stream)
             repo = name.rsplit(":", 1)[0]
@@ -219,7 +222,7 @@ def make_docker_backend_tests(fixture_factory):
         def test_cancel_ends_the_stream(self, docker):
             name = docker.unique_name()
             docker.add_image(name, KERNEL_LABELS)
-            events = []
+            events: list[dict[str, Any]] = []
             stream = docker.backend.stream_events(events.append, filters={"type": ["image"]})
             yield docker.settle(0.25)
             stream.cancel()
@@ -250,7 +253,7 @@ def make_docker_backend_tests(fixture_factory):
                 yield _expect_failure(call("bai-test-x"), DockerUnavailable)
             yield _expect_failure(backend.list_containers(), DockerUnavailable)
             yield _expect_failure(backend.update_container("bai-test-x", {"CpuShares": 512}), DockerUnavailable)
-            events = []
+            events: list[dict[str, Any]] = []
             stream = backend.stream_events(events.append)
             yield _expect_failure(stream.done, DockerUnavailable)
             assert events == []

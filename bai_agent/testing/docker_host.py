@@ -57,9 +57,11 @@ def docker_request(docker_host, method, path, body=None, headers=None, timeout=6
     ``OSError`` when the daemon cannot be reached.
     """
     address = parse_docker_host(docker_host)
+    connection: http.client.HTTPConnection
     if address.scheme == "unix":
         connection = _UnixHTTPConnection(address.path, timeout)
     else:
+        assert address.host is not None, address
         connection = http.client.HTTPConnection(address.host, address.port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=headers or {})

@@ -119,6 +119,7 @@ class EtcdServer:
             raise
 
     def _wait_healthy(self):
+        assert self._process is not None, "start() runs etcd first"
         deadline = time.monotonic() + START_TIMEOUT
         last_problem = "no answer yet"
         while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import signal as _signal
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -661,7 +662,7 @@ class FakeDockerBackend:
         container = self._container(ref)
         if container.status != "running":
             return container.exit_code
-        waiter = Deferred(lambda d: container.waiters.remove(d) if d in container.waiters else None)
+        waiter: Deferred[Any] = Deferred(lambda d: container.waiters.remove(d) if d in container.waiters else None)
         container.waiters.append(waiter)
         return waiter
 

@@ -48,6 +48,7 @@ class NVMLError(Exception):
     """``NVMLError(code)`` makes the subclass for that code, as pynvml's does."""
 
     _class_by_code: dict = {}
+    value: int  # the NVML return code (each code's subclass sets it)
 
     def __new__(cls, value=None):
         if cls is NVMLError:

@@ -3,6 +3,8 @@ A stand-in for the runner link of a kernel, for tests of the kernel lifecycle on
 Docker backend (where no runner process exists).
 """
 
+from typing import Any
+
 from twisted.internet.defer import Deferred, fail, succeed
 
 from bai_agent.kernels.runner_link import RunnerUnavailable
@@ -11,7 +13,7 @@ from bai_agent.kernels.runner_link import RunnerUnavailable
 class FakeRunnerLink:
     def __init__(self, socket_path):
         self.socket_path = socket_path
-        self.dead = Deferred()
+        self.dead: Deferred[Any] = Deferred()
         self.sent = []
         self.handler = None
         self.closed_because = None
@@ -64,7 +66,7 @@ class FakeRunners:
             return fail(self._failures.pop(0))
         link = FakeRunnerLink(socket_path)
         if self._holding:
-            d = Deferred()
+            d: Deferred[Any] = Deferred()
             self.held.append((d, link))
             return d
         self.links.append(link)

@@ -10,6 +10,7 @@ they would on a real server that nobody reaches.
 """
 
 import itertools
+from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
@@ -69,7 +70,7 @@ class _MemoryWatch:
         self.prefix = prefix
         self._on_change = on_change
         self.started = succeed(None)
-        self.done = Deferred()
+        self.done: Deferred[Any] = Deferred()
 
     @property
     def active(self):

@@ -95,7 +95,7 @@ class PrivateDockerd:
     @property
     def pid(self):
         """The dockerd's pid while it runs, else None."""
-        return self._dockerd.pid if self.running else None
+        return self._dockerd.pid if self._dockerd is not None and self.running else None
 
     @property
     def containerd_pid(self):

@@ -24,11 +24,11 @@ import urllib.request
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
+from bai_agent.testing.waiting import sleep
 from tests.functional.attacking import (
     agent_under_attack,
     answer_to,
@@ -261,7 +261,7 @@ def test_a_thousand_waiting_sockets_cannot_keep_a_manager_out(agent, reactor):
     flood = Flood(agent.amp_port, 1000).start()
     lines_before = agent.log_text().count("\n")
     try:
-        yield deferLater(reactor, 1.5, lambda: None)
+        yield sleep(reactor, 1.5)
         for _attempt in range(3):
             d = AgentClient.connect(reactor, address(agent), secret_of(agent))
             d.addTimeout(15, reactor)
@@ -270,7 +270,7 @@ def test_a_thousand_waiting_sockets_cannot_keep_a_manager_out(agent, reactor):
                 assert (yield client.ping("in")) == "in"
             finally:
                 client.close()
-            yield deferLater(reactor, 1.5, lambda: None)
+            yield sleep(reactor, 1.5)
     finally:
         yield deferToThread(flood.stop)
     assert flood.connects >= 1000, f"the flood made only {flood.connects} connections"

@@ -3,11 +3,11 @@
 import uuid
 
 import pytest
-from twisted.internet.task import deferLater
 
 from bai_agent.docker.engine import DockerEngineClient
 from bai_agent.testing import docker_host as host_helpers
 from bai_agent.testing.docker_contract import make_docker_backend_tests
+from bai_agent.testing.waiting import sleep
 
 pytestmark = pytest.mark.functional
 
@@ -56,7 +56,7 @@ class RealDockerFixture:
         return self._client(f"unix://{self._tmp_path}/no-docker-here.sock")
 
     def settle(self, seconds):
-        return deferLater(self._reactor, seconds, lambda: None)
+        return sleep(self._reactor, seconds)
 
     def cleanup(self):
         for backend in self._backends:

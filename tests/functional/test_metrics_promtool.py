@@ -10,9 +10,9 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from bai_agent.protocol.client import AgentClient
+from bai_agent.testing.waiting import sleep
 from tests.functional.agent_process import running_agent
 from tests.functional.test_kernels_real import IMAGE
 from tests.unit.test_status_metrics import BusyAgent
@@ -69,7 +69,7 @@ def test_metrics_of_a_real_agent_with_a_kernel_pass_promtool(agent, reactor):
             if sampled in exposition:
                 break
             assert time.monotonic() < deadline, f"no kernel statistics in /metrics after 30s:\n{exposition.decode()}"
-            yield deferLater(reactor, 0.5, lambda: None)
+            yield sleep(reactor, 0.5)
     finally:
         yield client.destroy_kernel("prom-1")
         client.close()

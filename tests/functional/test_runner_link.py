@@ -11,7 +11,7 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -24,6 +24,7 @@ from bai_agent.kernels.runner_link import (
 )
 from bai_agent.runner.framing import FrameDecoder, encode
 from bai_agent.testing.deferreds import failure_of, result_of
+from bai_agent.testing.waiting import sleep
 
 pytestmark = pytest.mark.functional
 
@@ -366,7 +367,7 @@ def test_connect_runner_retries_until_the_runner_listens(reactor, socket_dir):
         link = yield connect_runner(reactor, path, reactor, timeout=5)
         assert link.hello == HELLO
         link.close()
-        yield deferLater(reactor, 0, lambda: None)
+        yield sleep(reactor, 0)
     finally:
         for port in ports:
             yield port.stopListening()

@@ -23,11 +23,11 @@ from html.parser import HTMLParser
 import pytest
 import pytest_twisted
 from twisted.internet import threads
-from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from bai_agent.protocol.client import AgentClient
 from bai_agent.status.page import render_html
+from bai_agent.testing.waiting import sleep
 from tests.functional.agent_process import REPO, running_agent
 from tests.functional.test_kernels_real import IMAGE
 from tests.unit.test_status_metrics import BusyAgent
@@ -212,7 +212,7 @@ def test_operator_sees_identity_health_kernels_and_resource_bars(agent, reactor)
         # better picture; nothing below depends on them.
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not burning(status(agent)):
-            yield deferLater(reactor, 0.5, lambda: None)
+            yield sleep(reactor, 0.5)
 
         url = f"http://127.0.0.1:{agent.http_port}/"
         markup = (yield dom(reactor, url)).decode()

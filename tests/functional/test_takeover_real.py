@@ -12,10 +12,10 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
+from bai_agent.testing.waiting import sleep
 from tests.functional.agent_process import docker, running_agent
 from tests.functional.executing import IMAGE
 
@@ -41,7 +41,7 @@ def connect_when_listening(reactor, agent, secret, deadline):
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            yield deferLater(reactor, 0.02, lambda: None)
+            yield sleep(reactor, 0.02)
 
 
 @pytest_twisted.inlineCallbacks
@@ -81,7 +81,7 @@ def test_a_manager_reconciling_right_after_a_restart_never_sees_a_living_kernel_
                 lively_ran = lively_ran or answer["console"] == [["stdout", "42\n"]]
             except errors.BackendUnavailable:
                 pass
-            yield deferLater(reactor, 0.05, lambda: None)
+            yield sleep(reactor, 0.05)
         lists = [answer for answer in answers if answer != "unavailable"]
         assert lists, answers
         assert all(listed == ["frozen", "lively"] for listed in lists), answers
@@ -100,7 +100,7 @@ def test_a_manager_reconciling_right_after_a_restart_never_sees_a_living_kernel_
             break
         except errors.BackendUnavailable:
             assert time.monotonic() < until, "the frozen kernel was never adopted"
-            yield deferLater(reactor, 0.2, lambda: None)
+            yield sleep(reactor, 0.2)
     assert answer["console"] == [["stdout", "thawed\n"]]
     info = yield client.get_agent_info()
     assert info["taking_over"] is False

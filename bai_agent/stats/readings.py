@@ -9,14 +9,20 @@ device, a missing key) shows as "no reading" rather than breaking a scrape or pr
 JSON that a browser refuses. Each reader takes the collector (``stats``), or None.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Any
 
 from bai_agent.stats.collector import SAMPLE_KEYS
+
+if TYPE_CHECKING:
+    from bai_agent.stats.collector import StatsCollector
 
 KERNEL_SAMPLE_FIELDS = SAMPLE_KEYS
 
 
-def number(value):
+def number(value: object) -> float | None:
     """``value`` when it is a finite int or float (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -25,21 +31,21 @@ def number(value):
     return value
 
 
-def text_or_none(value):
+def text_or_none(value: object) -> str | None:
     """``value`` when it is a str, else None."""
     return value if isinstance(value, str) else None
 
 
-def mapping(value) -> dict:
+def mapping(value: object) -> dict[str, Any]:
     """``value`` when it is a dict, else an empty one."""
     return value if isinstance(value, dict) else {}
 
 
-def kernel_sample(sample):
+def kernel_sample(sample: object) -> dict[str, float] | None:
     """The known, numeric fields of one kernel sample; None when there is none."""
     if not isinstance(sample, dict):
         return None
-    checked = {}
+    checked: dict[str, float] = {}
     for field in KERNEL_SAMPLE_FIELDS:
         value = number(sample.get(field))
         if value is not None:
@@ -47,7 +53,7 @@ def kernel_sample(sample):
     return checked
 
 
-def kernel_samples(stats) -> dict:
+def kernel_samples(stats: StatsCollector | None) -> dict[str, dict[str, float]]:
     """``{kernel_id: checked sample}`` of the collector's last round; ``{}`` without one."""
     if stats is None:
         return {}
@@ -56,13 +62,13 @@ def kernel_samples(stats) -> dict:
     for kernel_id, sample in samples.items():
         if not isinstance(kernel_id, str):
             continue
-        sample = kernel_sample(sample)
-        if sample is not None:
-            checked[kernel_id] = sample
+        known = kernel_sample(sample)
+        if known is not None:
+            checked[kernel_id] = known
     return checked
 
 
-def node_sample(stats):
+def node_sample(stats: StatsCollector | None) -> dict[str, Any] | None:
     """
     The machine's last sample with checked fields (absent readings become None), or None::
 
@@ -81,9 +87,9 @@ def node_sample(stats):
     disk = mapping(node.get("disk"))
     net = mapping(node.get("net"))
     per_core = cpu.get("per_core")
-    gpus = []
-    for gpu in node.get("gpus") or ():
-        gpu = mapping(gpu)
+    gpus: list[dict[str, Any]] = []
+    for reading in node.get("gpus") or ():
+        gpu = mapping(reading)
         index = number(gpu.get("index"))
         if not isinstance(index, int):
             continue
@@ -116,6 +122,6 @@ def node_sample(stats):
     }
 
 
-def sample_seconds(stats):
+def sample_seconds(stats: StatsCollector | None) -> float | None:
     """CPU seconds the collector spent on its last round, or None."""
     return number(getattr(stats, "sample_seconds", None)) if stats is not None else None

@@ -61,6 +61,8 @@ code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
 @media (max-width: 900px) { .columns { grid-template-columns: 1fr; } }
 """
 
+# %-formatted (``%(refresh_ms)d``, ``%%``): with str.format, every brace of the script
+# would need doubling.
 SCRIPT = r"""
 "use strict";
 (function () {
@@ -286,4 +288,4 @@ SCRIPT = r"""
   }
   refresh();
 })();
-""" % {"refresh_ms": REFRESH_SECONDS * 1000}
+""" % {"refresh_ms": REFRESH_SECONDS * 1000}  # noqa: UP031

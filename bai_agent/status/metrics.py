@@ -10,11 +10,19 @@ conventions: base units (seconds, bytes), shares as ``_ratio`` (0..1; a kernel's
 counts cores, so 2.0 is two cores busy), ``_total`` only on counters.
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from bai_agent.stats import readings as stats_readings
 from bai_agent.status import readings
+
+if TYPE_CHECKING:
+    from bai_agent.status.sources import StatusSources
 
 COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -22,7 +30,7 @@ COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class AgentMetrics:
     """Counters the agent updates as it works, plus gauges read from the ``StatusSources`` at scrape time."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.command_seconds = Histogram(
             "bai_agent_amp_command_seconds",
@@ -38,13 +46,13 @@ class AgentMetrics:
             registry=self.registry,
         )
 
-    def observe_command(self, command: str, seconds: float, error_code=None):
+    def observe_command(self, command: str, seconds: float, error_code: bytes | str | None = None) -> None:
         self.command_seconds.labels(command).observe(seconds)
         if error_code is not None:
             code = error_code.decode("ascii", "replace") if isinstance(error_code, bytes) else str(error_code)
             self.command_errors.labels(command, code).inc()
 
-    def report(self, sources) -> None:
+    def report(self, sources: StatusSources) -> None:
         """Read ``sources`` (``StatusSources``) at every scrape, beside the counters; once."""
         self.registry.register(_SourcesCollector(sources))
 
@@ -53,17 +61,17 @@ class AgentMetrics:
 
 
 class _SourcesCollector:
-    def __init__(self, sources):
+    def __init__(self, sources: StatusSources) -> None:
         self.sources = sources
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> list[Metric]:
         # A family without samples (no kernels yet, a reading the machine lacks) is left out.
         return [family for family in self._families() if family.samples]
 
-    def _families(self):
+    def _families(self) -> Iterator[Metric]:
         sources = self.sources
         report = sources.report
         info = InfoMetricFamily("bai_agent", "Identity of this agent")
@@ -99,7 +107,7 @@ class _SourcesCollector:
             yield from _gpu_metrics(node["gpus"], records)
 
 
-def _agent_metrics(sources):
+def _agent_metrics(sources: StatusSources) -> Iterator[Metric]:
     last_delay, largest_delay = readings.heartbeat_delays(sources.etcd)
     yield _gauge(
         "bai_agent_heartbeat_delay_seconds",
@@ -111,11 +119,12 @@ def _agent_metrics(sources):
         "The largest etcd heartbeat delay since the agent started",
         largest_delay,
     )
-    if stats_readings.number(sources.etcd.last_heartbeat_at) is not None:
+    last_heartbeat_at = stats_readings.number(sources.etcd.last_heartbeat_at)
+    if last_heartbeat_at is not None:
         yield _gauge(
             "bai_agent_heartbeat_last_timestamp_seconds",
             "When the last etcd heartbeat was written (unix time)",
-            sources.etcd.last_heartbeat_at,
+            last_heartbeat_at,
         )
     entries, last_seq = readings.journal_size(sources.journal)
     yield _gauge("bai_agent_events_journal_entries", "Events kept in the event journal", entries)
@@ -152,7 +161,7 @@ _KERNEL_GAUGES = (
 )
 
 
-def _kernel_metrics(records, samples):
+def _kernel_metrics(records: list[dict[str, Any]], samples: dict[str, dict[str, float]]) -> Iterator[Metric]:
     info = InfoMetricFamily("bai_agent_kernel", "Image and status of each kernel", labels=["kernel_id"])
     created = GaugeMetricFamily(
         "bai_agent_kernel_created_timestamp_seconds", "When each kernel was created (unix time)", labels=["kernel_id"]
@@ -177,15 +186,16 @@ def _kernel_metrics(records, samples):
             (cpu_granted, (record.get("resources") or {}).get("cpu")),
             (mem_granted, (record.get("resources") or {}).get("mem")),
         ):
-            if readings.number(value) is not None:
-                family.add_metric([kernel_id], value)
+            known = readings.number(value)
+            if known is not None:
+                family.add_metric([kernel_id], known)
     yield from (info, created, last_used, cpu_granted, mem_granted)
     for field, name, documentation, scale in _KERNEL_COUNTERS:
-        family = CounterMetricFamily(name, documentation, labels=["kernel_id"])
+        counter = CounterMetricFamily(name, documentation, labels=["kernel_id"])
         for kernel_id, sample in sorted(samples.items()):
             if field in sample:
-                family.add_metric([kernel_id], sample[field] * scale)
-        yield family
+                counter.add_metric([kernel_id], sample[field] * scale)
+        yield counter
     for field, name, documentation, scale in _KERNEL_GAUGES:
         family = GaugeMetricFamily(name, documentation, labels=["kernel_id"])
         for kernel_id, sample in sorted(samples.items()):
@@ -194,8 +204,8 @@ def _kernel_metrics(records, samples):
         yield family
 
 
-def _node_metrics(node):
-    def gauge(name, documentation, value):
+def _node_metrics(node: dict[str, Any]) -> Iterator[Metric]:
+    def gauge(name: str, documentation: str, value: float | None) -> GaugeMetricFamily:
         family = GaugeMetricFamily(name, documentation)
         if value is not None:
             family.add_metric([], value)
@@ -234,17 +244,17 @@ def _node_metrics(node):
         ("rx_bytes", "bai_agent_node_network_receive_bytes", "Bytes the machine received"),
         ("tx_bytes", "bai_agent_node_network_transmit_bytes", "Bytes the machine sent"),
     ):
-        family = CounterMetricFamily(name, documentation)
+        counter = CounterMetricFamily(name, documentation)
         if net[key] is not None:
-            family.add_metric([], net[key])
-        yield family
+            counter.add_metric([], net[key])
+        yield counter
 
 
-def _gpu_metrics(gpus, records):
-    holders = {}
+def _gpu_metrics(gpus: list[dict[str, Any]], records: list[dict[str, Any]]) -> Iterator[Metric]:
+    holders: dict[int, str] = {}
     for record in records:
-        for device in readings.kernel_gpus(record):
-            holders[device] = record["kernel_id"]
+        for index in readings.kernel_gpus(record):
+            holders[index] = record["kernel_id"]
     info = InfoMetricFamily("bai_agent_gpu", "Identity of each NVIDIA device", labels=["device"])
     up = GaugeMetricFamily("bai_agent_gpu_up", "1 when NVML answered for the device", labels=["device"])
     granted = GaugeMetricFamily("bai_agent_gpu_granted", "1 when the device is granted to a kernel", labels=["device"])
@@ -269,7 +279,7 @@ def _gpu_metrics(gpus, records):
     yield from (info, up, granted, util, mem_used, mem_total)
 
 
-def _gauge(name, documentation, value):
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation)
     family.add_metric([], value)
     return family

@@ -9,21 +9,30 @@ every few seconds); with JavaScript, a small inline script (``assets.SCRIPT``) f
 loads nothing from elsewhere, which its Content-Security-Policy enforces.
 """
 
+from __future__ import annotations
+
 import datetime
 import html
 import json
 import math
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from bai_agent.protocol.events import KERNEL_TERMINATED
 from bai_agent.stats import readings as stats_readings
 from bai_agent.status import readings
+from bai_agent.status.assets import REFRESH_SECONDS, SCRIPT, STYLE
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.sources import StatusSources
-from bai_agent.status.assets import REFRESH_SECONDS, SCRIPT, STYLE
+
+if TYPE_CHECKING:
+    from bai_agent.health import AgentHealth
+    from bai_agent.kernels.journal import AgentEvent, EventJournal
 
 log = Logger()
 
@@ -33,11 +42,11 @@ class StatusPage:
 
     app = Klein()
 
-    def __init__(self, sources: StatusSources, metrics: AgentMetrics):
+    def __init__(self, sources: StatusSources, metrics: AgentMetrics) -> None:
         self.sources = sources
         self.metrics_page = metrics
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         sources = self.sources
         etcd = sources.etcd
         docker = sources.docker
@@ -83,20 +92,20 @@ class StatusPage:
         }
 
     @app.route("/", methods=["GET", "HEAD"])
-    def index(self, request):
+    def index(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Content-Security-Policy", CONTENT_SECURITY_POLICY)
         request.setHeader(b"Cache-Control", b"no-store")
         return render_html(self.snapshot()).encode("utf-8")
 
     @app.route("/status.json", methods=["GET", "HEAD"])
-    def status_json(self, request):
+    def status_json(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         snapshot = strict_json_value(self.snapshot())
         return json.dumps(snapshot, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
 
     @app.route("/healthz", methods=["GET", "HEAD"])
-    def healthz(self, request):
+    def healthz(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         problems = self.sources.health.problems()
         if problems:
@@ -105,16 +114,17 @@ class StatusPage:
         return b"ok\n"
 
     @app.route("/metrics", methods=["GET", "HEAD"])
-    def metrics(self, request):
+    def metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.metrics_page.render()
 
     @app.handle_errors(Exception)
-    def failed(self, request, failure):
+    def failed(self, request: IRequest, failure: Failure) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        if failure.check(HTTPException):  # 404, 405: not a failure of the agent
-            request.setResponseCode(failure.value.code)
-            return f"{failure.value.code} {failure.value.name}\n".encode()
+        error = failure.value
+        if isinstance(error, HTTPException):  # 404, 405: not a failure of the agent
+            request.setResponseCode(error.code)
+            return f"{error.code} {error.name}\n".encode()
         log.failure("status page {path} failed", failure, path=request.path)
         request.setResponseCode(500)
         return b"internal error; see the agent log\n"
@@ -129,7 +139,7 @@ CONTENT_SECURITY_POLICY = (
 RECENT_EVENTS = 30
 
 
-def strict_json_value(value):
+def strict_json_value(value: object) -> object:
     """``value`` with every NaN or infinity replaced by None: JSON has no such numbers."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -140,7 +150,7 @@ def strict_json_value(value):
     return value
 
 
-def recent_events(health, journal) -> list:
+def recent_events(health: AgentHealth, journal: EventJournal) -> list[dict[str, Any]]:
     """Health changes and the journal's last events, oldest first."""
     events = [{"ts": ts, "message": message} for ts, message in health.recent_events]
     if journal.last_seq:
@@ -149,7 +159,7 @@ def recent_events(health, journal) -> list:
     return sorted(events, key=lambda event: event["ts"])[-RECENT_EVENTS:]
 
 
-def describe_event(event) -> str:
+def describe_event(event: AgentEvent) -> str:
     text = f"#{event.seq} {event.type}"
     if event.kernel_id:
         text += f" {event.kernel_id}"
@@ -158,15 +168,15 @@ def describe_event(event) -> str:
     return text
 
 
-def gpu_devices(node, kernels) -> list:
+def gpu_devices(node: dict[str, Any] | None, kernels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     Every NVIDIA device the page shows: those in the machine's last sample, plus any granted
     to a kernel but missing from it; each with ``kernel_id``, the kernel holding it (or None).
     """
-    holders = {}
+    holders: dict[int, str] = {}
     for kernel in kernels:
-        for device in readings.kernel_gpus(kernel):
-            holders[device] = kernel["kernel_id"]
+        for index in readings.kernel_gpus(kernel):
+            holders[index] = kernel["kernel_id"]
     devices = {gpu["index"]: dict(gpu) for gpu in (node["gpus"] if node else ())}
     for index in holders:
         devices.setdefault(
@@ -189,11 +199,11 @@ def gpu_devices(node, kernels) -> list:
 # -- rendering; assets.SCRIPT has the same functions in JavaScript, keep the two alike ----
 
 
-def _e(value) -> str:
+def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _time(ts) -> str:
+def _time(ts: float | None) -> str:
     if ts is None:
         return "-"
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -211,7 +221,7 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {seconds}s"
 
 
-def _bytes(value) -> str:
+def _bytes(value: float | None) -> str:
     if value is None:
         return "-"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
@@ -221,18 +231,18 @@ def _bytes(value) -> str:
     return f"{value:.0f} B"
 
 
-def _cores(value) -> str:
+def _cores(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
 
 
-def _percent(value) -> str:
+def _percent(value: float | None) -> str:
     # Halves round up, as JavaScript's toFixed(0) does (Python's format rounds them to even).
     return "-" if value is None else f"{math.floor(value + 0.5)}%"
 
 
-def _share(part, whole) -> float:
+def _share(part: float | None, whole: float | None) -> float:
     """``part`` of ``whole`` in percent, 0..100; 0 when either is unknown."""
     if part is None or not whole:
         return 0.0
@@ -244,7 +254,7 @@ def _health(ok: bool, text: str) -> str:
     return f'<span class="pill {css}">{_e(text)}</span>'
 
 
-def _bar(allocated, measured, title="") -> str:
+def _bar(allocated: float | None, measured: float | None, title: str = "") -> str:
     """
     A bar: ``allocated`` (percent) as the light band, ``measured`` (percent) as the dark
     strip beneath it; either may be None (not known: no band).
@@ -257,11 +267,11 @@ def _bar(allocated, measured, title="") -> str:
     return f'<div class="bar" title="{_e(title)}">{"".join(parts)}</div>'
 
 
-def _none(columns, text) -> str:
+def _none(columns: int, text: str) -> str:
     return f'<tr><td colspan="{columns}" class="none">{_e(text)}</td></tr>'
 
 
-def render_summary(snap) -> str:
+def render_summary(snap: dict[str, Any]) -> str:
     agent, etcd = snap["agent"], snap["etcd"]
     overall = _health(snap["healthy"], "healthy" if snap["healthy"] else "unhealthy")
     problems = "".join(f"<li>{_e(problem)}</li>" for problem in snap["problems"])
@@ -275,7 +285,7 @@ def render_summary(snap) -> str:
     )
 
 
-def render_health(snap) -> str:
+def render_health(snap: dict[str, Any]) -> str:
     etcd, docker, journal, stats = snap["etcd"], snap["docker"], snap["journal"], snap["stats"]
     if etcd["registered"]:
         etcd_detail = etcd["address"]
@@ -296,7 +306,8 @@ def render_health(snap) -> str:
     late = ' class="warn"' if delay >= interval > 0 else ""
     return (
         "<table>"
-        f"<tr><th>etcd</th><td>{_health(etcd['registered'], 'registered' if etcd['registered'] else 'not registered')}</td>"
+        "<tr><th>etcd</th>"
+        f"<td>{_health(etcd['registered'], 'registered' if etcd['registered'] else 'not registered')}</td>"
         f'<td class="meta">{_e(etcd_detail)}</td></tr>'
         f'<tr><th>heartbeat</th><td class="num"><span{late}>{delay:.3f} s late</span> (max {delay_max:.3f} s)</td>'
         f'<td class="meta">every {interval:g} s, last {_e(_time(etcd["last_heartbeat_at"]))}</td></tr>'
@@ -309,11 +320,11 @@ def render_health(snap) -> str:
     )
 
 
-def _resource_row(label, bar, text, extra="") -> str:
+def _resource_row(label: str, bar: str, text: str, extra: str = "") -> str:
     return f'<tr><th>{label}</th><td>{bar}{extra}</td><td class="num">{text}</td></tr>'
 
 
-def render_resources(snap) -> str:
+def render_resources(snap: dict[str, Any]) -> str:
     resources = snap["agent"]["resources"]
     node = snap["stats"]["node"]
     rows = []
@@ -331,7 +342,8 @@ def render_resources(snap) -> str:
         cores = (
             '<div class="cores">'
             + "".join(
-                f'<span title="core {index}: {_e(_percent(percent))}"><i style="height:{_share(percent, 100):.0f}%"></i></span>'
+                f'<span title="core {index}: {_e(_percent(percent))}">'
+                f'<i style="height:{_share(percent, 100):.0f}%"></i></span>'
                 for index, percent in enumerate(node["cpu"]["per_core"])
             )
             + "</div>"
@@ -395,7 +407,7 @@ def render_resources(snap) -> str:
     )
 
 
-def render_kernels(snap) -> str:
+def render_kernels(snap: dict[str, Any]) -> str:
     now = snap["now"]
     samples = snap["stats"]["kernels"]
     rows = []
@@ -428,7 +440,7 @@ def render_kernels(snap) -> str:
     )
 
 
-def render_images(snap) -> str:
+def render_images(snap: dict[str, Any]) -> str:
     rows = [
         f"<tr><td>{_e(image['name'])}</td><td>{_e(image['runtime_type'])}</td>"
         f"<td><code>{_e(image['id'][:19])}</code></td></tr>"
@@ -441,7 +453,7 @@ def render_images(snap) -> str:
     )
 
 
-def render_events(snap) -> str:
+def render_events(snap: dict[str, Any]) -> str:
     rows = [
         f'<tr><td class="num when">{_e(_time(event["ts"]))}</td><td>{_e(event["message"])}</td></tr>'
         for event in reversed(snap["events"])
@@ -459,7 +471,7 @@ SECTIONS = (
 )
 
 
-def render_html(snap: dict) -> str:
+def render_html(snap: dict[str, Any]) -> str:
     parts = {name: render(snap) for name, render in SECTIONS}
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -3,7 +3,9 @@
 handed over by the composition root. Nothing here is written by the page.
 """
 
-from typing import Any, Callable
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -11,6 +13,13 @@ from twisted.internet.interfaces import IReactorTime
 from bai_agent.config import AgentConfig
 from bai_agent.health import AgentHealth
 from bai_agent.report import AgentReport
+
+if TYPE_CHECKING:
+    from bai_agent.docker.service import DockerService
+    from bai_agent.etcd.service import EtcdService
+    from bai_agent.kernels.journal import EventJournal
+    from bai_agent.rpc.server import AgentAMP
+    from bai_agent.stats.collector import StatsCollector
 
 
 @attrs.frozen
@@ -20,17 +29,17 @@ class StatusSources:
     report: AgentReport
     health: AgentHealth
     #: The agent record with its last heartbeat (``bai_agent.report.agent_info``).
-    info: Callable[[], dict]
+    info: Callable[[], dict[str, Any]]
     #: An ``IKernelView``.
     kernels: Any
     #: The event journal (``last_seq``, ``since``, ``len``).
-    journal: Any
+    journal: EventJournal
     #: The statistics collector (``latest_all``, ``node_latest``, ``sample_seconds``).
-    stats: Any
+    stats: StatsCollector
     #: The etcd registration (``registered``, ``last_error``, ``last_heartbeat_at``,
     #: ``heartbeat_interval``, ``heartbeat_delay``, ``heartbeat_delay_max``).
-    etcd: Any
+    etcd: EtcdService
     #: The ``DockerService`` (``healthy``, ``last_error``, versions, ``images``).
-    docker: Any
+    docker: DockerService
     #: The open manager connections (the AMP context's set).
-    connections: set
+    connections: set[AgentAMP]

@@ -35,6 +35,7 @@ from twisted.internet.defer import inlineCallbacks  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
 
+from bai_agent.testing.docker_cli import agent_containers, remove_containers  # noqa: E402
 from bench.harness import BenchAgent, percentile  # noqa: E402
 
 IMAGE = "bai-kernel/python:3.11"
@@ -209,11 +210,7 @@ def run(reactor, args):
 
 
 def remove_leftovers(agent_id):
-    listed = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent_id}"], capture_output=True, text=True
-    )
-    for container in listed.stdout.split():
-        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
+    remove_containers(agent_containers(agent_id, check=False))
 
 
 def report(args, agent_times, docker_times, jupyter_times, agent_streams, docker_streams):

@@ -10,7 +10,7 @@ daemon the environment names, as a user's ``docker`` would.
 import os
 import subprocess
 
-__all__ = ["DockerCommandFailed", "docker"]
+__all__ = ["DockerCommandFailed", "agent_containers", "docker", "remove_containers"]
 
 
 class DockerCommandFailed(subprocess.CalledProcessError):
@@ -34,3 +34,16 @@ def docker(
     if check and result.returncode != 0:
         raise DockerCommandFailed(result.returncode, argv, result.stdout, result.stderr)
     return result
+
+
+def agent_containers(agent_id: str, docker_host: str | None = None, check: bool = True) -> list[str]:
+    """Short ids of every container labelled with ``agent_id`` (running or not)."""
+    label = f"label=ai.backend.agent-id={agent_id}"
+    listed = docker("ps", "-aq", "--filter", label, docker_host=docker_host, check=check)
+    return listed.stdout.split()
+
+
+def remove_containers(containers: list[str], docker_host: str | None = None, timeout: float = 300) -> None:
+    """``docker rm -f`` these containers, if any; one already gone is no error."""
+    if containers:
+        docker("rm", "-f", *containers, docker_host=docker_host, check=False, timeout=timeout)

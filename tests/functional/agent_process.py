@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 from bai_agent.node import mounts
+from bai_agent.testing.docker_cli import agent_containers as containers_of
 from bai_agent.testing.docker_cli import docker
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -174,11 +175,6 @@ def etcd_record(etcd_url, key: str):
     if not kvs:
         return None
     return json.loads(base64.b64decode(kvs[0]["value"]))
-
-
-def containers_of(agent_id):
-    """Short ids of every container labelled with ``agent_id``, running or not."""
-    return docker("ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent_id}").stdout.split()
 
 
 @contextlib.contextmanager

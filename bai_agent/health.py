@@ -6,11 +6,18 @@
 each change of the etcd registration and of Docker's reachability.
 """
 
+from __future__ import annotations
+
 import collections
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from bai_agent.docker.service import DockerService
+    from bai_agent.etcd.service import EtcdService
+    from bai_agent.stopping import StopFlag
 
 log = Logger()
 
@@ -26,20 +33,22 @@ class AgentHealth:
     :param stopping: the ``StopFlag``.
     """
 
-    def __init__(self, clock: IReactorTime, docker: Any, etcd: Any, kernels: Any, stopping: Any) -> None:
+    def __init__(
+        self, clock: IReactorTime, docker: DockerService, etcd: EtcdService, kernels: Any, stopping: StopFlag
+    ) -> None:
         self.clock = clock
         self.docker = docker
         self.etcd = etcd
         self.kernels = kernels
         self.stopping = stopping
-        self.recent_events: collections.deque = collections.deque(maxlen=RECENT_NOTES)
-        self._seen: dict = {}
+        self.recent_events: collections.deque[tuple[float, str]] = collections.deque(maxlen=RECENT_NOTES)
+        self._seen: dict[str, bool] = {}
 
     def note(self, message: str) -> None:
         """Remember something an operator should see on the status page."""
         self.recent_events.append((self.clock.seconds(), message))
 
-    def problems(self) -> list:
+    def problems(self) -> list[str]:
         """Why the agent is unhealthy; empty when etcd registration and Docker are both fine."""
         problems = []
         if self.stopping.requested:

@@ -8,7 +8,9 @@ of the kernels, the statistics collector, the stop flag), each required; the lis
 ports arrive when the servers listen.
 """
 
-from typing import Any, Optional
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -16,6 +18,12 @@ import bai_agent
 from bai_agent.config import AgentConfig
 from bai_agent.protocol.commands import PROTOCOL_VERSION
 from bai_agent.stats import readings
+
+if TYPE_CHECKING:
+    from bai_agent.docker.service import DockerService
+    from bai_agent.etcd.service import EtcdService
+    from bai_agent.stats.collector import StatsCollector
+    from bai_agent.stopping import StopFlag
 
 # Measured memory is rounded to this step, so that the record changes only when use does.
 MEASURED_MEM_STEP = 128 << 20
@@ -33,10 +41,10 @@ class AgentReport:
         self,
         config: AgentConfig,
         clock: IReactorTime,
-        images: Any,
+        images: DockerService,
         kernels: Any,
-        stats: Any,
-        stopping: Any,
+        stats: StatsCollector,
+        stopping: StopFlag,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -45,8 +53,8 @@ class AgentReport:
         self.stats = stats
         self.stopping = stopping
         self.started_at = clock.seconds()
-        self.amp_port: Optional[int] = None
-        self.http_port: Optional[tuple] = None
+        self.amp_port: int | None = None
+        self.http_port: tuple[str, int] | None = None  # (host, port)
 
     agent_id = property(lambda self: self.config.agent_id)
     version = property(lambda self: bai_agent.__version__)
@@ -70,19 +78,19 @@ class AgentReport:
             host = f"[{host}]"
         return f"http://{host}:{port}/"
 
-    def resources(self) -> dict:
+    def resources(self) -> dict[str, dict[str, Any]]:
         """Per slot: ``capacity``, ``used`` (granted to kernels) and ``measured`` (in use now, when sampled)."""
         allocator = self.kernels.allocator
         used = allocator.used()
         measured = self.measured_use()
-        resources = {}
+        resources: dict[str, dict[str, Any]] = {}
         for slot, capacity in allocator.capacity.as_slots().items():
             resources[slot] = {"capacity": capacity, "used": used.get(slot, 0)}
             if slot in measured:
                 resources[slot]["measured"] = measured[slot]
         return resources
 
-    def measured_use(self) -> dict:
+    def measured_use(self) -> dict[str, float]:
         """
         What the node uses now, from the last statistics sample, in slot units: ``cpu``
         busy cores, ``mem`` bytes, ``cuda.device`` busy devices. Rounded (0.1 core, 128 MiB,
@@ -91,7 +99,7 @@ class AgentReport:
         node = readings.node_sample(self.stats)  # checked: odd readings are None
         if not node:
             return {}
-        measured: dict = {}
+        measured: dict[str, float] = {}
         cpu, mem = node["cpu"], node["mem"]
         if cpu["percent"] is not None and isinstance(cpu["count"], int):
             measured["cpu"] = round(cpu["percent"] / 100.0 * cpu["count"], 1)
@@ -102,7 +110,7 @@ class AgentReport:
             measured["cuda.device"] = round(sum(utils) / 100.0, 1)
         return measured
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """The agent record of PROTOCOL.md section 4 (the registration adds ``heartbeat_at``)."""
         return {
             "agent_id": self.agent_id,
@@ -122,7 +130,7 @@ class AgentReport:
         }
 
 
-def agent_info(report: AgentReport, registration: Any) -> dict:
+def agent_info(report: AgentReport, registration: EtcdService) -> dict[str, Any]:
     """The record as ``GetAgentInfo`` and the status page give it: with the last heartbeat's time."""
     record = report.record()
     if registration.last_heartbeat_at is not None:

@@ -12,8 +12,10 @@ threads, cgroups, scratch volumes, the machine's GPUs and capacity) are made out
 machine: the backends' makers probe it and create directories.
 """
 
+from __future__ import annotations
+
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -21,6 +23,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 
 import bai_agent
@@ -31,6 +34,7 @@ from bai_agent.health import AgentHealth
 from bai_agent.kernels.allocator import Allocator
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
+from bai_agent.node.gpus import GpuDevice
 from bai_agent.report import AgentReport, agent_info
 from bai_agent.rpc.server import AgentAMPFactory, AmpContext
 from bai_agent.runner import RUNNER_DIR
@@ -63,9 +67,9 @@ class Backends:
     #: An ``IEtcd`` (``TxEtcd``).
     etcd: Any
     #: ``connect_runner(reactor, socket_path, ...)``: a kernel's runner link.
-    connect_runner: Callable[..., Deferred]
+    connect_runner: Callable[..., Deferred[Any]]
     #: ``run_blocking(f, *args)``: disk work off the reactor thread.
-    run_blocking: Callable[..., Deferred]
+    run_blocking: Callable[..., Deferred[Any]]
     #: Reads kernels' cgroups (``CgroupReader``).
     cgroups: Any
     #: The ``node.scratch.ScratchVolumes`` that limit kernels' homes.
@@ -73,7 +77,7 @@ class Backends:
     #: The machine's ``Capacity`` (cores, memory, GPUs, scratch disk).
     capacity: Any
     #: The NVIDIA devices found (``GpuDevice``), and the NVML module that found them.
-    gpus: tuple = ()
+    gpus: tuple[GpuDevice, ...] = ()
     nvml: Any = None
     #: The ``ThreadPool`` behind ``run_blocking``, started and stopped with the kernels.
     thread_pool: Any = None
@@ -87,21 +91,29 @@ class ListeningService(StreamServerEndpointService):
     port) and tells ``on_listening`` the port it got (``tcp:0`` picks a free one).
     """
 
-    def __init__(self, description, endpoint, factory, on_listening):
+    def __init__(
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        on_listening: Callable[[IListeningPort], object],
+    ) -> None:
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description = description
         self.on_listening = on_listening
 
-    def privilegedStartService(self):
+    def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as e:
             reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
             raise SystemExit(f"bai-agent: cannot listen on {self.description} for {self.name}: {reason}") from None
-        self._waitingForPort.addCallback(self._listening)
+        listening = self._waitingForPort
+        assert listening is not None  # the listen just started
+        listening.addCallback(self._listening)
 
-    def _listening(self, port):
+    def _listening(self, port: IListeningPort) -> IListeningPort:
         self.on_listening(port)
         return port
 
@@ -119,12 +131,12 @@ class AgentService(MultiService):
         self.setName("bai-agent")
         self.graceful_stop = graceful_stop
         self.backends = backends
-        self.report: Optional[AgentReport] = None
-        self.health: Optional[AgentHealth] = None
-        self.kernels: Optional[KernelRegistry] = None
-        self.amp: Optional[AmpContext] = None
+        self.report: AgentReport | None = None
+        self.health: AgentHealth | None = None
+        self.kernels: KernelRegistry | None = None
+        self.amp: AmpContext | None = None
 
-    def startService(self):
+    def startService(self) -> None:
         try:
             super().startService()
         except BaseException:
@@ -135,12 +147,12 @@ class AgentService(MultiService):
                 pool.stop()
             raise
 
-    def stopService(self):
+    def stopService(self) -> Deferred[None]:
         d = self.graceful_stop.run()
         d.addErrback(lambda failure: log.failure("the graceful part of the stop failed", failure))
         d.addCallback(lambda _: MultiService.stopService(self))
 
-        def close_clients(_):
+        def close_clients(_: object) -> None:
             for client in self.backends.owned:
                 try:
                     client.close()

@@ -14,9 +14,19 @@ The first phase of a graceful stop (SIGTERM), before the services stop in revers
 Then ``etcd`` revokes the lease as it stops, so the record disappears at once.
 """
 
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Callable
+
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from bai_agent.kernels.registry import KernelRegistry
+    from bai_agent.rpc.server import AmpContext
 
 # How long step 4 waits at most for managers to acknowledge the last events.
 EVENT_DELIVERY_TIMEOUT = 3.0
@@ -44,8 +54,16 @@ class GracefulStop:
     log = Logger()
 
     def __init__(
-        self, clock, stopping: StopFlag, sessions, kernels, refresh_record, note, grace_period, destroy_kernels
-    ):
+        self,
+        clock: IReactorTime,
+        stopping: StopFlag,
+        sessions: AmpContext,
+        kernels: KernelRegistry,
+        refresh_record: Callable[[], object],
+        note: Callable[[str], None],
+        grace_period: float,
+        destroy_kernels: bool,
+    ) -> None:
         self.clock = clock
         self.stopping = stopping
         self.sessions = sessions
@@ -54,10 +72,10 @@ class GracefulStop:
         self.note = note
         self.grace_period = grace_period
         self.destroy_kernels = destroy_kernels
-        self.amp_port = None  # the listening port, once there is one
+        self.amp_port: IListeningPort | None = None  # the listening port, once there is one
 
     @inlineCallbacks
-    def run(self):
+    def run(self) -> Generator[Deferred[Any], Any, None]:
         if self.stopping.requested:
             return
         self.stopping.requested = True
@@ -97,7 +115,7 @@ class GracefulStop:
                 connection.transport.loseConnection()
 
     @inlineCallbacks
-    def _await_delivery(self, seconds):
+    def _await_delivery(self, seconds: float) -> Generator[Deferred[Any], Any, bool]:
         """``True`` once every subscribed manager acknowledged every event; ``False`` after ``seconds``."""
         deadline = self.clock.seconds() + seconds
         while True:
@@ -109,21 +127,26 @@ class GracefulStop:
             yield deferLater(self.clock, DELIVERY_POLL, lambda: None)
 
 
-def within(clock, d, seconds):
+def within(clock: IReactorTime, d: Deferred[Any], seconds: float) -> Deferred[bool]:
     """
     A Deferred firing ``True`` when ``d`` fires, or ``False`` after ``seconds``, whichever
     comes first. ``d`` itself is never cancelled: the work goes on, the stop just stops
     waiting for it. ``d``'s failure is consumed (logged by whoever owns it).
     """
-    result: Deferred[bool] = Deferred(lambda _: timer.active() and timer.cancel())
 
-    def expire():
+    def stop_timer(_: Deferred[bool]) -> None:
+        if timer.active():
+            timer.cancel()
+
+    result: Deferred[bool] = Deferred(stop_timer)
+
+    def expire() -> None:
         if not result.called:
             result.callback(False)
 
     timer = clock.callLater(max(0.0, seconds), expire)
 
-    def finished(_):
+    def finished(_: object) -> None:
         if timer.active():
             timer.cancel()
         if not result.called:

@@ -1,5 +1,7 @@
 """Retry delays shared by the services that reconnect (Docker, etcd)."""
 
+from typing import Callable
+
 
 class Backoff:
     """
@@ -8,7 +10,9 @@ class Backoff:
     is a ``random.random``-like callable: 1.0 gives the full delay, 0.0 the shortest.
     """
 
-    def __init__(self, random, initial=1.0, maximum=30.0, jitter=0.2):
+    def __init__(
+        self, random: Callable[[], float], initial: float = 1.0, maximum: float = 30.0, jitter: float = 0.2
+    ) -> None:
         self._random = random
         self._initial = initial
         self._maximum = maximum
@@ -20,5 +24,5 @@ class Backoff:
         self.attempts += 1
         return base * (1.0 - self._jitter * (1.0 - self._random()))
 
-    def reset(self):
+    def reset(self) -> None:
         self.attempts = 0

@@ -17,7 +17,7 @@ class InFlight:
     """A set of Deferreds that forgets each one when it fires, whatever its result."""
 
     def __init__(self) -> None:
-        self._pending: set[Deferred] = set()
+        self._pending: set[Deferred[Any]] = set()
 
     def track(self, d: Deferred[T]) -> Deferred[T]:
         """Remember ``d`` until it fires; returns ``d`` itself (its result untouched)."""
@@ -38,7 +38,7 @@ class InFlight:
     def __bool__(self) -> bool:
         return bool(self._pending)
 
-    def __iter__(self) -> Iterator[Deferred]:
+    def __iter__(self) -> Iterator[Deferred[Any]]:
         return iter(list(self._pending))
 
     def settled(self) -> Deferred[None]:

@@ -11,6 +11,9 @@ the ones past that are counted, and when the period ends one line says how many 
 suppressed. Driven by the injected clock, so that tests run it on ``task.Clock``.
 """
 
+from __future__ import annotations
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 
 BURST = 10
@@ -20,18 +23,18 @@ PERIOD = 10.0
 class _Window:
     __slots__ = ("ends", "emitted", "suppressed", "level", "call")
 
-    def __init__(self, ends):
+    def __init__(self, ends: float) -> None:
         self.ends = ends
         self.emitted = 0
         self.suppressed = 0
-        self.level = None
-        self.call = None
+        self.level: LogLevel | None = None  # of the first suppressed line
+        self.call: IDelayedCall | None = None
 
 
 class LogRate:
     """At most ``burst`` lines of each kind per ``period`` seconds, then one summary line."""
 
-    def __init__(self, clock, log: Logger, burst: int = BURST, period: float = PERIOD):
+    def __init__(self, clock: IReactorTime, log: Logger, burst: int = BURST, period: float = PERIOD) -> None:
         if burst < 1 or not period > 0:
             raise ValueError("burst must be at least 1 and period positive")
         self.clock = clock
@@ -40,7 +43,7 @@ class LogRate:
         self.period = period
         self._windows: dict[str, _Window] = {}
 
-    def emit(self, kind: str, level: LogLevel, format: str, **fields) -> bool:
+    def emit(self, kind: str, level: LogLevel, format: str, **fields: object) -> bool:
         """Log ``format`` with ``fields`` at ``level`` unless ``kind`` is over its rate; whether it was."""
         now = self.clock.seconds()
         window = self._windows.get(kind)
@@ -74,11 +77,12 @@ class LogRate:
                 self._summarise(kind, window)
         self._windows.clear()
 
-    def _summarise(self, kind, window):
+    def _summarise(self, kind: str, window: _Window) -> None:
         window.call = None
         if self._windows.get(kind) is window:
             del self._windows[kind]
         if window.suppressed:
+            assert window.level is not None  # set with the first suppressed line
             self.log.emit(
                 window.level,
                 "{count} more {kind} lines suppressed in the last {period:g} s",

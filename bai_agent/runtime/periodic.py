@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from bai_agent.runtime.inflight import when_fired
 
@@ -49,7 +50,7 @@ class PeriodicService(Service):
         self.rounds = 0
         self.failures = 0
         self._loop: LoopingCall | None = None
-        self._round: Deferred | None = None
+        self._round: Deferred[None] | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -59,7 +60,7 @@ class PeriodicService(Service):
             lambda failure: log.failure("periodic {what} stopped", failure, what=self.what)
         )
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -68,13 +69,13 @@ class PeriodicService(Service):
             return succeed(None)
         return when_fired(self._round)
 
-    def run_now(self) -> Deferred:
+    def run_now(self) -> Deferred[None]:
         """A round out of turn (after the one in flight, if any); fires when it has ended."""
         if self._round is not None:
             return when_fired(self._round).addCallback(lambda _: self._one_round())
         return self._one_round()
 
-    def _one_round(self) -> Deferred:
+    def _one_round(self) -> Deferred[None]:
         self.rounds += 1
         d = maybeDeferred(self.work)
         d.addErrback(self._failed)
@@ -87,7 +88,7 @@ class PeriodicService(Service):
         d.addCallback(ended)
         return d
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.failures += 1
         log.failure(
             "periodic {what} failed; the next round comes in {interval}s",

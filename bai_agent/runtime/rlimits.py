@@ -7,7 +7,10 @@ under a far higher hard one. The agent raises its soft limit to the hard one (wh
 only the supervisor can raise: ``LimitNOFILE=`` in ``contrib/systemd/bai-agent.service``).
 """
 
+from __future__ import annotations
+
 import resource as resource_module
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -17,9 +20,10 @@ log = Logger()
 NR_OPEN_PATH = "/proc/sys/fs/nr_open"
 
 
-def raise_open_file_limit(resource=resource_module, nr_open_path=NR_OPEN_PATH) -> tuple:
+def raise_open_file_limit(resource: Any = resource_module, nr_open_path: str = NR_OPEN_PATH) -> tuple[int, int, int]:
     """
     Raise the soft RLIMIT_NOFILE to the hard limit; ``(soft before, soft after, hard)``.
+    ``resource`` is the ``resource`` module, or a stand-in with its names.
     A failure is logged, never raised: the agent runs on with the limit it has.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -46,7 +50,7 @@ def raise_open_file_limit(resource=resource_module, nr_open_path=NR_OPEN_PATH) -
     return soft, target, hard
 
 
-def _nr_open(path):
+def _nr_open(path: str) -> int | None:
     try:
         with open(path) as nr_open:
             return int(nr_open.read().strip())
@@ -54,5 +58,5 @@ def _nr_open(path):
         return None
 
 
-def _shown(limit):
+def _shown(limit: int) -> int | str:
     return "unlimited" if limit == resource_module.RLIM_INFINITY else limit

@@ -9,8 +9,10 @@ otherwise. The scratch root must exist.
 from typing import Any, Optional
 
 from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 
 from bai_agent.node.capacity import Capacity, detect_capacity
+from bai_agent.node.gpus import GpuDevice
 from bai_agent.node.scratch import ScratchVolumes, capacity_of
 from bai_agent.service import Backends
 from bai_agent.stats.cgroups import CgroupReader
@@ -20,13 +22,13 @@ from bai_agent.testing.memory_etcd import MemoryEtcd
 
 
 def fake_backends(
-    clock: Any,
+    clock: IReactorTime,
     scratch_root: str,
     docker: Optional[FakeDockerBackend] = None,
     etcd: Optional[MemoryEtcd] = None,
     runners: Optional[FakeRunners] = None,
     capacity: Optional[Capacity] = None,
-    gpus: tuple = (),
+    gpus: tuple[GpuDevice, ...] = (),
     nvml: Any = None,
 ) -> Backends:
     """

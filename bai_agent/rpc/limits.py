@@ -198,7 +198,7 @@ class WaitingRoom(Generic[Connection]):
     here: a manager gets in as long as the process has a file descriptor for it.
     """
 
-    def __init__(self, capacity: int = MAX_WAITING_CONNECTIONS):
+    def __init__(self, capacity: int = MAX_WAITING_CONNECTIONS) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity

@@ -52,6 +52,7 @@ from twisted.internet.task import deferLater, react  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
 
 from bai_agent.protocol.errors import AgentError  # noqa: E402
+from bai_agent.testing.docker_cli import agent_containers, remove_containers  # noqa: E402
 from bench.harness import BenchAgent, percentile  # noqa: E402
 
 IMAGE = "bai-kernel/python:3.11"
@@ -404,14 +405,10 @@ def destroy_all(client, kernel_ids, concurrency):
 
 def remove_leftovers(agent_id):
     """Remove, with the Docker CLI, every container of this agent that is still there."""
-    listed = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=ai.backend.agent-id={agent_id}"],
-        capture_output=True, text=True, timeout=60,
-    )
-    containers = listed.stdout.split()
+    containers = agent_containers(agent_id, check=False)
     if containers:
         print(f"removing {len(containers)} leftover containers", file=sys.stderr)
-        subprocess.run(["docker", "rm", "-f", *containers], capture_output=True, timeout=300)
+        remove_containers(containers)
 
 
 class Teardown:

@@ -31,6 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from urllib.parse import quote, urlencode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -251,7 +252,7 @@ def run(reactor, args, scratch_root):
             print(f"{name} ...", file=sys.stderr)
             rows = []
             for _ in range(rounds):
-                rows.append((yield measured(lambda: api.all(container_ids, one_shot, concurrent))))
+                rows.append((yield measured(partial(api.all, container_ids, one_shot, concurrent))))
             docker_rows[name] = rows
         if api.failures:
             raise RuntimeError(f"{api.failures} Docker stats calls failed")

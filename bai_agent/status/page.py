@@ -152,7 +152,7 @@ def strict_json_value(value: object) -> object:
 
 def recent_events(health: AgentHealth, journal: EventJournal) -> list[dict[str, Any]]:
     """Health changes and the journal's last events, oldest first."""
-    events = [{"ts": ts, "message": message} for ts, message in health.recent_events]
+    events: list[dict[str, Any]] = [{"ts": ts, "message": message} for ts, message in health.recent_events]
     if journal.last_seq:
         tail = journal.since(max(0, journal.last_seq - RECENT_EVENTS))
         events += [{"ts": event.ts, "message": describe_event(event)} for event in tail]

@@ -25,6 +25,7 @@ from bai_agent.rpc.server import AgentAMPFactory
 from bai_agent.service import build_agent_service
 from bai_agent.tap import prepare_directories
 from bai_agent.testing.backends import fake_backends
+from bai_agent.testing.deferreds import result_of
 from bai_agent.testing.fake_docker import FakeDockerBackend
 from bai_agent.testing.fake_runner import FakeRunners
 from bai_agent.testing.memory_etcd import MemoryEtcd
@@ -116,9 +117,7 @@ class Agent:
             assert results and isinstance(results[0], dict), f"could not make kernel {kernel_id}: {results}"
 
     def our_containers(self):
-        results = []
-        self.docker.list_containers(labels={AGENT_ID_LABEL: AGENT_ID}, all=True).addBoth(results.append)
-        return results[0]
+        return result_of(self.docker.list_containers(labels={AGENT_ID_LABEL: AGENT_ID}, all=True))
 
 
 class Connection:

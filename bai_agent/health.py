@@ -9,7 +9,7 @@ each change of the etcd registration and of Docker's reachability.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -17,6 +17,7 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from bai_agent.docker.service import DockerService
     from bai_agent.etcd.service import EtcdService
+    from bai_agent.kernels.interface import IKernelView
     from bai_agent.stopping import StopFlag
 
 log = Logger()
@@ -34,7 +35,7 @@ class AgentHealth:
     """
 
     def __init__(
-        self, clock: IReactorTime, docker: DockerService, etcd: EtcdService, kernels: Any, stopping: StopFlag
+        self, clock: IReactorTime, docker: DockerService, etcd: EtcdService, kernels: IKernelView, stopping: StopFlag
     ) -> None:
         self.clock = clock
         self.docker = docker

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 
 import bai_agent
 from bai_agent.config import AgentConfig
+from bai_agent.kernels.interface import IKernelView
 from bai_agent.protocol.commands import PROTOCOL_VERSION
 from bai_agent.stats import readings
 
@@ -42,7 +43,7 @@ class AgentReport:
         config: AgentConfig,
         clock: IReactorTime,
         images: DockerService,
-        kernels: Any,
+        kernels: IKernelView,
         stats: StatsCollector,
         stopping: StopFlag,
     ) -> None:

@@ -4,6 +4,8 @@
 This is the only module that imports the global reactor.
 """
 
+from typing import Any
+
 from twisted.python import usage
 
 from bai_agent.config import AgentConfig, ensure_private_dir
@@ -138,10 +140,10 @@ def make_backends(reactor, config):
 
     from bai_agent.docker.engine import DockerEngineClient
     from bai_agent.etcd.txetcd import TxEtcd
-    from bai_agent.node.capacity import detect_capacity
-    from bai_agent.node.gpus import discover_gpus
     from bai_agent.kernels.runner_link import connect_runner
     from bai_agent.node import scratch
+    from bai_agent.node.capacity import detect_capacity
+    from bai_agent.node.gpus import discover_gpus
     from bai_agent.service import Backends
     from bai_agent.stats.cgroups import CgroupReader
 
@@ -154,11 +156,7 @@ def make_backends(reactor, config):
         )
     else:
         log.info("kernels' homes limited by {kind} on {root}", kind=scratch_volumes.kind, root=config.scratch_root)
-    nvml = None
-    try:
-        import pynvml as nvml
-    except ImportError:
-        pass
+    nvml = _import_nvml()
     gpus = tuple(discover_gpus(nvml))
     capacity = detect_capacity(
         config.reserved_cpu,
@@ -181,6 +179,15 @@ def make_backends(reactor, config):
         thread_pool=disk_pool,
         owned=(etcd,),
     )
+
+
+def _import_nvml() -> Any:
+    """The NVML module (nvidia-ml-py), or None where it is not installed."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    return pynvml
 
 
 def compile_runner():
@@ -222,7 +229,7 @@ def sigterm_handler(reactor):
     from twisted.logger import Logger
 
     log = Logger()
-    received = []
+    received: list[int] = []
 
     def handler(signum, frame):
         if received:

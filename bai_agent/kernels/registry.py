@@ -29,6 +29,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from bai_agent.docker.images import KernelImage
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable, IDockerBackend
@@ -39,6 +40,7 @@ from bai_agent.kernels.container import container_config, container_name, user_e
 from bai_agent.kernels.deaths import RUNNER_START_TIMEOUT, ConnectRunner, DeathWatch
 from bai_agent.kernels.deferreds import pass_to, share
 from bai_agent.kernels.execution import ExecutionSession
+from bai_agent.kernels.interface import IKernelOperations, IKernelView
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.passthrough import PassThrough
@@ -62,6 +64,7 @@ STOP_GRACE = 2
 TAKING_OVER = "the agent is still taking over the kernels of its last run; retry"
 
 
+@implementer(IKernelOperations, IKernelView)
 class KernelRegistry(Service):
     """
     :param reactor: the reactor (``IReactorTime`` for timers; the runner connector needs

@@ -17,6 +17,7 @@ from bai_agent.report import AgentReport
 if TYPE_CHECKING:
     from bai_agent.docker.service import DockerService
     from bai_agent.etcd.service import EtcdService
+    from bai_agent.kernels.interface import IKernelView
     from bai_agent.kernels.journal import EventJournal
     from bai_agent.rpc.server import AgentAMP
     from bai_agent.stats.collector import StatsCollector
@@ -31,7 +32,7 @@ class StatusSources:
     #: The agent record with its last heartbeat (``bai_agent.report.agent_info``).
     info: Callable[[], dict[str, Any]]
     #: An ``IKernelView``.
-    kernels: Any
+    kernels: IKernelView
     #: The event journal (``last_seq``, ``since``, ``len``).
     journal: EventJournal
     #: The statistics collector (``latest_all``, ``node_latest``, ``sample_seconds``).

@@ -137,15 +137,23 @@ class AgentService(MultiService):
         self.amp: AmpContext | None = None
 
     def startService(self) -> None:
+        # The disk threads serve every child (the etcd secret cache, homes, statistics):
+        # they start before the first child and stop after the last.
+        pool = self.backends.thread_pool
+        if pool is not None:
+            pool.start()
         try:
             super().startService()
         except BaseException:
             # A child failed to start (a taken port raises SystemExit): the process is
-            # about to exit, and must not hang on a worker thread an earlier child started.
-            pool = self.backends.thread_pool
-            if pool is not None and pool.started:
-                pool.stop()
+            # about to exit, and must not hang on a worker thread.
+            self._stop_thread_pool()
             raise
+
+    def _stop_thread_pool(self) -> None:
+        pool = self.backends.thread_pool
+        if pool is not None and pool.started:
+            pool.stop()
 
     def stopService(self) -> Deferred[None]:
         d = self.graceful_stop.run()
@@ -153,6 +161,7 @@ class AgentService(MultiService):
         d.addCallback(lambda _: MultiService.stopService(self))
 
         def close_clients(_: object) -> None:
+            self._stop_thread_pool()
             for client in self.backends.owned:
                 try:
                     client.close()
@@ -183,7 +192,6 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
         run_blocking=backends.run_blocking,
         runner_dir=RUNNER_DIR,
         cluster_config=lambda: etcd.cluster_config,
-        thread_pool=backends.thread_pool,
         scratch_volumes=backends.scratch_volumes,
     )
     stats = StatsCollector(

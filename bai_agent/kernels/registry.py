@@ -52,8 +52,6 @@ from bai_agent.runtime.inflight import InFlight
 from bai_agent.runtime.periodic import PeriodicService
 
 if TYPE_CHECKING:
-    from twisted.python.threadpool import ThreadPool
-
     from bai_agent.config import AgentConfig
     from bai_agent.docker.service import DockerService
     from bai_agent.stats.collector import KernelTarget, StatsCollector
@@ -77,8 +75,6 @@ class KernelRegistry(Service):
     :param connect_runner: ``(reactor, socket_path, clock, timeout) -> Deferred[RunnerLink]``.
     :param run_blocking: ``(f, *args) -> Deferred``, running disk work off the reactor thread.
     :param cluster_config: a callable returning the etcd tunables (``idle_timeout``, ...).
-    :param thread_pool: a ``ThreadPool`` behind ``run_blocking`` to start and stop with
-        this service, if any.
     :param scratch_volumes: the ``node.scratch.ScratchVolumes`` that limit kernels' homes
         to their ``scratch`` grant; None: plain directories.
     """
@@ -97,7 +93,6 @@ class KernelRegistry(Service):
         run_blocking: Callable[..., Deferred[Any]],
         runner_dir: str,
         cluster_config: Callable[[], dict[str, Any]] = dict,
-        thread_pool: ThreadPool | None = None,
         scratch_volumes: Any = None,
     ) -> None:
         self.reactor = reactor
@@ -110,7 +105,6 @@ class KernelRegistry(Service):
         self.run_blocking = run_blocking
         self.runner_dir = runner_dir
         self.cluster_config = cluster_config
-        self.thread_pool = thread_pool
         self.scratch_volumes = scratch_volumes
         self.kernels: dict[str, Kernel] = {}
         self.in_flight = InFlight()
@@ -174,8 +168,6 @@ class KernelRegistry(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.thread_pool is not None:
-            self.thread_pool.start()
         self.journal.open()
         self._unsubscribe.append(self.docker.subscribe(self.deaths.docker_event))
         self._relist.startService()
@@ -203,8 +195,6 @@ class KernelRegistry(Service):
             if kernel.link is not None:
                 kernel.link.close("agent stopping")
         self.journal.close()
-        if self.thread_pool is not None and self.thread_pool.started:
-            self.thread_pool.stop()
 
     def announce_stopping(self) -> None:
         """Journal ``agent-stopping`` (once per run): the last event of this run."""

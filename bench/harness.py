@@ -31,7 +31,10 @@ class BenchAgent:
         """Start etcd and the agent, and wait until the agent is healthy (blocking)."""
         self.etcd.start()  # picks its ports, which the agent needs
         self.agent = AgentProcess(
-            self.work, self.etcd.addr, namespace="bench", agent_id=self.agent_id,
+            self.work,
+            self.etcd.addr,
+            namespace="bench",
+            agent_id=self.agent_id,
             extra=["--kernel-network", "none", *self.extra],
         )
         self.agent.start()

@@ -567,14 +567,18 @@ def report(args, load, idle, watcher, status_after_load, status_after_idle, rss_
             continue
         worst.append(gap - interval)
         print(f"  {phase:12} {gap - interval:+6.2f} s over {n:3d} gaps, lowest TTL {watcher.lowest_ttl.get(phase)} s")
-    print(f"  ({watcher.samples} samples every {SAMPLE_PERIOD:g} s, {watcher.sample_errors} failed; "
-          "a gap is known to about one sample)")
+    print(
+        f"  ({watcher.samples} samples every {SAMPLE_PERIOD:g} s, {watcher.sample_errors} failed; "
+        "a gap is known to about one sample)"
+    )
     for when, status in (("after load", status_after_load), ("at the end", status_after_idle)):
         if status is None:
             print(f"  /status.json {when}: no etcd.heartbeat_delay_max (not in this agent yet)")
         else:
-            print(f"  /status.json {when}: heartbeat_delay {seconds(status['delay'])}, heartbeat_delay_max "
-                  f"{seconds(status['max'])} (the agent's own measure, since it started)")
+            print(
+                f"  /status.json {when}: heartbeat_delay {seconds(status['delay'])}, heartbeat_delay_max "
+                f"{seconds(status['max'])} (the agent's own measure, since it started)"
+            )
             if isinstance(status["max"], (int, float)):
                 worst.append(float(status["max"]))
     heartbeat_delay = max(worst) if worst else None
@@ -619,8 +623,12 @@ def main():
     parser.add_argument("--duration", type=float, default=60, help="seconds of load (default %(default)s)")
     parser.add_argument("--connections", type=int, default=50, help="manager connections (default %(default)s)")
     parser.add_argument("--kernels", type=int, default=20, help="kernels under load (default %(default)s)")
-    parser.add_argument("--kernel-cpu", type=float, default=LOAD_RESOURCES["cpu"],
-                        help="cores of each kernel under load (default %(default)s)")
+    parser.add_argument(
+        "--kernel-cpu",
+        type=float,
+        default=LOAD_RESOURCES["cpu"],
+        help="cores of each kernel under load (default %(default)s)",
+    )
     parser.add_argument("--idle-kernels", type=int, default=100, help="idle kernels (default %(default)s)")
     parser.add_argument("--idle-duration", type=float, help="seconds of idle sampling (default: --duration)")
     parser.add_argument("--settle", type=float, default=5, help="seconds between the last create and sampling")

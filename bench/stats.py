@@ -309,17 +309,21 @@ def report(args, agent_rows, docker_rows, cgroup_version):
         " containerd and the shims, read from /proc around the round, coarse: 10 ms ticks)"
     )
     agent = walls["agent, kernels"]
-    print(f"\nagent CPU time per sample: {costs['agent, kernels'] * 1000:.2f} ms a round of {n} kernels "
-          f"({costs['agent, kernels'] / n * 1e6:.0f} us a kernel); "
-          f"{costs['agent, kernels+node'] * 1000:.2f} ms with the node")
+    print(
+        f"\nagent CPU time per sample: {costs['agent, kernels'] * 1000:.2f} ms a round of {n} kernels "
+        f"({costs['agent, kernels'] / n * 1e6:.0f} us a kernel); "
+        f"{costs['agent, kernels+node'] * 1000:.2f} ms with the node"
+    )
     print(f"\n{'Docker / agent (kernels only)':36} {'wall':>9} {'CPU':>9}")
     for name in docker_rows:
         print(f"{name:36} {walls[name] / agent:8.1f}x {costs[name] / costs['agent, kernels']:8.1f}x")
     fastest = min(docker_rows, key=walls.get)
     ratio = walls[fastest] / agent
     verdict = "meets" if ratio >= TARGET else "misses"
-    print(f"\ntarget: at least {TARGET:.0f}x faster than the API; against its fastest way here ({fastest}): "
-          f"{ratio:.1f}x ({verdict})")
+    print(
+        f"\ntarget: at least {TARGET:.0f}x faster than the API; against its fastest way here ({fastest}): "
+        f"{ratio:.1f}x ({verdict})"
+    )
 
 
 def main():

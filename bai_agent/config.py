@@ -30,7 +30,6 @@ from bai_agent.values import (
     parse_heartbeat_interval,
     parse_host_port,
     parse_size,
-    parse_timeout,
 )
 
 __all__ = [
@@ -40,10 +39,6 @@ __all__ = [
     "default_agent_id",
     "default_docker_host",
     "ensure_private_dir",
-    # moved to bai_agent.values: re-exported only while etcd and ctl code imports them from here
-    "parse_heartbeat_interval",
-    "parse_host_port",
-    "parse_timeout",
 ]
 
 #: Directories that ``--allowed-mount-root`` may not name: mounting their subtrees into a

@@ -87,7 +87,9 @@ class Options(usage.Options):
 
 
 #: The field of ``AgentConfig`` each of ``Options.optParameters`` sets.
-OPTION_FIELDS = {option: option.replace("-", "_") for option, _, _, _ in Options.optParameters}
+OPTION_FIELDS: dict[str, str] = {
+    str(parameter[0]): str(parameter[0]).replace("-", "_") for parameter in Options.optParameters
+}
 
 
 def prepare_directories(config: AgentConfig) -> None:

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from bai_agent.config import parse_host_port
 from bai_agent.ctl.errors import CtlError
 from bai_agent.etcd.interface import IEtcd
 from bai_agent.protocol import errors
 from bai_agent.protocol.auth import read_secret_file
 from bai_agent.protocol.client import AgentClient
 from bai_agent.protocol.discovery import list_agents, read_secret
+from bai_agent.values import parse_host_port
 
 if TYPE_CHECKING:
     from bai_agent.etcd.txetcd import TxEtcd

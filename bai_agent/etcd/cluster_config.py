@@ -11,9 +11,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from bai_agent.config import parse_heartbeat_interval, parse_timeout
 from bai_agent.etcd.interface import IEtcd, IWatch
 from bai_agent.protocol.keys import EXEC_TIMEOUT, HEARTBEAT_INTERVAL, IDLE_TIMEOUT, SECRET_NAME, name_under
+from bai_agent.values import parse_heartbeat_interval, parse_timeout
 
 # The same checks as the command line's and a manager's: a value in etcd is no more trusted.
 CONFIG_PARSERS: dict[str, Callable[[str], Any]] = {

@@ -4,14 +4,19 @@ daemon, and an agent with a client for the tests of Execute and files. A missing
 fails the test with a clear message; nothing is skipped.
 """
 
+import os
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 import pytest_twisted
+from twisted.web.server import Site
 
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.docker_host import require_docker
 from bai_agent.testing.etcd_server import EtcdServer
+from bai_agent.testing.standin_docker import StandInDaemon
 from tests.functional.agent_process import docker, running_agent
 from tests.functional.executing import IMAGE, SHELL_IMAGE
 
@@ -60,3 +65,20 @@ def client(agent, reactor):
     yield client
     pytest_twisted.blockon(client.reset())
     client.close()
+
+
+@pytest.fixture
+def socket_dir():
+    """A fresh directory for UNIX sockets, short enough for their ~107-byte paths."""
+    path = tempfile.mkdtemp(prefix="bai-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest_twisted.async_yield_fixture
+async def daemon(reactor, socket_dir):
+    """A ``StandInDaemon`` (the Docker Engine API, scripted) listening on ``socket_dir``/d.sock."""
+    resource = StandInDaemon(reactor)
+    port = reactor.listenUNIX(os.path.join(socket_dir, "d.sock"), Site(resource))
+    yield resource
+    await port.stopListening()

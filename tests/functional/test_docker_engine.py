@@ -6,8 +6,6 @@ server on a UNIX socket standing in for the daemon.
 
 import json
 import os
-import shutil
-import tempfile
 
 import pytest
 import pytest_twisted
@@ -22,7 +20,6 @@ from bai_agent.docker.engine import DockerEngineClient, image_path, pick_api_ver
 from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable
 from bai_agent.docker.streams import JSONStreamDecoder, JSONStreamError
 from bai_agent.testing.docker_host import docker_host_from_env, require_docker
-from bai_agent.testing.standin_docker import StandInDaemon
 from bai_agent.testing.waiting import sleep
 
 pytestmark = pytest.mark.functional
@@ -191,22 +188,6 @@ def test_decoder_bounds_the_size_of_one_value():
 
 
 # -- HTTP against a stand-in daemon ---------------------------------------------------
-
-
-@pytest.fixture
-def socket_dir():
-    # UNIX socket paths are limited to ~107 bytes; pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="bai-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest_twisted.async_yield_fixture
-async def daemon(reactor, socket_dir):
-    resource = StandInDaemon(reactor)
-    port = reactor.listenUNIX(os.path.join(socket_dir, "d.sock"), Site(resource))
-    yield resource
-    await port.stopListening()
 
 
 @pytest_twisted.async_yield_fixture

@@ -5,18 +5,13 @@ they raise, their time limits, and how logs are demultiplexed.
 """
 
 import json
-import os
-import shutil
-import tempfile
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import CancelledError
-from twisted.web.server import Site
 
 from bai_agent.docker.engine import DockerEngineClient
 from bai_agent.docker.interface import DockerConflict, DockerError, DockerNotFound
-from bai_agent.testing.standin_docker import StandInDaemon
 
 pytestmark = pytest.mark.functional
 
@@ -26,22 +21,6 @@ CID = "c0ffee" * 10 + "abcd"
 
 def frame(stream_byte, payload):
     return bytes([stream_byte, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
-
-
-@pytest.fixture
-def socket_dir():
-    # UNIX socket paths are limited to ~107 bytes; pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="bai-", dir="/tmp")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest_twisted.async_yield_fixture
-async def daemon(reactor, socket_dir):
-    resource = StandInDaemon(reactor)
-    port = reactor.listenUNIX(os.path.join(socket_dir, "d.sock"), Site(resource))
-    yield resource
-    await port.stopListening()
 
 
 @pytest_twisted.async_yield_fixture

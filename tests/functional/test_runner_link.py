@@ -2,9 +2,7 @@
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 
 import pytest
 import pytest_twisted
@@ -343,13 +341,6 @@ def test_interrupt_result(harness):
 class _FakeRunner(Protocol):
     def connectionMade(self):
         self.transport.write(encode(self.factory.hello))
-
-
-@pytest.fixture
-def socket_dir():
-    path = tempfile.mkdtemp(prefix="bai-link-test-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _listen(reactor, path, hello):

@@ -30,6 +30,8 @@ The package, one job a module:
   prompts and Ctrl-C;
 - ``repl``: ``bai-agent-ctl repl``: the interactive prompt, with the terminal in the main
   thread and the reactor in a thread of its own;
+- ``output``: what ``run`` and ``repl`` show of a console: text, pictures saved in the
+  output directory (``--output-dir``) with their paths printed, html as text;
 - ``errors``: ``CtlError``, a failure reported in one line.
 """
 

@@ -18,9 +18,11 @@ from bai_agent.ctl import repl
 from bai_agent.ctl.commands import run_command
 from bai_agent.ctl.connection import connect_alone
 from bai_agent.ctl.errors import CtlError
+from bai_agent.ctl.output import DEFAULT_OUTPUT_DIR
 from bai_agent.ctl.run import DEFAULT_FLUSH_TIMEOUT
 
 DESCRIPTION = "``bai-agent-ctl``: a manager's view of the agents of a namespace, from the command line."
+OUTPUT_DIR_HELP = "directory the pictures a run shows (plots) are saved in, as N.png, N.svg (default %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run code on a kernel, printing its output as it comes",
         description="Run code on a kernel: stdout and stderr as they come, input() answered from "
-        "the terminal, Ctrl-C interrupts the run (twice: stop waiting). The exit status is the "
+        "the terminal, Ctrl-C interrupts the run (twice: stop waiting); pictures (plots) are saved "
+        "in the output directory and their paths printed where they came. The exit status is the "
         "run's exit code (124 when it exceeded the kernel's exec timeout).",
     )
     run.add_argument("agent", help="agent id, or HOST:PORT")
@@ -87,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_FLUSH_TIMEOUT,
         help="seconds the agent gathers output before sending it (default %(default)s)",
     )
+    run.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR", help=OUTPUT_DIR_HELP)
     interrupt = sub.add_parser("interrupt", help="interrupt the run active on a kernel")
     interrupt.add_argument("agent", help="agent id, or HOST:PORT")
     interrupt.add_argument("kernel_id")
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_FLUSH_TIMEOUT,
         help="seconds the agent gathers output before sending it (default %(default)s)",
     )
+    repl_parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR", help=OUTPUT_DIR_HELP)
     return parser
 
 

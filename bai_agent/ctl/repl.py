@@ -38,6 +38,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, suc
 from twisted.python.failure import Failure
 
 from bai_agent.ctl.commands import kernel_resources
+from bai_agent.ctl.output import DEFAULT_OUTPUT_DIR, ConsoleView, OutputDir
 from bai_agent.ctl.run import (
     DEFAULT_FLUSH_TIMEOUT,
     EXIT_INTERRUPTED,
@@ -45,7 +46,6 @@ from bai_agent.ctl.run import (
     KernelRun,
     RunResult,
     ignore_not_running,
-    render_console,
 )
 from bai_agent.protocol import errors
 
@@ -352,12 +352,14 @@ class Console:
     :param bridge: a ``ReactorThread`` (``submit``, ``call_soon``).
     :param session: a ``ReplSession``; only touched through ``bridge``.
     :param io: a ``TerminalIO``.
+    :param output: where pictures are saved (``bai_agent.ctl.output``).
     """
 
-    def __init__(self, bridge: ReactorThread, session: ReplSession, io: TerminalIO):
+    def __init__(self, bridge: ReactorThread, session: ReplSession, io: TerminalIO, output: OutputDir | None = None):
         self.bridge = bridge
         self.session = session
         self.io = io
+        self.view = ConsoleView(io.write_out, io.write_err, output)
         self.at_prompt = False
 
     def loop(self) -> int:
@@ -391,6 +393,7 @@ class Console:
     def run(self, source: str) -> RunResult | None:
         """Run one block: show its output as it comes, answer its input, pass Ctrl-C on."""
         events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.view.at_line_start = True  # the block was typed at a prompt of its own
         future = self.bridge.submit(self.session.run, source, QueueTerminal(events))
         future.add_done_callback(lambda _: events.put(("done",)))
         while True:
@@ -417,7 +420,7 @@ class Console:
 
     def _handle(self, event: tuple[Any, ...]) -> None:
         if event[0] == "output":
-            render_console(event[1], self.io.write_out, self.io.write_err)
+            self.view.show(event[1])
         elif event[0] == "input":
             _, prompt, is_password, d = event
             try:
@@ -427,6 +430,7 @@ class Console:
                     text = self.io.read_line(prompt, fresh_line=False)
             except EOFError:
                 text = ""
+            self.view.at_line_start = True
             self.bridge.call_soon(_answer, d, text)
 
     def _drain(self, events: queue.Queue[tuple[Any, ...]]) -> None:
@@ -552,7 +556,7 @@ def main(
             return 1
         if cancelled:
             return EXIT_INTERRUPTED
-        console = Console(bridge, session, io)
+        console = Console(bridge, session, io, OutputDir(getattr(args, "output_dir", None) or DEFAULT_OUTPUT_DIR))
         if io.interactive:
             _enable_readline(console)
             io.write_err(

@@ -20,7 +20,7 @@ import getpass
 import signal
 import sys
 import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from types import FrameType
 from typing import IO, Any, Protocol
 
@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
 from bai_agent.ctl.errors import CtlError
+from bai_agent.ctl.output import DEFAULT_OUTPUT_DIR, ConsoleView, OutputDir
 from bai_agent.protocol import errors
 
 #: Seconds an ``Execute`` call waits before it returns the output so far: short, so that a
@@ -53,39 +54,18 @@ class Terminal(Protocol):
 # -- what a terminal shows ----------------------------------------------------------------------
 
 
-def console_text(entry: ConsoleEntry) -> tuple[str, str]:
-    """``(stream, text)`` for one ``[type, data]`` console entry: what a terminal shows."""
-    kind, data = (list(entry) + [None, None])[:2]
-    if kind in ("stdout", "stderr"):
-        return kind, data if isinstance(data, str) else str(data)
-    if kind == "media":
-        mime, payload = (list(data) + ["?", ""])[:2] if isinstance(data, (list, tuple)) else ("?", data)
-        return "stdout", f"[{mime} output, {len(payload or '')} characters not shown]\n"
-    if kind == "html":
-        return "stdout", f"[html output, {len(data or '')} characters not shown]\n"
-    return "stdout", f"[{kind} output not shown]\n"
-
-
-def render_console(
-    console: Iterable[ConsoleEntry] | None,
-    write_stdout: Callable[[str], object],
-    write_stderr: Callable[[str], object],
-) -> None:
-    """Write console entries in order, stdout entries to one writer, stderr to the other."""
-    for entry in console or ():
-        stream, text = console_text(entry)
-        if text:
-            (write_stderr if stream == "stderr" else write_stdout)(text)
-
-
-def split_prompt(console: Iterable[ConsoleEntry] | None) -> tuple[list[list[Any]], str]:
+def split_prompt(console: object) -> tuple[list[Any], str]:
     """
     ``(console, prompt)``: the end of the last stdout entry after its last newline is what
     ``input()`` printed as its prompt. Handing it to the line reader rather than printing
     it lets readline redraw the line properly (and getpass print it where it reads).
     """
-    entries = [list(entry) for entry in console or ()]
-    if not entries or entries[-1][0] != "stdout" or not isinstance(entries[-1][1], str):
+    if not isinstance(console, (list, tuple)):
+        return ([] if console is None else [console]), ""  # not a list: the terminal reports it
+    # A malformed entry is kept as it is, for the terminal to report.
+    entries = [list(entry) if isinstance(entry, (list, tuple)) else entry for entry in console]
+    last = entries[-1] if entries else None
+    if not (isinstance(last, list) and len(last) == 2 and last[0] == "stdout" and isinstance(last[1], str)):
         return entries, ""
     text = entries[-1][1]
     head, newline, prompt = text.rpartition("\n")
@@ -252,20 +232,29 @@ class LineSource:
 
 class StreamTerminal:
     """
-    What ``bai-agent-ctl run`` shows and reads: output to ``stdout``/``stderr`` as it comes,
-    input lines from ``lines`` (a ``LineSource``), passwords with ``getpass`` (no echo) in a
-    daemon thread. When the input has ended, ``input()`` gets an empty line.
+    What ``bai-agent-ctl run`` shows and reads: output to ``stdout``/``stderr`` as it comes
+    (pictures saved in ``output``, see ``bai_agent.ctl.output``), input lines from ``lines``
+    (a ``LineSource``), passwords with ``getpass`` (no echo) in a daemon thread. When the
+    input has ended, ``input()`` gets an empty line.
     """
 
-    def __init__(self, reactor: IReactorFromThreads, stdout: IO[str], stderr: IO[str], lines: LineSource):
+    def __init__(
+        self,
+        reactor: IReactorFromThreads,
+        stdout: IO[str],
+        stderr: IO[str],
+        lines: LineSource,
+        output: OutputDir | None = None,
+    ):
         self.reactor = reactor
         self.stdout = stdout
         self.stderr = stderr
         self.lines = lines
+        self.view = ConsoleView(stdout.write, stderr.write, output)
         self._told_eof = False
 
     def show(self, console: Sequence[ConsoleEntry]) -> None:
-        render_console(console, self.stdout.write, self.stderr.write)
+        self.view.show(console)
         self.stdout.flush()
         self.stderr.flush()
 
@@ -291,6 +280,7 @@ class StreamTerminal:
         return d.addCallback(self._ended)
 
     def _ended(self, text: str | None) -> str:
+        self.view.at_line_start = True  # the person pressed Enter (or the input ended)
         if text is None:
             if not self._told_eof:
                 self._told_eof = True
@@ -351,7 +341,9 @@ def run_code(
         lines = LineSource(reactor, lambda: open("/dev/tty", encoding="utf-8", errors="replace"))
     else:
         lines = LineSource(reactor, lambda: stdin)
-    kernel_run = KernelRun(client, args.kernel_id, StreamTerminal(reactor, out, err, lines), args.flush_timeout)
+    output = OutputDir(getattr(args, "output_dir", None) or DEFAULT_OUTPUT_DIR)
+    terminal = StreamTerminal(reactor, out, err, lines, output)
+    kernel_run = KernelRun(client, args.kernel_id, terminal, args.flush_timeout)
     ended: Deferred[int | RunResult] = Deferred()
     presses: list[None] = []
 

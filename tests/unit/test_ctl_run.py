@@ -5,10 +5,13 @@ prompt loop with a terminal and a reactor bridge that answer at once.
 """
 
 import argparse
+import base64
 import concurrent.futures
 import io
+import os
 import queue
 import signal
+import stat
 
 import pytest
 from twisted.internet.defer import Deferred, fail, succeed
@@ -18,6 +21,7 @@ from bai_agent import ctl
 from bai_agent.ctl import run as ctl_run
 from bai_agent.ctl.cli import build_parser
 from bai_agent.ctl.errors import CtlError
+from bai_agent.ctl.output import HTML_NOTE, ConsoleView, OutputDir, render_console
 from bai_agent.ctl.repl import (
     CONTINUATION_PROMPT,
     PROMPT,
@@ -34,17 +38,20 @@ from bai_agent.ctl.run import (
     LineSource,
     RunResult,
     StreamTerminal,
-    console_text,
     read_code,
-    render_console,
     split_prompt,
 )
 from bai_agent.protocol import errors
+from bai_agent.protocol.console import parse_item
 from bai_agent.testing.deferreds import result_of
 
 
 def answer(status, console=(), exit_code=None, options=None, run_id="r1"):
-    result = {"run_id": run_id, "status": status, "console": [list(entry) for entry in console]}
+    result = {
+        "run_id": run_id,
+        "status": status,
+        "console": [list(e) if isinstance(e, (list, tuple)) else e for e in console],
+    }
     if exit_code is not None:
         result["exit_code"] = exit_code
     if options is not None:
@@ -200,10 +207,97 @@ def test_render_console_keeps_order_and_streams():
     assert err == [("out", "a\n"), ("err", "oops\n"), ("out", "b")]
 
 
-def test_media_and_html_are_named_not_dumped():
-    assert console_text(["media", ["image/png", "iVBOR"]]) == ("stdout", "[image/png output, 5 characters not shown]\n")
-    assert console_text(["html", "<b>x</b>"]) == ("stdout", "[html output, 8 characters not shown]\n")
-    assert console_text(["widget", {}]) == ("stdout", "[widget output not shown]\n")
+PNG_BYTES = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\xff not really a picture"
+PNG_ITEM = ["media", ["image/png", base64.b64encode(PNG_BYTES).decode("ascii")]]
+SVG_TEXT = '<svg xmlns="http://www.w3.org/2000/svg"><text>\u00e9t\u00e9</text></svg>'
+
+
+def view_of(output_dir):
+    """A ``ConsoleView`` whose stdout and stderr writes go into one list, in order."""
+    written = []
+    view = ConsoleView(
+        lambda text: written.append(("out", text)), lambda text: written.append(("err", text)), OutputDir(output_dir)
+    )
+    return view, written
+
+
+def test_a_picture_is_saved_and_its_path_shown_between_the_texts_around_it(tmp_path):
+    view, written = view_of(str(tmp_path / "plots"))
+    view.show([["stdout", "before\n"], PNG_ITEM, ["stdout", "after\n"]])
+    path = os.path.join(str(tmp_path / "plots"), "1.png")
+    assert written == [("out", "before\n"), ("out", f"[image/png saved to {path}]\n"), ("out", "after\n")]
+    assert (tmp_path / "plots" / "1.png").read_bytes() == PNG_BYTES
+    assert stat.S_IMODE(os.stat(tmp_path / "plots").st_mode) == 0o755
+
+
+def test_numbers_go_on_from_the_highest_file_and_nothing_is_overwritten(tmp_path):
+    (tmp_path / "3.png").write_bytes(b"theirs")
+    (tmp_path / "7.svg").write_bytes(b"theirs too")
+    (tmp_path / "notes.txt").write_text("not numbered")
+    output = OutputDir(str(tmp_path))
+    assert output.save(parse_item(PNG_ITEM)) == os.path.join(str(tmp_path), "8.png")
+    (tmp_path / "9.png").write_bytes(b"made meanwhile")
+    (tmp_path / "10.svg").symlink_to(tmp_path / "nowhere")  # O_EXCL: a link counts as taken
+    assert output.save(parse_item(PNG_ITEM)) == os.path.join(str(tmp_path), "11.png")
+    assert (tmp_path / "3.png").read_bytes() == b"theirs"
+    assert (tmp_path / "9.png").read_bytes() == b"made meanwhile"
+    assert (tmp_path / "11.png").read_bytes() == PNG_BYTES
+
+
+def test_a_taken_name_is_skipped_for_the_next_number(tmp_path, monkeypatch):
+    output = OutputDir(str(tmp_path))
+    monkeypatch.setattr(output, "_highest", lambda: 0)  # as if 1.png came after the scan
+    (tmp_path / "1.png").write_bytes(b"theirs")
+    assert output.save(parse_item(PNG_ITEM)) == os.path.join(str(tmp_path), "2.png")
+    assert (tmp_path / "1.png").read_bytes() == b"theirs"
+
+
+def test_an_svg_is_saved_as_its_text_with_the_svg_suffix(tmp_path):
+    view, written = view_of(str(tmp_path))
+    view.show([["media", ["image/svg+xml", SVG_TEXT]]])
+    assert written == [("out", f"[image/svg+xml saved to {os.path.join(str(tmp_path), '1.svg')}]\n")]
+    assert (tmp_path / "1.svg").read_text(encoding="utf-8") == SVG_TEXT
+
+
+def test_html_is_printed_as_text_after_a_note(tmp_path):
+    view, written = view_of(str(tmp_path))
+    view.show([["html", "<table><tr><td>1</td></tr></table>"], ["stdout", "next\n"]])
+    assert written == [("out", HTML_NOTE), ("out", "<table><tr><td>1</td></tr></table>\n"), ("out", "next\n")]
+    assert HTML_NOTE == "[html, shown as text]\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["media", ["image/png", "not base64!"]], ["media", ["image/gif", "R0lG"]], ["widget", {}], "stdout", ["stdout"]],
+)
+def test_a_malformed_item_is_a_note_on_stderr_and_the_rest_is_shown(tmp_path, bad):
+    view, written = view_of(str(tmp_path))
+    view.show([["stdout", "a\n"], bad, ["stdout", "b\n"], PNG_ITEM])
+    assert written[0] == ("out", "a\n")
+    assert written[1][0] == "err" and written[1][1].startswith("[console item not shown: ")
+    assert written[2:] == [("out", "b\n"), ("out", f"[image/png saved to {os.path.join(str(tmp_path), '1.png')}]\n")]
+
+
+def test_a_note_starts_a_line_of_its_own_across_answers(tmp_path):
+    view, written = view_of(str(tmp_path))
+    view.show([["stdout", "50%"]])
+    view.show([PNG_ITEM])
+    assert written[1] == ("out", f"\n[image/png saved to {os.path.join(str(tmp_path), '1.png')}]\n")
+
+
+def test_a_picture_that_cannot_be_saved_is_a_note_and_the_rest_is_shown(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    view, written = view_of(str(tmp_path / "file"))
+    view.show([PNG_ITEM, ["stdout", "after\n"]])
+    assert written[0][0] == "err" and written[0][1].startswith(f"[image/png not saved in {tmp_path / 'file'}: ")
+    assert written[1] == ("out", "after\n")
+
+
+def test_a_console_that_is_not_a_list_is_a_note(tmp_path):
+    view, written = view_of(str(tmp_path))
+    view.show({"stdout": "x"})
+    assert written == [("err", "[console not shown: a list expected, not dict]\n")]
 
 
 def test_split_prompt_takes_the_unfinished_last_line_of_stdout():
@@ -421,6 +515,10 @@ def test_repl_and_interrupt_arguments():
     args = parse("repl", "agent-1", "--image", "img", "--cpu", "0.5", "--mem", "1g", "--kernel-id", "mine")
     assert (args.agent, args.image, args.cpu, args.mem, args.kernel_id) == ("agent-1", "img", 0.5, "1g", "mine")
     assert parse("repl", "agent-1").kernel_id is None
+    assert parse("repl", "agent-1").output_dir == "bai-output"
+    assert parse("repl", "agent-1", "--output-dir", "plots").output_dir == "plots"
+    assert parse("run", "a", "k", "-c", "1").output_dir == "bai-output"
+    assert parse("run", "a", "k", "-c", "1", "--output-dir", "plots").output_dir == "plots"
     args = parse("interrupt", "agent-1", "k")
     assert (args.command, args.kernel_id) == ("interrupt", "k")
 
@@ -443,6 +541,63 @@ def test_run_code_prints_and_returns_the_exit_status():
     d, out, err = run_code(client, ["-c", "x"])
     assert result_of(d) == 3
     assert (out.getvalue(), err.getvalue()) == ("out\n", "err\n")
+
+
+def test_run_code_saves_pictures_in_the_output_dir_and_prints_their_paths_in_order(tmp_path):
+    plots = str(tmp_path / "plots")
+    client = ScriptedClient(
+        [
+            answer("continued", [["stdout", "text\n"], PNG_ITEM]),
+            answer("finished", [["stdout", "again\n"], ["stderr", "warn\n"], PNG_ITEM], exit_code=0),
+        ]
+    )
+    d, out, err = run_code(client, ["-c", "plot()", "--output-dir", plots])
+    assert result_of(d) == 0
+    assert out.getvalue() == (f"text\n[image/png saved to {plots}/1.png]\nagain\n[image/png saved to {plots}/2.png]\n")
+    assert err.getvalue() == "warn\n"
+    assert (tmp_path / "plots" / "1.png").read_bytes() == (tmp_path / "plots" / "2.png").read_bytes() == PNG_BYTES
+
+
+def test_run_code_saves_in_bai_output_by_default_made_only_when_needed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    d, out, _ = run_code(ScriptedClient([answer("finished", [["stdout", "x\n"]], exit_code=0)]), ["-c", "x"])
+    assert result_of(d) == 0 and out.getvalue() == "x\n"
+    assert not (tmp_path / "bai-output").exists()
+    (tmp_path / "bai-output").mkdir()
+    (tmp_path / "bai-output" / "4.svg").write_text("<svg/>")
+    d, out, _ = run_code(ScriptedClient([answer("finished", [PNG_ITEM], exit_code=0)]), ["-c", "x"])
+    assert result_of(d) == 0
+    assert out.getvalue() == "[image/png saved to bai-output/5.png]\n"
+    assert (tmp_path / "bai-output" / "5.png").read_bytes() == PNG_BYTES
+
+
+def test_run_code_shows_html_and_goes_past_a_malformed_item(tmp_path):
+    client = ScriptedClient(
+        [answer("finished", [["html", "<b>x</b>"], ["media", ["image/png", "%%%"]], ["stdout", "end\n"]], exit_code=2)]
+    )
+    d, out, err = run_code(client, ["-c", "x", "--output-dir", str(tmp_path)])
+    assert result_of(d) == 2
+    assert out.getvalue() == "[html, shown as text]\n<b>x</b>\nend\n"
+    assert err.getvalue().startswith("[console item not shown: image/png data is not base64")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_items_before_an_input_prompt_are_passed_on_for_the_terminal_to_report():
+    assert split_prompt([["stdout"], 7, ["stdout", "who? "]]) == ([["stdout"], 7], "who? ")
+    assert split_prompt([["stdout", "a\n"], ["stdout"]]) == ([["stdout", "a\n"], ["stdout"]], "")
+    assert split_prompt([["stdout", "a\n"], 7]) == ([["stdout", "a\n"], 7], "")
+    assert split_prompt("who? ") == (["who? "], "")
+    assert split_prompt(None) == ([], "")
+    client = ScriptedClient(
+        [
+            answer("waiting-input", [["stdout"], 7, ["stdout", "who? "]], options={}),
+            answer("finished", [["stdout", "hi bob\n"]], exit_code=0),
+        ]
+    )
+    terminal = RecordingTerminal(["bob"])
+    assert result_of(KernelRun(client, "k1", terminal).start("query", "input('who? ')")).exit_code == 0
+    assert terminal.asked == [("who? ", False)]
+    assert terminal.shown[0] == [["stdout"], 7]
 
 
 def test_run_code_says_when_the_exec_timeout_ended_it():
@@ -525,10 +680,11 @@ class ScriptedIO:
         self.err.append(text)
 
 
-def console(answers, lines):
+def console(answers, lines, output_dir=None):
     client = ScriptedClient(answers)
     session = ReplSession(Clock(), None, client, "k1")
-    return Console(ImmediateBridge(), session, ScriptedIO(lines)), client
+    output = OutputDir(output_dir) if output_dir is not None else None
+    return Console(ImmediateBridge(), session, ScriptedIO(lines), output), client
 
 
 def test_repl_runs_complete_blocks_and_shows_their_output():
@@ -543,6 +699,31 @@ def test_repl_runs_complete_blocks_and_shows_their_output():
     assert [call["code"] for call in client.calls] == ["print(6*7)", "for i in range(2):\n    print(i)\n"]
     assert repl.io.out == ["42\n", "0\n1\n", "\n"]
     assert repl.io.prompts == [PROMPT, PROMPT, CONTINUATION_PROMPT, CONTINUATION_PROMPT, PROMPT]
+
+
+def test_repl_saves_pictures_and_shows_html_in_order_across_blocks(tmp_path):
+    plots = tmp_path / "plots"
+    repl, _ = console(
+        [
+            answer("finished", [["stdout", "a\n"], PNG_ITEM, ["stdout", "b\n"]], exit_code=0),
+            answer("finished", [["media", ["image/svg+xml", SVG_TEXT]], ["html", "<i>t</i>\n"], ["x"]], exit_code=0),
+        ],
+        ["plot()", "show()"],
+        output_dir=str(plots),
+    )
+    assert repl.loop() == 0
+    assert repl.io.out == [
+        "a\n",
+        f"[image/png saved to {plots}/1.png]\n",
+        "b\n",
+        f"[image/svg+xml saved to {plots}/2.svg]\n",
+        "[html, shown as text]\n",
+        "<i>t</i>\n",
+        "\n",
+    ]
+    assert (plots / "1.png").read_bytes() == PNG_BYTES
+    assert (plots / "2.svg").read_text(encoding="utf-8") == SVG_TEXT
+    assert len(repl.io.err) == 1 and repl.io.err[0].startswith("[console item not shown: ")
 
 
 def test_repl_exit_leaves_without_running_it():

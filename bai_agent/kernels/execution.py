@@ -11,6 +11,10 @@ output and status messages, and answers ``Execute`` calls:
   next call, so a batch run's build output and exec output never mix;
 - output stays JSON-escaped as the runner sent it, and the ``console`` is assembled as
   JSON bytes (``RawJson``): the agent never decodes and re-encodes it;
+- a rich item of a query run (``rich`` from the runner: ``["html", TEXT]`` or
+  ``["media", [MIME, DATA]]``, PROTOCOL.md section 10) is checked and becomes an entry of
+  its own, in order: the stdout text before it and after it are not joined; one that is
+  not of a declared shape becomes a note on stderr;
 - the buffer is capped: past ``BUFFER_LIMIT`` bytes the agent stops reading the runner's
   socket, the runner stops reading user output, and user code blocks on write until the
   manager collects with ``continue``. So any amount of output arrives whole, in order,
@@ -32,7 +36,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from bai_agent.protocol import errors
+from bai_agent.protocol import console, errors
 from bai_agent.protocol.arguments import RawJson
 from bai_agent.values import KERNEL_ID_PATTERN
 
@@ -47,6 +51,8 @@ ANSWER_AT = 2 << 20
 DEFAULT_FLUSH_TIMEOUT = 2.0
 MAX_FLUSH_TIMEOUT = 300.0
 MODES = ("query", "batch", "input", "continue")
+#: The console entry type of a rich item, already encoded whole (never a stream name).
+_ITEM = "item"
 EXIT_CANCELLED = 137
 
 
@@ -76,16 +82,34 @@ class Run:
             self.console.append([stream, [raw]])
         self.buffered += len(raw)
 
+    def add_item(self, item: object) -> None:
+        """A rich item from the runner: checked, then an entry of its own (or a note on stderr)."""
+        try:
+            parsed = console.parse_item(item)
+            if not isinstance(parsed, (console.Media, console.Html)):
+                raise ValueError(f"{parsed.stream} is not a rich item type")
+        except ValueError as e:
+            self.add_output("stderr", f"*** a malformed rich output item from the kernel was dropped: {e}\n")
+            return
+        if isinstance(parsed, console.Html):
+            entry: list = [console.HTML, parsed.text]
+        else:
+            entry = [console.MEDIA, [parsed.mime, parsed.data]]
+        raw = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
+        self.console.append([_ITEM, [raw]])
+        self.buffered += len(raw)
+
     def take_console(self) -> RawJson:
-        console = RawJson(
+        result = RawJson(
             b"["
             + b",".join(
-                b'["' + stream.encode("ascii") + b'","' + b"".join(pieces) + b'"]' for stream, pieces in self.console
+                pieces[0] if stream == _ITEM else b'["' + stream.encode("ascii") + b'","' + b"".join(pieces) + b'"]'
+                for stream, pieces in self.console
             )
             + b"]"
         )
         self.console, self.buffered = [], 0
-        return console
+        return result
 
     def add_status(self, status: str, exit_code: int | None = None, options: dict | None = None) -> None:
         self.statuses.append((status, exit_code, self.take_console(), options))
@@ -241,10 +265,13 @@ class ExecutionSession:
                 run.add_raw_output(stream, message["raw"])
             else:
                 run.add_output(stream, str(message.get("data", "")))
-            if run.buffered >= BUFFER_LIMIT and not self.paused:
-                # The manager reads slowly: stop reading the runner until it collects.
-                self.paused = True
-                self.link.pauseProducing()
+            self._check_buffer(run)
+        elif kind == "rich":
+            if run.mode == "query":
+                run.add_item(message.get("item"))
+            else:  # batch runs have no rich output: the runner never sends it
+                run.add_output("stderr", "*** a rich output item in a batch run was dropped\n")
+            self._check_buffer(run)
         elif kind == "waiting-input":
             prompt = str(message.get("prompt") or "")
             if prompt:
@@ -265,6 +292,12 @@ class ExecutionSession:
             return
         self.on_activity()
         self._maybe_answer()
+
+    def _check_buffer(self, run):
+        if run.buffered >= BUFFER_LIMIT and not self.paused:
+            # The manager reads slowly: stop reading the runner until it collects.
+            self.paused = True
+            self.link.pauseProducing()
 
     def _finish(self, run, exit_code):
         run.finished = True

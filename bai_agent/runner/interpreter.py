@@ -15,6 +15,7 @@ import signal
 import socket
 
 import framing
+import jsoncodec
 import procs
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: start-up time matters
@@ -23,9 +24,27 @@ if TYPE_CHECKING:
 
 QUERY_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "query.py")
 
-#: Output frames start with this byte, then b"o" or b"e" (see query.py).
+#: Output frames start with this byte, then b"o" or b"e" (see query.py), or b"r" for a
+#: rich item.
 OUTPUT_TAG = 0x01
 _STREAMS = {ord("o"): "stdout", ord("e"): "stderr"}
+_ITEM = ord("r")
+#: The media types of rich items (docs/protocol.md section 10).
+MEDIA_TYPES = ("image/png", "image/svg+xml")
+
+
+def check_item(item: object) -> str | None:
+    """What is wrong with a rich item (``["html", TEXT]``, ``["media", [MIME, DATA]]``); None if nothing."""
+    if not isinstance(item, list) or len(item) != 2 or item[0] not in ("html", "media"):
+        return 'not ["html" or "media", data]'
+    kind, data = item
+    if kind == "html":
+        return None if isinstance(data, str) else "html data is not text"
+    if not (isinstance(data, list) and len(data) == 2 and all(isinstance(part, str) for part in data)):
+        return "media data is not [mime, data]"
+    if data[0] not in MEDIA_TYPES:
+        return f"unknown media type {data[0][:40]!r}"
+    return None
 
 
 class ChildProtocolError(Exception):
@@ -39,6 +58,8 @@ class InterpreterProcess:
     - ``interpreter_ready(interp)``
     - ``interpreter_started(interp)``: the run's code starts (SIGINT works from now)
     - ``interpreter_output(interp, stream, text)``
+    - ``interpreter_item(interp, item)``: a rich item, checked (``check_item``); one
+      that is malformed comes as ``interpreter_output`` on stderr, saying so
     - ``interpreter_waiting_input(interp, request, prompt, is_password)``
     - ``interpreter_done(interp, exit_code)``
     - ``interpreter_completions(interp, request_id, items)``
@@ -201,6 +222,9 @@ class InterpreterProcess:
 
     def _handle(self, payload):
         if payload[:1] == bytes([OUTPUT_TAG]):
+            if payload[1:2] == bytes([_ITEM]):
+                self._handle_item(payload[2:])
+                return
             stream = _STREAMS.get(payload[1]) if len(payload) > 1 else None
             if stream is None:
                 raise ChildProtocolError("output for an unknown stream")
@@ -213,6 +237,23 @@ class InterpreterProcess:
         except framing.FrameError as e:
             raise ChildProtocolError(str(e)) from e
         kind = message["type"]
+        self._handle_message(kind, message)
+
+    def _handle_item(self, data):
+        # The frame is whole, only its content can be wrong (user code wrote to the
+        # channel fd, or a bug): say so in the run's output, the channel lives on.
+        try:
+            item = jsoncodec.loads(bytes(data).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            problem: str | None = f"not JSON ({str(e)[:80]})"
+        else:
+            problem = check_item(item)
+        if problem is None:
+            self._listener.interpreter_item(self, item)
+        else:
+            self._listener.interpreter_output(self, "stderr", f"*** a rich output item was dropped: {problem}\n")
+
+    def _handle_message(self, kind, message):
         if kind == "ready":
             self.ready = True
             self._listener.interpreter_ready(self)
@@ -238,4 +279,4 @@ class InterpreterProcess:
             raise ChildProtocolError(f"unknown message type {kind[:40]!r}")
 
 
-__all__ = ["InterpreterProcess", "ChildProtocolError", "QUERY_SCRIPT"]
+__all__ = ["InterpreterProcess", "ChildProtocolError", "QUERY_SCRIPT", "check_item"]

@@ -17,13 +17,16 @@ here -> runner:
   ``{"type": "started"}``                        the run's code is about to run: from
                                                  now on SIGINT raises KeyboardInterrupt
   ``\\x01`` + ``o``/``e`` + UTF-8 text            output of sys.stdout / sys.stderr
+  ``\\x01`` + ``r`` + UTF-8 JSON                  one rich item, ``["html", TEXT]`` or
+                                                 ``["media", [MIME, DATA]]`` (display.py)
   ``{"type": "waiting-input", "request": N, "prompt": P, "is_password": B}``
   ``{"type": "done", "exit_code": N}``           0, 1 (exception), 130 (interrupted), or
                                                  the code of ``SystemExit``
   ``{"type": "completions", "id": N, "items": [...]}``
 
 The standard streams of user code are in ``userio.py``, the completer in
-``completion.py``; this module is the REPL: it runs the code of each ``execute`` in
+``completion.py``, rich output (``display()``, rich expression results, matplotlib
+figures) in ``display.py``; this module is the REPL: it runs the code of each ``execute`` in
 one namespace that lives on, and shows the user's tracebacks without our frames.
 
 sys.stdout and sys.stderr both write into one ordered buffer that a small thread flushes
@@ -56,9 +59,10 @@ if TYPE_CHECKING:
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 import completion  # noqa: E402
+import display  # noqa: E402
 import userio  # noqa: E402
 
-for _name in ("completion", "framing", "jsoncodec", "userio"):
+for _name in ("completion", "display", "framing", "jsoncodec", "userio"):
     sys.modules.pop(_name, None)
 # REPL semantics: the working directory (the home), not the runner, heads sys.path.
 sys.path[:] = [p for p in sys.path if p not in (_HERE, "")]
@@ -76,7 +80,11 @@ def _user_traceback(tb):
     its tail (our input(), our streams or SIGINT handler, where the exception came from):
     those of this module and of ``userio``.
     """
-    ours = (_run_code.__code__.co_filename, userio.strip_newline.__code__.co_filename)
+    ours = (
+        _run_code.__code__.co_filename,
+        userio.strip_newline.__code__.co_filename,
+        display.rich_item.__code__.co_filename,
+    )
     entries = []
     while tb is not None:
         entries.append(tb)
@@ -136,6 +144,7 @@ class Interpreter:
         builtins.input = input
         userio.install_getpass(self.input)
         signal.signal(signal.SIGINT, userio.interrupts.handler)
+        display.install(self.output)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
@@ -166,7 +175,13 @@ class Interpreter:
                 # The runner holds back an interrupt until it has seen this, so that a
                 # SIGINT can never reach us before the run could take it.
                 self.channel.send({"type": "started"})
-                _run_code(code, filename, self.namespace)
+                display.start_run()
+                try:
+                    _run_code(code, filename, self.namespace)
+                finally:
+                    # Figures left open are shown even when the code failed (as a
+                    # notebook does); an interrupt still cuts this short.
+                    display.end_run()
             finally:
                 userio.interrupts.armed = False
         except SystemExit as e:

@@ -23,6 +23,9 @@ runner -> agent
                    "features": [...], "active_run": run_id or null}   first, on accept
   pong            {"id"}                                     answer to ping, at once
   output          {"run_id", "stream": "stdout"|"stderr", "data"}   data <= 64 Ki chars
+  rich            {"run_id", "item": ["html", TEXT] | ["media", [MIME, DATA]]}   query
+                  only: one rich output item (MIME image/png with base64 DATA, or
+                  image/svg+xml), in order with the output messages around it
   waiting-input   {"run_id", "prompt", "is_password"}        the run blocks until input
   build-finished  {"run_id", "exit_code", ["skipped": true]}          batch only
   finished        {"run_id", "exit_code"}                    last message of every run
@@ -50,7 +53,10 @@ NOT_WAITING_INPUT, NO_SUCH_RUN.
 
 Semantics worth knowing:
 - query: globals live on between runs; a last expression statement is shown like the REPL
-  (repr on stdout, and ``_``); stdout and stderr of Python code keep their relative order;
+  (repr on stdout, and ``_``), or as a ``rich`` item when the value has a rich
+  representation (``_repr_html_``, ``_repr_png_``, ``_repr_svg_``, a matplotlib figure);
+  ``display(obj)`` is a builtin; ``plt.show()`` and figures left open at the end of a
+  run give PNG items (see ``display.py``); stdout and stderr of Python code keep their relative order;
   output written straight to fds 1 and 2 (subprocesses, os.write) arrives too, in order
   with the rest only as far as timing allows. Output of threads between runs is held and
   comes with the next run. ``input()``, ``sys.stdin`` and ``getpass.getpass()`` ask with
@@ -87,6 +93,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import batch  # noqa: E402
+import framing  # noqa: E402
 import interpreter  # noqa: E402
 import jsoncodec  # noqa: E402
 import procs  # noqa: E402
@@ -341,7 +348,7 @@ class Runner:
 
     def features(self) -> list:
         if self.supports_query:
-            return ["query", "batch", "user-input", "complete", "interrupt", "cancel"]
+            return ["query", "batch", "user-input", "complete", "interrupt", "cancel", "rich-output"]
         return ["batch", "interrupt", "cancel"]
 
     def fault(self, error: BaseException) -> None:  # pragma: no cover - the listener and wakeup pipe
@@ -410,6 +417,11 @@ class Runner:
         if isinstance(run, QueryRun) and run.interp is interp:
             self.emit_output(stream, text)
         # else: leftovers of an interpreter already replaced; they belong to no run
+
+    def interpreter_item(self, interp: Any, item: list) -> None:
+        run = self.run
+        if isinstance(run, QueryRun) and run.interp is interp:
+            self.emit_item(item)
 
     def interpreter_waiting_input(self, interp: Any, request: int, prompt: str, is_password: bool) -> None:
         run = self.run
@@ -505,6 +517,15 @@ class Runner:
     def emit_output(self, stream: str, text: str) -> None:
         run_id = self.run.run_id if self.run is not None else self.last_run_id
         self.outbox.add_output(run_id, stream, text)
+
+    def emit_item(self, item: list) -> None:
+        """A rich item (checked by ``interpreter.check_item``): a message of its own in the outbox."""
+        run_id = self.run.run_id if self.run is not None else self.last_run_id
+        try:
+            self.outbox.add({"type": "rich", "run_id": run_id, "item": item})
+        except framing.FrameError:  # display.MAX_ITEM keeps honest items well below
+            kind = item[1][0] if item[0] == "media" else item[0]
+            self.emit_output("stderr", f"*** {kind} output not shown: larger than a frame\n")
 
     def finish_run(self, run: Any, exit_code: int) -> None:
         if self.run is not run:

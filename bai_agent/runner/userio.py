@@ -35,6 +35,8 @@ FLUSH_DELAY = 0.01
 CHUNK = 64 * 1024
 #: Output written between runs is held up to this size; then writers (threads) block.
 LATE_LIMIT = 1024 * 1024
+#: The stream byte of a rich item's frame (the others are b"o" and b"e").
+ITEM = b"r"
 #: A prompt is cut at this length.
 MAX_PROMPT = 64 * 1024
 
@@ -163,7 +165,7 @@ class Output:
                 if threading.get_ident() != _MAIN_THREAD:
                     while not self.running and self._size >= LATE_LIMIT:
                         self._cond.wait()
-                if self._segments and self._segments[-1][0] == stream:
+                if self._segments and self._segments[-1][0] == stream and stream != ITEM:
                     self._segments[-1][1].append(text)
                 else:
                     self._segments.append([stream, [text]])
@@ -173,6 +175,17 @@ class Output:
                     self._flush_locked()
                 elif was_empty:
                     self._cond.notify_all()
+
+    def write_item(self, payload: bytes) -> bool:
+        """
+        A rich item (its UTF-8 JSON, see ``display.py``): a segment of its own in the
+        ordered buffer, sent at once during a run. False in a forked child (no channel).
+        """
+        if _forked:
+            return False
+        self.write(ITEM, payload)  # type: ignore[arg-type]  # bytes: sent as they are
+        self.flush()
+        return True
 
     def flush(self) -> None:
         if _forked:
@@ -189,6 +202,9 @@ class Output:
         try:
             segments, self._segments, self._size = self._segments, [], 0
             for stream, texts in segments:
+                if stream == ITEM:  # one item, never cut: display.MAX_ITEM bounds it
+                    self._channel.send_payload(b"\x01" + stream + texts[0])
+                    continue
                 text = "".join(texts)
                 for start in range(0, len(text), CHUNK):
                     self._channel.send_payload(b"\x01" + stream + _encode_text(text[start : start + CHUNK]))

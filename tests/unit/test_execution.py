@@ -218,3 +218,115 @@ def test_interrupt_with_nothing_running_is_kernel_not_running(session):
 def test_constants_are_what_the_protocol_says():
     assert execution.MAX_CODE_BYTES == 1 << 20
     assert execution.DEFAULT_FLUSH_TIMEOUT == 2.0
+
+
+# -- rich items (PROTOCOL.md section 10) -----------------------------------------------------
+
+
+def rich(item):
+    return {"type": "rich", "item": item}
+
+
+PNG_B64 = "iVBORw0KGgo="  # the PNG signature, base64
+
+
+def test_rich_items_are_entries_of_their_own_in_order(session):
+    d = session.execute("query", "x", run_id="r1")
+    runner(
+        session,
+        "r1",
+        out("a"),
+        out("b"),
+        rich(["html", '<table>"\u00e9"\n</table>']),
+        out("c"),
+        rich(["media", ["image/png", PNG_B64]]),
+        rich(["media", ["image/svg+xml", "<svg/>"]]),
+        out("E", "stderr"),
+        {"type": "finished", "exit_code": 0},
+    )
+    answer = answer_of(d)
+    assert answer["console"] == [
+        ["stdout", "ab"],
+        ["html", '<table>"\u00e9"\n</table>'],
+        ["stdout", "c"],
+        ["media", ["image/png", PNG_B64]],
+        ["media", ["image/svg+xml", "<svg/>"]],
+        ["stderr", "E"],
+    ]
+
+
+def test_the_console_with_rich_items_is_valid_json_that_parse_console_takes(session):
+    import json
+
+    from bai_agent.protocol import console
+
+    d = session.execute("query", "x", run_id="r1")
+    html = '<p>\\ " \u2028 \x00 \ud800</p>'  # escapes, a control character, a lone surrogate
+    runner(session, "r1", rich(["html", html]), out("x"), {"type": "finished", "exit_code": 0})
+    results = []
+    d.addCallback(results.append)
+    raw = results[0]["console"].data
+    items = console.parse_console(json.loads(raw))
+    assert isinstance(items[0], console.Html) and items[0].text.startswith('<p>\\ " \u2028 \x00 ')
+    assert items[1] == console.Output("stdout", "x")
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        None,
+        "html",
+        ["html"],
+        ["html", 3],
+        ["html", "a", "b"],
+        ["stdout", "not a rich item"],
+        ["media", "image/png"],
+        ["media", ["image/gif", "R0lGOD=="]],
+        ["media", ["image/png", "not base64!"]],
+        ["media", ["image/png", 12]],
+        ["javascript", "alert(1)"],
+        {"html": "x"},
+    ],
+)
+def test_a_malformed_rich_item_becomes_a_note_on_stderr(session, item):
+    d = session.execute("query", "x", run_id="r1")
+    runner(session, "r1", out("a"), rich(item), out("b"), {"type": "finished", "exit_code": 0})
+    console = answer_of(d)["console"]
+    assert console[0] == ["stdout", "a"]
+    assert console[1][0] == "stderr" and "malformed rich output item" in console[1][1]
+    assert console[2] == ["stdout", "b"]
+    assert len(console) == 3
+
+
+def test_a_rich_message_without_item_is_a_note_too(session):
+    d = session.execute("query", "x", run_id="r1")
+    runner(session, "r1", {"type": "rich"}, {"type": "finished", "exit_code": 0})
+    console = answer_of(d)["console"]
+    assert [entry[0] for entry in console] == ["stderr"]
+
+
+def test_batch_runs_take_no_rich_items(session):
+    d = session.execute("batch", "echo", run_id="r1")
+    runner(session, "r1", rich(["html", "<b>"]), {"type": "finished", "exit_code": 0})
+    console = answer_of(d)["console"]
+    assert console[0][0] == "stderr" and "batch" in console[0][1]
+
+
+def test_rich_items_count_towards_the_buffer_limit(session, link):
+    d = session.execute("query", "x", run_id="r1", options={"flush_timeout": 300})
+    big = "A" * (BUFFER_LIMIT // 2)
+    runner(session, "r1", rich(["media", ["image/png", big]]))
+    assert answer_of(d)["status"] == "continued"  # over ANSWER_AT: answered at once
+    assert answer_of(d)["console"] == [["media", ["image/png", big]]]
+    runner(session, "r1", rich(["media", ["image/png", big]]), rich(["media", ["image/png", big]]))
+    assert link.paused  # nobody collects: the runner is no longer read
+    d = session.execute("continue", "", run_id="r1", options={"flush_timeout": 300})
+    assert len(answer_of(d)["console"]) == 2
+    assert not link.paused
+
+
+def test_a_rich_item_of_a_discarded_run_is_ignored(session):
+    d = session.execute("query", "x", run_id="r1")
+    runner(session, "old", rich(["html", "<b>"]))
+    runner(session, "r1", {"type": "finished", "exit_code": 0})
+    assert answer_of(d)["console"] == []

@@ -1,9 +1,9 @@
 """
 The standard streams of user code in the persistent interpreter (``query.py``), over
 its channel to the runner: the channel itself (frames, see ``framing.py``), the one
-ordered buffer behind ``sys.stdout`` and ``sys.stderr``, ``sys.stdin``/``input()``/
-``getpass`` answered with ``waiting-input``, and SIGINT held back while a frame is
-being written or read.
+ordered buffer behind ``sys.stdout``, ``sys.stderr`` and rich items (``display.py``),
+``sys.stdin``/``input()``/``getpass`` answered with ``waiting-input``, and SIGINT held
+back while a frame is being written or read.
 
 Imported by ``query.py`` from the runner directory and then hidden from user code (see
 there): tracebacks shown to the user leave this module's frames out too. Standard
@@ -139,7 +139,11 @@ class Channel:
 
 
 class Output:
-    """The one ordered buffer behind sys.stdout and sys.stderr."""
+    """
+    The one ordered buffer behind sys.stdout and sys.stderr, and the rich items of
+    ``display.py`` (``write_item``): each item is a segment of its own, sent whole as
+    ``\\x01r`` + its JSON between the text around it, so the runner gets all in order.
+    """
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel

@@ -200,7 +200,9 @@ def show_figures(pyplot, skip=()):
 
 
 def _patch(pyplot):
-    if getattr(pyplot, "_bai_patched", False):
+    # Known by the function itself, not a flag on the module: a reload of pyplot brings
+    # its own show() back, and the next check patches it again.
+    if getattr(getattr(pyplot, "show", None), "_bai_show", False):
         return
 
     def show(*args, **kwargs):
@@ -209,9 +211,9 @@ def _patch(pyplot):
     show.__doc__ = "Show every open figure in the console (as PNG) and close it."
     show.__module__ = getattr(pyplot, "__name__", PYPLOT)
     show.__qualname__ = show.__name__ = "show"
+    show._bai_show = True  # type: ignore[attr-defined]
     try:
         pyplot.show = show
-        pyplot._bai_patched = True
     except Exception:
         pass
 
@@ -236,6 +238,8 @@ def end_run():
             _patch(pyplot)
             if callable(getattr(pyplot, "get_fignums", None)):
                 show_figures(pyplot, skip=_shown)
+    except Exception as e:  # pyplot itself failed (user code may have broken it)
+        _note(f"cannot show the open figures: {type(e).__name__}: {e}")
     finally:
         del _shown[:]
 

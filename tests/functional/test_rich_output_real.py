@@ -5,6 +5,7 @@ data-science kernel image: a matplotlib plot as a PNG, a pandas DataFrame as HTM
 by ``scripts/build-kernel-image bai-kernel/python-sci:3.11``; without it these tests fail.
 """
 
+import hashlib
 import json
 import struct
 import zlib
@@ -155,3 +156,29 @@ def test_the_console_is_one_json_document_whatever_the_html_holds(client, sci_ke
     )
     raw = json.dumps(answer["console"])
     assert items.parse_console(json.loads(raw)) == [items.Html('<p>"\\ \n \u2028 \x00</p>')]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_png_of_a_few_megabytes_goes_through_the_agent_and_a_larger_one_is_a_note(client, sci_kernel):
+    code = (
+        "import os\n"
+        "class Big:\n"
+        "    def __init__(self, size):\n"
+        "        self.data = b'\\x89PNG\\r\\n\\x1a\\n' + os.urandom(size)\n"
+        "    def _repr_png_(self):\n"
+        "        return self.data\n"
+        "big = Big(5 << 20)\n"
+        "print('a')\n"
+        "display(big, Big(7 << 20))\n"
+        "print('b')"
+    )
+    console, answer = yield run_to_end(client, sci_kernel, "query", code, options={"flush_timeout": 30})
+    assert answer["exit_code"] == 0, text(console, "stderr")
+    assert [entry[0] for entry in console] == ["stdout", "media", "stderr", "stdout"]
+    [png] = pngs(console)
+    assert png[:8] == PNG_SIGNATURE and len(png) == (5 << 20) + 8
+    assert "not shown" in console[2][1]
+    console, _ = yield run_to_end(
+        client, sci_kernel, "query", "import hashlib; print(hashlib.sha256(big.data).hexdigest())"
+    )
+    assert text(console) == hashlib.sha256(png).hexdigest() + "\n"  # the very bytes

@@ -358,3 +358,15 @@ def test_a_figure_that_cannot_be_drawn_is_a_note_and_is_closed(mpl_client):
     entries = console(result)
     assert entries[0][0] == "stderr" and "no renderer" in entries[0][1]
     assert entries[1] == ["stdout", "[]\n"]
+
+
+def test_a_broken_pyplot_is_a_note_not_a_failed_run(client):
+    result = client.run(
+        "import sys, types\n"
+        "sys.modules['matplotlib.pyplot'] = types.SimpleNamespace(get_fignums=lambda: 1 / 0)\n"
+        "print('ran')"
+    )
+    assert result.exit_code == 0
+    assert console(result)[0] == ["stdout", "ran\n"]
+    assert "cannot show the open figures: ZeroDivisionError" in result.stderr
+    assert client.run("del sys.modules['matplotlib.pyplot']\nprint(1)").stdout == "1\n"

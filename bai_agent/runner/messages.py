@@ -27,6 +27,14 @@ def error(code: str, message: str, run_id: object = None) -> dict:
     return answer
 
 
+def service_error(code: str, message: str, name: object) -> dict:
+    """An ``error`` message about a service: with its ``name`` when that is a short string."""
+    answer = error(code, message)
+    if isinstance(name, str) and len(name) <= 64:
+        answer["name"] = name
+    return answer
+
+
 class AgentMessages:
     """
     Handles what the agent sends on ``runner.conn`` (an ``AgentConnection``): only the
@@ -154,6 +162,25 @@ class AgentMessages:
             return
         run.cancel()  # "finished" (137) follows once the process is gone
 
+    def _on_start_service(self, conn, message: dict) -> None:
+        why = self.runner.services.start(message)
+        if why is not None:
+            code = "BAD_REQUEST"
+            if why.startswith("SERVICE_CONFLICT: "):
+                code, why = "SERVICE_CONFLICT", why[len("SERVICE_CONFLICT: ") :]
+            conn.reply(service_error(code, f"start-service: {why}", message.get("name")))
+
+    def _on_stop_service(self, conn, message: dict) -> None:
+        name = message.get("name")
+        if not isinstance(name, str) or not self.runner.services.stop(name):
+            conn.reply(service_error("NO_SUCH_SERVICE", f"no service {str(name)[:64]!r}", name))
+
+    def _on_list_services(self, conn, message: dict) -> None:
+        answer = {"type": "services", "services": self.runner.services.describe()}
+        if "id" in message:
+            answer["id"] = message["id"]
+        conn.reply(answer)
+
     _handlers = {
         "hello": _on_hello,
         "execute": _on_execute,
@@ -161,4 +188,7 @@ class AgentMessages:
         "interrupt": _on_interrupt,
         "complete": _on_complete,
         "cancel": _on_cancel,
+        "start-service": _on_start_service,
+        "stop-service": _on_stop_service,
+        "list-services": _on_list_services,
     }

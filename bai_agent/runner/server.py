@@ -13,7 +13,7 @@ This module is the ``Runner``: the poll loop, the interpreter and the runs, the 
 it reaps. Beside it: ``options.py`` (the command line), ``messages.py`` (the agent's
 messages, checked and answered), ``connection.py`` (the agent's socket and the outbox),
 ``interpreter.py`` (the persistent interpreter, ``query.py``), ``batch.py`` (batch runs),
-``procs.py`` (spawning user processes).
+``procs.py`` (spawning user processes), ``services.py`` (services and their relay).
 
 Wire protocol (version 1). Frames: 4-byte big-endian length + one UTF-8 JSON object with a
 string ``type``; at most 8 MiB; a bad frame closes that connection.
@@ -31,7 +31,12 @@ runner -> agent
   finished        {"run_id", "exit_code"}                    last message of every run
   interrupt-result {"ok", ["id"]}
   completions     {"id", "items": [str, ...]}
-  error           {"code", "message", ["run_id"]}
+  service-started {"name"}                   the service listens; its socket relays to it
+  service-failed  {"name", "reason", "output"}  it exited, or did not listen in time
+  service-exited  {"name", "exit_code", "output"}   a started service ended (or was stopped)
+  services        {["id"], "services": [{"name", "pid", "status", "port", "socket",
+                   "connections", "exit_code"}, ...]}        answer to list-services
+  error           {"code", "message", ["run_id"], ["name"]}
 
 agent -> runner
   hello      {"protocol": 1}            first; another version -> error PROTOCOL_MISMATCH
@@ -41,6 +46,10 @@ agent -> runner
   interrupt  {["id"]}
   complete   {"id", "text", ["options"]}
   cancel     {"run_id"}
+  start-service {"name", "argv": [str, ...], "env": {str: str}, "port", "socket",
+                 ["timeout": seconds]}
+  stop-service  {"name"}
+  list-services {["id"]}
 
 Exit codes: 0 ok; 1 uncaught exception (query); 130 interrupted (KeyboardInterrupt, or a
 batch command killed by SIGINT); 137 cancelled; 127 batch build failed or a command could
@@ -49,7 +58,9 @@ process's own exit code (``SystemExit`` in query mode).
 
 Error codes: PROTOCOL_MISMATCH, PROTOCOL_ERROR (first message not hello), BAD_REQUEST,
 UNKNOWN_MESSAGE, RUN_CONFLICT, NOT_SUPPORTED (query on a shell runtime),
-NOT_WAITING_INPUT, NO_SUCH_RUN.
+NOT_WAITING_INPUT, NO_SUCH_RUN, NO_SUCH_SERVICE (stop-service of a name never started),
+SERVICE_CONFLICT (start-service of a service still stopping). Service errors carry
+``name``; a refused start-service is BAD_REQUEST with a message "start-service: why".
 
 Semantics worth knowing:
 - query: globals live on between runs; a last expression statement is shown like the REPL
@@ -71,6 +82,25 @@ Semantics worth knowing:
   a run is active.
 - a new connection replaces the old one; its hello names the active run, and a pending
   ``waiting-input`` is sent again. Frames already written to the old socket are gone.
+- services (feature ``services``, see ``services.py``): ``start-service`` checks its
+  message (name ``[a-z][a-z0-9-]{0,31}``; ``port`` 1-65535; ``timeout`` in (0, 120],
+  default 30; ``socket`` an absolute normal path inside the runner's state directory,
+  in a directory of the runner's that no one else may write, not the runner's own
+  socket, not an existing non-socket; a PATH search for a bare ``argv[0]``), then
+  starts ``argv`` as the user, in the home, in a session of its own, with the kernel's
+  environment plus ``env``, stdout and stderr into a 64 KiB tail (``output``). It probes
+  ``127.0.0.1:port`` every 100 ms; once something accepts there it listens on
+  ``socket`` (0600) and answers ``service-started``; if the program exits first or the
+  timeout passes (the group is then SIGKILLed), ``service-failed``. Every connection to
+  ``socket`` is relayed to a new TCP connection to the port (256 KiB buffered per
+  direction, half-closes passed on). ``start-service`` of a running service answers
+  ``service-started`` again (one starting answers once it is up; one that failed or
+  exited is started afresh). ``stop-service``: SIGTERM to the group, SIGKILL 5 s later,
+  then ``service-exited`` (of an exited one: its ``service-exited`` again). A started
+  service that ends sends ``service-exited``; its socket and connections are closed and
+  the socket removed. Statuses: starting, running, stopping, exited, failed. These
+  messages go through the outbox (a new connection gets them); ``services`` and errors
+  are control answers. All services are killed when the runner stops.
 
 Output flow control: messages for the agent wait in one outbox. While it holds
 ``--outbox-limit`` bytes (4 MiB) or more, the runner stops reading user output, so user
@@ -97,6 +127,7 @@ import framing  # noqa: E402
 import interpreter  # noqa: E402
 import jsoncodec  # noqa: E402
 import procs  # noqa: E402
+import services  # noqa: E402
 from connection import AgentConnection, Outbox  # noqa: E402
 from messages import PROTOCOL, RUNNER_VERSION, AgentMessages  # noqa: E402
 from options import USAGE, UsageError, parse_args  # noqa: E402
@@ -184,6 +215,7 @@ class Runner:
         self.supports_query = options.runtime_type == "python"
         self.outbox = Outbox(options.outbox_limit)
         self._messages = AgentMessages(self)
+        self.services = services.Services(self)
         # (None until there is one; the sibling modules are not visible to mypy anyway)
         self.conn: Any = None  # the AgentConnection
         self.run: Any = None  # the QueryRun or batch.BatchRun under way
@@ -274,6 +306,7 @@ class Runner:
         if self.run is not None and accepting:
             for pipe in self.run.pipes:
                 interest[pipe.fd] = (pipe, self._pipe_reader(pipe), None)
+        self.services.interest(interest)
         return interest
 
     def _pipe_reader(self, pipe):
@@ -284,8 +317,9 @@ class Runner:
         poller = select.poll()
         for fd, (_, on_read, on_write) in interest.items():
             poller.register(fd, (select.POLLIN if on_read else 0) | (select.POLLOUT if on_write else 0))
+        timeout = self.services.poll_ms()
         try:
-            events = poller.poll(POLL_MS)
+            events = poller.poll(POLL_MS if timeout is None else min(POLL_MS, timeout))
         except InterruptedError:  # pragma: no cover - PEP 475 retries
             events = []
         if not events:
@@ -298,6 +332,7 @@ class Runner:
             errors = (select.POLLHUP | select.POLLERR) if on_read is None else 0
             if on_write is not None and mask & (select.POLLOUT | errors):
                 self._dispatch(fd, owner, on_write, 2)
+        self.services.tick()
 
     def _dispatch(self, fd, owner, callback, index):
         # A handler earlier in this round may have closed this fd, and a new fd may have
@@ -348,8 +383,8 @@ class Runner:
 
     def features(self) -> list:
         if self.supports_query:
-            return ["query", "batch", "user-input", "complete", "interrupt", "cancel", "rich-output"]
-        return ["batch", "interrupt", "cancel"]
+            return ["query", "batch", "user-input", "complete", "interrupt", "cancel", "rich-output", "services"]
+        return ["batch", "interrupt", "cancel", "services"]
 
     def fault(self, error: BaseException) -> None:  # pragma: no cover - the listener and wakeup pipe
         pass
@@ -565,6 +600,7 @@ class Runner:
             self.run.shutdown()
         if self.interp is not None:
             self.interp.kill()
+        self.services.shutdown()
         if self.conn is not None:
             self.conn.close()
         if self.listener is not None:

@@ -1,0 +1,353 @@
+"""
+Services in the runner, as a real process on the host (see ``test_runner_process.py``):
+``start-service`` starts a program as the user and waits for its port, the runner
+relays connections from the service's UNIX socket to that port, ``stop-service`` ends it.
+"""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.functional.test_runner_process import USER_UID, Client, RunnerProcess
+
+pytestmark = pytest.mark.functional
+
+PYTHON = "/usr/bin/python3"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def runner():
+    process = RunnerProcess()
+    yield process
+    log = process.log()
+    process.stop()
+    assert "Traceback" not in log, "the runner logged an error:\n" + log
+
+
+@pytest.fixture
+def client(runner):
+    c = Client(runner.socket_path, timeout=40.0)
+    yield c
+    c.close()
+
+
+def service_socket(runner, name="svc"):
+    return os.path.join(runner.state_dir, f"{name}.sock")
+
+
+def start(client, runner, name="svc", argv=None, port=None, **extra):
+    message = {
+        "type": "start-service",
+        "name": name,
+        "argv": argv,
+        "env": extra.pop("env", {}),
+        "port": port,
+        "socket": extra.pop("socket", service_socket(runner, name)),
+    }
+    message.update(extra)
+    client.send(message)
+
+
+def wait_service(client, name="svc", kinds=("service-started", "service-failed", "service-exited", "error")):
+    while True:
+        message = client.recv()
+        if message["type"] in kinds and message.get("name", name) == name:
+            return message
+
+
+def http_server(client, runner, name="svc"):
+    port = free_port()
+    start(client, runner, name, [PYTHON, "-m", "http.server", str(port), "--bind", "127.0.0.1"], port)
+    answer = wait_service(client, name)
+    assert answer == {"type": "service-started", "name": name}, answer
+    return port
+
+
+ECHO = r"""
+import socket, sys, threading
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(128)
+print("echo listening", flush=True)
+def serve(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+        conn.sendall(b"<bye>")
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+BLAST = r"""
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(8)
+block = bytes(range(256)) * 4096
+while True:
+    conn, _ = listener.accept()
+    if conn.recv(1) != b"g":
+        conn.close()
+        continue
+    for _ in range(16):
+        conn.sendall(block)
+    conn.close()
+"""
+
+
+def python_service(client, runner, source, name="svc"):
+    script = os.path.join(runner.home, f"{name}.py")
+    with open(script, "w") as f:
+        f.write(source)
+    port = free_port()
+    start(client, runner, name, [PYTHON, script, str(port)], port)
+    answer = wait_service(client, name)
+    assert answer == {"type": "service-started", "name": name}, answer
+    return port
+
+
+def connect(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    sock.connect(path)
+    return sock
+
+
+def read_all(sock):
+    chunks = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def http_get(path, target):
+    with connect(path) as sock:
+        sock.sendall(f"GET /{target} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        return read_all(sock)
+
+
+# -- tests ----------------------------------------------------------------------------
+
+
+def test_hello_lists_services(client):
+    assert "services" in client.hello["features"]
+
+
+def test_an_http_server_is_reached_through_the_socket(runner, client):
+    with open(os.path.join(runner.home, "hello.txt"), "w") as f:
+        f.write("hello from the home\n")
+    port = http_server(client, runner)
+    path = service_socket(runner)
+    info = os.stat(path)
+    assert oct(info.st_mode & 0o777) == oct(0o600)
+    assert info.st_uid == os.geteuid()
+    response = http_get(path, "hello.txt")
+    assert response.startswith(b"HTTP/1.0 200"), response[:200]
+    assert response.endswith(b"hello from the home\n")
+    client.send({"type": "list-services", "id": 3})
+    listing, _ = client.recv_type("services")
+    assert listing["id"] == 3
+    [entry] = listing["services"]
+    assert (entry["name"], entry["status"], entry["port"]) == ("svc", "running", port)
+    assert isinstance(entry["pid"], int)
+    # it runs as the user, in its own session
+    with open(f"/proc/{entry['pid']}/status") as f:
+        uids = [line.split()[1] for line in f if line.startswith("Uid:")]
+    assert uids == [str(USER_UID)]
+    assert os.getsid(entry["pid"]) == entry["pid"]
+    # a second start answers again
+    start(client, runner, "svc", [PYTHON, "-c", "pass"], port)
+    assert wait_service(client) == {"type": "service-started", "name": "svc"}
+
+
+def test_twenty_concurrent_connections(runner, client):
+    python_service(client, runner, ECHO)
+    path = service_socket(runner)
+    results = {}
+
+    def talk(i):
+        with connect(path) as sock:
+            payload = f"message {i} ".encode() * 1000
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            results[i] = read_all(sock) == payload + b"<bye>"
+
+    sockets = [threading.Thread(target=talk, args=(i,)) for i in range(20)]
+    for thread in sockets:
+        thread.start()
+    for thread in sockets:
+        thread.join(30)
+    assert results == {i: True for i in range(20)}
+
+
+def test_half_close_is_passed_on(runner, client):
+    python_service(client, runner, ECHO)
+    with connect(service_socket(runner)) as sock:
+        sock.sendall(b"first ")
+        assert sock.recv(100) == b"first "
+        sock.sendall(b"second")
+        sock.shutdown(socket.SHUT_WR)  # the echo server answers <bye> on EOF, then closes
+        assert read_all(sock) == b"second<bye>"
+
+
+def test_a_large_transfer_to_a_slow_reader_keeps_the_runner_small(runner, client):
+    python_service(client, runner, BLAST)
+    before = runner.peak_rss_kib()
+    total = 0
+    with connect(service_socket(runner)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        sock.sendall(b"g")
+        time.sleep(1.0)  # the service has written all it can by now
+        assert runner.peak_rss_kib() - before < 8 * 1024
+        expected = bytes(range(256)) * 4096 * 16
+        received = bytearray()
+        while True:
+            data = sock.recv(256 * 1024)
+            if not data:
+                break
+            received += data
+            total += len(data)
+            if total < 4 * 1024 * 1024:
+                time.sleep(0.002)  # slow at first
+    assert total == 16 * 1024 * 1024
+    assert received == expected
+    assert runner.peak_rss_kib() - before < 8 * 1024
+
+
+def test_a_service_that_exits_at_once_fails_with_its_output(runner, client):
+    start(client, runner, "quick", [PYTHON, "-c", "import sys; print('no luck here'); sys.exit(3)"], free_port())
+    answer = wait_service(client, "quick")
+    assert answer["type"] == "service-failed"
+    assert "exit code 3" in answer["reason"]
+    assert "no luck here" in answer["output"]
+    assert not os.path.exists(service_socket(runner, "quick"))
+
+
+def test_a_service_that_never_listens_fails_after_its_timeout(runner, client):
+    began = time.monotonic()
+    start(
+        client,
+        runner,
+        "mute",
+        [PYTHON, "-c", "import time; print('waiting', flush=True); time.sleep(60)"],
+        free_port(),
+        timeout=1.5,
+    )
+    answer = wait_service(client, "mute")
+    assert answer["type"] == "service-failed"
+    assert "within 1.5 s" in answer["reason"]
+    assert "waiting" in answer["output"]
+    assert 1.4 < time.monotonic() - began < 10
+    deadline = time.monotonic() + 10
+    while runner.children() and time.monotonic() < deadline:  # only the interpreter is left
+        client.send({"type": "list-services"})
+        listing, _ = client.recv_type("services")
+        if listing["services"][0]["pid"] is None:
+            break
+        time.sleep(0.1)
+    assert listing["services"][0]["status"] == "failed"
+
+
+def test_stop_service_ends_it(runner, client):
+    port = http_server(client, runner)
+    client.send({"type": "list-services"})
+    listing, _ = client.recv_type("services")
+    pid = listing["services"][0]["pid"]
+    client.send({"type": "stop-service", "name": "svc"})
+    answer = wait_service(client)
+    assert answer["type"] == "service-exited"
+    assert answer["exit_code"] == 128 + 15  # http.server dies of SIGTERM
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not os.path.exists(service_socket(runner))
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    # it can start again
+    http_server(client, runner)
+
+
+def test_stop_service_kills_a_service_that_ignores_sigterm(runner, client, monkeypatch):
+    source = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + ECHO
+    python_service(client, runner, source)
+    began = time.monotonic()
+    client.send({"type": "stop-service", "name": "svc"})
+    answer = wait_service(client)
+    assert answer["type"] == "service-exited"
+    assert answer["exit_code"] == 128 + 9
+    assert 4.5 < time.monotonic() - began < 15
+
+
+@pytest.mark.parametrize(
+    "name, socket_path",
+    [
+        ("Bad", None),
+        ("9lives", None),
+        ("a" * 33, None),
+        ("ok", "/tmp/ok.sock"),
+        ("ok", "{state}/../ok.sock"),
+        ("ok", "{state}/runner.sock"),
+        ("ok", "relative.sock"),
+        ("ok", "{state}/nodir/ok.sock"),
+    ],
+)
+def test_bad_names_and_socket_paths_are_refused(runner, client, name, socket_path):
+    extra = {}
+    if socket_path is not None:
+        extra["socket"] = socket_path.replace("{state}", runner.state_dir)
+    start(client, runner, name, [PYTHON, "-c", "pass"], free_port(), **extra)
+    answer = wait_service(client, name)
+    assert answer["type"] == "error"
+    assert answer["code"] == "BAD_REQUEST"
+    assert answer["message"].startswith("start-service: ")
+    client.send({"type": "list-services"})
+    listing, _ = client.recv_type("services")
+    assert listing["services"] == []
+
+
+def test_a_socket_in_a_directory_others_may_write_is_refused(runner, client):
+    shared = os.path.join(runner.state_dir, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o777)
+    start(client, runner, "svc", [PYTHON, "-c", "pass"], free_port(), socket=os.path.join(shared, "svc.sock"))
+    answer = wait_service(client)
+    assert (answer["type"], answer["code"]) == ("error", "BAD_REQUEST")
+
+
+def test_stopping_an_unknown_service_is_an_error(client):
+    client.send({"type": "stop-service", "name": "nothing"})
+    answer = client.recv()
+    assert (answer["type"], answer["code"], answer["name"]) == ("error", "NO_SUCH_SERVICE", "nothing")
+
+
+def test_user_code_cannot_reach_the_service_socket(runner, client):
+    http_server(client, runner)
+    path = service_socket(runner)
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.connect({path!r})\n"
+        "    print('connected')\n"
+        "except OSError as e:\n"
+        "    print('refused', e.errno)\n"
+    )
+    result = client.run(code)
+    if os.geteuid() != 0:
+        pytest.skip("user code runs as the test's own user: only root can tell them apart")
+    assert result.stdout.startswith("refused"), result.stdout

@@ -96,7 +96,9 @@ Semantics worth knowing:
   direction, half-closes passed on). ``start-service`` of a running service answers
   ``service-started`` again (one starting answers once it is up; one that failed or
   exited is started afresh). ``stop-service``: SIGTERM to the group, SIGKILL 5 s later,
-  then ``service-exited`` (of an exited one: its ``service-exited`` again). A started
+  then ``service-exited`` (of a starting one too; of an exited one: its
+  ``service-exited`` again; of a failed one: nothing more). At most 256 connections
+  per service are relayed at once; more wait in the socket's backlog. A started
   service that ends sends ``service-exited``; its socket and connections are closed and
   the socket removed. Statuses: starting, running, stopping, exited, failed. These
   messages go through the outbox (a new connection gets them); ``services`` and errors

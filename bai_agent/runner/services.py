@@ -44,8 +44,10 @@ STOP_GRACE = 5.0
 RELAY_BUFFER = 256 * 1024
 #: The most read from a socket at a time.
 RELAY_CHUNK = 64 * 1024
-#: Relayed connections of one service at once; more are accepted and closed at once.
-MAX_CONNECTIONS = 1024
+#: Relayed connections of one service at once; more wait in the listener's backlog.
+MAX_CONNECTIONS = 256
+#: After accept (or a relay's connect) ran out of file descriptors, the listener rests this long.
+ACCEPT_PAUSE = 0.1
 #: The longest name of a UNIX socket (sun_path is 108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 MAX_NAME = 32
@@ -147,6 +149,7 @@ class Service:
         self.kill_at: float | None = None
         self.listener: Any = None
         self.relays: list = []
+        self.accept_paused_until: float | None = None
         self.failed = False  # service-failed was sent
 
     # -- start and stop ------------------------------------------------------------
@@ -245,6 +248,8 @@ class Service:
     # -- waiting for the port ------------------------------------------------------------
 
     def tick(self, now: float) -> None:
+        if self.accept_paused_until is not None and now >= self.accept_paused_until:
+            self.accept_paused_until = None
         if self.status == "stopping" and self.kill_at is not None and now >= self.kill_at:
             self.kill_at = None
             if self.pid is not None:
@@ -315,16 +320,23 @@ class Service:
 
     def on_accept(self) -> None:
         for _ in range(16):
+            if len(self.relays) >= MAX_CONNECTIONS:
+                return
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
+            except OSError:  # EMFILE and friends: the listener would stay readable
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
                 return
-            if len(self.relays) >= MAX_CONNECTIONS:
+            try:
+                relay = Relay(self, sock)
+            except OSError:
                 sock.close()
-                continue
-            self.relays.append(Relay(self, sock))
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                return
+            if not relay.closed:
+                self.relays.append(relay)
 
     def relay_closed(self, relay: Relay) -> None:
         try:
@@ -350,7 +362,7 @@ class Service:
             interest[self.out_fd] = (self, self.on_output, None)
         if self.probe is not None:
             interest[self.probe.fileno()] = (self, None, self.on_probe)
-        if self.listener is not None:
+        if self.listener is not None and self.accept_paused_until is None and len(self.relays) < MAX_CONNECTIONS:
             interest[self.listener.fileno()] = (self, self.on_accept, None)
         for relay in self.relays:
             relay.interest(interest)
@@ -374,7 +386,7 @@ class Relay:
         self.service = service
         self.client = client
         client.setblocking(False)
-        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # OSError: the caller closes client
         self.upstream.setblocking(False)
         self.to_upstream = bytearray()
         self.to_client = bytearray()
@@ -569,6 +581,8 @@ class Services:
                 moment = min(service.deadline, service.next_probe)
             elif service.status == "stopping" and service.kill_at is not None:
                 moment = service.kill_at
+            elif service.accept_paused_until is not None:
+                moment = service.accept_paused_until
             else:
                 continue
             delay = max(0, int((moment - now) * 1000) + 1)

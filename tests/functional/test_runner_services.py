@@ -197,6 +197,45 @@ def test_twenty_concurrent_connections(runner, client):
     assert results == {i: True for i in range(20)}
 
 
+def test_a_hundred_connections_open_at_once(runner, client):
+    python_service(client, runner, ECHO)
+    path = service_socket(runner)
+    sockets = [connect(path) for _ in range(100)]
+    try:
+        for i, sock in enumerate(sockets):
+            sock.sendall(f"<{i}>".encode())
+        for i, sock in enumerate(sockets):
+            expected = f"<{i}>".encode()
+            got = b""
+            while len(got) < len(expected):
+                got += sock.recv(100)
+            assert got == expected
+        client.send({"type": "list-services"})
+        listing, _ = client.recv_type("services")
+        assert listing["services"][0]["connections"] == 100
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_service_that_ends_on_its_own_is_reported(runner, client):
+    python_service(client, runner, ECHO)
+    client.send({"type": "list-services"})
+    listing, _ = client.recv_type("services")
+    held = connect(service_socket(runner))
+    os.kill(listing["services"][0]["pid"], 9)
+    answer = wait_service(client)
+    assert answer["type"] == "service-exited"
+    assert answer["exit_code"] == 137
+    assert "echo listening" in answer["output"]
+    assert not os.path.exists(service_socket(runner))
+    assert read_all(held) == b""  # its connections are closed
+    held.close()
+    client.send({"type": "list-services"})
+    listing, _ = client.recv_type("services")
+    assert (listing["services"][0]["status"], listing["services"][0]["pid"]) == ("exited", None)
+
+
 def test_half_close_is_passed_on(runner, client):
     python_service(client, runner, ECHO)
     with connect(service_socket(runner)) as sock:
@@ -229,6 +268,49 @@ def test_a_large_transfer_to_a_slow_reader_keeps_the_runner_small(runner, client
     assert total == 16 * 1024 * 1024
     assert received == expected
     assert runner.peak_rss_kib() - before < 8 * 1024
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_runner_idles_while_services_and_half_open_connections_wait(runner, client):
+    python_service(client, runner, ECHO)
+    path = service_socket(runner)
+    idle = connect(path)
+    half = connect(path)
+    half.shutdown(socket.SHUT_WR)
+    assert read_all(half) == b"<bye>"
+    refused = connect(path)
+    refused.close()
+    time.sleep(0.3)
+    before = cpu_seconds(runner.pid)
+    time.sleep(2)
+    assert cpu_seconds(runner.pid) - before < 0.2
+    idle.sendall(b"still there")
+    assert idle.recv(100) == b"still there"
+    idle.close()
+    half.close()
+
+
+def test_stopping_a_starting_service_ends_it(runner, client):
+    start(client, runner, "slow", [PYTHON, "-c", "import time; time.sleep(60)"], free_port())
+    time.sleep(0.3)
+    client.send({"type": "stop-service", "name": "slow"})
+    answer = wait_service(client, "slow")
+    assert (answer["type"], answer["exit_code"]) == ("service-exited", 128 + 15)
+
+
+def test_a_shell_runtime_runner_has_services_too():
+    process = RunnerProcess(runtime_type="shell")
+    try:
+        c = Client(process.socket_path)
+        assert "services" in c.hello["features"]
+        c.close()
+    finally:
+        process.stop()
 
 
 def test_a_service_that_exits_at_once_fails_with_its_output(runner, client):
@@ -282,7 +364,7 @@ def test_stop_service_ends_it(runner, client):
     http_server(client, runner)
 
 
-def test_stop_service_kills_a_service_that_ignores_sigterm(runner, client, monkeypatch):
+def test_stop_service_kills_a_service_that_ignores_sigterm(runner, client):
     source = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + ECHO
     python_service(client, runner, source)
     began = time.monotonic()

@@ -433,3 +433,49 @@ def test_user_code_cannot_reach_the_service_socket(runner, client):
     if os.geteuid() != 0:
         pytest.skip("user code runs as the test's own user: only root can tell them apart")
     assert result.stdout.startswith("refused"), result.stdout
+
+
+def test_a_service_in_a_kernel_container_without_network(docker_host):
+    from tests.functional.test_runner_container import KernelContainer
+
+    kernel = KernelContainer(docker_host)
+    try:
+        kernel.start()
+        kernel.wait_for_socket()
+        c = Client(kernel.socket_path, timeout=40)
+        assert "services" in c.hello["features"]
+        with open(os.path.join(kernel.home, "echo.py"), "w") as f:
+            f.write(ECHO)
+        c.send(
+            {
+                "type": "start-service",
+                "name": "echo",
+                "argv": ["python3", "/home/work/echo.py", "8888"],
+                "env": {"ECHO_MODE": "1"},
+                "port": 8888,
+                "socket": "/run/bai/echo.sock",
+            }
+        )
+        answer = wait_service(c, "echo")
+        assert answer == {"type": "service-started", "name": "echo"}, (answer, kernel.logs())
+        host_path = os.path.join(kernel.state_dir, "echo.sock")
+        assert os.stat(host_path).st_mode & 0o777 == 0o600
+        with connect(host_path) as sock:
+            sock.sendall(b"through the wall")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == b"through the wall<bye>"
+        result = c.run(
+            "import socket\n"
+            "try:\n"
+            "    socket.socket(socket.AF_UNIX).connect('/run/bai/echo.sock')\n"
+            "    print('allowed')\n"
+            "except PermissionError:\n"
+            "    print('denied')\n"
+        )
+        assert result.stdout == "denied\n"
+        c.send({"type": "stop-service", "name": "echo"})
+        assert wait_service(c, "echo")["type"] == "service-exited"
+        assert not os.path.exists(host_path)
+        c.close()
+    finally:
+        kernel.remove()

@@ -80,8 +80,8 @@ def check_socket_path(path: object, state_dir: str, reserved: tuple) -> str:
         raise ServiceError("socket must be an absolute path")
     if os.path.normpath(path) != path:
         raise ServiceError("socket must be a normal path (no '..', '.', '//' or trailing '/')")
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise ServiceError(f"socket path is longer than {MAX_SOCKET_PATH} bytes")
+    if len(os.fsencode(_temporary_name(path))) > MAX_SOCKET_PATH:
+        raise ServiceError(f"socket path is too long (a UNIX socket's is at most {MAX_SOCKET_PATH} bytes)")
     state_dir = os.path.normpath(state_dir)
     if not path.startswith(state_dir.rstrip("/") + "/"):
         raise ServiceError(f"socket must lie in the runner's state directory {state_dir}")
@@ -106,6 +106,11 @@ def check_socket_path(path: object, state_dir: str, reserved: tuple) -> str:
         if not stat.S_ISSOCK(existing.st_mode):
             raise ServiceError("socket path exists and is not a socket")
     return path
+
+
+def _temporary_name(path: str) -> str:
+    """Where the socket is bound before it is renamed into place (it appears only when it listens)."""
+    return f"{path}.{os.getpid()}.tmp"
 
 
 def find_program(program: str, environ: dict) -> str:
@@ -294,7 +299,7 @@ class Service:
     def _listening(self) -> None:
         self._close_probe()
         path = self.socket_path
-        temporary = f"{path}.{os.getpid()}.tmp"
+        temporary = _temporary_name(path)
         _remove_socket(temporary)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -402,6 +402,59 @@ def test_bad_names_and_socket_paths_are_refused(runner, client, name, socket_pat
     assert listing["services"] == []
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"argv": []},
+        {"argv": "python3"},
+        {"argv": [PYTHON, 3]},
+        {"env": {"A=B": "c"}},
+        {"env": {"A": 1}},
+        {"port": 0},
+        {"port": 70000},
+        {"port": True},
+        {"port": "8080"},
+        {"timeout": 0},
+        {"timeout": 121},
+        {"timeout": "5"},
+        {"socket": None},
+    ],
+)
+def test_bad_start_messages_are_refused(runner, client, change):
+    message = {
+        "type": "start-service",
+        "name": "svc",
+        "argv": [PYTHON, "-c", "pass"],
+        "env": {},
+        "port": free_port(),
+        "socket": service_socket(runner),
+    }
+    message.update(change)
+    client.send(message)
+    answer = wait_service(client)
+    assert (answer["type"], answer["code"], answer["name"]) == ("error", "BAD_REQUEST", "svc"), answer
+
+
+def test_a_socket_path_too_long_for_a_unix_socket_is_refused(runner, client):
+    path = os.path.join(runner.state_dir, "x" * (108 - len(runner.state_dir)) + ".sock")
+    start(client, runner, "svc", [PYTHON, "-c", "pass"], free_port(), socket=path)
+    answer = wait_service(client)
+    assert (answer["type"], answer["code"]) == ("error", "BAD_REQUEST")
+    assert "too long" in answer["message"]
+
+
+def test_starting_a_service_that_is_stopping_is_a_conflict(runner, client):
+    python_service(client, runner, "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + ECHO)
+    client.send({"type": "stop-service", "name": "svc"})
+    start(client, runner, "svc", [PYTHON, "-c", "pass"], free_port())
+    answer = wait_service(client)
+    assert (answer["type"], answer["code"], answer["name"]) == ("error", "SERVICE_CONFLICT", "svc")
+    client.send({"type": "list-services"})
+    listing, _ = client.recv_type("services")
+    assert listing["services"][0]["status"] == "stopping"
+    assert wait_service(client)["type"] == "service-exited"
+
+
 def test_a_socket_in_a_directory_others_may_write_is_refused(runner, client):
     shared = os.path.join(runner.state_dir, "shared")
     os.mkdir(shared)

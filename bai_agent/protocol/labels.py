@@ -29,3 +29,5 @@ FEATURES_LABEL: Final = "ai.backend.features"
 MIN_MEM_LABEL: Final = "ai.backend.resource.min.mem"
 # Space-separated names of environment variables set to the kernel's core count.
 CORECOUNT_ENVS_LABEL: Final = "ai.backend.envs.corecount"
+# Comma-separated services the image serves, "name:protocol:port" (section 7).
+SERVICE_PORTS_LABEL: Final = "ai.backend.service-ports"

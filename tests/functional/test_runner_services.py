@@ -229,7 +229,10 @@ def test_a_service_that_ends_on_its_own_is_reported(runner, client):
     assert answer["exit_code"] == 137
     assert "echo listening" in answer["output"]
     assert not os.path.exists(service_socket(runner))
-    assert read_all(held) == b""  # its connections are closed
+    try:  # its connections are closed (reset, when the runner had not accepted it yet)
+        assert read_all(held) == b""
+    except ConnectionResetError:
+        pass
     held.close()
     client.send({"type": "list-services"})
     listing, _ = client.recv_type("services")

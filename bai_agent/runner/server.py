@@ -96,8 +96,8 @@ Semantics worth knowing:
   direction, half-closes passed on). ``start-service`` of a running service answers
   ``service-started`` again (one starting answers once it is up; one that failed or
   exited is started afresh). ``stop-service``: SIGTERM to the group, SIGKILL 5 s later,
-  then ``service-exited`` (of a starting one too; of an exited one: its
-  ``service-exited`` again; of a failed one: nothing more). At most 256 connections
+  then ``service-exited`` (of a starting one too; of one that exited or failed, at once:
+  its last exit code, null if it never ran, and output tail). At most 256 connections
   per service are relayed at once; more wait in the socket's backlog. A started
   service that ends sends ``service-exited``; its socket and connections are closed and
   the socket removed. Statuses: starting, running, stopping, exited, failed. These

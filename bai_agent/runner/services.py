@@ -563,11 +563,11 @@ class Services:
             return False
         if service.status in ("starting", "running"):
             service.stop()
-        elif service.status == "exited":
+        elif service.status in ("exited", "failed"):  # said already; said again, for this stop
             self.runner.emit(
                 {"type": "service-exited", "name": name, "exit_code": service.exit_code, "output": service.tail()}
             )
-        # "stopping": service-exited follows; "failed": service-failed was said
+        # "stopping": service-exited follows
         return True
 
     def describe(self) -> list:

@@ -323,6 +323,17 @@ def test_a_service_that_exits_at_once_fails_with_its_output(runner, client):
     assert "exit code 3" in answer["reason"]
     assert "no luck here" in answer["output"]
     assert not os.path.exists(service_socket(runner, "quick"))
+    client.send({"type": "stop-service", "name": "quick"})  # stopping it again says so again
+    again = wait_service(client, "quick")
+    assert (again["type"], again["exit_code"]) == ("service-exited", 3)
+    assert "no luck here" in again["output"]
+
+
+def test_a_program_that_cannot_be_started_fails(runner, client):
+    start(client, runner, "nope", ["/nonexistent/program"], free_port())
+    answer = wait_service(client, "nope")
+    assert answer["type"] == "service-failed"
+    assert "cannot start" in answer["reason"] and "/nonexistent/program" in answer["reason"]
 
 
 def test_a_service_that_never_listens_fails_after_its_timeout(runner, client):

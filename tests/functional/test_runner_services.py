@@ -546,3 +546,36 @@ def test_a_service_in_a_kernel_container_without_network(docker_host):
         c.close()
     finally:
         kernel.remove()
+
+
+def test_services_end_with_the_runner(runner, client):
+    python_service(client, runner, ECHO)
+    client.send({"type": "list-services"})
+    listing, _ = client.recv_type("services")
+    pid = listing["services"][0]["pid"]
+    runner.process.terminate()
+    runner.process.wait(15)
+    assert not os.path.exists(service_socket(runner))
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # reparented, then reaped
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_new_agent_connection_gets_the_service_answers(runner):
+    first = Client(runner.socket_path)
+    start(
+        first,
+        runner,
+        "late",
+        [PYTHON, "-c", "import time; time.sleep(0.5); import http.server"],
+        free_port(),
+        timeout=1,
+    )
+    first.send({"type": "list-services"})  # the start is taken before the connection goes
+    first.recv_type("services")
+    first.close()
+    second = Client(runner.socket_path, timeout=20)
+    answer = wait_service(second, "late")
+    assert answer["type"] == "service-failed"
+    second.close()

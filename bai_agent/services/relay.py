@@ -212,6 +212,7 @@ class _Pair:
             # What was already read from the lost side still reaches the other one.
             _transport(other).loseConnection()
         if self.connecting is not None and side is self.client:
+            self.closing = True  # the client left: not a failure of the service
             self.connecting.cancel()
         if self.client.lost and (self.service is None or self.service.lost):
             self.finish()

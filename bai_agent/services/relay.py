@@ -12,14 +12,14 @@ closes one side when the other drops. The number of connections at once is bound
 client beyond the bound is closed at once.
 """
 
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXClientEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorTCP, IReactorUNIX
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,8 +35,18 @@ CONNECT_TIMEOUT = 10.0
 MAX_EARLY_BYTES = 64 * 1024
 
 
-class RelayListenError(Exception):
-    """The relay cannot listen on the host port asked for (taken, or not allowed)."""
+class RelayListenError(CannotListenError):
+    """
+    The relay cannot listen on the host port asked for (taken, or not allowed). A
+    ``CannotListenError``, so that ``PortPool.allocate_bound`` tries the next port.
+    """
+
+    def __init__(self, interface: str, port: int, socket_error: BaseException, socket_path: str) -> None:
+        super().__init__(interface, port, socket_error)
+        self.socket_path = socket_path
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.interface}:{self.port} for {self.socket_path}: {self.socketError}"
 
 
 @attrs.define
@@ -90,7 +100,7 @@ class _ClientSide(_Side):
     def dataReceived(self, data: bytes) -> None:
         self.pair.from_client(data)
 
-    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.pair.side_lost(self)
 
@@ -99,7 +109,7 @@ class _ServiceSide(_Side):
     def dataReceived(self, data: bytes) -> None:
         self.pair.from_service(data)
 
-    def connectionLost(self, reason: Failure = Failure(Exception("lost"))) -> None:  # noqa: B008
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
         self.pair.side_lost(self)
 
@@ -295,7 +305,7 @@ class ServiceRelay:
         endpoint = UNIXClientEndpoint(self._reactor, self.socket_path, timeout=self.connect_timeout)
         return endpoint.connect(Factory.forProtocol(lambda: service))
 
-    def listen(self, reactor: Union[IReactorTCP, Any], host: str, port: int) -> "Deferred[IListeningPort]":
+    def listen(self, reactor: IReactorTCP, host: str, port: int) -> "Deferred[IListeningPort]":
         """
         Listen on ``host``:``port`` (``port`` 0 picks a free one: tests). Fails with
         ``RelayListenError`` when the port is taken, so that the port pool tries the next.
@@ -315,7 +325,8 @@ class ServiceRelay:
 
         def cannot(reason: Failure) -> Failure:
             reason.trap(CannotListenError)
-            raise RelayListenError(f"cannot listen on {host}:{port} for {self.socket_path}: {reason.value}")
+            error = cast(CannotListenError, reason.value)
+            raise RelayListenError(host, port, error.socketError, self.socket_path)
 
         d.addCallbacks(listening, cannot)
         return d

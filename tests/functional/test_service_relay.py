@@ -17,6 +17,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
+from bai_agent.services.ports import PortPool
 from bai_agent.services.relay import RelayListenError, ServiceRelay
 from bai_agent.testing.waiting import sleep, wait_until
 
@@ -356,3 +357,17 @@ def test_nothing_a_client_sends_chooses_where_the_relay_connects(reactor, socket
     assert [accepted.received for accepted in server.accepted] == attacks
     assert decoy_unix.accepted == [] and decoy_tcp.accepted == []
     yield sleep(reactor, 0.05)
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_port_pool_skips_a_port_something_else_holds(reactor, socket_dir, cleanup):
+    holder = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    cleanup.append(holder.stopListening)
+    taken = holder.getHost().port
+    pool = PortPool(reactor, taken, min(taken + 20, 65535))
+    relay = ServiceRelay(reactor, os.path.join(socket_dir, "svc.sock"))
+    port, listening = yield pool.allocate_bound("kernel-1", lambda p: relay.listen(reactor, "127.0.0.1", p))
+    cleanup.append(relay.stop)
+    assert port != taken and listening.getHost().port == port
+    assert pool.owned_by("kernel-1") == [port]
+    assert pool.is_cooling(taken)

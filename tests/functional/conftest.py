@@ -19,6 +19,7 @@ from bai_agent.testing.etcd_server import EtcdServer
 from bai_agent.testing.standin_docker import StandInDaemon
 from tests.functional.agent_process import docker, running_agent
 from tests.functional.executing import IMAGE, SHELL_IMAGE
+from tests.functional.runner_process import RunnerProcess
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +83,13 @@ async def daemon(reactor, socket_dir):
     port = reactor.listenUNIX(os.path.join(socket_dir, "d.sock"), Site(resource))
     yield resource
     await port.stopListening()
+
+
+@pytest.fixture
+def runner():
+    """The runner as a process on the host (``RunnerProcess``); its log must hold no traceback."""
+    process = RunnerProcess()
+    yield process
+    log = process.log()
+    process.stop()
+    assert "Traceback" not in log, "the runner logged an error:\n" + log

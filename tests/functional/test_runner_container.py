@@ -18,7 +18,7 @@ import pytest_twisted
 import bai_agent.runner
 from bai_agent.kernels.runner_link import connect_runner
 from bai_agent.testing.docker_cli import docker
-from tests.functional.test_runner_process import Client
+from tests.functional.runner_process import Client
 
 pytestmark = pytest.mark.functional
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from tests.functional.test_runner_process import USER_GID, USER_UID, Client, RunnerProcess
+from tests.functional.runner_process import USER_GID, USER_UID, Client
 
 pytestmark = pytest.mark.functional
 
@@ -44,15 +44,6 @@ CLASSES = textwrap.dedent(
             return "<plain>"
     """
 )
-
-
-@pytest.fixture
-def runner():
-    process = RunnerProcess()
-    yield process
-    log = process.log()
-    process.stop()
-    assert "Traceback" not in log, "the runner logged an error:\n" + log
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.functional.test_runner_process import USER_UID, Client, RunnerProcess
+from tests.functional.runner_process import USER_UID, Client, RunnerProcess
 
 pytestmark = pytest.mark.functional
 
@@ -22,15 +22,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def runner():
-    process = RunnerProcess()
-    yield process
-    log = process.log()
-    process.stop()
-    assert "Traceback" not in log, "the runner logged an error:\n" + log
 
 
 @pytest.fixture

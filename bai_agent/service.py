@@ -126,15 +126,23 @@ class AgentService(MultiService):
     ``kernels``, ``amp``), for tests and tools that look inside a running agent.
     """
 
-    def __init__(self, graceful_stop: GracefulStop, backends: Backends) -> None:
+    def __init__(
+        self,
+        graceful_stop: GracefulStop,
+        backends: Backends,
+        report: AgentReport,
+        health: AgentHealth,
+        kernels: KernelRegistry,
+        amp: AmpContext,
+    ) -> None:
         super().__init__()
         self.setName("bai-agent")
         self.graceful_stop = graceful_stop
         self.backends = backends
-        self.report: AgentReport | None = None
-        self.health: AgentHealth | None = None
-        self.kernels: KernelRegistry | None = None
-        self.amp: AmpContext | None = None
+        self.report = report
+        self.health = health
+        self.kernels = kernels
+        self.amp = amp
 
     def startService(self) -> None:
         # The disk threads serve every child (the etcd secret cache, homes, statistics):
@@ -278,8 +286,7 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
     site.displayTracebacks = False
     site.noisy = False
 
-    top = AgentService(graceful_stop, backends)
-    top.report, top.health, top.kernels, top.amp = report, health, kernels, amp
+    top = AgentService(graceful_stop, backends, report, health, kernels, amp)
     for name, child in (
         ("docker", docker),
         ("etcd", etcd),

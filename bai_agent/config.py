@@ -246,6 +246,19 @@ def _authentication_deadline(value: float | str) -> float:
     return deadline
 
 
+def _service_port_range(value: tuple[int, int] | str) -> tuple[int, int]:
+    if isinstance(value, tuple):
+        low, high = value
+    else:
+        match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", str(value))
+        if match is None:
+            raise ValueError(f"--service-port-range: {value!r} is not LOW-HIGH, e.g. 30000-31000")
+        low, high = int(match.group(1)), int(match.group(2))
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"--service-port-range: {low}-{high} must lie within 1024-65535, low first")
+    return (low, high)
+
+
 def _opt(name: str) -> dict[str, str]:
     return {"option": name}
 
@@ -290,8 +303,18 @@ class AgentConfig:
     destroy_kernels_on_stop: bool = attrs.field(
         default=False, validator=_flag, metadata=_opt("--destroy-kernels-on-stop")
     )
+    service_port_range: tuple[int, int] = attrs.field(default=(30000, 31000), converter=_service_port_range)
+    # Where the relays of kernels' services listen; None: the advertise host.
+    service_host: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_text), metadata=_opt("--service-host")
+    )
     # Seconds a manager connection has to authenticate (bai_agent.rpc.limits.AUTHENTICATION_DEADLINE).
     authentication_deadline: float = attrs.field(default=5.0, converter=_authentication_deadline)
+
+    @property
+    def relay_host(self) -> str:
+        """Where service relays listen and what StartService answers name."""
+        return self.service_host or self.advertise_host
 
     @property
     def etcd_url(self) -> str:

@@ -48,6 +48,8 @@ class Options(usage.Options):
             "10g",
             "Most a kernel's home may hold when CreateKernel names no scratch (at least 16m).",
         ],
+        ["service-port-range", None, "30000-31000", "Host ports of the relays to kernels' services, LOW-HIGH."],
+        ["service-host", None, None, "Host the relays to kernels' services listen on (default: the advertise host)."],
         [
             "scratch-type",
             None,

@@ -381,6 +381,7 @@ def _meaningful(command_name: bytes, name: bytes, kernel_ids):
         b"tail": st.one_of(st.integers(min_value=0, max_value=100), odd_integers),
         b"since": st.one_of(st.integers(min_value=0, max_value=50), odd_integers),
         b"payload": st.one_of(odd_text, long_text()),
+        b"service": st.one_of(st.sampled_from(["jupyter", "nope", "", "Jupyter", "../x"]), odd_text),
         b"mac": st.one_of(st.text(alphabet="0123456789abcdef", min_size=64, max_size=64), odd_text, long_text()),
     }
     return table.get(name)
@@ -418,6 +419,7 @@ def _valid(command_name: bytes, name: bytes, kernel_ids):
         b"tail": st.integers(0, 100),
         b"since": st.integers(0, 20),
         b"payload": st.text(max_size=20),
+        b"service": st.sampled_from(["jupyter", "sshd"]),
         b"mac": st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
     }
     return table.get(name)

@@ -13,8 +13,11 @@ answers with (multiplexed logs, JSON events) are decoded by ``bai_agent.docker.s
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
+import tarfile
 from collections.abc import Generator
 from typing import Any, Callable, TypeVar
 from urllib.parse import quote
@@ -103,6 +106,34 @@ def image_path(name: str, suffix: str = "") -> str:
 def container_path(container_id: str, suffix: str = "") -> str:
     """``/containers/{id}{suffix}`` with the id (or name) quoted whole."""
     return "/containers/" + quote(container_id, safe="") + suffix
+
+
+def file_stat(headers: Any, path: str) -> dict[str, Any]:
+    """``{"regular", "size"}`` from the ``X-Docker-Container-Path-Stat`` header of an archive HEAD."""
+    values = headers.getRawHeaders("X-Docker-Container-Path-Stat") or []
+    try:
+        stat = json.loads(base64.b64decode(values[0]))
+        mode, size = int(stat["mode"]), int(stat["size"])
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        raise DockerError(f"the daemon gave no usable stat of {path}: {e}") from e
+    # Go's os.FileMode: the type bits are the high ones; a regular file has none.
+    return {"regular": mode & 0xFFF00000 == 0 and not stat.get("linkTarget"), "size": size}
+
+
+def file_from_tar(body: bytes, path: str, max_bytes: int) -> bytes:
+    """The one regular file of an archive the daemon sent for ``path``, at most ``max_bytes``."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as archive:
+            member = archive.next()
+            if member is None or not member.isreg():
+                raise DockerError(f"the archive of {path} holds no regular file")
+            if member.size > max_bytes:
+                raise DockerError(f"{path} is {member.size} bytes, more than {max_bytes}")
+            extracted = archive.extractfile(member)
+            assert extracted is not None  # a regular member always has its data
+            return extracted.read()
+    except tarfile.TarError as e:
+        raise DockerError(f"the daemon sent a bad archive of {path}: {e}") from e
 
 
 def label_filters(labels: dict[str, str | None] | None) -> dict[str, list[str]]:
@@ -293,6 +324,7 @@ class DockerEngineClient:
         decode: bool = True,
         accept: tuple[int, ...] = (),
         timeout: Any = _CLIENT_TIMEOUT,
+        want_headers: bool = False,
     ) -> Deferred[Any]:
         """
         Send one request and read the whole answer. Fires with the decoded JSON body
@@ -301,7 +333,8 @@ class DockerEngineClient:
 
         A status outside 2xx fails with ``_error_for`` it (404 ``DockerNotFound``, 409
         ``DockerConflict``), except the statuses in ``accept`` (such as 304 "already
-        started"), which fire with None. ``timeout``: seconds for the whole call, the
+        started"), which fire with None. ``want_headers``: fire with the response's
+        headers instead of its body. ``timeout``: seconds for the whole call, the
         client's own when not given, ``None`` for no limit (connecting is still bounded).
         """
         what = f"{method} {path}"
@@ -315,6 +348,8 @@ class DockerEngineClient:
             body_args = {} if json is None else {"json": json}
             response = yield self._http.request(method, self._url(path, versioned), params=params, **body_args)
             body = yield response.content()
+            if want_headers and 200 <= response.code < 300:
+                return response.headers
             if response.code in accept:
                 return None
             if not 200 <= response.code < 300:
@@ -509,6 +544,20 @@ class DockerEngineClient:
             raise DockerError(f"GET {path}: {e}") from e
         # Join before decoding: a UTF-8 character may straddle two frames.
         return b"".join(payload for _, payload in output).decode("utf-8", "replace")
+
+    @inlineCallbacks
+    def read_file(self, container_id: str, path: str, max_bytes: int) -> _Calls[bytes]:
+        # The stat header comes first (a HEAD reads no file), so that a huge or strange
+        # file is refused before a byte of it travels.
+        archive = container_path(container_id, "/archive")
+        stat = yield self._request("HEAD", archive, params={"path": path}, decode=False, want_headers=True)
+        info = file_stat(stat, path)
+        if not info["regular"]:
+            raise DockerError(f"{path} in container {container_id[:12]} is not a regular file")
+        if info["size"] > max_bytes:
+            raise DockerError(f"{path} in container {container_id[:12]} is {info['size']} bytes, more than {max_bytes}")
+        body = yield self._request("GET", archive, params={"path": path}, decode=False)
+        return file_from_tar(body, path, max_bytes)
 
     @inlineCallbacks
     def update_container(self, container_id: str, resources: dict[str, Any]) -> _Calls[list[str]]:

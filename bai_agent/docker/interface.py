@@ -163,6 +163,15 @@ class IDockerBackend(Interface):
         its raw terminal output (CRLF line ends) comes back as it is.
         """
 
+    def read_file(container_id, path, max_bytes):
+        """
+        Fire with the bytes of the regular file at ``path`` in the container's own file
+        system, as Docker resolves it there (``GET /containers/{id}/archive``): symlinks
+        inside the container never lead to the host's files. ``DockerNotFound`` when the
+        container or the file does not exist; ``DockerError`` when it is not a regular
+        file or is larger than ``max_bytes`` (nothing larger is read).
+        """
+
     def update_container(container_id, resources):
         """
         ``POST /containers/{id}/update`` with ``resources`` (``Memory``,

@@ -31,6 +31,7 @@ from bai_agent.kernels.runner_link import RunnerLink
 from bai_agent.protocol import events
 from bai_agent.protocol.labels import AGENT_ID_LABEL, KERNEL_ID_LABEL
 from bai_agent.runtime.inflight import InFlight
+from bai_agent.services.kernel_services import is_service_message
 
 RUNNER_START_TIMEOUT = 30.0
 # The exit code of a SIGKILL: with no ``kill`` event, the kernel's OOM killer (see _reap).
@@ -65,6 +66,7 @@ class DeathWatch:
         socket_path: Callable[[str], str],
         end: Callable[[Kernel, str], Deferred[None]],
         is_running: Callable[[], bool],
+        service_message: Callable[[Kernel, dict[str, Any]], None],
     ) -> None:
         self.reactor = reactor
         self.agent_id = agent_id
@@ -75,6 +77,7 @@ class DeathWatch:
         self.socket_path = socket_path
         self.end = end
         self.is_running = is_running
+        self.service_message = service_message  # a runner's messages about services go there
 
     # -- Docker events ---------------------------------------------------------------------
 
@@ -148,6 +151,16 @@ class DeathWatch:
         kernel.session = ExecutionSession(
             kernel.kernel_id, link, self.reactor, kernel.exec_timeout, on_activity=lambda: self._used(kernel)
         )
+        session = kernel.session
+        services = self.service_message
+
+        def route(message: dict) -> None:
+            if is_service_message(message):
+                services(kernel, message)
+            else:
+                session.handle(message)
+
+        link.handler = route
         link.dead.addCallback(lambda reason: self._runner_lost(kernel, link, reason))
 
     def _used(self, kernel: Kernel) -> None:

@@ -72,3 +72,12 @@ class IKernelOperations(Interface):
 
     def logs(kernel_id: str, tail: int | None = None) -> Deferred[str]:
         """Fires with the kernel container's output."""
+
+    def start_service(kernel_id: str, service: str, options: Any = None) -> Deferred[dict[str, Any]]:
+        """Start a service the kernel's image declares (or answer its running endpoint); fires with it."""
+
+    def stop_service(kernel_id: str, service: str) -> Deferred[None]:
+        """Stop a started service; fires once its relay is closed and its host port released."""
+
+    def list_services(kernel_id: str) -> list[dict[str, Any]]:
+        """Every service the kernel's image declares, with its status and endpoint."""

@@ -50,6 +50,8 @@ from bai_agent.kernels.workspace import Workspace
 from bai_agent.protocol import errors, events
 from bai_agent.runtime.inflight import InFlight
 from bai_agent.runtime.periodic import PeriodicService
+from bai_agent.services.kernel_services import KernelServices
+from bai_agent.services.ports import PortPool
 
 if TYPE_CHECKING:
     from bai_agent.config import AgentConfig
@@ -107,6 +109,15 @@ class KernelRegistry(Service):
         self.cluster_config = cluster_config
         self.scratch_volumes = scratch_volumes
         self.kernels: dict[str, Kernel] = {}
+        low, high = config.service_port_range
+        self.services = KernelServices(
+            reactor,
+            backend,
+            PortPool(reactor, low, high),
+            config.relay_host,
+            journal,
+            run_dir=lambda kernel_id: self.workspace(kernel_id).run_dir,
+        )
         self.in_flight = InFlight()
         self._announced_stopping = False
         self._unsubscribe: list[Callable[[], None]] = []
@@ -123,6 +134,7 @@ class KernelRegistry(Service):
             socket_path=lambda kernel_id: self.workspace(kernel_id).socket_path,
             end=self._finish,
             is_running=lambda: bool(self.running),
+            service_message=lambda kernel, message: self.services.handle(kernel, message),
         )
         self.takeover = TakeOver(
             reactor,
@@ -273,7 +285,10 @@ class KernelRegistry(Service):
 
     def records(self) -> list[dict[str, Any]]:
         """The kernels known now (for the page and the record; ``list_records`` for managers)."""
-        return [kernel.record() for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)]
+        return [
+            dict(kernel.record(), services=self.services.records(kernel.kernel_id))
+            for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)
+        ]
 
     def count(self) -> int:
         return len(self.kernels)
@@ -310,6 +325,17 @@ class KernelRegistry(Service):
         """The latest statistics sample of a kernel (a fresh one if it has none yet)."""
         sample: dict[str, Any] = yield self.passthrough.kernel_stats(self.get(kernel_id))
         return sample
+
+    # -- services (KernelServices) -----------------------------------------------------------
+
+    def start_service(self, kernel_id: str, service: str, options: Any = None) -> Deferred[dict[str, Any]]:
+        return self.services.start(self.touch(kernel_id), service, options)
+
+    def stop_service(self, kernel_id: str, service: str) -> Deferred[None]:
+        return self.services.stop(self.touch(kernel_id), service)
+
+    def list_services(self, kernel_id: str) -> list[dict[str, Any]]:
+        return self.services.listing(self.get(kernel_id))
 
     # -- create --------------------------------------------------------------------------
 
@@ -516,6 +542,7 @@ class KernelRegistry(Service):
         if kernel.status != states.RUNNING:
             raise errors.KernelNotFound(f"kernel {kernel.kernel_id!r} is {kernel.status}")
         kernel.status = states.RESTARTING
+        yield self.services.kernel_stopping(kernel, events.RESTARTING)
         if kernel.link is not None:
             kernel.link.close("kernel restarting")
             kernel.link = None
@@ -587,6 +614,7 @@ class KernelRegistry(Service):
         """
         if kernel.reconnecting is not None:
             kernel.reconnecting.cancel()
+        yield self.services.kernel_stopping(kernel, reason)
         # By name when the id is unknown: a create whose answer was lost may still have
         # made the container.
         container = kernel.container_id or container_name(self.config.agent_id, kernel.kernel_id)

@@ -214,6 +214,41 @@ class GetLogs(AgentCommand):
     errors = _errors(agent_errors.KernelNotFound)
 
 
+# -- services (section 7) -----------------------------------------------------------------
+
+
+class StartService(AgentCommand):
+    commandName = b"StartService"
+    arguments = [(b"kernel_id", Unicode()), (b"service", Unicode()), (b"options", Json(optional=True))]
+    response = [
+        (b"service", Unicode()),
+        (b"protocol", Unicode()),
+        (b"host", Unicode()),
+        (b"port", Integer()),
+        (b"url", Unicode(optional=True)),
+    ]
+    errors = _errors(
+        agent_errors.KernelNotFound,
+        agent_errors.KernelNotRunning,
+        agent_errors.ServiceNotFound,
+        agent_errors.ServiceStartFailed,
+    )
+
+
+class StopService(AgentCommand):
+    commandName = b"StopService"
+    arguments = [(b"kernel_id", Unicode()), (b"service", Unicode())]
+    response = []
+    errors = _errors(agent_errors.KernelNotFound, agent_errors.ServiceNotFound)
+
+
+class ListServices(AgentCommand):
+    commandName = b"ListServices"
+    arguments = [(b"kernel_id", Unicode())]
+    response = [(b"services", BigJson())]
+    errors = _errors(agent_errors.KernelNotFound)
+
+
 # -- agent -> manager -------------------------------------------------------------------
 
 
@@ -250,6 +285,9 @@ MANAGER_TO_AGENT: tuple[type[AgentCommand], ...] = (
     ListFiles,
     GetKernelStats,
     GetLogs,
+    StartService,
+    StopService,
+    ListServices,
     Subscribe,
     Reset,
 )

@@ -107,13 +107,25 @@ class EventsExpired(AgentError):
     code = b"EVENTS_EXPIRED"
 
 
+class ServiceNotFound(AgentError):
+    """The kernel's image declares no such service (``StartService``), or it was never started (``StopService``)."""
+
+    code = b"SERVICE_NOT_FOUND"
+
+
+class ServiceStartFailed(AgentError):
+    """The service exited, or did not listen in time; the message ends with the tail of its output."""
+
+    code = b"SERVICE_START_FAILED"
+
+
 COMMON_ERRORS: tuple[type[AgentError], ...] = (InvalidRequest, NotAuthenticated, BackendUnavailable)
 
 ALL_ERRORS: tuple[type[AgentError], ...] = (
     COMMON_ERRORS
     + (AuthFailed, KernelNotFound, KernelExists, ImageNotFound, InsufficientResources)
     + (KernelCreationFailed, KernelNotRunning, RunConflict, PathNotAllowed, FileTooLarge)
-    + (FileNotFound, EventsExpired)
+    + (FileNotFound, EventsExpired, ServiceNotFound, ServiceStartFailed)
 )
 
 ERRORS_BY_CODE: dict[bytes, type[AgentError]] = {error.code: error for error in ALL_ERRORS}

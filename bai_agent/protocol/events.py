@@ -16,6 +16,11 @@ KERNEL_CREATING: Final = "kernel-creating"
 KERNEL_STARTED: Final = "kernel-started"
 KERNEL_RESTARTED: Final = "kernel-restarted"
 KERNEL_TERMINATED: Final = "kernel-terminated"
+# A service of a kernel listens (data: service, protocol, host, port); section 7.
+SERVICE_STARTED: Final = "service-started"
+# A started service ended: it exited, was stopped, or its kernel restarted or ended
+# (data: service, exit_code, reason); its host port is released.
+SERVICE_STOPPED: Final = "service-stopped"
 
 EVENT_TYPES: Final[tuple[str, ...]] = (
     AGENT_STARTED,
@@ -24,6 +29,8 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     KERNEL_STARTED,
     KERNEL_RESTARTED,
     KERNEL_TERMINATED,
+    SERVICE_STARTED,
+    SERVICE_STOPPED,
 )
 
 # The reasons of ``kernel-terminated``.

@@ -305,6 +305,18 @@ class AgentLocator(amp.CommandLocator):
     def get_logs(self, kernel_id: str, tail: int | None = None) -> Deferred[dict[str, Any]]:
         return self.context.kernels.logs(kernel_id, tail).addCallback(lambda text: {"logs": text})
 
+    @commands.StartService.responder
+    def start_service(self, kernel_id: str, service: str, options: Any = None) -> Deferred[dict[str, Any]]:
+        return self.context.kernels.start_service(kernel_id, service, options)
+
+    @commands.StopService.responder
+    def stop_service(self, kernel_id: str, service: str) -> Deferred[dict[str, Any]]:
+        return self.context.kernels.stop_service(kernel_id, service).addCallback(lambda _: {})
+
+    @commands.ListServices.responder
+    def list_services(self, kernel_id: str) -> dict[str, Any]:
+        return {"services": self.context.kernels.list_services(kernel_id)}
+
     @commands.Reset.responder
     def reset(self) -> Deferred[dict[str, Any]]:
         return self.context.kernels.reset().addCallback(lambda count: {"destroyed": count})

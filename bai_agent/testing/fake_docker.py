@@ -203,6 +203,10 @@ class FakeDockerBackend:
                 self._image_event("import", image_id, image_id)
         return image_id
 
+    def add_image_file(self, name, path, data):
+        """Put a file (bytes; a str makes a symlink to it) at ``path`` in the image ``name``, for ``read_file``."""
+        self._images[self._resolve(name)].setdefault("files", {})[path] = data
+
     def tag_image(self, source, target):
         """Tag the image ``source`` (name or id) as ``target``."""
         return self.add_image(target, {}, image_id=self._resolve(source))
@@ -354,6 +358,9 @@ class FakeDockerBackend:
     def container_logs(self, container_id, tail=None):
         return self._call("container_logs", container_id, lambda: self._logs(container_id, tail))
 
+    def read_file(self, container_id, path, max_bytes):
+        return self._call("read_file", container_id, lambda: self._read_file(container_id, path, max_bytes))
+
     def update_container(self, container_id, resources):
         return self._call("update_container", container_id, lambda: self._update(container_id, resources))
 
@@ -486,6 +493,18 @@ class FakeDockerBackend:
             if len(matches) == 1:
                 return matches[0]
         raise DockerNotFound(f"No such container: {ref}", status=404)
+
+    def _read_file(self, ref, path, max_bytes):
+        container = self._container(ref)
+        files = self._images.get(container.image_id, {}).get("files", {})
+        if path not in files:
+            raise DockerNotFound(f"Could not find the file {path} in container {ref}", status=404)
+        data = files[path]
+        if not isinstance(data, bytes):
+            raise DockerError(f"{path} in container {ref[:12]} is not a regular file")
+        if len(data) > max_bytes:
+            raise DockerError(f"{path} in container {ref[:12]} is {len(data)} bytes, more than {max_bytes}")
+        return data
 
     def _create(self, name, config):
         config = copy.deepcopy(config)

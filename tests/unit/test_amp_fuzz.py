@@ -251,6 +251,7 @@ WELL_FORMED = [
     (commands.DownloadFile, {"kernel_id": "k1", "path": "d/a.txt", "offset": 0, "length": 10}),
     (commands.ListFiles, {"kernel_id": "k1", "path": "d"}),
     (commands.GetLogs, {"kernel_id": "k1", "tail": 10}),
+    (commands.ListServices, {"kernel_id": "k1"}),
     (commands.Subscribe, {"since": 0}),
     (commands.Reset, {}),
 ]
@@ -262,6 +263,10 @@ def test_well_formed_calls_of_every_command_are_answered(agent):
         commands.Authenticate,
         commands.GetKernelStats,
         commands.InterruptKernel,
+        # The fake kernels' image declares no services: these are answered SERVICE_NOT_FOUND
+        # (tests/functional/test_services_real.py starts and stops real ones).
+        commands.StartService,
+        commands.StopService,
     } == set(commands.MANAGER_TO_AGENT)
     agent.ensure_kernels()
     connection = agent.connect()
@@ -281,6 +286,7 @@ def test_well_formed_calls_of_every_command_are_answered(agent):
                 "append": False,
                 "offset": 0,
                 "length": 1,
+                "service": "jupyter",
             }
             answer = check_call(connection, boxes.valid_box(command, **values))
             if command is commands.GetKernelStats and answer.get(amp.ERROR_CODE) == amp.UNHANDLED_ERROR_CODE:

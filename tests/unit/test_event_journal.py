@@ -63,6 +63,8 @@ def test_event_types_are_the_protocol_ones():
         "kernel-started",
         "kernel-restarted",
         "kernel-terminated",
+        "service-started",
+        "service-stopped",
     }
     assert "oom-killed" in TERMINATION_REASONS
     # PROTOCOL.md's nine, plus agent-stopping (--destroy-kernels-on-stop).

@@ -238,6 +238,20 @@ class AgentClient:
         logs: str = answer["logs"]
         return logs
 
+    def start_service(self, kernel_id: str, service: str, options: dict[str, Any] | None = None) -> Deferred[Any]:
+        """Fires with ``{service, protocol, host, port, [url]}`` (section 7)."""
+        return self._call(commands.StartService, kernel_id=kernel_id, service=service, options=options)
+
+    @inlineCallbacks
+    def stop_service(self, kernel_id: str, service: str) -> _Calls[None]:
+        yield self._call(commands.StopService, kernel_id=kernel_id, service=service)
+
+    @inlineCallbacks
+    def list_services(self, kernel_id: str) -> _Calls[list[dict[str, Any]]]:
+        answer = yield self._call(commands.ListServices, kernel_id=kernel_id)
+        services: list[dict[str, Any]] = answer["services"]
+        return services
+
     @inlineCallbacks
     def subscribe(self, since: int = 0) -> _Calls[int]:
         answer = yield self._call(commands.Subscribe, since=since)

@@ -112,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("agent", help="agent id, or HOST:PORT")
     logs.add_argument("kernel_id")
     logs.add_argument("--tail", type=int, help="only the last N lines")
+    service = sub.add_parser("service", help="start, stop or list the services (Jupyter, ...) of a kernel")
+    service.add_argument("action", choices=("start", "stop", "ls"))
+    service.add_argument("agent", help="agent id, or HOST:PORT")
+    service.add_argument("kernel_id")
+    service.add_argument("name", nargs="?", help="the service (start and stop), e.g. jupyter")
+    jupyter = sub.add_parser(
+        "jupyter",
+        help="create a data-science kernel, start Jupyter in it and print the URL to open",
+        description="Create a kernel of the data-science image, start its Jupyter and print the URL "
+        "(through the agent's relay: the kernel needs no network). The kernel lives on until "
+        "destroyed (bai-agent-ctl destroy AGENT KERNEL) or idle for --idle-timeout seconds.",
+    )
+    jupyter.add_argument("agent", help="agent id, or HOST:PORT")
+    jupyter.add_argument("--image", default="bai-kernel/python-sci:3.11", help="kernel image (default %(default)s)")
+    jupyter.add_argument("--kernel-id", help="the kernel's id (default: jupyter-<random>)")
+    jupyter.add_argument("--cpu", type=float, help="cores (default: the agent's default, 1)")
+    jupyter.add_argument("--mem", default="2g", help="memory (default %(default)s)")
+    jupyter.add_argument("--idle-timeout", type=int, default=0, help="seconds unused before it is destroyed (0: never)")
     repl_parser = sub.add_parser(
         "repl",
         help="an interactive Python prompt on a new kernel",

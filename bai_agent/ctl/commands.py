@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import secrets
 import sys
 from collections.abc import Generator, Sequence
 from typing import IO, Any, BinaryIO
@@ -128,6 +129,10 @@ def run_command(
             elif args.command == "logs":
                 text = yield client.get_logs(args.kernel_id, tail=args.tail)
                 out.write(text)
+            elif args.command == "service":
+                yield service(client, args, out)
+            elif args.command == "jupyter":
+                yield jupyter(client, args, out)
             elif args.command == "run":
                 status: int = yield run_code(reactor, client, args, mode, code, options, out, err, stdin)
                 return status
@@ -136,6 +141,52 @@ def run_command(
     finally:
         etcd.close()
     return None
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+@inlineCallbacks
+def service(client: Any, args: argparse.Namespace, out: IO[str]) -> Generator[Deferred[Any], Any, None]:
+    """``service start|stop|ls AGENT KERNEL [NAME]``."""
+    if args.action == "ls":
+        services = yield client.list_services(args.kernel_id)
+        if args.json:
+            out.write(json.dumps(services, indent=2) + "\n")
+            return
+        rows = [
+            [s["name"], s["protocol"], s["container_port"], s["status"], _endpoint(s), s.get("url") or "-"]
+            for s in services
+        ]
+        _table(rows, ["SERVICE", "PROTOCOL", "CONTAINER PORT", "STATUS", "HOST PORT", "URL"], out)
+        return
+    if not args.name:
+        raise CtlError(f"service {args.action} needs the service's name, e.g. jupyter")
+    if args.action == "start":
+        answer = yield client.start_service(args.kernel_id, args.name)
+        out.write((answer.get("url") or f"{answer['host']}:{answer['port']}") + "\n")
+    else:
+        yield client.stop_service(args.kernel_id, args.name)
+
+
+@inlineCallbacks
+def jupyter(client: Any, args: argparse.Namespace, out: IO[str]) -> Generator[Deferred[Any], Any, None]:
+    """Create a kernel of the data-science image, start Jupyter in it, print its URL."""
+    kernel_id = args.kernel_id or f"jupyter-{secrets.token_hex(4)}"
+    resources: dict[str, Any] = {"mem": args.mem}
+    if args.cpu is not None:
+        resources["cpu"] = args.cpu
+    yield client.create_kernel(kernel_id, args.image, resources, idle_timeout=args.idle_timeout)
+    try:
+        answer = yield client.start_service(kernel_id, "jupyter")
+    except Exception:
+        yield client.destroy_kernel(kernel_id)
+        raise
+    out.write(f"kernel {kernel_id}: Jupyter at\n{answer['url']}\n")
+
+
+def _endpoint(entry: dict[str, Any]) -> str:
+    return f"{entry['host']}:{entry['port']}" if entry.get("port") else "-"
 
 
 # -- kernels ------------------------------------------------------------------------------------

@@ -98,3 +98,19 @@ def test_a_service_that_dies_at_start_fails_with_its_output(client, sci_kernel):
         yield client.start_service(sci_kernel, "jupyter", {"timeout": 60})
     [service] = yield client.list_services(sci_kernel)
     assert service["status"] == "exited" and service["port"] is None
+
+
+def test_ctl_jupyter_prints_a_url_that_opens_jupyter(agent, sci_image):  # noqa: F811
+    done = agent.ctl("--timeout", "60", "jupyter", agent.agent_id, "--kernel-id", "ctl-jupyter")
+    assert done.returncode == 0, done.stderr
+    head, url = done.stdout.strip().splitlines()
+    assert head == "kernel ctl-jupyter: Jupyter at" and url.startswith("http://127.0.0.1:")
+    status, body = get(url)
+    assert status == 200 and b"Jupyter" in body
+    listed = agent.ctl("service", "ls", agent.agent_id, "ctl-jupyter")
+    assert listed.returncode == 0 and "running" in listed.stdout and url in listed.stdout
+    stopped = agent.ctl("service", "stop", agent.agent_id, "ctl-jupyter", "jupyter")
+    assert stopped.returncode == 0, stopped.stderr
+    missing = agent.ctl("service", "start", agent.agent_id, "ctl-jupyter", "sshd")
+    assert missing.returncode == 1 and "declares no service 'sshd'" in missing.stderr
+    assert agent.ctl("destroy", agent.agent_id, "ctl-jupyter").returncode == 0

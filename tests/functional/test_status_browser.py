@@ -96,11 +96,11 @@ def dom(reactor, url):
     return in_thread(reactor, chromium, "--virtual-time-budget=5000", "--dump-dom", url)
 
 
-def screenshot(reactor, url, name):
+def screenshot(reactor, url, name, budget=5000):
     path = artifacts_dir() / name
     if path.exists():
         path.unlink()
-    d = in_thread(reactor, chromium, "--virtual-time-budget=5000", f"--screenshot={path}", url)
+    d = in_thread(reactor, chromium, f"--virtual-time-budget={budget}", f"--screenshot={path}", url)
     d.addCallback(lambda _: path)
     return d
 

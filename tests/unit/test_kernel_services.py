@@ -1,0 +1,151 @@
+"""
+KernelServices on a MemoryReactorClock, a fake runner link and the fake Docker backend: what
+it asks the runner, where its relay listens, what it answers and journals, and what it
+refuses.
+"""
+
+import json
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from bai_agent.docker.images import KernelImage
+from bai_agent.kernels import kernel as states
+from bai_agent.protocol import errors, events
+from bai_agent.services.kernel_services import KernelServices, is_service_message
+from bai_agent.services.ports import PortPool
+from bai_agent.testing.deferreds import failure_of, result_of
+from bai_agent.testing.fake_docker import FakeDockerBackend
+
+DEFINITION = {
+    "command": ["/usr/bin/jupyter-notebook", "--port={port}", "--ip={host}", "--token={token}", "--dir={home}"],
+    "url_template": "http://{host}:{port}/?token={token}",
+}
+
+
+class Link:
+    alive = True
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, message):
+        self.sent.append(message)
+
+
+class Journal:
+    def __init__(self):
+        self.events = []
+
+    def append(self, kind, kernel_id=None, data=None):
+        self.events.append((kind, kernel_id, data))
+
+
+class Kernel:
+    def __init__(self, container_id, labels):
+        self.kernel_id = "k1"
+        self.image = KernelImage(name="img", id="sha256:x", labels=labels)
+        self.status = states.RUNNING
+        self.container_id = container_id
+        self.link = Link()
+
+
+@pytest.fixture
+def parts():
+    reactor = MemoryReactorClock()
+    docker = FakeDockerBackend()
+    docker.add_image("img", {"ai.backend.service-ports": "jupyter:http:8888,broken:http:9999"})
+    docker.add_image_file("img", "/etc/backend.ai/service-defs/jupyter.json", json.dumps(DEFINITION).encode())
+    docker.add_image_file("img", "/etc/backend.ai/service-defs/broken.json", b'{"command": "not a list"}')
+    container_id = result_of(docker.create_container("c1", {"Image": "img"}))
+    journal = Journal()
+    services = KernelServices(reactor, docker, PortPool(reactor, 30000, 30002), "10.0.0.5", journal, lambda k: "/run/k")
+    kernel = Kernel(container_id, {"ai.backend.service-ports": "jupyter:http:8888,broken:http:9999"})
+    return reactor, services, kernel, journal
+
+
+def test_a_start_asks_the_runner_then_relays_a_pool_port_to_the_services_socket(parts):
+    reactor, services, kernel, journal = parts
+    answer = services.start(kernel, "jupyter")
+    [message] = kernel.link.sent
+    token = message["argv"][3].split("=", 1)[1]
+    assert message["type"] == "start-service" and message["socket"] == "/run/bai/service-jupyter.sock"
+    assert message["argv"] == [
+        "/usr/bin/jupyter-notebook",
+        "--port=8888",
+        "--ip=127.0.0.1",
+        f"--token={token}",
+        "--dir=/home/work",
+    ]
+    assert len(token) == 48 and message["port"] == 8888 and message["timeout"] == 30.0
+    assert not answer.called and not reactor.tcpServers  # nothing listens before the service does
+    services.handle(kernel, {"type": "service-started", "name": "jupyter"})
+    [(port, _factory, _backlog, host)] = reactor.tcpServers
+    assert (port, host) == (30000, "10.0.0.5")
+    endpoint = result_of(answer)
+    assert endpoint == {
+        "service": "jupyter",
+        "protocol": "http",
+        "host": "10.0.0.5",
+        "port": 30000,
+        "url": f"http://10.0.0.5:30000/?token={token}",
+    }
+    assert result_of(services.start(kernel, "jupyter")) == endpoint  # the same, no new start
+    assert len(kernel.link.sent) == 1
+    assert journal.events[-1][0] == events.SERVICE_STARTED
+    services.handle(kernel, {"type": "service-exited", "name": "jupyter", "exit_code": 3, "output": ""})
+    assert journal.events[-1] == (
+        events.SERVICE_STOPPED,
+        "k1",
+        {"service": "jupyter", "exit_code": 3, "reason": "exited"},
+    )
+    assert services.ports.is_cooling(30000)
+    [entry] = [e for e in services.listing(kernel) if e["name"] == "jupyter"]
+    assert (entry["status"], entry["port"], entry["url"]) == ("exited", None, None)
+
+
+def test_a_service_that_fails_answers_start_failed_with_its_output(parts):
+    _reactor, services, kernel, _journal = parts
+    answer = services.start(kernel, "jupyter")
+    services.handle(
+        kernel, {"type": "service-failed", "name": "jupyter", "reason": "exited with 1", "output": "Traceback: boom\n"}
+    )
+    error = failure_of(answer).value
+    assert isinstance(error, errors.ServiceStartFailed) and "boom" in str(error)
+    assert services.ports.in_use == 0
+
+
+def test_undeclared_badly_defined_and_malformed_requests_are_refused(parts):
+    _reactor, services, kernel, _journal = parts
+    with pytest.raises(errors.ServiceNotFound):
+        services.start(kernel, "sshd")
+    assert isinstance(failure_of(services.start(kernel, "broken")).value, errors.ServiceNotFound)
+    for name in ("../x", "", "J", "a" * 33, 5):
+        with pytest.raises(errors.InvalidRequest):
+            services.start(kernel, name)
+    for options in ([], {"timeout": 0}, {"timeout": 121}, {"timeout": True}, {"argv": ["sh"]}):
+        with pytest.raises(errors.InvalidRequest):
+            services.start(kernel, "jupyter", options)
+    with pytest.raises(errors.ServiceNotFound):
+        services.stop(kernel, "jupyter")
+    kernel.status = states.RESTARTING
+    with pytest.raises(errors.KernelNotRunning):
+        services.start(kernel, "jupyter")
+
+
+def test_the_end_of_the_kernel_closes_every_relay_and_frees_its_ports(parts):
+    reactor, services, kernel, journal = parts
+    answer = services.start(kernel, "jupyter")
+    services.handle(kernel, {"type": "service-started", "name": "jupyter"})
+    port = result_of(answer)["port"]
+    services.kernel_stopping(kernel, events.USER_REQUESTED)
+    assert services.ports.owned_by("k1") == [] and services.ports.is_cooling(port)
+    assert journal.events[-1][2]["reason"] == events.USER_REQUESTED
+    assert services.records("k1") == []
+
+
+def test_service_messages_are_told_from_run_messages():
+    assert is_service_message({"type": "service-exited", "name": "x"})
+    assert is_service_message({"type": "error", "code": "NO_SUCH_SERVICE", "name": "x"})
+    assert not is_service_message({"type": "error", "code": "RUN_CONFLICT", "run_id": "r"})
+    assert not is_service_message({"type": "output", "run_id": "r"})

@@ -71,6 +71,14 @@ class FakeKernels:
         self.recovered = True
         self.taken_over = True
         self.kernels = {}
+        self.relayed = {
+            "connections": 0,
+            "refused": 0,
+            "failed": 0,
+            "bytes_to_service": 0,
+            "bytes_to_client": 0,
+            "running": 0,
+        }
 
     def records(self):
         return sorted(self.kernels.values(), key=lambda record: record["created_at"])
@@ -80,6 +88,9 @@ class FakeKernels:
 
     def count(self):
         return len(self.kernels)
+
+    def relay_totals(self):
+        return dict(self.relayed)
 
 
 class AgentParts:

@@ -28,6 +28,9 @@ class IKernelView(Interface):
     def count() -> int:
         """How many kernels the agent holds."""
 
+    def relay_totals() -> dict[str, int]:
+        """Services running now, and the relays' connections and bytes since the agent started."""
+
 
 class IKernelOperations(Interface):
     """What managers' commands do to kernels; each returns a Deferred or raises an ``AgentError``."""

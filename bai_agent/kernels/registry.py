@@ -290,6 +290,9 @@ class KernelRegistry(Service):
             for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)
         ]
 
+    def relay_totals(self) -> dict[str, int]:
+        return self.services.relay_totals()
+
     def count(self) -> int:
         return len(self.kernels)
 

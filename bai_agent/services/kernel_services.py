@@ -38,7 +38,7 @@ from bai_agent.services.declarations import (
     url,
 )
 from bai_agent.services.ports import PortPool, PortsExhausted
-from bai_agent.services.relay import RelayListenError, ServiceRelay
+from bai_agent.services.relay import RelayCounters, RelayListenError, ServiceRelay
 
 if TYPE_CHECKING:
     from bai_agent.kernels.kernel import Kernel
@@ -144,6 +144,7 @@ class KernelServices:
         self.journal = journal
         self.run_dir = run_dir
         self._services: dict[str, dict[str, Service]] = {}  # kernel id -> name -> service
+        self._closed = RelayCounters()  # what the relays closed so far did (counters never go down)
 
     # -- what managers ask ----------------------------------------------------------------
 
@@ -225,6 +226,16 @@ class KernelServices:
     def records(self, kernel_id: str) -> list[dict[str, Any]]:
         """The kernel record's ``services``: those started, with their endpoints."""
         return [service.entry(self.host) for service in self._services.get(kernel_id, {}).values()]
+
+    def relay_totals(self) -> dict[str, int]:
+        """Relayed connections and bytes since the agent started, and the services running now."""
+        relays = self.relays()
+        totals = {
+            field: getattr(self._closed, field) + sum(getattr(relay.counters, field) for relay in relays)
+            for field in attrs.fields_dict(RelayCounters)
+        }
+        totals["running"] = len(relays)
+        return totals
 
     def relays(self) -> list[ServiceRelay]:
         return [
@@ -361,7 +372,13 @@ class KernelServices:
             )
         if relay is None:
             return succeed(None)
-        return relay.stop()
+        stopping = relay.stop()
+
+        def count(_: object) -> None:
+            for field in attrs.fields_dict(RelayCounters):
+                setattr(self._closed, field, getattr(self._closed, field) + getattr(relay.counters, field))
+
+        return stopping.addCallback(count)
 
 
 def _check_name(name: Any) -> None:

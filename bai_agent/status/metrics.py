@@ -99,12 +99,31 @@ class _SourcesCollector:
         yield capacity
         yield used
         yield from _agent_metrics(sources)
+        yield from _service_metrics(sources.kernels.relay_totals())
         records = sources.kernels.records()
         yield from _kernel_metrics(records, stats_readings.kernel_samples(sources.stats))
         node = stats_readings.node_sample(sources.stats)
         if node is not None:
             yield from _node_metrics(node)
             yield from _gpu_metrics(node["gpus"], records)
+
+
+def _service_metrics(totals: dict[str, int]) -> Iterator[Metric]:
+    yield _gauge("bai_agent_services_running", "Services of kernels relayed now", totals["running"])
+    connections = CounterMetricFamily(
+        "bai_agent_service_relay_connections",
+        "Client connections to kernels' services, by outcome (relayed, refused over the bound, failed)",
+        labels=["outcome"],
+    )
+    for outcome, field in (("relayed", "connections"), ("refused", "refused"), ("failed", "failed")):
+        connections.add_metric([outcome], totals[field])
+    yield connections
+    relayed = CounterMetricFamily(
+        "bai_agent_service_relay_bytes", "Bytes relayed to and from kernels' services", labels=["direction"]
+    )
+    relayed.add_metric(["to_service"], totals["bytes_to_service"])
+    relayed.add_metric(["to_client"], totals["bytes_to_client"])
+    yield relayed
 
 
 def _agent_metrics(sources: StatusSources) -> Iterator[Metric]:

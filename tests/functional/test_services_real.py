@@ -41,7 +41,7 @@ def sci_kernel(client, sci_image):  # noqa: F811
 
 
 @pytest_twisted.inlineCallbacks
-def test_jupyter_answers_through_the_relay_and_writes_into_the_home(client, sci_kernel):
+def test_jupyter_answers_through_the_relay_and_writes_into_the_home(agent, client, sci_kernel):
     listed = yield client.list_services(sci_kernel)
     assert [(s["name"], s["status"], s["port"]) for s in listed] == [("jupyter", "declared", None)]
     endpoint = yield client.start_service(sci_kernel, "jupyter")
@@ -62,6 +62,13 @@ def test_jupyter_answers_through_the_relay_and_writes_into_the_home(client, sci_
     with concurrent.futures.ThreadPoolExecutor(30) as pool:
         answers = list(pool.map(lambda _: get(f"{base}/api/contents?token={token}")[0], range(30)))
     assert answers == [200] * 30
+    metrics = agent.http("/metrics")[1].decode()
+    relayed = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('bai_agent_service_relay_connections_total{outcome="relayed"}')
+    ]
+    assert relayed and float(relayed[0].split()[-1]) >= 32, relayed
     [running] = yield client.list_services(sci_kernel)
     assert running["status"] == "running" and running["port"] == endpoint["port"]
     [kernel] = [k for k in (yield client.list_kernels()) if k["kernel_id"] == sci_kernel]

@@ -59,7 +59,7 @@ def test_a_notebook_opened_through_the_relay_runs_its_cell(client, sci_image, re
     yield client.create_kernel("nb", sci_image, {"cpu": 1, "mem": "1g"})
     yield client.upload_file("nb", "analysis.ipynb", json.dumps(NOTEBOOK).encode())
     yield client.upload_file("nb", ".jupyter/custom/custom.js", RUN_ON_OPEN.encode())
-    endpoint = yield client.start_service("nb", "jupyter")
+    endpoint = yield client.start_service("nb", "jupyter", {"timeout": 90})
     base, token = endpoint["url"].split("/?token=")
     tree = (yield dom(reactor, endpoint["url"])).decode()
     assert "analysis.ipynb" in tree

@@ -44,13 +44,13 @@ def sci_kernel(client, sci_image):  # noqa: F811
 def test_jupyter_answers_through_the_relay_and_writes_into_the_home(agent, client, sci_kernel):
     listed = yield client.list_services(sci_kernel)
     assert [(s["name"], s["status"], s["port"]) for s in listed] == [("jupyter", "declared", None)]
-    endpoint = yield client.start_service(sci_kernel, "jupyter")
+    endpoint = yield client.start_service(sci_kernel, "jupyter", {"timeout": 90})
     assert endpoint["service"] == "jupyter" and endpoint["protocol"] == "http"
     assert endpoint["host"] == "127.0.0.1" and 30000 <= endpoint["port"] <= 31000
     token = endpoint["url"].split("token=")[1]
     assert endpoint["url"] == f"http://127.0.0.1:{endpoint['port']}/?token={token}" and len(token) >= 32
     # Again: the same endpoint, not a second Jupyter.
-    assert (yield client.start_service(sci_kernel, "jupyter")) == endpoint
+    assert (yield client.start_service(sci_kernel, "jupyter", {"timeout": 90})) == endpoint
     base = f"http://127.0.0.1:{endpoint['port']}"
     status, body = get(f"{base}/api/status?token={token}")
     assert status == 200 and "started" in json.loads(body)
@@ -80,7 +80,7 @@ def test_jupyter_answers_through_the_relay_and_writes_into_the_home(agent, clien
     with pytest.raises(errors.ServiceNotFound):
         yield client.stop_service(sci_kernel, "jupyter")
     # Started again: a new port (the old one cools down), and a destroy closes it.
-    again = yield client.start_service(sci_kernel, "jupyter")
+    again = yield client.start_service(sci_kernel, "jupyter", {"timeout": 90})
     assert again["port"] != endpoint["port"]
     assert get(f"http://127.0.0.1:{again['port']}/api/status?{again['url'].split('?')[1]}")[0] == 200
     yield client.destroy_kernel(sci_kernel)

@@ -126,6 +126,10 @@ def test_undeclared_badly_defined_and_malformed_requests_are_refused(parts):
     for options in ([], {"timeout": 0}, {"timeout": 121}, {"timeout": True}, {"argv": ["sh"]}):
         with pytest.raises(errors.InvalidRequest):
             services.start(kernel, "jupyter", options)
+    # A manager's option names are never echoed: one could fill a whole AMP value.
+    with pytest.raises(errors.InvalidRequest) as refused:
+        services.start(kernel, "jupyter", {"k" * 60000: 1})
+    assert len(str(refused.value)) < 200
     with pytest.raises(errors.ServiceNotFound):
         services.stop(kernel, "jupyter")
     kernel.status = states.RESTARTING

@@ -134,7 +134,7 @@ class KernelRegistry(Service):
             socket_path=lambda kernel_id: self.workspace(kernel_id).socket_path,
             end=self._finish,
             is_running=lambda: bool(self.running),
-            service_message=lambda kernel, message: self.services.handle(kernel, message),
+            service_message=self.services.handle,
         )
         self.takeover = TakeOver(
             reactor,

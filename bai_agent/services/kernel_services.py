@@ -230,12 +230,10 @@ class KernelServices:
     def relay_totals(self) -> dict[str, int]:
         """Relayed connections and bytes since the agent started, and the services running now."""
         relays = self.relays()
-        totals = {
-            field: getattr(self._closed, field) + sum(getattr(relay.counters, field) for relay in relays)
-            for field in attrs.fields_dict(RelayCounters)
-        }
-        totals["running"] = len(relays)
-        return totals
+        sums = RelayCounters()
+        for counters in [self._closed, *(relay.counters for relay in relays)]:
+            sums.add(counters)
+        return dict(attrs.asdict(sums), running=len(relays))
 
     def relays(self) -> list[ServiceRelay]:
         return [
@@ -372,13 +370,7 @@ class KernelServices:
             )
         if relay is None:
             return succeed(None)
-        stopping = relay.stop()
-
-        def count(_: object) -> None:
-            for field in attrs.fields_dict(RelayCounters):
-                setattr(self._closed, field, getattr(self._closed, field) + getattr(relay.counters, field))
-
-        return stopping.addCallback(count)
+        return relay.stop().addCallback(lambda _: self._closed.add(relay.counters))
 
 
 def _check_name(name: Any) -> None:

@@ -59,6 +59,11 @@ class RelayCounters:
     bytes_to_service: int = 0
     bytes_to_client: int = 0
 
+    def add(self, other: "RelayCounters") -> None:
+        """Add ``other``'s counts to these (the totals of relays that closed)."""
+        for field in attrs.fields_dict(RelayCounters):
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+
 
 def _buffered(transport: Optional[Any]) -> int:
     """Bytes a Twisted socket transport holds unwritten (best effort; 0 if unknown)."""

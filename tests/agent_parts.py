@@ -75,6 +75,7 @@ class FakeKernels:
             "connections": 0,
             "refused": 0,
             "failed": 0,
+            "idle_closed": 0,
             "bytes_to_service": 0,
             "bytes_to_client": 0,
             "running": 0,

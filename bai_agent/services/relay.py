@@ -9,7 +9,9 @@ back-pressure both ways (each transport is the other's streaming producer, so a 
 write buffer is full stops the other side's reading: the relay holds at most about one
 socket buffer per direction, whatever a slow reader does), passes half-closes on, and
 closes one side when the other drops. The number of connections at once is bounded; a
-client beyond the bound is closed at once.
+client beyond the bound is closed at once, and a connection through which nothing passed
+either way for ``idle_timeout`` seconds is closed (a forgotten tab must not hold one of the
+bounded connections, and its sockets, for ever).
 """
 
 from typing import Any, Optional, Union, cast
@@ -20,6 +22,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, U
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort, IReactorTCP, IReactorUNIX
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -30,6 +33,11 @@ log = Logger()
 
 MAX_CONNECTIONS = 256
 CONNECT_TIMEOUT = 10.0
+#: Seconds without a byte either way after which a relayed connection is closed. Jupyter's
+#: websockets ping far more often than this, so only abandoned connections reach it.
+IDLE_TIMEOUT = 3600.0
+#: The longest between two sweeps for idle connections.
+MAX_SWEEP_INTERVAL = 60.0
 # What a client may send before the service side is connected (its reading is paused by
 # then; this only bounds what a transport may still deliver).
 MAX_EARLY_BYTES = 64 * 1024
@@ -56,6 +64,7 @@ class RelayCounters:
     connections: int = 0  # relayed (the service side connected)
     refused: int = 0  # closed at once: over the bound
     failed: int = 0  # the service socket could not be reached
+    idle_closed: int = 0  # relayed, then closed after idle_timeout without a byte
     bytes_to_service: int = 0
     bytes_to_client: int = 0
 
@@ -131,6 +140,7 @@ class _Pair:
         self.early_bytes = 0
         self.closing = False
         self.closed: Deferred[None] = Deferred()
+        self.last_active = relay.now()
 
     # -- the client connected ---------------------------------------------------------------
 
@@ -158,6 +168,7 @@ class _Pair:
             self.service = service
             return
         self.service = service
+        self.last_active = self.relay.now()
         self.relay.counters.connections += 1
         client_transport = _transport(self.client)
         service_transport = _transport(service)
@@ -197,6 +208,7 @@ class _Pair:
         _transport(self.service).write(data)
 
     def from_service(self, data: bytes) -> None:
+        self.last_active = self.relay.now()
         self.relay.counters.bytes_to_client += len(data)
         _transport(self.client).write(data)
 
@@ -272,6 +284,8 @@ class ServiceRelay:
     :param socket_path: the kernel's service socket: the only place the relay connects to.
     :param max_connections: connections at once; a client beyond them is closed at once.
     :param connect_timeout: seconds to reach the UNIX socket before the client is closed.
+    :param idle_timeout: seconds without a byte either way before a relayed connection is
+        closed (0: never).
     """
 
     def __init__(
@@ -280,17 +294,25 @@ class ServiceRelay:
         socket_path: str,
         max_connections: int = MAX_CONNECTIONS,
         connect_timeout: float = CONNECT_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections {max_connections} must be at least 1")
+        if idle_timeout < 0:
+            raise ValueError(f"idle_timeout {idle_timeout} is negative")
         self._reactor = reactor
         self.socket_path = socket_path
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
         self.counters = RelayCounters()
         self.factory = _RelayFactory(self)
         self._pairs: set[_Pair] = set()
         self._port: Optional[IListeningPort] = None
+        self._sweeping: Optional[LoopingCall] = None
+
+    def now(self) -> float:
+        return cast(Any, self._reactor).seconds()
 
     @property
     def open_connections(self) -> int:
@@ -326,6 +348,10 @@ class ServiceRelay:
 
         def listening(listening_port: IListeningPort) -> IListeningPort:
             self._port = listening_port
+            if self.idle_timeout > 0:
+                self._sweeping = LoopingCall(self._close_idle)
+                self._sweeping.clock = cast(Any, self._reactor)
+                self._sweeping.start(min(MAX_SWEEP_INTERVAL, self.idle_timeout / 2), now=False)
             return listening_port
 
         def cannot(reason: Failure) -> Failure:
@@ -336,12 +362,27 @@ class ServiceRelay:
         d.addCallbacks(listening, cannot)
         return d
 
+    def _close_idle(self) -> None:
+        deadline = self.now() - self.idle_timeout
+        for pair in list(self._pairs):
+            if pair.service is not None and not pair.closing and pair.last_active <= deadline:
+                self.counters.idle_closed += 1
+                log.info(
+                    "service relay {path}: closing a connection idle for {idle:g}s",
+                    path=self.socket_path,
+                    idle=self.idle_timeout,
+                )
+                pair.abort()
+
     def stop(self) -> "Deferred[None]":
         """
         Stop listening and close every open pair at once (a slow reader must not hold the
         kernel's end); fires when the port is closed and every connection is gone.
         """
         waits: list[Deferred[Any]] = []
+        if self._sweeping is not None and self._sweeping.running:
+            self._sweeping.stop()
+        self._sweeping = None
         if self._port is not None:
             port, self._port = self._port, None
             waits.append(maybeDeferred(port.stopListening))

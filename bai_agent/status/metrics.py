@@ -118,6 +118,11 @@ def _service_metrics(totals: dict[str, int]) -> Iterator[Metric]:
     for outcome, field in (("relayed", "connections"), ("refused", "refused"), ("failed", "failed")):
         connections.add_metric([outcome], totals[field])
     yield connections
+    yield CounterMetricFamily(
+        "bai_agent_service_relay_idle_closed",
+        "Relayed connections closed after the relay's idle timeout without a byte either way",
+        value=totals["idle_closed"],
+    )
     relayed = CounterMetricFamily(
         "bai_agent_service_relay_bytes", "Bytes relayed to and from kernels' services", labels=["direction"]
     )

@@ -198,3 +198,36 @@ def test_stop_closes_every_pair_and_fires_when_they_are_gone():
 def test_stop_with_nothing_open():
     harness = Harness()
     assert has_fired(harness.relay.stop())
+
+
+def test_a_connection_with_no_byte_either_way_for_the_idle_timeout_is_closed():
+    harness = Harness(idle_timeout=100)
+    client, client_transport, service, service_transport = harness.pair()
+    busy_client, busy_transport, busy_service, _ = harness.pair()
+    for _ in range(6):
+        harness.reactor.advance(20)
+        busy_client.dataReceived(b"ping")
+        busy_service.dataReceived(b"pong")
+    assert client_transport.disconnected and service_transport.disconnected
+    assert not busy_transport.disconnected
+    assert harness.relay.counters.idle_closed == 1
+
+
+def test_a_connection_that_only_receives_is_not_idle():
+    harness = Harness(idle_timeout=100)
+    _client, client_transport, service, _ = harness.pair()
+    for _ in range(10):
+        harness.reactor.advance(30)
+        service.dataReceived(b"x" * 10)
+    assert not client_transport.disconnected
+    assert harness.relay.counters.idle_closed == 0
+
+
+def test_no_idle_timeout_and_no_sweep_after_stop():
+    harness = Harness(idle_timeout=0)
+    _, client_transport, _, _ = harness.pair()
+    harness.reactor.advance(10**6)
+    assert not client_transport.disconnected
+    stopping = Harness(idle_timeout=100)
+    stopping.relay.stop()
+    assert not stopping.reactor.getDelayedCalls()

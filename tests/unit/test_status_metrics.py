@@ -111,7 +111,7 @@ class BusyAgent(Harness):
         kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus, cpu_cores=[0, 1, 2, 3])
         kernels.add("k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5)
         kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
-        kernels.relayed.update(connections=31, refused=2, bytes_to_service=4096, bytes_to_client=64 << 20, running=1)
+        kernels.relayed.update(connections=31, refused=2, idle_closed=3, bytes_to_service=4096, bytes_to_client=64 << 20, running=1)
         stats = FakeStats()
         stats.sample_seconds = 0.0042
         stats.kernels = {
@@ -263,6 +263,7 @@ def test_service_relays_are_counted(busy):
     assert metrics["bai_agent_services_running"].samples[0].value == 1
     outcomes = by_label(metrics["bai_agent_service_relay_connections"], "outcome", "_total")
     assert outcomes == {"relayed": 31, "refused": 2, "failed": 0}
+    assert metrics["bai_agent_service_relay_idle_closed"].samples[0].value == 3
     directions = by_label(metrics["bai_agent_service_relay_bytes"], "direction", "_total")
     assert directions == {"to_service": 4096, "to_client": 64 << 20}
 

@@ -22,8 +22,11 @@ class IKernelView(Interface):
     taken_over = Attribute("True once the kernels of the last run are adopted or ended")
     allocator = Attribute("The Allocator: capacity (``capacity.as_slots()``) and ``used()`` per slot")
 
-    def records() -> list[dict[str, Any]]:
-        """The kernels' records (PROTOCOL.md section 5), one dict per kernel."""
+    def records(reveal: bool = True) -> list[dict[str, Any]]:
+        """
+        The kernels' records (PROTOCOL.md section 5), one dict per kernel, with their
+        ``services``; ``reveal`` false hides the tokens in the services' URLs.
+        """
 
     def count() -> int:
         """How many kernels the agent holds."""

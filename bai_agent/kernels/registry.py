@@ -117,6 +117,7 @@ class KernelRegistry(Service):
             config.relay_host,
             journal,
             run_dir=lambda kernel_id: self.workspace(kernel_id).run_dir,
+            save=lambda kernel_id, services: run_blocking(self.workspace(kernel_id).save_services, services),
         )
         self.in_flight = InFlight()
         self._announced_stopping = False
@@ -149,6 +150,7 @@ class KernelRegistry(Service):
             self.workspace,
             scratch_volumes,
             self.deaths,
+            self.services,
             end=self._finish,
             is_running=lambda: bool(self.running),
         )
@@ -283,10 +285,13 @@ class KernelRegistry(Service):
             raise errors.BackendUnavailable(TAKING_OVER)
         return self.records()
 
-    def records(self) -> list[dict[str, Any]]:
-        """The kernels known now (for the page and the record; ``list_records`` for managers)."""
+    def records(self, reveal: bool = True) -> list[dict[str, Any]]:
+        """
+        The kernels known now (for the page and the record; ``list_records`` for managers);
+        with ``reveal`` false, the services' URLs hide their tokens (the status page).
+        """
         return [
-            dict(kernel.record(), services=self.services.records(kernel.kernel_id))
+            dict(kernel.record(), services=self.services.records(kernel.kernel_id, reveal))
             for kernel in sorted(self.kernels.values(), key=lambda k: k.created_at)
         ]
 

@@ -3,7 +3,8 @@ The take-over: what a previous run of this agent left, found and adopted or ende
 
 Its containers are found by their labels (never another agent's, never one without kernel
 labels), with their saved state under the state dir and their homes. Running kernels are
-adopted (grant restored, runner reconnected); kernels that died meanwhile are reported
+adopted (grant restored, runner reconnected, services relayed again on their host ports);
+kernels that died meanwhile are reported
 ``self-terminated`` with their exit code; what an interrupted create left behind is removed
 and reported ``orphan-cleanup``.
 
@@ -49,6 +50,7 @@ from bai_agent.runtime.inflight import InFlight
 if TYPE_CHECKING:
     from bai_agent.config import AgentConfig
     from bai_agent.docker.service import DockerService
+    from bai_agent.services.kernel_services import KernelServices
 
 
 class TakeOver:
@@ -65,6 +67,7 @@ class TakeOver:
     :param workspace: a kernel's ``Workspace``, by kernel id.
     :param scratch_volumes: the ``ScratchVolumes`` of the homes, or None.
     :param deaths: the registry's ``DeathWatch`` (reaching runners, ending silent ones).
+    :param services: the registry's ``KernelServices`` (the adopted kernels' services).
     :param end: ``(kernel, reason) -> Deferred``, the end of every kernel (under its lock).
     :param is_running: whether the registry runs.
     """
@@ -85,6 +88,7 @@ class TakeOver:
         workspace: Callable[[str], Workspace],
         scratch_volumes: Any,
         deaths: DeathWatch,
+        services: KernelServices,
         end: Callable[[Kernel, str], Deferred[None]],
         is_running: Callable[[], bool],
     ) -> None:
@@ -100,6 +104,7 @@ class TakeOver:
         self.workspace = workspace
         self.scratch_volumes = scratch_volumes
         self.deaths = deaths
+        self.services = services
         self.end = end
         self.is_running = is_running
         self.recovered = False  # every kernel of the last run is known (the first part)
@@ -160,6 +165,12 @@ class TakeOver:
         for kernel_id in homes:
             if kernel_id not in self.kernels and check_kernel_id_quietly(kernel_id):
                 ending.append((self._register_ending(kernel_id, None), events.ORPHAN_CLEANUP))
+        # The adopted kernels' services, their host ports reserved before any new kernel's.
+        adopted_services = yield self.run_blocking(
+            lambda: {kernel.kernel_id: self.workspace(kernel.kernel_id).load_services() for kernel, _ in adopting}
+        )
+        for kernel, _ in adopting:
+            self.services.adopt(kernel, adopted_services.get(kernel.kernel_id))
         # State dirs that no kernel explains (a create killed before it saved): removed
         # before any new kernel can be made, so that none of its directories is taken.
         keep = {kernel_key(kernel_id) for kernel_id in self.kernels}
@@ -252,6 +263,7 @@ class TakeOver:
         if (yield self.deaths.reach_runner(kernel)) is None:
             return  # a silent runner's kernel is being ended (after this, under its lock)
         self._announce_adopted(kernel, last_event)
+        yield self.services.restore(kernel)
         self.log.info("adopted kernel {kernel_id}", kernel_id=kernel.kernel_id)
 
     @inlineCallbacks

@@ -3,10 +3,11 @@ The directories of a kernel on the host.
 
 - ``{scratch_root}/{kernel_id}``: the kernel's home, mounted at ``/home/work``, owned by
   the kernel user (uid 1000); removed on destroy, kept across restarts.
-- ``{state_dir}/kernels/{key}/``: the agent's own per-kernel state (``kernel.json``) and
-  ``run/``, mounted at ``/run/bai`` and holding the runner's socket. ``key`` is a short
-  hash of the kernel id, so the socket path stays under the 107 bytes a UNIX socket
-  address may have, whatever the kernel id.
+- ``{state_dir}/kernels/{key}/``: the agent's own per-kernel state (``kernel.json``;
+  ``services.json``, its running services with their host ports and tokens) and ``run/``,
+  mounted at ``/run/bai`` and holding the runner's socket. ``key`` is a short hash of the
+  kernel id, so the socket path stays under the 107 bytes a UNIX socket address may have,
+  whatever the kernel id.
 
 Every function here blocks on the disk: the registry calls them in its thread pool.
 """
@@ -41,6 +42,7 @@ class Workspace:
         self.socket_path = os.path.join(self.run_dir, SOCKET_NAME)
         self.environ_file = os.path.join(self.run_dir, ENVIRON_NAME)
         self.state_file = os.path.join(self.state_dir, "kernel.json")
+        self.services_file = os.path.join(self.state_dir, "services.json")
 
     def create(self) -> None:
         """Make the home (owned by the kernel user) and the run dir (root only)."""
@@ -64,6 +66,22 @@ class Workspace:
 
     def save(self, state: dict) -> None:
         _write_atomically(self.state_file, state)
+
+    def save_services(self, services: list) -> None:
+        """The kernel's running services (root only: they hold tokens); nothing once its state dir is gone."""
+        try:
+            _write_atomically(self.services_file, services)
+        except FileNotFoundError:
+            pass  # the kernel ended and its state dir was removed
+
+    def load_services(self) -> list:
+        """What ``save_services`` saved; an empty list when it is missing or malformed."""
+        try:
+            with open(self.services_file) as f:
+                services = json.load(f)
+        except (OSError, ValueError):
+            return []
+        return services if isinstance(services, list) else []
 
     def write_environ(self, environ: dict) -> None:
         """The user processes' environment, for the runner (root-only, beside its socket)."""

@@ -205,11 +205,11 @@ def render(definition: ServiceDefinition, port: int, token: str, home: str) -> t
     return argv, env
 
 
-def url(definition: ServiceDefinition, host: str, port: int, token: str, home: str = DEFAULT_HOME) -> Optional[str]:
+def url(template: Optional[str], host: str, port: int, token: str, home: str = DEFAULT_HOME) -> Optional[str]:
     """
-    The URL a client opens, from ``url_template`` with the host and host port it dials
-    (the relay's, not the container's); ``None`` when the definition has no template.
+    The URL a client opens, from a definition's ``url_template`` with the host and host
+    port it dials (the relay's, not the container's); ``None`` without a template.
     """
-    if definition.url_template is None:
+    if template is None:
         return None
-    return definition.url_template.format_map({"host": host, "port": str(port), "token": token, "home": home})
+    return template.format_map({"host": host, "port": str(port), "token": token, "home": home})

@@ -10,26 +10,36 @@ listens on a host port of the pool with a ``ServiceRelay`` to that socket. A ser
 that exits, is stopped, or whose kernel restarts or ends gets its relay closed and its
 host port released (into the pool's cool-down), and ``service-stopped`` is journalled.
 
-Tokens appear in answers (``url``) and nowhere in the logs.
+The running services of a kernel are saved beside its state (``save``, before a start is
+answered), so that the take-over of the next run restores them: ``adopt`` reserves their
+host ports (its first part), ``restore`` listens on them again once the runner is reached
+and asks the runner which services still run (``list-services``): those that ended
+meanwhile are reported stopped, those the agent does not know (a start cut short by the
+agent's death) are stopped. A ``StartService`` meanwhile waits for that answer.
+
+Tokens appear in answers (``url``) and nowhere in the logs or on the status page.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, inlineCallbacks, succeed
 from twisted.logger import Logger
 
 from bai_agent.docker.interface import DockerError, DockerNotFound
 from bai_agent.kernels import kernel as states
+from bai_agent.kernels.deferreds import share
 from bai_agent.protocol import errors, events
 from bai_agent.services.declarations import (
     MAX_DEFINITION_BYTES,
     NAME_PATTERN,
+    PROTOCOLS,
     ServiceDeclarationError,
     ServiceDefinition,
     declared_services,
@@ -37,7 +47,7 @@ from bai_agent.services.declarations import (
     render,
     url,
 )
-from bai_agent.services.ports import PortPool, PortsExhausted
+from bai_agent.services.ports import PortPool, PortsExhausted, PortTaken
 from bai_agent.services.relay import RelayCounters, RelayListenError, ServiceRelay
 
 if TYPE_CHECKING:
@@ -55,6 +65,14 @@ STOP_WAIT = 10.0
 MESSAGE_TAIL = 4096
 #: Runner messages that are about services (an ``error`` with a ``name`` is one too).
 RUNNER_MESSAGES = frozenset({"service-started", "service-failed", "service-exited", "services"})
+#: The id of the take-over's ``list-services``.
+RESTORE_ID = "services-restore"
+#: How long the take-over waits for the runner's ``services`` answer.
+RESTORE_WAIT = 10.0
+#: What the status page shows in place of a token.
+HIDDEN_TOKEN = "HIDDEN"
+
+TOKEN_PATTERN = re.compile(r"[0-9a-f]{48}\Z")
 
 log = Logger()
 
@@ -76,7 +94,7 @@ class Service:
     url: str | None = None
     exit_code: int | None = None
     relay: ServiceRelay | None = None
-    definition: ServiceDefinition | None = None
+    url_template: str | None = None
     token: str | None = attrs.field(default=None, repr=False)
     #: The StartService calls waiting while it starts; each gets the answer or the error.
     waiters: list[Deferred[dict[str, Any]]] = attrs.Factory(list)
@@ -100,7 +118,7 @@ class Service:
             else:
                 d.callback(result)
 
-    def entry(self, host: str) -> dict[str, Any]:
+    def entry(self, host: str, reveal: bool = True) -> dict[str, Any]:
         return {
             "name": self.name,
             "protocol": self.protocol,
@@ -108,8 +126,47 @@ class Service:
             "status": self.status,
             "host": host if self.port is not None else None,
             "port": self.port,
-            "url": self.url,
+            "url": self.url if reveal else self.render_url(host, HIDDEN_TOKEN),
         }
+
+    def render_url(self, host: str, token: str | None = None) -> str | None:
+        """The URL a client opens (the relay's host and port); None without a template or a port."""
+        if self.port is None or self.token is None:
+            return None
+        return url(self.url_template, host, self.port, token or self.token, HOME)
+
+    def saved(self) -> dict[str, Any]:
+        """What the take-over of the next run needs to restore it (``restored``)."""
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "container_port": self.container_port,
+            "port": self.port,
+            "token": self.token,
+            "url_template": self.url_template,
+        }
+
+    @classmethod
+    def restored(cls, saved: Any) -> Service | None:
+        """A service saved by the last run, ``restoring``; None if ``saved`` is not one."""
+        if not isinstance(saved, dict):
+            return None
+        name, protocol, token, template = (saved.get(key) for key in ("name", "protocol", "token", "url_template"))
+        container_port, port = saved.get("container_port"), saved.get("port")
+        if not (isinstance(name, str) and NAME_PATTERN.match(name) and protocol in PROTOCOLS):
+            return None
+        if not (_is_port(container_port) and _is_port(port)):
+            return None
+        if not isinstance(token, str) or not TOKEN_PATTERN.match(token):
+            return None
+        if template is not None:
+            try:
+                url(template, "", 1, "", HOME)
+            except (AttributeError, KeyError, ValueError, IndexError):
+                return None
+        return cls(
+            name, protocol, cast(int, container_port), status="restoring", port=port, url_template=template, token=token
+        )
 
     def answer(self, host: str) -> dict[str, Any]:
         answer: dict[str, Any] = {"service": self.name, "protocol": self.protocol, "host": host, "port": self.port}
@@ -126,6 +183,8 @@ class KernelServices:
     :param host: where the relays listen and what answers name (``--service-host``).
     :param journal: the ``EventJournal``.
     :param run_dir: ``kernel_id -> the kernel's run dir on the host``.
+    :param save: ``(kernel_id, [saved service]) -> Deferred``: keeps a kernel's running
+        services beside its state, for the take-over of the next run.
     """
 
     def __init__(
@@ -136,6 +195,7 @@ class KernelServices:
         host: str,
         journal: Any,
         run_dir: Callable[[str], str],
+        save: Callable[[str, list[dict[str, Any]]], Deferred[Any]],
     ) -> None:
         self.reactor = reactor
         self.backend = backend
@@ -143,7 +203,10 @@ class KernelServices:
         self.host = host
         self.journal = journal
         self.run_dir = run_dir
+        self.save = save
         self._services: dict[str, dict[str, Service]] = {}  # kernel id -> name -> service
+        self._saving: dict[str, DeferredLock] = {}  # kernel id -> one save at a time, in order
+        self._reconciling: dict[str, Deferred[None]] = {}  # kernel id -> the take-over's list-services
         self._closed = RelayCounters()  # what the relays closed so far did (counters never go down)
 
     # -- what managers ask ----------------------------------------------------------------
@@ -164,6 +227,10 @@ class KernelServices:
     def start(self, kernel: Kernel, name: Any, options: Any = None) -> Deferred[dict[str, Any]]:
         _check_name(name)
         timeout = _start_timeout(options)
+        reconciling = self._reconciling.get(kernel.kernel_id)
+        if reconciling is not None:
+            # The take-over is still asking the runner what runs: answer from what it says.
+            return share(reconciling).addCallback(lambda _: self.start(kernel, name, options))
         if kernel.status != states.RUNNING:
             raise errors.KernelNotRunning(f"kernel {kernel.kernel_id} is {kernel.status}")
         declared = self.declared(kernel).get(name)
@@ -195,13 +262,82 @@ class KernelServices:
 
     def kernel_stopping(self, kernel: Kernel, reason: str) -> Deferred[None]:
         """The kernel restarts or ends: every relay closes and every port is released."""
+        self._end_reconciling(kernel.kernel_id)
         services = self._services.pop(kernel.kernel_id, {})
         waits = [self._ended(kernel, service, None, reason) for service in services.values()]
         self.ports.release_owner(kernel.kernel_id)
-        return _all(waits)
+        if services:
+            waits.append(self._persist(kernel.kernel_id))  # a restart keeps the state dir
+
+        def saved(_: Any) -> None:
+            self._saving.pop(kernel.kernel_id, None)
+
+        return _all(waits).addCallback(saved)
+
+    def adopt(self, kernel: Kernel, saved: Any) -> None:
+        """
+        The take-over's first part: the services the last run saved for ``kernel``, held as
+        ``restoring`` with their host ports reserved (before any other kernel can take one).
+        """
+        held = self._services.setdefault(kernel.kernel_id, {})
+        for entry in saved if isinstance(saved, list) else []:
+            service = Service.restored(entry)
+            if service is None or service.port is None or service.name in held:
+                log.warn("kernel {kernel_id}: a saved service is malformed; not restored", kernel_id=kernel.kernel_id)
+                continue
+            try:
+                self.ports.reserve(service.port, kernel.kernel_id)
+            except (PortTaken, ValueError) as e:
+                log.warn(
+                    "kernel {kernel_id}: service {name} cannot have its port {port} again: {error}",
+                    kernel_id=kernel.kernel_id,
+                    name=service.name,
+                    port=service.port,
+                    error=str(e),
+                )
+                service.port = None
+            held[service.name] = service
+
+    @inlineCallbacks
+    def restore(self, kernel: Kernel) -> Generator[Deferred[Any], Any, None]:
+        """
+        The take-over's second part, once the runner is reached: each adopted service's relay
+        listens on its port again, and the runner is asked which services run (the answer,
+        ``services``, ends what ended meanwhile and stops what the agent does not know).
+        Fires when the runner answered, or after ``RESTORE_WAIT``.
+        """
+        if kernel.link is None or not kernel.link.alive:
+            return
+        reconciled = self._reconciling[kernel.kernel_id] = Deferred()
+        restoring = [s for s in self._services.get(kernel.kernel_id, {}).values() if s.status == "restoring"]
+        listened = yield DeferredList([self._relisten(kernel, service) for service in restoring], consumeErrors=True)
+        for (ok, failure), service in zip(listened, restoring):
+            if not ok:
+                log.warn(
+                    "kernel {kernel_id}: service {name} cannot be relayed again: {error}",
+                    kernel_id=kernel.kernel_id,
+                    name=service.name,
+                    error=failure.getErrorMessage(),
+                )
+                yield self._ended(kernel, service, None, "lost")
+                if kernel.link is not None and kernel.link.alive:
+                    kernel.link.send({"type": "stop-service", "name": service.name})
+        if kernel.link is None or not kernel.link.alive or reconciled.called:
+            self._end_reconciling(kernel.kernel_id)
+            return
+        kernel.link.send({"type": "list-services", "id": RESTORE_ID})
+        timer = self.reactor.callLater(RESTORE_WAIT, self._end_reconciling, kernel.kernel_id)
+        yield share(reconciled)
+        if timer.active():
+            timer.cancel()
+        yield self._persist(kernel.kernel_id)
 
     def handle(self, kernel: Kernel, message: dict[str, Any]) -> None:
         """A message of the kernel's runner about a service."""
+        if message.get("type") == "services":
+            if message.get("id") == RESTORE_ID:
+                self._reconcile(kernel, message.get("services"))
+            return
         service = self._services.get(kernel.kernel_id, {}).get(str(message.get("name")))
         if service is None:
             return
@@ -223,9 +359,12 @@ class KernelServices:
             if service.stopped is not None and not service.stopped.called:
                 service.stopped.callback(None)
 
-    def records(self, kernel_id: str) -> list[dict[str, Any]]:
-        """The kernel record's ``services``: those started, with their endpoints."""
-        return [service.entry(self.host) for service in self._services.get(kernel_id, {}).values()]
+    def records(self, kernel_id: str, reveal: bool = True) -> list[dict[str, Any]]:
+        """
+        The kernel record's ``services``: those started, with their endpoints; with
+        ``reveal`` false (the status page) a token in a URL is replaced by ``HIDDEN``.
+        """
+        return [service.entry(self.host, reveal) for service in self._services.get(kernel_id, {}).values()]
 
     def relay_totals(self) -> dict[str, int]:
         """Relayed connections and bytes since the agent started, and the services running now."""
@@ -247,7 +386,8 @@ class KernelServices:
 
     @inlineCallbacks
     def _start(self, kernel: Kernel, service: Service, timeout: float) -> Generator[Deferred[Any], Any, None]:
-        definition = service.definition = yield self._definition(kernel, service.name)
+        definition = yield self._definition(kernel, service.name)
+        service.url_template = definition.url_template
         token = service.token = secrets.token_hex(24)
         argv, env = render(definition, service.container_port, token, HOME)
         if kernel.link is None or service.status != "starting":
@@ -292,18 +432,92 @@ class KernelServices:
             )
             raise errors.ServiceNotFound(f"service {name!r} is not offered: {e}") from None
 
+    def _relay(self, kernel: Kernel, service: Service) -> ServiceRelay:
+        return ServiceRelay(self.reactor, _socket(service.name, self.run_dir(kernel.kernel_id)))
+
+    @inlineCallbacks
+    def _relisten(self, kernel: Kernel, service: Service) -> Generator[Deferred[Any], Any, None]:
+        """A restored service's relay, on the port its clients have."""
+        if service.port is None:
+            raise PortTaken("its port is held by another kernel or cooling down")
+        relay = self._relay(kernel, service)
+        yield relay.listen(self.reactor, self.host, service.port)
+        if service.status != "restoring":
+            yield relay.stop()
+            return
+        service.relay, service.status = relay, "running"
+        service.url = service.render_url(self.host)
+        log.info(
+            "kernel {kernel_id}: service {name} restored on {host}:{port}",
+            kernel_id=kernel.kernel_id,
+            name=service.name,
+            host=self.host,
+            port=service.port,
+        )
+
+    def _reconcile(self, kernel: Kernel, listed: Any) -> None:
+        """The runner's answer to the take-over's ``list-services``."""
+        if kernel.kernel_id not in self._reconciling:
+            return
+        running = {
+            entry["name"]: entry
+            for entry in (listed if isinstance(listed, list) else [])
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str)
+        }
+        held = self._services.get(kernel.kernel_id, {})
+        for name, service in list(held.items()):
+            entry = running.get(name) or {}
+            if service.status in ("running", "restoring") and entry.get("status") != "running":
+                self._ended(kernel, service, entry.get("exit_code"), "exited")
+        for name, entry in running.items():
+            known = held.get(name)
+            if entry.get("status") in ("starting", "running") and (known is None or known.status != "running"):
+                # Started by a run that died before it relayed it: no client has its token.
+                if kernel.link is not None and kernel.link.alive and NAME_PATTERN.match(name):
+                    kernel.link.send({"type": "stop-service", "name": name})
+        self._end_reconciling(kernel.kernel_id)
+
+    def _end_reconciling(self, kernel_id: str) -> None:
+        reconciling = self._reconciling.pop(kernel_id, None)
+        if reconciling is not None and not reconciling.called:
+            reconciling.callback(None)
+
+    def _persist(self, kernel_id: str) -> Deferred[None]:
+        """Save the kernel's running services as they are when the save runs (one at a time)."""
+        lock = self._saving.setdefault(kernel_id, DeferredLock())
+
+        def save() -> Deferred[Any]:
+            entries = [s.saved() for s in self._services.get(kernel_id, {}).values() if s.status == "running"]
+            return self.save(kernel_id, entries)
+
+        def failed(failure: Any) -> None:
+            log.failure(
+                "kernel {kernel_id}: its services could not be saved; a restart of the agent will not restore them",
+                failure,
+                kernel_id=kernel_id,
+            )
+
+        return lock.run(save).addErrback(failed)
+
     def _listen(self, kernel: Kernel, service: Service) -> None:
-        relay = ServiceRelay(self.reactor, _socket(service.name, self.run_dir(kernel.kernel_id)))
+        relay = self._relay(kernel, service)
         d = self.ports.allocate_bound(kernel.kernel_id, lambda port: relay.listen(self.reactor, self.host, port))
 
-        def listening(result: tuple[int, Any]) -> None:
+        def listening(result: tuple[int, Any]) -> Deferred[None] | None:
             port = result[0]
-            if service.status != "starting" or service.definition is None or service.token is None:
+            if service.status != "starting" or service.token is None:
                 relay.stop()  # it failed or was stopped meanwhile
                 self.ports.release(port)
-                return
+                return None
             service.relay, service.port, service.status = relay, port, "running"
-            service.url = url(service.definition, self.host, port, service.token)
+            service.url = service.render_url(self.host)
+            # Saved before it is answered: a manager never holds an endpoint the next run forgets.
+            return self._persist(kernel.kernel_id).addCallback(lambda _: announce(port))
+
+        def announce(port: int) -> None:
+            if service.status != "running" or service.port != port:
+                service.settle(errors.ServiceStartFailed(f"service {service.name} ended as it started"))
+                return
             self.journal.append(
                 events.SERVICE_STARTED,
                 kernel.kernel_id,
@@ -353,7 +567,7 @@ class KernelServices:
     def _ended(self, kernel: Kernel, service: Service, exit_code: Any, reason: str) -> Deferred[None]:
         if service.status == "starting":
             self._fail_start(service, f"service {service.name} ended before it listened ({reason})")
-        was_running = service.status == "running"
+        was_running = service.status in ("running", "restoring")  # managers were told it runs
         service.status = "exited"
         if isinstance(exit_code, int) and not isinstance(exit_code, bool):
             service.exit_code = exit_code
@@ -363,6 +577,7 @@ class KernelServices:
         if port is not None:
             self.ports.release(port)
         if was_running:
+            self._persist(kernel.kernel_id)
             self.journal.append(
                 events.SERVICE_STOPPED,
                 kernel.kernel_id,
@@ -377,6 +592,10 @@ def _check_name(name: Any) -> None:
     # Never echoed back: a manager's bad value could be as long as an AMP value may be.
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise errors.InvalidRequest("service must be a name of [a-z][a-z0-9-]{0,31}")
+
+
+def _is_port(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
 
 
 def _socket(name: str, run_dir: str) -> str:

@@ -216,6 +216,26 @@ SCRIPT = r"""
       (node ? "" : " (not sampled yet)") + "</div>";
   }
 
+  function serviceBase(service) {
+    var host = String(service.host);
+    return "http://" + (host.indexOf(":") >= 0 ? "[" + host + "]" : host) + ":" + service.port + "/";
+  }
+
+  function services(kernel) {
+    var parts = (kernel.services || []).map(function (service) {
+      var name = esc(service.name);
+      if (service.port === null || service.port === undefined) {
+        return name + ' <span class="meta">' + esc(service.status) + "</span>";
+      }
+      if (service.protocol === "http") {
+        var base = serviceBase(service);
+        return '<a href="' + esc(base) + '">' + name + '</a> <span class="meta">' + esc(base) + "</span>";
+      }
+      return name + ' <span class="meta">' + esc(service.host) + ":" + esc(service.port) + "</span>";
+    });
+    return parts.join("<br>") || "-";
+  }
+
   function kernels(snap) {
     var samples = snap.stats.kernels;
     var rows = snap.kernels.map(function (kernel) {
@@ -234,11 +254,12 @@ SCRIPT = r"""
         "<td>" + bar(null, memUsed === null ? null : share(memUsed, res.mem)) + "</td>" +
         '<td class="num">' + esc(bytes(memUsed)) + " of " + esc(bytes(res.mem)) + "</td>" +
         '<td class="num">' + esc(gpus) + "</td>" +
-        '<td class="num">' + esc(bytes(sample.scratch_bytes)) + "</td></tr>";
+        '<td class="num">' + esc(bytes(sample.scratch_bytes)) + "</td>" +
+        '<td class="services">' + services(kernel) + "</td></tr>";
     });
     return '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>' +
       '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>' +
-      "<th>GPUs</th><th>scratch</th></tr>" + (rows.join("") || none(11, "no kernels")) + "</table>";
+      "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + (rows.join("") || none(12, "no kernels")) + "</table>";
   }
 
   function images(snap) {

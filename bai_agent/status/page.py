@@ -52,7 +52,7 @@ class StatusPage:
         docker = sources.docker
         heartbeat_delay, heartbeat_delay_max = readings.heartbeat_delays(etcd)
         journal_entries, journal_last_seq = readings.journal_size(sources.journal)
-        kernels = sources.kernels.records()
+        kernels = sources.kernels.records(reveal=False)  # the page is unauthenticated: no tokens
         node = stats_readings.node_sample(sources.stats)
         problems = sources.health.problems()
         return {
@@ -407,6 +407,26 @@ def render_resources(snap: dict[str, Any]) -> str:
     )
 
 
+def _service_base(service: dict[str, Any]) -> str:
+    host = str(service["host"])
+    return f"http://{'[' + host + ']' if ':' in host else host}:{service['port']}/"
+
+
+def render_services(kernel: dict[str, Any]) -> str:
+    """A kernel's services: an HTTP one links to its relay (the token stays in the manager's answer)."""
+    parts = []
+    for service in kernel.get("services") or ():
+        name = _e(service["name"])
+        if service.get("port") is None:
+            parts.append(f'{name} <span class="meta">{_e(service["status"])}</span>')
+        elif service.get("protocol") == "http":
+            base = _service_base(service)
+            parts.append(f'<a href="{_e(base)}">{name}</a> <span class="meta">{_e(base)}</span>')
+        else:
+            parts.append(f'{name} <span class="meta">{_e(service["host"])}:{_e(service["port"])}</span>')
+    return "<br>".join(parts) or "-"
+
+
 def render_kernels(snap: dict[str, Any]) -> str:
     now = snap["now"]
     samples = snap["stats"]["kernels"]
@@ -431,12 +451,13 @@ def render_kernels(snap: dict[str, Any]) -> str:
             f"<td>{_bar(None, None if mem_used is None else _share(mem_used, granted_mem))}</td>"
             f'<td class="num">{_e(_bytes(mem_used))} of {_e(_bytes(granted_mem))}</td>'
             f'<td class="num">{_e(gpus)}</td>'
-            f'<td class="num">{_e(_bytes(sample.get("scratch_bytes")))}</td></tr>'
+            f'<td class="num">{_e(_bytes(sample.get("scratch_bytes")))}</td>'
+            f'<td class="services">{render_services(kernel)}</td></tr>'
         )
     return (
         '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>'
         '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>'
-        "<th>GPUs</th><th>scratch</th></tr>" + ("".join(rows) or _none(11, "no kernels")) + "</table>"
+        "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + ("".join(rows) or _none(12, "no kernels")) + "</table>"
     )
 
 

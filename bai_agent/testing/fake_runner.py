@@ -27,6 +27,9 @@ class FakeRunnerLink:
         if not self.alive:
             raise RunnerUnavailable("the link to the runner is closed")
         self.sent.append(message)
+        if message.get("type") == "list-services" and self.handler is not None:
+            # A runner with no services answers at once, as the real one does.
+            self.handler({"type": "services", "id": message.get("id"), "services": []})
 
     def close(self, reason="closed by the agent"):
         if self.closed_because is None:

@@ -111,14 +111,16 @@ def test_definition_parses_and_renders():
     argv, env = render(definition, 8888, "s3cret", "/home/work")
     assert argv == ["jupyter", "lab", "--ip=127.0.0.1", "--port=8888", "--IdentityProvider.token=s3cret"]
     assert env == {"JUPYTER_CONFIG_DIR": "/home/work/.jupyter", "PLAIN": "a {literal} brace"}
-    assert url(definition, "agent.example", 30001, "s3cret") == "http://agent.example:30001/lab?token=s3cret"
+    assert (
+        url(definition.url_template, "agent.example", 30001, "s3cret") == "http://agent.example:30001/lab?token=s3cret"
+    )
 
 
 def test_definition_from_bytes_without_env_or_url():
     definition = parse_service_definition(b'{"command": ["sshd", "-p", "{port}"]}')
     assert definition == ServiceDefinition(("sshd", "-p", "{port}"), {}, None)
     assert render(definition, 2200, "t", "/h") == (["sshd", "-p", "2200"], {})
-    assert url(definition, "h", 1, "t") is None
+    assert url(definition.url_template, "h", 1, "t") is None
 
 
 def test_substituted_values_are_not_reinterpreted():

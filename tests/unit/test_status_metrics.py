@@ -111,7 +111,38 @@ class BusyAgent(Harness):
         kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus, cpu_cores=[0, 1, 2, 3])
         kernels.add("k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5)
         kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
-        kernels.relayed.update(connections=31, refused=2, idle_closed=3, bytes_to_service=4096, bytes_to_client=64 << 20, running=1)
+        kernels.kernels["k-train"]["services"] = [
+            {
+                "name": "jupyter",
+                "protocol": "http",
+                "container_port": 8888,
+                "status": "running",
+                "host": "10.0.0.5",
+                "port": 30001,
+                "url": "http://10.0.0.5:30001/?token=HIDDEN",
+            },
+            {
+                "name": "ssh",
+                "protocol": "tcp",
+                "container_port": 2200,
+                "status": "running",
+                "host": "10.0.0.5",
+                "port": 30002,
+                "url": None,
+            },
+            {
+                "name": "tensorboard",
+                "protocol": "http",
+                "container_port": 6006,
+                "status": "starting",
+                "host": None,
+                "port": None,
+                "url": None,
+            },
+        ]
+        kernels.relayed.update(
+            connections=31, refused=2, idle_closed=3, bytes_to_service=4096, bytes_to_client=64 << 20, running=1
+        )
         stats = FakeStats()
         stats.sample_seconds = 0.0042
         stats.kernels = {

@@ -194,9 +194,13 @@ def test_kernel_table_shows_image_status_age_idle_and_measured_use(busy):
     table = rows(section(body.decode(), "kernels"))
     assert table[0].startswith("kernel image status age idle CPU")
     assert table[1:] == [
-        "k-train bai-kernel/python:3.11 running 2h 0m 0s 0m 5s 1.5 of 2 cores 0,1 3.0 GiB of 4.0 GiB 0 5.0 MiB",
-        "k-idle bai-kernel/python:3.11 running 10m 0s 9m 0s 0 of 0.5 20 MiB of 512 MiB - 0 B",
+        "k-train bai-kernel/python:3.11 running 2h 0m 0s 0m 5s 1.5 of 2 cores 0,1 3.0 GiB of 4.0 GiB 0 5.0 MiB"
+        " jupyter http://10.0.0.5:30001/ ssh 10.0.0.5:30002 tensorboard starting",
+        "k-idle bai-kernel/python:3.11 running 10m 0s 9m 0s 0 of 0.5 20 MiB of 512 MiB - 0 B -",
     ]
+    # An HTTP service links to its relay, with no token (the page is unauthenticated).
+    assert '<a href="http://10.0.0.5:30001/">jupyter</a>' in body.decode()
+    assert "token" not in section(body.decode(), "kernels")
     # The CPU bar is measured cores against granted cores: 1.5 of 2.
     assert '<span class="use" style="width:75.0%">' in section(body.decode(), "kernels")
 
@@ -272,7 +276,9 @@ def test_page_works_without_javascript_and_loads_nothing_from_elsewhere(busy):
     # Without JavaScript the page reloads itself; with it, the script redraws from status.json.
     assert '<noscript><meta http-equiv="refresh" content="5"></noscript>' in page
     assert 'fetch("status.json"' in page
-    assert not re.search(r"\b(src|href)=", page)
+    assert not re.search(r"\bsrc=|<link\b", page)
+    # The only links are the kernels' services (followed by a click, never loaded).
+    assert set(re.findall(r"<(\w+) [^>]*\bhref=", page)) == {"a"}
     assert "@import" not in page and "url(" not in page
     policy = response.headers.getRawHeaders(b"content-security-policy")[0]
     assert b"default-src 'none'" in policy and b"connect-src 'self'" in policy

@@ -131,6 +131,9 @@ class TakeOver:
     def recover(self) -> Generator[Deferred[Any], Any, None]:
         """Both parts of the take-over (see the module's docstring)."""
         agent_id = self.config.agent_id
+        # It starts as soon as Docker answers, before Docker's images were first listed:
+        # an adopted kernel needs its image's labels (its services, its runtime).
+        yield self.docker.refresh_images()
         containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: agent_id}, all=True)
         saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
         homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)

@@ -233,6 +233,12 @@ class KernelServices:
             return share(reconciling).addCallback(lambda _: self.start(kernel, name, options))
         if kernel.status != states.RUNNING:
             raise errors.KernelNotRunning(f"kernel {kernel.kernel_id} is {kernel.status}")
+        held = self._services.setdefault(kernel.kernel_id, {})
+        service = held.get(name)
+        if service is not None and service.status == "running":
+            return succeed(service.answer(self.host))  # even if its image was removed since
+        if service is not None and service.status == "starting":
+            return service.wait()
         declared = self.declared(kernel).get(name)
         if declared is None:
             raise errors.ServiceNotFound(f"the image of kernel {kernel.kernel_id} declares no service {name!r}")
@@ -240,12 +246,6 @@ class KernelServices:
             raise errors.BackendUnavailable(
                 f"kernel {kernel.kernel_id}: the agent is reconnecting to its runner, retry"
             )
-        held = self._services.setdefault(kernel.kernel_id, {})
-        service = held.get(name)
-        if service is not None and service.status == "running":
-            return succeed(service.answer(self.host))
-        if service is not None and service.status == "starting":
-            return service.wait()
         service = held[name] = Service(name, declared.protocol, declared.port)
         answer = service.wait()
         self._start(kernel, service, timeout).addErrback(self._start_failed, service)

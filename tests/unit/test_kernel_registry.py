@@ -800,3 +800,15 @@ def test_managers_cannot_claim_the_agents_own_reasons(h):
     h.create()
     with pytest.raises(errors.InvalidRequest):
         h.registry.destroy("k1", "agent-stopping")
+
+
+def test_an_adopted_kernel_has_its_images_labels_even_if_docker_had_not_listed_images_yet(h):
+    h.create("k1")
+    # The take-over starts when Docker first answers, before its images are listed.
+    h.docker = DockerService(h.clock, h.backend)
+    h.docker.healthy = True
+    registry = restarted(h)
+    registry.startService()
+    adopted = registry.kernels["k1"]
+    assert adopted.status == "running"
+    assert adopted.image.labels.get("ai.backend.envs.corecount") == "OMP_NUM_THREADS NPROC"

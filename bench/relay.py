@@ -173,7 +173,8 @@ def run(reactor, args):
         )
         print(
             f"Execute during direct downloads:  p50 {during_direct_p50 * 1e3:6.2f} ms"
-            f"  p95 {percentile(during_direct, 0.95) * 1e3:6.2f} ms  ({args.runs} runs, {direct_count} downloads meanwhile)"
+            f"  p95 {percentile(during_direct, 0.95) * 1e3:6.2f} ms"
+            f"  ({args.runs} runs, {direct_count} downloads meanwhile)"
         )
         print(f"during relayed / idle (p50): {during_p50 / idle_p50:.2f}")
         print(

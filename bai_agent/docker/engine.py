@@ -67,6 +67,8 @@ log = Logger()
 
 #: The oldest Engine API the agent speaks (Docker 20.10).
 MIN_API_VERSION = "1.41"
+#: What a one-file archive may hold beyond the file (headers, PAX records, padding, end).
+TAR_OVERHEAD = 64 * 1024
 
 _API_VERSION_RE = re.compile(r"^\d+\.\d+\Z")
 
@@ -325,6 +327,7 @@ class DockerEngineClient:
         accept: tuple[int, ...] = (),
         timeout: Any = _CLIENT_TIMEOUT,
         want_headers: bool = False,
+        max_body: int | None = None,
     ) -> Deferred[Any]:
         """
         Send one request and read the whole answer. Fires with the decoded JSON body
@@ -336,6 +339,7 @@ class DockerEngineClient:
         started"), which fire with None. ``want_headers``: fire with the response's
         headers instead of its body. ``timeout``: seconds for the whole call, the
         client's own when not given, ``None`` for no limit (connecting is still bounded).
+        ``max_body``: the most bytes of body read; a longer one is dropped, ``DockerError``.
         """
         what = f"{method} {path}"
 
@@ -347,7 +351,7 @@ class DockerEngineClient:
             # treq sends ``json=None`` as a "null" body: pass it only when there is one.
             body_args = {} if json is None else {"json": json}
             response = yield self._http.request(method, self._url(path, versioned), params=params, **body_args)
-            body = yield response.content()
+            body = yield (response.content() if max_body is None else _bounded_body(response, max_body, what))
             if want_headers and 200 <= response.code < 300:
                 return response.headers
             if response.code in accept:
@@ -556,7 +560,9 @@ class DockerEngineClient:
             raise DockerError(f"{path} in container {container_id[:12]} is not a regular file")
         if info["size"] > max_bytes:
             raise DockerError(f"{path} in container {container_id[:12]} is {info['size']} bytes, more than {max_bytes}")
-        body = yield self._request("GET", archive, params={"path": path}, decode=False)
+        # The file may have grown since the stat: the archive read is bounded too.
+        bound = max_bytes + TAR_OVERHEAD
+        body = yield self._request("GET", archive, params={"path": path}, decode=False, max_body=bound)
         return file_from_tar(body, path, max_bytes)
 
     @inlineCallbacks
@@ -571,6 +577,20 @@ class DockerEngineClient:
         for stream in list(self._streams):
             stream.cancel()
         return self._pool.closeCachedConnections()
+
+
+def _bounded_body(response: Any, max_body: int, what: str) -> Deferred[bytes]:
+    """The body of ``response``, or ``DockerError`` (the connection dropped) past ``max_body`` bytes."""
+    chunks: list[bytes] = []
+    size = [0]
+
+    def collect(data: bytes) -> None:
+        size[0] += len(data)
+        if size[0] > max_body:
+            raise DockerError(f"{what}: the daemon's answer is over {max_body} bytes")
+        chunks.append(data)
+
+    return response.collect(collect).addCallback(lambda _: b"".join(chunks))
 
 
 # ``_request`` takes a ``json`` argument, as treq does; this keeps the module in reach.

@@ -408,3 +408,42 @@ def test_close_ends_open_streams(reactor, client, daemon):
     assert stream.done.called
     result = yield stream.done
     assert result is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_file_that_grew_after_its_stat_is_not_read_whole(reactor, socket_dir):
+    import base64
+    import io
+    import tarfile
+
+    grown = io.BytesIO()
+    with tarfile.open(fileobj=grown, mode="w:") as archive:
+        member = tarfile.TarInfo("def.json")
+        member.size = 8 << 20
+        archive.addfile(member, io.BytesIO(b"x" * member.size))
+    stat = base64.b64encode(json.dumps({"name": "def.json", "size": 10, "mode": 0o644}).encode())
+
+    class Lying(Resource):
+        """Says the file is 10 bytes, then sends an archive of 8 MiB."""
+
+        isLeaf = True
+        sent = 0
+
+        def render(self, request):
+            if request.path.endswith(b"/version"):
+                return json.dumps({"Version": "20.10.99", "ApiVersion": "1.41"}).encode()
+            request.setHeader(b"X-Docker-Container-Path-Stat", stat)
+            if request.method == b"HEAD":
+                return b""
+            Lying.sent = len(grown.getvalue())
+            return grown.getvalue()
+
+    port = reactor.listenUNIX(os.path.join(socket_dir, "lying.sock"), Site(Lying()))
+    client = DockerEngineClient(reactor, f"unix://{socket_dir}/lying.sock", timeout=5.0)
+    try:
+        with pytest.raises(DockerError, match="over"):
+            yield client.read_file("c" * 64, "/etc/def.json", 64 * 1024)
+        assert Lying.sent > 8 << 20  # the daemon did send it all; the client stopped reading
+    finally:
+        yield client.close()
+        yield port.stopListening()

@@ -4,11 +4,16 @@
 This is the only module that imports the global reactor.
 """
 
+from __future__ import annotations
+
+import getopt
+import sys
 from typing import Any
 
 from twisted.python import usage
 
 from bai_agent.config import AgentConfig, ensure_private_dir
+from bai_agent.config_file import ConfigFile, ConfigFileError, OptionKind, load_config_file
 from bai_agent.kernels.workspace import check_socket_room
 
 
@@ -20,6 +25,13 @@ class Options(usage.Options):
     )
 
     optParameters = [
+        [
+            "config",
+            None,
+            None,
+            "TOML file of options: keys are the option names without the dashes "
+            "(etcd-addr = '10.0.0.5:2379'); the command line wins over the file.",
+        ],
         ["etcd-addr", None, "127.0.0.1:2379", "etcd client address, HOST:PORT."],
         ["namespace", None, "local", "Cluster namespace: keys live under /bai/NAMESPACE/."],
         ["agent-id", None, None, "This agent's id (default: derived from the host name, stable across restarts)."],
@@ -75,22 +87,75 @@ class Options(usage.Options):
         """A host directory whose subtrees managers may mount into kernels (repeatable)."""
         self["allowed-mount-root"].append(path)
 
+    def parseOptions(self, options=None):
+        # Which options the command line names, before they are parsed: a value given there
+        # wins over the config file's even when it equals the default.
+        self.given = self._named(sys.argv[1:] if options is None else list(options))
+        super().parseOptions(options)
+
+    def _named(self, argv):
+        try:
+            pairs, _ = getopt.getopt(argv, self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return set()  # parseOptions says what is wrong
+        named = set()
+        for option, _ in pairs:
+            name = option.lstrip("-")
+            named.add(self.synonyms.get(name) or self.synonyms.get(name.replace("-", "_"), name))
+        return named
+
     def postOptions(self):
         # AgentConfig checks every value, and names the option in what it raises; an option
-        # not given (None) leaves the field to AgentConfig's default.
-        fields = {field: self[option] for option, field in OPTION_FIELDS.items() if self[option] is not None}
-        fields["allowed_mount_roots"] = self["allowed-mount-root"]
-        fields["destroy_kernels_on_stop"] = bool(self["destroy-kernels-on-stop"])
+        # given neither on the command line nor in the file (None) leaves the field to
+        # AgentConfig's default.
+        config_file = self._config_file()
+        fields = {}
+        for option, field in FIELDS.items():
+            value = self[option]
+            if config_file is not None and option in config_file.values and option not in self.given:
+                value = config_file.values[option]
+            if option in FLAG_FIELDS:
+                value = bool(value)
+            if value is not None:
+                fields[field] = value
         try:
             self.config = AgentConfig(**fields)
             prepare_directories(self.config)
         except ValueError as e:
+            raise usage.UsageError(self._blame(str(e), config_file)) from None
+
+    def _config_file(self) -> ConfigFile | None:
+        if self["config"] is None:
+            return None
+        try:
+            return load_config_file(self["config"], FILE_OPTIONS)
+        except ConfigFileError as e:
             raise usage.UsageError(str(e)) from None
 
+    def _blame(self, message: str, config_file: ConfigFile | None) -> str:
+        """``message`` (``--option: problem``), naming the file and its key when the value came from there."""
+        option, separator, problem = message.partition(": ")
+        name = option[2:] if option.startswith("--") else ""
+        if config_file is None or not separator or name not in config_file.values or name in self.given:
+            return message
+        return str(config_file.error(name, problem))
 
-#: The field of ``AgentConfig`` each of ``Options.optParameters`` sets.
+
+#: The field of ``AgentConfig`` each of ``Options.optParameters`` sets (``--config`` names the file).
 OPTION_FIELDS: dict[str, str] = {
     str(parameter[0]): str(parameter[0]).replace("-", "_") for parameter in Options.optParameters
+}
+del OPTION_FIELDS["config"]
+#: The field each of ``Options.optFlags`` sets.
+FLAG_FIELDS: dict[str, str] = {str(flag[0]): str(flag[0]).replace("-", "_") for flag in Options.optFlags}
+#: The field each repeatable option (an ``opt_*`` method that appends) fills.
+REPEATABLE_FIELDS: dict[str, str] = {"allowed-mount-root": "allowed_mount_roots"}
+FIELDS: dict[str, str] = {**OPTION_FIELDS, **FLAG_FIELDS, **REPEATABLE_FIELDS}
+#: What a ``--config`` file may set: every option but ``--config`` itself, with its kind.
+FILE_OPTIONS: dict[str, OptionKind] = {
+    **dict.fromkeys(OPTION_FIELDS, OptionKind.VALUE),
+    **dict.fromkeys(FLAG_FIELDS, OptionKind.FLAG),
+    **dict.fromkeys(REPEATABLE_FIELDS, OptionKind.LIST),
 }
 
 

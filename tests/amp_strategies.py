@@ -383,6 +383,11 @@ def _meaningful(command_name: bytes, name: bytes, kernel_ids):
         b"payload": st.one_of(odd_text, long_text()),
         b"service": st.one_of(st.sampled_from(["jupyter", "nope", "", "Jupyter", "../x"]), odd_text),
         b"mac": st.one_of(st.text(alphabet="0123456789abcdef", min_size=64, max_size=64), odd_text, long_text()),
+        b"image_pull": st.one_of(st.sampled_from(["missing", "always", "never", "", "MISSING", "sometimes"]), odd_text),
+        b"registry_auth": st.one_of(
+            st.fixed_dictionaries({"username": st.text(max_size=5), "password": st.text(max_size=5)}),
+            json_values,
+        ),
     }
     return table.get(name)
 
@@ -421,6 +426,9 @@ def _valid(command_name: bytes, name: bytes, kernel_ids):
         b"payload": st.text(max_size=20),
         b"service": st.sampled_from(["jupyter", "sshd"]),
         b"mac": st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+        # "never": a well-behaved fuzzed create never waits on a registry.
+        b"image_pull": st.sampled_from(["missing", "never"]),
+        b"registry_auth": st.none(),
     }
     return table.get(name)
 

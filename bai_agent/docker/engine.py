@@ -252,6 +252,31 @@ class _EventStream:
                 log.failure("an events consumer raised on {event!r}", event=event)
 
 
+class _PullStream(_EventStream):
+    """A pull's progress stream: an ``error`` inside it fails the pull (Docker answered 200)."""
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except JSONStreamError as e:
+            self._fail(DockerError(f"the pull's progress stream is not JSON: {e}"))
+            self._transport.stopProducing()
+            return
+        for message in messages:
+            if self.cancelled or self.done.called:
+                return
+            if isinstance(message, dict) and ("error" in message or "errorDetail" in message):
+                detail = message.get("errorDetail")
+                text = detail.get("message") if isinstance(detail, dict) else None
+                self._fail(DockerError(str(text or message.get("error") or "the pull failed")))
+                self._transport.stopProducing()
+                return
+            try:
+                self._on_event(message)
+            except Exception:
+                log.failure("a pull's progress consumer raised on {message!r}", message=message)
+
+
 class _EventBodyProtocol(Protocol):
     def __init__(self, stream: _EventStream) -> None:
         self._stream = stream
@@ -268,11 +293,11 @@ class _EventBodyProtocol(Protocol):
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             if stream._decoder.pending:
-                stream._fail(DockerError("the events stream ended inside an event"))
+                stream._fail(DockerError("the stream ended inside a message"))
             else:
                 stream._finish(None)
         else:
-            stream._fail(DockerUnavailable(f"the events stream broke: {reason.getErrorMessage()}"))
+            stream._fail(DockerUnavailable(f"the stream broke: {reason.getErrorMessage()}"))
 
 
 @implementer(IDockerBackend)
@@ -428,16 +453,33 @@ class DockerEngineClient:
         opening the stream, not its lifetime. An exception raised by ``on_event`` is
         logged and the stream goes on.
         """
-        stream = _EventStream(on_event, self._streams.discard)
-        self._streams.add(stream)
         params = {"filters": json.dumps(filters, separators=(",", ":"))} if filters else None
+        return self._stream("GET", "/events", params, {}, _EventStream(on_event, self._streams.discard))
+
+    def pull_image(self, reference: str, auth: str | None, on_progress: Callable[[Any], object]) -> _EventStream:
+        """``POST /images/create``; see ``IDockerBackend.pull_image``."""
+        stream = _PullStream(on_progress, self._streams.discard)
+        headers = {} if auth is None else {"X-Registry-Auth": [auth]}
+        return self._stream("POST", "/images/create", {"fromImage": reference}, headers, stream)
+
+    @inlineCallbacks
+    def remove_image(self, name: str) -> _Calls[None]:
+        yield self._request("DELETE", image_path(name))
+
+    def _stream(
+        self, method: str, path: str, params: dict[str, str] | None, headers: dict[Any, Any], stream: _EventStream
+    ) -> _EventStream:
+        """Open a request whose answer is a JSON stream, delivered to ``stream`` as it comes."""
+        self._streams.add(stream)
+        what = f"{method} {path}"
 
         @inlineCallbacks
         def open_stream() -> _Calls[Any]:
             yield self._ensure_negotiated()
             if stream.cancelled:
                 return None
-            return (yield self._http.request("GET", self._url("/events", True), params=params, unbuffered=True))
+            url = self._url(path, True)
+            return (yield self._http.request(method, url, params=params, headers=headers, unbuffered=True))
 
         def opened(response: Any) -> Deferred[Any] | None:
             stream._request = None
@@ -453,9 +495,9 @@ class DockerEngineClient:
         def failed(failure: Failure) -> None:
             stream._request = None
             if not stream.done.called:
-                stream._fail(failure.value or DockerError("GET /events failed"))
+                stream._fail(failure.value or DockerError(f"{what} failed"))
 
-        d = self._guard(open_stream(), "GET /events")
+        d = self._guard(open_stream(), what)
         stream._request = d
         d.addCallbacks(opened, failed)
         d.addErrback(failed)

@@ -84,6 +84,25 @@ class IDockerBackend(Interface):
         Fire with the ``GET /images/{name}/json`` document; ``DockerNotFound`` if absent.
         """
 
+    def pull_image(reference, auth, on_progress):
+        """
+        ``POST /images/create?fromImage=reference`` (a checked ``name:tag`` or
+        ``name@digest``) with ``auth`` (the ``X-Registry-Auth`` value, or None), read to
+        its end: ``on_progress`` is called with each progress message (dicts with
+        ``status``, ``id``, ``progressDetail``). Returns an ``IEventStream`` at once; its
+        ``done`` fires with None once the image is pulled, and fails with
+        ``DockerError`` (``DockerNotFound`` for a 404) with the daemon's or the
+        registry's message, whether the daemon refused at once or said so inside the
+        stream (a failed pull is answered 200). ``cancel`` drops the request.
+        """
+
+    def remove_image(name):
+        """
+        ``DELETE /images/{name}`` (without force: a tag of several is only untagged).
+        ``DockerNotFound`` when there is no such image; ``DockerConflict`` when a
+        container uses it.
+        """
+
     def stream_events(on_event, filters=None):
         """
         Open the ``GET /events`` stream. ``on_event`` is called with each decoded event

@@ -49,8 +49,16 @@ class IKernelOperations(Interface):
         mounts: Any = None,
         idle_timeout: int | None = None,
         exec_timeout: int | None = None,
+        image_pull: str | None = None,
+        registry_auth: Any = None,
     ) -> Deferred[dict[str, Any]]:
-        """Create and start a kernel; fires with its record."""
+        """Create and start a kernel (pulling its image first, as ``image_pull`` says); fires with its record."""
+
+    def pull_image(image: str, registry_auth: Any = None) -> Deferred[dict[str, Any]]:
+        """Pull an image (shared with every other pull of it); fires with its ``ListImages`` entry."""
+
+    def remove_image(image: str) -> Deferred[None]:
+        """Remove a kernel image no kernel runs."""
 
     def destroy(kernel_id: str, reason: str = "user-requested") -> Deferred[dict[str, Any]]:
         """Destroy a kernel; fires with its last record (and statistics)."""

@@ -50,6 +50,7 @@ class Kernel:
     last_stats: dict[str, Any] = attrs.Factory(dict)
     lock: DeferredLock = attrs.Factory(DeferredLock)
     terminated: Deferred[dict[str, Any]] | None = None  # fires with the destroy answer once terminated
+    pulling: Deferred[Any] | None = None  # the wait for its image's pull (cancel: stop waiting)
 
     def record(self) -> dict[str, Any]:
         record = {

@@ -26,16 +26,19 @@ from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bai_agent.docker.images import KernelImage
-from bai_agent.docker.interface import DockerError, DockerNotFound, DockerUnavailable, IDockerBackend
+from bai_agent.docker.images import KernelImage, kernel_image_from_inspect
+from bai_agent.docker.interface import DockerConflict, DockerError, DockerNotFound, DockerUnavailable, IDockerBackend
+from bai_agent.images.credentials import Credentials, parse_registry_auth
+from bai_agent.images.pulls import ImagePulls
+from bai_agent.images.references import InvalidReference, parse_reference
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels import pinned_mounts
-from bai_agent.kernels.allocator import Allocator, parse_resource_request
+from bai_agent.kernels.allocator import Allocator, Grant, ResourceRequest, parse_resource_request
 from bai_agent.kernels.container import container_config, container_name, user_environment
 from bai_agent.kernels.deaths import RUNNER_START_TIMEOUT, ConnectRunner, DeathWatch
 from bai_agent.kernels.deferreds import pass_to, share
@@ -79,6 +82,8 @@ class KernelRegistry(Service):
     :param cluster_config: a callable returning the etcd tunables (``idle_timeout``, ...).
     :param scratch_volumes: the ``node.scratch.ScratchVolumes`` that limit kernels' homes
         to their ``scratch`` grant; None: plain directories.
+    :param pulls: the ``ImagePulls`` of images creates need (and of ``PullImage``);
+        by default one that finds no credentials in etcd.
     """
 
     log = Logger()
@@ -96,8 +101,10 @@ class KernelRegistry(Service):
         runner_dir: str,
         cluster_config: Callable[[], dict[str, Any]] = dict,
         scratch_volumes: Any = None,
+        pulls: ImagePulls | None = None,
     ) -> None:
         self.reactor = reactor
+        self.pulls = pulls or ImagePulls(reactor, backend, docker, journal, lambda registry: succeed(None))
         self.config = config
         self.docker = docker
         self.backend = backend
@@ -202,6 +209,10 @@ class KernelRegistry(Service):
             # kernel lives on, and the next run takes it over.
             if kernel.reconnecting is not None:
                 kernel.reconnecting.cancel()
+        for kernel in list(self.kernels.values()):
+            if kernel.pulling is not None:
+                kernel.pulling.cancel()  # its create fails: a pull may take half an hour
+        self.pulls.stop()
         yield DeferredList(rounds, consumeErrors=True)
         yield self.in_flight.settled()
         self.announce_stopping()
@@ -356,8 +367,14 @@ class KernelRegistry(Service):
         mounts: Any = None,
         idle_timeout: int | None = None,
         exec_timeout: int | None = None,
+        image_pull: str | None = None,
+        registry_auth: Any = None,
     ) -> Deferred[dict[str, Any]]:
-        """Validate, reserve the id, then start the kernel; fires with its record."""
+        """
+        Validate, reserve the id, then start the kernel; fires with its record. An image
+        that is not local (or ``image_pull`` ``always``) is pulled first, without a grant:
+        the kernel is ``creating`` meanwhile, and a destroy ends the wait.
+        """
         if not self.running:
             raise errors.BackendUnavailable("the agent is stopping")
         if not self.recovered:
@@ -371,21 +388,18 @@ class KernelRegistry(Service):
         idle_timeout = check_timeout("idle_timeout", idle_timeout, tunables.get("idle_timeout", 0))
         exec_timeout = check_timeout("exec_timeout", exec_timeout, tunables.get("exec_timeout", 0))
         request = parse_resource_request(resources, self.allocator.capacity, self.config.default_scratch_size)
+        policy = check_pull_policy(image_pull)
+        credentials = parse_registry_auth(registry_auth)
         if kernel_id in self.kernels:
             raise errors.KernelExists(f"kernel {kernel_id!r} exists ({self.kernels[kernel_id].status})")
         if not self.docker.healthy:
             raise errors.BackendUnavailable(f"Docker is unreachable: {self.docker.last_error}")
-        kernel_image = self.find_image(image)
-        if kernel_image.min_mem and request.mem < kernel_image.min_mem:
-            raise errors.InvalidRequest(
-                f"image {image} needs at least {kernel_image.min_mem} bytes of memory, asked for {request.mem}"
-            )
-        grant = self.allocator.allocate(kernel_id, request)  # InsufficientResources escapes as is
+        listed = self.listed_image(image)
         now = self.reactor.seconds()
         kernel = Kernel(
             kernel_id=kernel_id,
-            image=kernel_image,
-            grant=grant,
+            image=listed or KernelImage(name=image, id=""),
+            grant=Grant(kernel_id=kernel_id, cpu=0.0, mem=0),
             environ=environ,
             mounts=resolved_mounts,
             idle_timeout=idle_timeout,
@@ -393,19 +407,111 @@ class KernelRegistry(Service):
             created_at=now,
             last_used=now,
         )
+        if listed is not None and policy != PULL_ALWAYS:
+            # The usual case, with nothing to wait for before the grant.
+            kernel.grant = self._grant(kernel_id, listed, request)
+            self.kernels[kernel_id] = kernel
+            return self.in_flight.track(kernel.lock.run(self._create, kernel))
+        reference = None
+        if policy != PULL_NEVER:
+            try:
+                reference = parse_reference(image)
+            except InvalidReference as e:
+                raise errors.InvalidRequest(f"image {image!r} is not an image reference: {e}") from None
         self.kernels[kernel_id] = kernel
-        return self.in_flight.track(kernel.lock.run(self._create, kernel))
+        return self.in_flight.track(self._create_pulled(kernel, request, policy, reference, credentials))
 
-    def find_image(self, name: str) -> KernelImage:
+    def listed_image(self, name: str) -> KernelImage | None:
+        """The local kernel image listed as ``name`` (``name:tag``), or None."""
         for kernel_image in self.docker.images:
             if kernel_image.name == name:
                 return kernel_image
-        raise errors.ImageNotFound(f"no local kernel image {name!r} (labelled ai.backend.kernelspec=1)")
+        return None
+
+    def _grant(self, kernel_id: str, image: KernelImage, request: ResourceRequest) -> Grant:
+        if image.min_mem and request.mem < image.min_mem:
+            raise errors.InvalidRequest(
+                f"image {image.name} needs at least {image.min_mem} bytes of memory, asked for {request.mem}"
+            )
+        return self.allocator.allocate(kernel_id, request)  # InsufficientResources escapes as is
 
     @inlineCallbacks
-    def _create(self, kernel: Kernel) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+    def _create_pulled(
+        self,
+        kernel: Kernel,
+        request: ResourceRequest,
+        policy: str,
+        reference: Any,
+        credentials: Credentials | None,
+    ) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """A create whose image is not listed: found by Docker (a digest), or pulled, then granted and started."""
+        announced = False
+        try:
+            image = None if policy == PULL_ALWAYS else (yield self._inspected_image(kernel.image.name))
+            if image is None:
+                if reference is None:
+                    raise errors.ImageNotFound(f"no local kernel image {kernel.image.name!r} (and image_pull is never)")
+                self.journal.append(events.KERNEL_CREATING, kernel.kernel_id, {"image": str(reference)})
+                announced = True
+                kernel.pulling = self.pulls.pull(reference, credentials)
+                try:
+                    image = yield kernel.pulling
+                finally:
+                    kernel.pulling = None
+                if image is None:
+                    raise errors.InvalidRequest(
+                        f"{reference} was pulled, but it is not a kernel image (labelled ai.backend.kernelspec=1); "
+                        "it is kept, not offered"
+                    )
+            if kernel.status != states.CREATING:
+                raise CancelledError()
+            kernel.grant = self._grant(kernel.kernel_id, image, request)
+            kernel.image = image
+        except Exception as e:
+            if kernel.status == states.CREATING and self.kernels.get(kernel.kernel_id) is kernel:
+                if announced:
+                    yield kernel.lock.run(self._end_creating, kernel)
+                else:
+                    del self.kernels[kernel.kernel_id]
+            if isinstance(e, CancelledError):
+                if not self.running:
+                    raise errors.BackendUnavailable("the agent stopped while the kernel's image was pulled") from None
+                raise errors.KernelCreationFailed(
+                    f"kernel {kernel.kernel_id} was destroyed while its image was pulled"
+                ) from None
+            if isinstance(e, DockerError):
+                raise errors.BackendUnavailable(f"Docker could not be asked for the image: {e}") from e
+            raise
+        return (yield kernel.lock.run(self._create, kernel, announced))
+
+    def _end_creating(self, kernel: Kernel) -> Deferred[None] | None:
+        """A create that failed before its container: ended, unless a destroy ended it first."""
+        if kernel.status != states.CREATING:
+            return None
+        return self._finish(kernel, events.CREATION_FAILED)
+
+    @inlineCallbacks
+    def _inspected_image(self, name: str) -> Generator[Deferred[Any], Any, KernelImage | None]:
+        """
+        The local image ``name`` as Docker finds it (a digest reference is listed under no
+        tag), or None when Docker has none; ``ImageNotFound`` when it is not a kernel image.
+        """
+        try:
+            document = yield self.backend.inspect_image(name)
+        except DockerNotFound:
+            return None
+        image = kernel_image_from_inspect(name, document)
+        if image is None:
+            raise errors.ImageNotFound(
+                f"the local image {name!r} is not a kernel image (labelled ai.backend.kernelspec=1)"
+            )
+        return image
+
+    @inlineCallbacks
+    def _create(self, kernel: Kernel, announced: bool = False) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         started = time.monotonic()
-        self.journal.append(events.KERNEL_CREATING, kernel.kernel_id, {"image": kernel.image.name})
+        if not announced:
+            self.journal.append(events.KERNEL_CREATING, kernel.kernel_id, {"image": kernel.image.name})
         workspace = self.workspace(kernel.kernel_id)
         steps: dict[str, float] = {}
         try:
@@ -492,6 +598,67 @@ class KernelRegistry(Service):
         steps["runner answered"] = time.monotonic() - started
         self.deaths.attach(kernel, link)
 
+    # -- images ------------------------------------------------------------------------------
+
+    def pull_image(self, image: Any, registry_auth: Any = None) -> Deferred[dict[str, Any]]:
+        """``PullImage``: the pulled image's ``ListImages`` entry (``INVALID_REQUEST`` if not a kernel image)."""
+        try:
+            reference = parse_reference(image)
+        except InvalidReference as e:
+            raise errors.InvalidRequest(f"image is not an image reference: {e}") from None
+        credentials = parse_registry_auth(registry_auth)
+        if not self.running:
+            raise errors.BackendUnavailable("the agent is stopping")
+        if not self.docker.healthy:
+            raise errors.BackendUnavailable(f"Docker is unreachable: {self.docker.last_error}")
+
+        def pulled(kernel_image: KernelImage | None) -> dict[str, Any]:
+            if kernel_image is None:
+                raise errors.InvalidRequest(
+                    f"{reference} was pulled, but it is not a kernel image (labelled ai.backend.kernelspec=1); "
+                    "it is kept, not offered"
+                )
+            return kernel_image.to_json()
+
+        return self.in_flight.track(self.pulls.pull(reference, credentials).addCallback(pulled))
+
+    @inlineCallbacks
+    def remove_image(self, image: Any) -> Generator[Deferred[Any], Any, None]:
+        """
+        ``RemoveImage`` of a kernel image (a name Docker lists it under, or a digest
+        reference): ``IMAGE_IN_USE`` while a kernel runs it, ``IMAGE_NOT_FOUND`` for an
+        image that is not a local kernel image (other images on the machine are not the
+        agent's to remove).
+        """
+        if not isinstance(image, str) or not image:
+            raise errors.InvalidRequest("image must be a non-empty name")
+        try:
+            parse_reference(image)
+        except InvalidReference as e:
+            raise errors.InvalidRequest(f"image is not an image reference: {e}") from None
+        if not self.docker.healthy:
+            raise errors.BackendUnavailable(f"Docker is unreachable: {self.docker.last_error}")
+        kernel_image = self.listed_image(image) or (yield self._inspected_image(image))
+        if kernel_image is None:
+            raise errors.ImageNotFound(f"no local kernel image {image!r}")
+        users = sorted(
+            kernel.kernel_id
+            for kernel in self.kernels.values()
+            if kernel.status != states.TERMINATED and kernel.image.id == kernel_image.id
+        )
+        if users:
+            raise errors.ImageInUse(f"image {image} is used by kernel(s) {', '.join(users[:10])}")
+        try:
+            yield self.backend.remove_image(image)
+        except DockerNotFound:
+            raise errors.ImageNotFound(f"no local kernel image {image!r}") from None
+        except DockerConflict as e:
+            raise errors.ImageInUse(f"Docker will not remove {image}: {e}") from None
+        except DockerError as e:
+            raise errors.BackendUnavailable(f"Docker could not remove {image}: {e}") from e
+        yield self.docker.refresh_images()
+        self.log.info("removed image {image}", image=image)
+
     # -- destroy, restart, reset ---------------------------------------------------------
 
     def destroy(self, kernel_id: str, reason: str = events.USER_REQUESTED) -> Deferred[dict[str, Any]]:
@@ -523,6 +690,10 @@ class KernelRegistry(Service):
     def _destroy(self, kernel: Kernel, reason: str) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         if kernel.status == states.TERMINATED:
             return kernel.answer()
+        if kernel.pulling is not None:
+            # It waits for its image: it ends now, and the pull goes on for the others.
+            kernel.status = states.TERMINATING
+            kernel.pulling.cancel()
         if kernel.container_id is not None:
             yield self.passthrough.sample_before_stop(kernel)
             try:
@@ -666,6 +837,21 @@ class KernelRegistry(Service):
             kernel.kernel_id,
             {"reason": reason, "exit_code": kernel.exit_code, "stats": dict(kernel.last_stats)},
         )
+
+
+PULL_MISSING = "missing"
+PULL_ALWAYS = "always"
+PULL_NEVER = "never"
+PULL_POLICIES = (PULL_MISSING, PULL_ALWAYS, PULL_NEVER)
+
+
+def check_pull_policy(value: Any) -> str:
+    """``image_pull``: ``missing`` (the default), ``always`` or ``never``."""
+    if value is None:
+        return PULL_MISSING
+    if value not in PULL_POLICIES:
+        raise errors.InvalidRequest("image_pull must be one of missing, always, never")
+    return str(value)
 
 
 def _describe(error: BaseException) -> str:

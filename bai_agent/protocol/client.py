@@ -182,6 +182,8 @@ class AgentClient:
         mounts: Any = None,
         idle_timeout: int | None = None,
         exec_timeout: int | None = None,
+        image_pull: str | None = None,
+        registry_auth: Any = None,
     ) -> _Calls[Any]:
         answer = yield self._call(
             commands.CreateKernel,
@@ -192,8 +194,19 @@ class AgentClient:
             mounts=mounts,
             idle_timeout=idle_timeout,
             exec_timeout=exec_timeout,
+            image_pull=image_pull,
+            registry_auth=registry_auth,
         )
         return answer["kernel"]
+
+    @inlineCallbacks
+    def pull_image(self, image: str, registry_auth: Any = None) -> _Calls[Any]:
+        """Pull ``image`` (a reference); its ``ListImages`` entry."""
+        answer = yield self._call(commands.PullImage, image=image, registry_auth=registry_auth)
+        return answer["image"]
+
+    def remove_image(self, image: str) -> Deferred[Answer]:
+        return self._call(commands.RemoveImage, image=image)
 
     def destroy_kernel(self, kernel_id: str, reason: str | None = None) -> Deferred[Answer]:
         return self._call(commands.DestroyKernel, kernel_id=kernel_id, reason=reason)

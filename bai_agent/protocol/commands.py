@@ -104,6 +104,8 @@ class CreateKernel(AgentCommand):
         (b"mounts", Json(optional=True)),
         (b"idle_timeout", Integer(optional=True)),
         (b"exec_timeout", Integer(optional=True)),
+        (b"image_pull", Unicode(optional=True)),
+        (b"registry_auth", Json(optional=True)),
     ]
     response = [(b"kernel", Json())]
     errors = _errors(
@@ -111,7 +113,23 @@ class CreateKernel(AgentCommand):
         agent_errors.ImageNotFound,
         agent_errors.InsufficientResources,
         agent_errors.KernelCreationFailed,
+        agent_errors.RegistryAuthFailed,
+        agent_errors.ImagePullFailed,
     )
+
+
+class PullImage(AgentCommand):
+    commandName = b"PullImage"
+    arguments = [(b"image", Unicode()), (b"registry_auth", Json(optional=True))]
+    response = [(b"image", Json())]
+    errors = _errors(agent_errors.ImageNotFound, agent_errors.RegistryAuthFailed, agent_errors.ImagePullFailed)
+
+
+class RemoveImage(AgentCommand):
+    commandName = b"RemoveImage"
+    arguments = [(b"image", Unicode())]
+    response = []
+    errors = _errors(agent_errors.ImageNotFound, agent_errors.ImageInUse)
 
 
 class DestroyKernel(AgentCommand):
@@ -275,6 +293,8 @@ MANAGER_TO_AGENT: tuple[type[AgentCommand], ...] = (
     ListImages,
     ListKernels,
     CreateKernel,
+    PullImage,
+    RemoveImage,
     DestroyKernel,
     RestartKernel,
     InterruptKernel,

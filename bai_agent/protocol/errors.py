@@ -119,6 +119,24 @@ class ServiceStartFailed(AgentError):
     code = b"SERVICE_START_FAILED"
 
 
+class RegistryAuthFailed(AgentError):
+    """The registry refused the credentials, or asked for credentials none were given for."""
+
+    code = b"REGISTRY_AUTH_FAILED"
+
+
+class ImagePullFailed(AgentError):
+    """A pull failed otherwise (unreachable registry, broken download, timeout); the registry's message is in it."""
+
+    code = b"IMAGE_PULL_FAILED"
+
+
+class ImageInUse(AgentError):
+    """``RemoveImage`` of an image a kernel runs (or the warm pool keeps)."""
+
+    code = b"IMAGE_IN_USE"
+
+
 COMMON_ERRORS: tuple[type[AgentError], ...] = (InvalidRequest, NotAuthenticated, BackendUnavailable)
 
 ALL_ERRORS: tuple[type[AgentError], ...] = (
@@ -126,6 +144,7 @@ ALL_ERRORS: tuple[type[AgentError], ...] = (
     + (AuthFailed, KernelNotFound, KernelExists, ImageNotFound, InsufficientResources)
     + (KernelCreationFailed, KernelNotRunning, RunConflict, PathNotAllowed, FileTooLarge)
     + (FileNotFound, EventsExpired, ServiceNotFound, ServiceStartFailed)
+    + (RegistryAuthFailed, ImagePullFailed, ImageInUse)
 )
 
 ERRORS_BY_CODE: dict[bytes, type[AgentError]] = {error.code: error for error in ALL_ERRORS}

@@ -21,6 +21,12 @@ SERVICE_STARTED: Final = "service-started"
 # A started service ended: it exited, was stopped, or its kernel restarted or ended
 # (data: service, exit_code, reason); its host port is released.
 SERVICE_STOPPED: Final = "service-stopped"
+# Pulls of images from registries (section 8): data {image}; {image, bytes_done,
+# bytes_total} at most once a second per pull; {image, id, elapsed}; {image, error}.
+IMAGE_PULLING: Final = "image-pulling"
+IMAGE_PULL_PROGRESS: Final = "image-pull-progress"
+IMAGE_PULLED: Final = "image-pulled"
+IMAGE_PULL_FAILED: Final = "image-pull-failed"
 
 EVENT_TYPES: Final[tuple[str, ...]] = (
     AGENT_STARTED,
@@ -31,6 +37,10 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     KERNEL_TERMINATED,
     SERVICE_STARTED,
     SERVICE_STOPPED,
+    IMAGE_PULLING,
+    IMAGE_PULL_PROGRESS,
+    IMAGE_PULLED,
+    IMAGE_PULL_FAILED,
 )
 
 # The reasons of ``kernel-terminated``.

@@ -249,6 +249,8 @@ class AgentLocator(amp.CommandLocator):
         mounts: Any = None,
         idle_timeout: int | None = None,
         exec_timeout: int | None = None,
+        image_pull: str | None = None,
+        registry_auth: Any = None,
     ) -> Deferred[dict[str, Any]]:
         d = self.context.kernels.create(
             kernel_id,
@@ -258,8 +260,18 @@ class AgentLocator(amp.CommandLocator):
             mounts=mounts,
             idle_timeout=idle_timeout,
             exec_timeout=exec_timeout,
+            image_pull=image_pull,
+            registry_auth=registry_auth,
         )
         return d.addCallback(lambda record: {"kernel": record})
+
+    @commands.PullImage.responder
+    def pull_image(self, image: str, registry_auth: Any = None) -> Deferred[dict[str, Any]]:
+        return self.context.kernels.pull_image(image, registry_auth).addCallback(lambda entry: {"image": entry})
+
+    @commands.RemoveImage.responder
+    def remove_image(self, image: str) -> Deferred[dict[str, Any]]:
+        return self.context.kernels.remove_image(image).addCallback(lambda _: {})
 
     @commands.DestroyKernel.responder
     def destroy_kernel(self, kernel_id: str, reason: str | None = None) -> Deferred[dict[str, Any]]:

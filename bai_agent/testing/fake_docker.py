@@ -133,12 +133,25 @@ class FakeEventStream:
             log.failure("an events consumer raised on {event!r}", event=event)
 
 
+@implementer(IEventStream)
+class FakePullStream:
+    def __init__(self, on_progress):
+        self.done: Deferred[None] = Deferred(lambda d: None)
+        self.on_progress = on_progress
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+        if not self.done.called:
+            self.done.callback(None)
+
+
 @implementer(IDockerBackend)
 class FakeDockerBackend:
     """
     ``IDockerBackend`` in memory.
 
-    Test controls: ``add_image``, ``tag_image``, ``remove_image`` (each emits the image
+    Test controls: ``add_image``, ``tag_image``, ``delete_image`` (each emits the image
     event the daemon would), ``emit_event``, ``end_streams`` (the daemon closes its
     event streams), ``set_available(False)`` (the daemon goes away: calls fail with
     ``DockerUnavailable`` and open streams fail). ``calls`` records each method called,
@@ -172,6 +185,10 @@ class FakeDockerBackend:
         self._programs = {}  # tuple(Cmd) -> callable(container_id), run at start
         self._failures = {}  # method name -> [_InjectedFailure], the next first
         self._pids = 4000
+        self._registry = {}  # reference -> {"labels", "credentials", "size"}
+        self._holding_pulls = False
+        self._held_pulls = []
+        self.pulls = []
 
     # -- test controls -------------------------------------------------------------
 
@@ -211,7 +228,7 @@ class FakeDockerBackend:
         """Tag the image ``source`` (name or id) as ``target``."""
         return self.add_image(target, {}, image_id=self._resolve(source))
 
-    def remove_image(self, name):
+    def delete_image(self, name):
         """
         Remove the tag ``name`` (the image too once untagged), or the image ``name`` names
         by id with all its tags. ``DockerNotFound`` when absent.
@@ -226,6 +243,26 @@ class FakeDockerBackend:
         if not image["tags"]:
             del self._images[image_id]
             self._image_event("delete", image_id, image_id)
+
+    def add_registry_image(self, reference, labels, credentials=None, size=1000):
+        """
+        Offer ``reference`` (``name:tag`` or ``name@digest``) to ``pull_image``, with the
+        image ``labels``; ``credentials`` ``(username, password)`` makes the registry
+        refuse a pull without them. ``pulls`` records ``(reference, auth)`` of each pull;
+        ``hold_pulls()`` keeps the next pulls going until ``finish_pulls()``.
+        """
+        self._registry[reference] = {"labels": dict(labels), "credentials": credentials, "size": size}
+
+    def hold_pulls(self):
+        self._holding_pulls = True
+
+    def finish_pulls(self, error=None):
+        """End the held pulls: as the registry would, or every one failed with ``error``."""
+        self._holding_pulls = False
+        held, self._held_pulls = self._held_pulls, []
+        for stream, reference, auth in held:
+            if not stream.done.called:
+                self._finish_pull(stream, reference, auth, error)
 
     def emit_event(self, event):
         """Deliver ``event`` (a dict as the daemon sends it) to every open stream it matches."""
@@ -318,6 +355,22 @@ class FakeDockerBackend:
     def inspect_image(self, name):
         return self._call("inspect_image", name, lambda: self._inspect(self._resolve(name)))
 
+    def pull_image(self, reference, auth, on_progress):
+        self.calls.append(("pull_image", reference))
+        self.pulls.append((reference, auth))
+        stream = FakePullStream(on_progress)
+        if not self.available:
+            stream.done.errback(DockerUnavailable("POST /images/create: daemon gone"))
+        elif self._holding_pulls:
+            self._held_pulls.append((stream, reference, auth))
+            on_progress({"status": "Pulling fs layer", "id": "layer1", "progressDetail": {}})
+        else:
+            self._finish_pull(stream, reference, auth, None)
+        return stream
+
+    def remove_image(self, name):
+        return self._call("remove_image", name, lambda: self._remove_image(name))
+
     def stream_events(self, on_event, filters=None):
         self.calls.append(("stream_events", filters))
         stream = FakeEventStream(self, on_event, filters)
@@ -391,6 +444,50 @@ class FakeDockerBackend:
         if injected is not None:
             return fail(injected.error)
         return value if isinstance(value, Deferred) else succeed(value)
+
+    def _finish_pull(self, stream, reference, auth, error):
+        if error is None:
+            error = self._pull_refusal(reference, auth)
+        if error is not None:
+            stream.done.errback(error)
+            return
+        offered = self._registry[reference]
+        size = offered["size"]
+        for done in (size // 2, size):
+            stream.on_progress(
+                {"status": "Downloading", "id": "layer1", "progressDetail": {"current": done, "total": size}}
+            )
+        stream.on_progress({"status": "Pull complete", "id": "layer1", "progressDetail": {}})
+        self.add_image(reference, offered["labels"])
+        stream.done.callback(None)
+
+    def _pull_refusal(self, reference, auth):
+        offered = self._registry.get(reference)
+        wanted = None if offered is None else offered["credentials"]
+        given = None
+        if auth:
+            import base64
+
+            document = json.loads(base64.urlsafe_b64decode(auth.encode() + b"=" * (-len(auth) % 4)))
+            given = (document.get("username"), document.get("password"))
+        if wanted is not None and given is None:
+            return DockerError(f'Head "http://registry/v2/{reference}": no basic auth credentials', status=500)
+        if wanted is not None and given != tuple(wanted):
+            return DockerError("unauthorized: authentication required", status=500)
+        if offered is None:
+            return DockerNotFound(f"manifest for {reference} not found: manifest unknown: manifest unknown", status=404)
+        return None
+
+    def _remove_image(self, name):
+        image_id = self._resolve(name)
+        users = [c for c in self._containers.values() if c.image_id == image_id]
+        if users:
+            raise DockerConflict(
+                f'conflict: unable to remove repository reference "{name}" (must force) - '
+                f"container {users[0].id[:12]} is using its referenced image {image_id[7:19]}",
+                status=409,
+            )
+        self.delete_image(name)
 
     def _take_failure(self, name):
         queue = self._failures.get(name)

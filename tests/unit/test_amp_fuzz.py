@@ -267,6 +267,10 @@ def test_well_formed_calls_of_every_command_are_answered(agent):
         # (tests/functional/test_services_real.py starts and stops real ones).
         commands.StartService,
         commands.StopService,
+        # No registry offers the fake's pulls (IMAGE_NOT_FOUND), and the kernels run the
+        # one image (IMAGE_IN_USE): tests/unit/test_image_pulls.py has the answers.
+        commands.PullImage,
+        commands.RemoveImage,
     } == set(commands.MANAGER_TO_AGENT)
     agent.ensure_kernels()
     connection = agent.connect()

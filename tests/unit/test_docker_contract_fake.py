@@ -44,7 +44,7 @@ class FakeDockerFixture:
         self.backend.tag_image(source, target)
 
     def remove_image(self, name):
-        self.backend.remove_image(name)
+        self.backend.delete_image(name)
 
     def unreachable_backend(self):
         backend = FakeDockerBackend()

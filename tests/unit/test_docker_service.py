@@ -148,8 +148,8 @@ def test_image_events_refresh_the_images(clock, fake):
     assert [image.name for image in service.images] == ["bai/python:3.11"]
     fake.tag_image("bai/python:3.11", "bai/python:latest")
     assert sorted(image.name for image in service.images) == ["bai/python:3.11", "bai/python:latest"]
-    fake.remove_image("bai/python:3.11")
-    fake.remove_image("bai/python:latest")
+    fake.delete_image("bai/python:3.11")
+    fake.delete_image("bai/python:latest")
     assert service.images == []
 
 

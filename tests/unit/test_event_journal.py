@@ -65,6 +65,10 @@ def test_event_types_are_the_protocol_ones():
         "kernel-terminated",
         "service-started",
         "service-stopped",
+        "image-pulling",
+        "image-pull-progress",
+        "image-pulled",
+        "image-pull-failed",
     }
     assert "oom-killed" in TERMINATION_REASONS
     # PROTOCOL.md's nine, plus agent-stopping (--destroy-kernels-on-stop).

@@ -221,8 +221,12 @@ def test_idle_and_exec_timeouts_default_from_etcd_config(h):
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        ({"image": "no/such:image"}, errors.ImageNotFound),
+        ({"image": "no/such:image", "image_pull": "never"}, errors.ImageNotFound),
         ({"image": "plain/debian:12"}, errors.ImageNotFound),
+        ({"image": "bad//reference"}, errors.InvalidRequest),
+        ({"image_pull": "sometimes"}, errors.InvalidRequest),
+        ({"registry_auth": {"username": "u"}}, errors.InvalidRequest),
+        ({"registry_auth": {"username": "u", "password": ""}}, errors.InvalidRequest),
         ({"image": ""}, errors.InvalidRequest),
         ({"resources": {"cpu": -1}}, errors.InvalidRequest),
         ({"resources": {"cpu": math.nan}}, errors.InvalidRequest),

@@ -259,6 +259,16 @@ def _service_port_range(value: tuple[int, int] | str) -> tuple[int, int]:
     return (low, high)
 
 
+def _seconds_between(option: str, low: float, high: float) -> Callable[[float | str], float]:
+    def convert(value: float | str) -> float:
+        seconds = _named(option, _number, value)
+        if not low <= seconds <= high:  # also rejects nan
+            raise ValueError(f"{option}: must be between {low:g} and {high:g} seconds")
+        return seconds
+
+    return convert
+
+
 def _opt(name: str) -> dict[str, str]:
     return {"option": name}
 
@@ -307,6 +317,14 @@ class AgentConfig:
     # Where the relays of kernels' services listen; None: the advertise host.
     service_host: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_text), metadata=_opt("--service-host")
+    )
+    # Pulls of images from registries (bai_agent.images.pulls): the longest one may take,
+    # and the longest it may go without progress.
+    image_pull_timeout: float = attrs.field(
+        default=1800.0, converter=_seconds_between("--image-pull-timeout", 10, 86400)
+    )
+    image_pull_stall_timeout: float = attrs.field(
+        default=120.0, converter=_seconds_between("--image-pull-stall-timeout", 1, 3600)
     )
     # Seconds a manager connection has to authenticate (bai_agent.rpc.limits.AUTHENTICATION_DEADLINE).
     authentication_deadline: float = attrs.field(default=5.0, converter=_authentication_deadline)

@@ -39,6 +39,8 @@ from bai_agent.report import AgentReport, agent_info
 from bai_agent.rpc.server import AgentAMPFactory, AmpContext
 from bai_agent.runner import RUNNER_DIR
 from bai_agent.runtime.periodic import PeriodicService
+from bai_agent.images.credentials import RegistryCredentials
+from bai_agent.images.pulls import ImagePulls
 from bai_agent.stats.collector import StatsCollector
 from bai_agent.stats.gpu import GpuStats
 from bai_agent.stats.node import NodeStats
@@ -187,6 +189,16 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
     docker = DockerService(reactor, backends.docker)
     journal = EventJournal(os.path.join(config.state_dir, EVENT_JOURNAL_NAME), reactor)
     allocator = Allocator(backends.capacity, list(backends.gpus))
+    pulls = ImagePulls(
+        reactor,
+        backends.docker,
+        docker,
+        journal,
+        # Read at each pull that needs them: an operator's change applies without a restart.
+        RegistryCredentials(backends.etcd, config.namespace).lookup,
+        timeout=config.image_pull_timeout,
+        stall_timeout=config.image_pull_stall_timeout,
+    )
     # The etcd service is built after the report whose record it writes, and the kernels
     # read the cluster's tunables from it: they ask for them when they need them.
     kernels = KernelRegistry(
@@ -201,6 +213,7 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
         runner_dir=RUNNER_DIR,
         cluster_config=lambda: etcd.cluster_config,
         scratch_volumes=backends.scratch_volumes,
+        pulls=pulls,
     )
     stats = StatsCollector(
         reactor,

@@ -62,6 +62,13 @@ class Options(usage.Options):
         ],
         ["service-port-range", None, "30000-31000", "Host ports of the relays to kernels' services, LOW-HIGH."],
         ["service-host", None, None, "Host the relays to kernels' services listen on (default: the advertise host)."],
+        ["image-pull-timeout", None, "1800", "Seconds an image pull may take before it is aborted (10 to 86400)."],
+        [
+            "image-pull-stall-timeout",
+            None,
+            "120",
+            "Seconds an image pull may go without progress before it is aborted (1 to 3600).",
+        ],
         [
             "scratch-type",
             None,

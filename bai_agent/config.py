@@ -259,14 +259,18 @@ def _service_port_range(value: tuple[int, int] | str) -> tuple[int, int]:
     return (low, high)
 
 
-def _seconds_between(option: str, low: float, high: float) -> Callable[[float | str], float]:
-    def convert(value: float | str) -> float:
-        seconds = _named(option, _number, value)
-        if not low <= seconds <= high:  # also rejects nan
-            raise ValueError(f"{option}: must be between {low:g} and {high:g} seconds")
-        return seconds
+def _image_pull_timeout(value: float | str) -> float:
+    seconds = _named("--image-pull-timeout", _number, value)
+    if not 10 <= seconds <= 86400:  # also rejects nan
+        raise ValueError("--image-pull-timeout: must be between 10 and 86400 seconds")
+    return seconds
 
-    return convert
+
+def _image_pull_stall_timeout(value: float | str) -> float:
+    seconds = _named("--image-pull-stall-timeout", _number, value)
+    if not 1 <= seconds <= 3600:  # also rejects nan
+        raise ValueError("--image-pull-stall-timeout: must be between 1 and 3600 seconds")
+    return seconds
 
 
 def _opt(name: str) -> dict[str, str]:
@@ -320,12 +324,8 @@ class AgentConfig:
     )
     # Pulls of images from registries (bai_agent.images.pulls): the longest one may take,
     # and the longest it may go without progress.
-    image_pull_timeout: float = attrs.field(
-        default=1800.0, converter=_seconds_between("--image-pull-timeout", 10, 86400)
-    )
-    image_pull_stall_timeout: float = attrs.field(
-        default=120.0, converter=_seconds_between("--image-pull-stall-timeout", 1, 3600)
-    )
+    image_pull_timeout: float = attrs.field(default=1800.0, converter=_image_pull_timeout)
+    image_pull_stall_timeout: float = attrs.field(default=120.0, converter=_image_pull_stall_timeout)
     # Seconds a manager connection has to authenticate (bai_agent.rpc.limits.AUTHENTICATION_DEADLINE).
     authentication_deadline: float = attrs.field(default=5.0, converter=_authentication_deadline)
 

@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from bai_agent.ctl import repl
+from bai_agent.ctl import images, repl
 from bai_agent.ctl.commands import run_command
 from bai_agent.ctl.connection import connect_alone
 from bai_agent.ctl.errors import CtlError
@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     jupyter.add_argument("--cpu", type=float, help="cores (default: the agent's default, 1)")
     jupyter.add_argument("--mem", default="2g", help="memory (default %(default)s)")
     jupyter.add_argument("--idle-timeout", type=int, default=0, help="seconds unused before it is destroyed (0: never)")
+    images.add_parsers(sub)
     repl_parser = sub.add_parser(
         "repl",
         help="an interactive Python prompt on a new kernel",

@@ -31,6 +31,8 @@ from bai_agent.config import AgentConfig
 from bai_agent.docker.service import DockerService
 from bai_agent.etcd.service import EtcdService
 from bai_agent.health import AgentHealth
+from bai_agent.images.credentials import RegistryCredentials
+from bai_agent.images.pulls import ImagePulls
 from bai_agent.kernels.allocator import Allocator
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
@@ -39,8 +41,6 @@ from bai_agent.report import AgentReport, agent_info
 from bai_agent.rpc.server import AgentAMPFactory, AmpContext
 from bai_agent.runner import RUNNER_DIR
 from bai_agent.runtime.periodic import PeriodicService
-from bai_agent.images.credentials import RegistryCredentials
-from bai_agent.images.pulls import ImagePulls
 from bai_agent.stats.collector import StatsCollector
 from bai_agent.stats.gpu import GpuStats
 from bai_agent.stats.node import NodeStats

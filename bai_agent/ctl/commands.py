@@ -18,7 +18,7 @@ from typing import IO, Any, BinaryIO
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 
-from bai_agent.ctl import images
+from bai_agent.ctl import images as image_commands
 from bai_agent.ctl.connection import connect, etcd_client
 from bai_agent.ctl.errors import CtlError
 from bai_agent.ctl.run import read_code, run_code
@@ -135,9 +135,9 @@ def run_command(
             elif args.command == "jupyter":
                 yield jupyter(client, args, out)
             elif args.command == "pull":
-                yield images.pull(client, args, out, stdin)
+                yield image_commands.pull(client, args, out, stdin)
             elif args.command == "rmi":
-                yield images.remove(client, args, out)
+                yield image_commands.remove(client, args, out)
             elif args.command == "run":
                 status: int = yield run_code(reactor, client, args, mode, code, options, out, err, stdin)
                 return status

@@ -44,6 +44,7 @@ from bai_agent.runtime.periodic import PeriodicService
 from bai_agent.stats.collector import StatsCollector
 from bai_agent.stats.gpu import GpuStats
 from bai_agent.stats.node import NodeStats
+from bai_agent.status.history import StatsHistory
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
 from bai_agent.status.site import StatusSite
@@ -225,6 +226,8 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
         interval=STATS_INTERVAL,
     )
     kernels.stats = stats
+    history = StatsHistory(STATS_INTERVAL)
+    stats.add_round_listener(lambda: history.record_from(stats))
     report = AgentReport(config, reactor, docker, kernels, stats, stopping)
     etcd = EtcdService(
         reactor,
@@ -270,6 +273,7 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
         etcd=etcd,
         docker=docker,
         connections=amp.connections,
+        history=history,
     )
     metrics.report(sources)
     graceful_stop = GracefulStop(

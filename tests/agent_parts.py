@@ -15,6 +15,7 @@ from bai_agent.kernels.allocator import Allocator
 from bai_agent.node.capacity import Capacity
 from bai_agent.report import AgentReport, agent_info
 from bai_agent.rpc.server import AgentAMPFactory, AmpContext
+from bai_agent.status.history import StatsHistory
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.page import StatusPage
 from bai_agent.status.sources import StatusSources
@@ -107,6 +108,7 @@ class AgentParts:
         docker=None,
         capacity=None,
         max_waiting=None,
+        history=None,
         **config,
     ):
         config.setdefault("agent_id", "agent-1")
@@ -147,6 +149,7 @@ class AgentParts:
             etcd=self.etcd,
             docker=self.docker,
             connections=self.amp.connections,
+            history=history if history is not None else StatsHistory(5.0),
         )
         self.metrics.report(self.sources)
         self.max_waiting = max_waiting

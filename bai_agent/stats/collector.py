@@ -143,6 +143,7 @@ class StatsCollector(Service):
         self.sample_seconds = 0.0
         #: rounds completed, for metrics
         self.rounds = 0
+        self._round_listeners: list[Callable[[], object]] = []
 
     # -- service ----------------------------------------------------------------------
 
@@ -193,6 +194,10 @@ class StatsCollector(Service):
 
     def node_latest(self) -> Sample | None:
         return None if self._node_latest is None else dict(self._node_latest)
+
+    def add_round_listener(self, listener: Callable[[], object]) -> None:
+        """Call ``listener()`` after each round, once its samples are stored; its exceptions are logged."""
+        self._round_listeners.append(listener)
 
     def forget(self, kernel_id: str) -> None:
         """The kernel ended: drop what the collector keeps about it."""
@@ -327,6 +332,11 @@ class StatsCollector(Service):
             self._node_latest = latest
         self.sample_seconds = cpu_seconds
         self.rounds += 1
+        for listener in list(self._round_listeners):
+            try:
+                listener()
+            except Exception:
+                log.failure("statistics round listener {listener!r} failed", listener=listener)
 
     def _absorb(
         self,

@@ -9,6 +9,9 @@ is a number that the script formats itself) before it reaches ``innerHTML``.
 """
 
 REFRESH_SECONDS = 5
+#: The viewBox of the charts of the last hour (page.render_chart); the page scales them.
+CHART_WIDTH = 300
+CHART_HEIGHT = 48
 
 STYLE = """
 :root { --fg: #1d2430; --muted: #5f6b7a; --line: #dde2e8; --bg: #f6f7f9; --card: #fff;
@@ -55,6 +58,17 @@ code { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
 .legend span { display: inline-block; width: 14px; height: 8px; margin-left: 8px; vertical-align: middle; }
 .legend .alloc { background: var(--alloc); } .legend .use { background: var(--use); }
 .none { color: var(--muted); font-style: italic; }
+.charts { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 12px; margin-bottom: 8px; }
+.chart-head { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.chart-label { font-weight: 600; }
+.chart .now { font-variant-numeric: tabular-nums; font-weight: 600; }
+.spark { display: block; width: 100%; height: 44px; background: #f3f5f8; border-bottom: 1px solid var(--line);
+         border-radius: 3px; }
+.spark .line { fill: none; stroke: var(--use); stroke-width: 1.5; vector-effect: non-scaling-stroke;
+               stroke-linejoin: round; stroke-linecap: round; }
+.spark .area { fill: var(--alloc); opacity: .55; }
+.history td { width: 40%; } .history td:first-child { width: 20%; }
+.history .spark { height: 32px; }
 .status-running { color: var(--ok); font-weight: 600; }
 .status-terminated, .status-terminating { color: var(--bad); }
 .status-creating, .status-restarting { color: var(--warn); }
@@ -85,20 +99,25 @@ SCRIPT = r"""
     if (h) return h + "h " + m + "m " + s + "s";
     return m + "m " + s + "s";
   }
+  // Half up, as page._rounded: toFixed and Python's format round ties differently.
+  function rounded(v, digits) {
+    var scale = Math.pow(10, digits);
+    return Math.floor(v * scale + 0.5) / scale;
+  }
   function bytes(v) {
     if (!isNum(v)) return "-";
     var units = [["GiB", 1073741824], ["MiB", 1048576], ["KiB", 1024]];
     for (var i = 0; i < units.length; i++) {
       if (Math.abs(v) >= units[i][1]) {
         var a = v / units[i][1];
-        return (a < 10 ? a.toFixed(1) : a.toFixed(0)) + " " + units[i][0];
+        return (a < 10 ? rounded(a, 1).toFixed(1) : rounded(a, 0).toFixed(0)) + " " + units[i][0];
       }
     }
-    return v.toFixed(0) + " B";
+    return rounded(v, 0).toFixed(0) + " B";
   }
   function cores(v) {
     if (!isNum(v)) return "-";
-    return v.toFixed(2).replace(/0+$/, "").replace(/\.$/, "") || "0";
+    return rounded(v, 2).toFixed(2).replace(/0+$/, "").replace(/\.$/, "") || "0";
   }
   function percent(v) { return isNum(v) ? v.toFixed(0) + "%%" : "-"; }
   function share(part, whole) {
@@ -262,6 +281,71 @@ SCRIPT = r"""
       "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + (rows.join("") || none(12, "no kernels")) + "</table>";
   }
 
+  // The last hour, as page.render_history: the same points, the same markup.
+  var CHART_WIDTH = %(chart_width)d, CHART_HEIGHT = %(chart_height)d;
+  function chartSegments(times, values, start, span, top) {
+    var segments = [], segment = [];
+    for (var i = 0; i < times.length && i < values.length; i++) {
+      var value = values[i];
+      if (value === null || value === undefined) {
+        if (segment.length) { segments.push(segment); segment = []; }
+        continue;
+      }
+      var x = Math.floor((times[i] - start) / span * CHART_WIDTH + 0.5);
+      var y = CHART_HEIGHT - Math.floor(Math.min(Math.max(value / top, 0), 1) * CHART_HEIGHT + 0.5);
+      segment.push([x, y]);
+    }
+    if (segment.length) segments.push(segment);
+    return segments;
+  }
+  function known(values) { return values.filter(isNum); }
+  function current(values) { var k = known(values); return k.length ? k[k.length - 1] : null; }
+  function peak(values) { var k = known(values); return k.length ? Math.max.apply(null, k) : null; }
+  function top(limit, highest) { return Math.max(limit || 0, highest || 0) || 1; }
+
+  function chart(label, series, name, snap, fmt, limit, of) {
+    var span = snap.history.span, values = series[name], highest = peak(values);
+    var segments = chartSegments(series.times, values, snap.now - span, span, top(limit, highest));
+    // A run of one reading is a line of no length: its round caps show it as a dot.
+    var line = segments.map(function (s) {
+      return "M" + (s.length === 1 ? [s[0], s[0]] : s).map(function (p) { return p[0] + "," + p[1]; }).join("L");
+    }).join("");
+    var area = segments.map(function (s) {
+      return "M" + s[0][0] + "," + CHART_HEIGHT + s.map(function (p) { return "L" + p[0] + "," + p[1]; }).join("") +
+        "L" + s[s.length - 1][0] + "," + CHART_HEIGHT + "Z";
+    }).join("");
+    return '<div class="chart"><div class="chart-head"><span class="chart-label">' + esc(label) + "</span> " +
+      '<span class="now">' + esc(fmt(current(values))) + "</span> " +
+      '<span class="meta">peak ' + esc(fmt(highest)) + esc(of || "") + "</span></div>" +
+      '<svg class="spark" viewBox="0 0 ' + CHART_WIDTH + " " + CHART_HEIGHT + '" preserveAspectRatio="none" ' +
+      'role="img" aria-label="' + esc(label) + ', last hour">' +
+      '<path class="area" d="' + area + '"></path><path class="line" d="' + line + '"></path></svg></div>';
+  }
+
+  function historySection(snap) {
+    var history = snap.history, node = history.node;
+    var charts = chart("CPU", node, "cpu", snap, percent, 100) +
+      chart("memory", node, "mem", snap, bytes, node.mem_total, " of " + bytes(node.mem_total)) +
+      chart("scratch disk", node, "disk", snap, bytes, node.disk_total, " of " + bytes(node.disk_total));
+    var rows = [];
+    snap.kernels.forEach(function (kernel) {
+      var series = history.kernels[kernel.kernel_id];
+      if (!series) return;
+      var res = kernel.resources || {};
+      rows.push("<tr><td><code>" + esc(kernel.kernel_id) + "</code></td>" +
+        "<td>" + chart("cores", series, "cpu", snap, cores, res.cpu, " of " + cores(res.cpu)) + "</td>" +
+        "<td>" + chart("memory", series, "mem", snap, bytes, res.mem, " of " + bytes(res.mem)) + "</td></tr>");
+    });
+    var note = "the last " + history.span / 60 + " minutes: the machine every " + history.interval +
+      " s, kernels the most of every " + history.kernel_step + " s";
+    if (history.untracked_kernels) {
+      note += "; " + history.untracked_kernels + " kernel(s) without history (more than the agent keeps)";
+    }
+    return '<div class="charts">' + charts + "</div>" +
+      '<table class="history"><tr><th>kernel</th><th>CPU</th><th>memory</th></tr>' +
+      (rows.join("") || none(3, "no kernel history yet")) + '</table><div class="legend">' + esc(note) + "</div>";
+  }
+
   function images(snap) {
     var rows = snap.images.map(function (image) {
       return "<tr><td>" + esc(image.name) + "</td><td>" + esc(image.runtime_type) + "</td><td><code>" +
@@ -279,7 +363,7 @@ SCRIPT = r"""
   }
 
   var SECTIONS = [["summary", summary], ["health", healthSection], ["resources", resources],
-                  ["kernels", kernels], ["images", images], ["events", events]];
+                  ["history", historySection], ["kernels", kernels], ["images", images], ["events", events]];
   var indicator = document.getElementById("refresh");
 
   function draw(snap) {
@@ -309,4 +393,4 @@ SCRIPT = r"""
   }
   refresh();
 })();
-""" % {"refresh_ms": REFRESH_SECONDS * 1000}  # noqa: UP031
+""" % {"refresh_ms": REFRESH_SECONDS * 1000, "chart_width": CHART_WIDTH, "chart_height": CHART_HEIGHT}  # noqa: UP031

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException
 from bai_agent.protocol.events import KERNEL_TERMINATED
 from bai_agent.stats import readings as stats_readings
 from bai_agent.status import readings
-from bai_agent.status.assets import REFRESH_SECONDS, SCRIPT, STYLE
+from bai_agent.status.assets import CHART_HEIGHT, CHART_WIDTH, REFRESH_SECONDS, SCRIPT, STYLE
 from bai_agent.status.metrics import AgentMetrics
 from bai_agent.status.sources import StatusSources
 
@@ -89,6 +89,7 @@ class StatusPage:
                 "sample_seconds": stats_readings.sample_seconds(sources.stats),
             },
             "gpus": gpu_devices(node, kernels),
+            "history": sources.history.to_json(sources.clock.seconds()),
         }
 
     @app.route("/", methods=["GET", "HEAD"])
@@ -221,20 +222,30 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m {seconds}s"
 
 
+def _rounded(value: float, digits: int) -> float:
+    """
+    ``value`` rounded half up at ``digits`` decimals, as the script's ``rounded``: Python's
+    format and JavaScript's ``toFixed`` round a tie (1.25 GiB, 0.125 cores) differently,
+    but never a number already rounded so.
+    """
+    scale = 10**digits
+    return math.floor(value * scale + 0.5) / scale
+
+
 def _bytes(value: float | None) -> str:
     if value is None:
         return "-"
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(value) >= size:
             amount = value / size
-            return f"{amount:.1f} {unit}" if amount < 10 else f"{amount:.0f} {unit}"
-    return f"{value:.0f} B"
+            return f"{_rounded(amount, 1):.1f} {unit}" if amount < 10 else f"{_rounded(amount, 0):.0f} {unit}"
+    return f"{_rounded(value, 0):.0f} B"
 
 
 def _cores(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
+    return f"{_rounded(value, 2):.2f}".rstrip("0").rstrip(".") or "0"
 
 
 def _percent(value: float | None) -> str:
@@ -461,6 +472,119 @@ def render_kernels(snap: dict[str, Any]) -> str:
     )
 
 
+# -- the last hour: small charts, drawn the same by the script (assets.SCRIPT's chart) ----
+
+
+def chart_segments(
+    times: list[float], values: list[float | None], start: float, span: float, top: float
+) -> list[list[tuple[int, int]]]:
+    """
+    The points of a chart in its viewBox (``CHART_WIDTH`` x ``CHART_HEIGHT``, y down), as
+    runs between missing readings: ``start`` at the left edge, ``start + span`` at the
+    right, 0 at the bottom and ``top`` at the top. Integers, computed with the same
+    floating-point operations as the script, so both draw the same path.
+    """
+    segments: list[list[tuple[int, int]]] = []
+    segment: list[tuple[int, int]] = []
+    for at, value in zip(times, values):
+        if value is None:
+            if segment:
+                segments.append(segment)
+                segment = []
+            continue
+        x = math.floor((at - start) / span * CHART_WIDTH + 0.5)
+        y = CHART_HEIGHT - math.floor(min(max(value / top, 0.0), 1.0) * CHART_HEIGHT + 0.5)
+        segment.append((x, y))
+    if segment:
+        segments.append(segment)
+    return segments
+
+
+def _current(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return known[-1] if known else None
+
+
+def _peak(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return max(known) if known else None
+
+
+def _top(limit: float | None, peak: float | None) -> float:
+    """The value at a chart's top: the limit (capacity, grant), or the peak when higher; 1 when neither."""
+    return max(limit or 0, peak or 0) or 1
+
+
+def render_chart(
+    label: str,
+    series: dict[str, Any],
+    name: str,
+    snap: dict[str, Any],
+    fmt: Any,
+    limit: float | None = None,
+    of: str = "",
+) -> str:
+    """One chart: ``label``, the current value and the peak (``fmt`` formats them), the line and its area."""
+    span = snap["history"]["span"]
+    values = series[name]
+    peak = _peak(values)
+    segments = chart_segments(series["times"], values, snap["now"] - span, span, _top(limit, peak))
+    # A run of one reading is a line of no length: its round caps show it as a dot.
+    line = "".join(
+        "M" + "L".join(f"{x},{y}" for x, y in (segment if len(segment) > 1 else segment * 2)) for segment in segments
+    )
+    area = "".join(
+        f"M{segment[0][0]},{CHART_HEIGHT}"
+        + "".join(f"L{x},{y}" for x, y in segment)
+        + f"L{segment[-1][0]},{CHART_HEIGHT}Z"
+        for segment in segments
+    )
+    return (
+        f'<div class="chart"><div class="chart-head"><span class="chart-label">{_e(label)}</span> '
+        f'<span class="now">{_e(fmt(_current(values)))}</span> '
+        f'<span class="meta">peak {_e(fmt(peak))}{_e(of)}</span></div>'
+        f'<svg class="spark" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" preserveAspectRatio="none" '
+        f'role="img" aria-label="{_e(label)}, last hour">'
+        f'<path class="area" d="{area}"></path><path class="line" d="{line}"></path></svg></div>'
+    )
+
+
+def render_history(snap: dict[str, Any]) -> str:
+    history = snap["history"]
+    node = history["node"]
+    mem_total, disk_total = node["mem_total"], node["disk_total"]
+    charts = (
+        render_chart("CPU", node, "cpu", snap, _percent, 100)
+        + render_chart("memory", node, "mem", snap, _bytes, mem_total, f" of {_bytes(mem_total)}")
+        + render_chart("scratch disk", node, "disk", snap, _bytes, disk_total, f" of {_bytes(disk_total)}")
+    )
+    rows = []
+    for kernel in snap["kernels"]:
+        series = history["kernels"].get(kernel["kernel_id"])
+        if series is None:
+            continue
+        resources = kernel.get("resources") or {}
+        cpu, mem = resources.get("cpu"), resources.get("mem")
+        rows.append(
+            f"<tr><td><code>{_e(kernel['kernel_id'])}</code></td>"
+            f"<td>{render_chart('cores', series, 'cpu', snap, _cores, cpu, f' of {_cores(cpu)}')}</td>"
+            f"<td>{render_chart('memory', series, 'mem', snap, _bytes, mem, f' of {_bytes(mem)}')}</td></tr>"
+        )
+    untracked = history["untracked_kernels"]
+    note = (
+        f"the last {history['span'] / 60:g} minutes: the machine every {history['interval']:g} s,"
+        f" kernels the most of every {history['kernel_step']:g} s"
+    )
+    if untracked:
+        note += f"; {untracked} kernel(s) without history (more than the agent keeps)"
+    return (
+        f'<div class="charts">{charts}</div>'
+        '<table class="history"><tr><th>kernel</th><th>CPU</th><th>memory</th></tr>'
+        + ("".join(rows) or _none(3, "no kernel history yet"))
+        + f'</table><div class="legend">{_e(note)}</div>'
+    )
+
+
 def render_images(snap: dict[str, Any]) -> str:
     rows = [
         f"<tr><td>{_e(image['name'])}</td><td>{_e(image['runtime_type'])}</td>"
@@ -486,6 +610,7 @@ SECTIONS = (
     ("summary", render_summary),
     ("health", render_health),
     ("resources", render_resources),
+    ("history", render_history),
     ("kernels", render_kernels),
     ("images", render_images),
     ("events", render_events),
@@ -508,6 +633,7 @@ def render_html(snap: dict[str, Any]) -> str:
 <section><h2>Resources</h2><div id="resources">{parts["resources"]}</div></section>
 </div>
 <section><h2>Kernels</h2><div id="kernels">{parts["kernels"]}</div></section>
+<section><h2>Last hour</h2><div id="history">{parts["history"]}</div></section>
 <div class="columns">
 <section><h2>Recent events</h2><div id="events">{parts["events"]}</div></section>
 <section><h2>Kernel images</h2><div id="images">{parts["images"]}</div></section>

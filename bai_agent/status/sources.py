@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from bai_agent.kernels.journal import EventJournal
     from bai_agent.rpc.server import AgentAMP
     from bai_agent.stats.collector import StatsCollector
+    from bai_agent.status.history import StatsHistory
 
 
 @attrs.frozen
@@ -44,3 +45,5 @@ class StatusSources:
     docker: DockerService
     #: The open manager connections (the AMP context's set).
     connections: set[AgentAMP]
+    #: The last hour of the statistics (``to_json``), recorded after each round.
+    history: StatsHistory

@@ -8,6 +8,7 @@ networking, in a session of its own, killed by its pid (as a process group) when
 """
 
 import json
+import math
 import os
 import pathlib
 import re
@@ -17,6 +18,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections import defaultdict
 from html.parser import HTMLParser
 
@@ -35,7 +37,7 @@ from tests.unit.test_status_metrics import BusyAgent
 pytestmark = pytest.mark.functional
 
 CHROMIUM_TIMEOUT = 90
-SECTIONS = ("summary", "health", "resources", "kernels", "images", "events", "refresh")
+SECTIONS = ("summary", "health", "resources", "history", "kernels", "images", "events", "refresh")
 
 
 def artifacts_dir() -> pathlib.Path:
@@ -50,7 +52,7 @@ def chromium_path() -> str:
     return path
 
 
-def chromium(*args, timeout=CHROMIUM_TIMEOUT) -> bytes:
+def chromium(*args, timeout=CHROMIUM_TIMEOUT, window="1280,900") -> bytes:
     """Run headless Chromium with ``args``; its stdout. Blocking: call it in a thread."""
     profile = tempfile.mkdtemp(prefix="bai-chromium-")
     argv = [
@@ -64,7 +66,7 @@ def chromium(*args, timeout=CHROMIUM_TIMEOUT) -> bytes:
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1280,900",
+        f"--window-size={window}",
         *args,
     ]
     process = subprocess.Popen(
@@ -96,11 +98,11 @@ def dom(reactor, url):
     return in_thread(reactor, chromium, "--virtual-time-budget=5000", "--dump-dom", url)
 
 
-def screenshot(reactor, url, name, budget=5000):
+def screenshot(reactor, url, name, budget=5000, window="1280,900"):
     path = artifacts_dir() / name
     if path.exists():
         path.unlink()
-    d = in_thread(reactor, chromium, f"--virtual-time-budget={budget}", f"--screenshot={path}", url)
+    d = in_thread(reactor, chromium, f"--virtual-time-budget={budget}", f"--screenshot={path}", url, window=window)
     d.addCallback(lambda _: path)
     return d
 
@@ -114,7 +116,8 @@ def png_size(path) -> tuple:
 class Visible(HTMLParser):
     """
     What a person reads on the page, per section (the elements with the ids in SECTIONS):
-    its text, its table rows' texts, and its bars (``(row, band, width percent)``).
+    its text, its table rows' texts, its bars (``(row, band, width percent)``) and its
+    charts (``(label, area path, line path)``).
     """
 
     HIDDEN = {"script", "style", "title", "noscript"}
@@ -126,6 +129,7 @@ class Visible(HTMLParser):
         self.text = defaultdict(list)
         self.rows = defaultdict(list)
         self.bars = defaultdict(list)
+        self.charts = defaultdict(list)
         self.row = None
         self.feed(markup)
         self.close()
@@ -153,6 +157,10 @@ class Visible(HTMLParser):
         width = re.match(r"width:\s*([\d.]+)%", attrs.get("style") or "")
         if tag == "span" and band in ("alloc", "use") and width:  # a bar's band, not the legend's
             self.bars[self._section()].append((len(self.rows[self._section()]), band, float(width.group(1))))
+        if tag == "svg" and band == "spark":
+            self.charts[self._section()].append([attrs.get("aria-label")])
+        if tag == "path" and band in ("area", "line"):
+            self.charts[self._section()][-1].append(attrs.get("d"))
 
     def handle_endtag(self, tag):
         if tag in self.VOID:
@@ -236,6 +244,14 @@ def test_operator_sees_identity_health_kernels_and_resource_bars(agent, reactor)
         assert row.startswith(f"{kernel_id} {IMAGE} running "), row
         assert " of 0.25 " in row and " of 128 MiB " in row, row
     assert page.row_starting("images", IMAGE)
+    # The last hour: the machine's three charts and two for each kernel, with the readings so far.
+    charts = page.charts["history"]
+    assert [chart[0] for chart in charts] == ["CPU, last hour", "memory, last hour", "scratch disk, last hour"] + [
+        "cores, last hour",
+        "memory, last hour",
+    ] * 2
+    assert all(line_points(line) for _, _, line in charts), charts
+    assert page.row_starting("history", "web-1") and page.row_starting("history", "burner-2")
 
     # Resource bars: allocation (two kernels of a quarter core and 128 MiB) against capacity.
     resources = snapshot["agent"]["resources"]
@@ -262,7 +278,8 @@ def test_the_script_draws_what_the_server_draws(tmp_path, reactor):
         static.write_text(re.sub(r"<script>.*?</script>", "", render_html(page.snapshot()), flags=re.S))
         server_drawn = Visible((yield in_thread(reactor, chromium, "--dump-dom", static.as_uri())).decode())
         script_drawn = Visible((yield dom(reactor, url)).decode())
-        yield screenshot(reactor, url, "status-page-sample.png")
+        snapshot = json.loads((yield in_thread(reactor, fetch, url + "status.json")))
+        yield screenshot(reactor, url, "status-page-sample.png", window="1280,1500")
     finally:
         yield port.stopListening()
         busy.close()
@@ -273,7 +290,62 @@ def test_the_script_draws_what_the_server_draws(tmp_path, reactor):
         assert script_drawn.section_text(name) == server_drawn.section_text(name), name
         assert script_drawn.rows[name] == server_drawn.rows[name], name
         assert script_drawn.bars[name] == server_drawn.bars[name], name
+        assert script_drawn.charts[name] == server_drawn.charts[name], name
     # The sample has something in every section, so that the comparison means something.
     assert script_drawn.row_starting("kernels", "k-train")
     assert script_drawn.row_starting("resources", "GPU 1").endswith("GPU is lost · free")
     assert len(script_drawn.bars["resources"]) == 9
+    assert_charts_match_the_json(script_drawn, snapshot)
+
+
+def fetch(url) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def line_points(d):
+    """The points of a chart's line path, ``M x,y L x,y ... M ...``: a list per run."""
+    return [[tuple(int(n) for n in point.split(",")) for point in run.split("L")] for run in d.split("M")[1:]]
+
+
+def assert_charts_match_the_json(page, snapshot):
+    """
+    Each chart the browser drew has one point per reading of its series in ``/status.json``,
+    where the reading puts it (worked out here, not with the page's code), broken where a
+    reading is missing; and its text shows the series' last value and its peak.
+    """
+    history, now = snapshot["history"], snapshot["now"]
+    span, node = history["span"], history["node"]
+    kernels = {kernel["kernel_id"]: kernel for kernel in snapshot["kernels"]}
+    expected = [("CPU, last hour", node, "cpu", 100), ("memory, last hour", node, "mem", node["mem_total"])]
+    expected.append(("scratch disk, last hour", node, "disk", node["disk_total"]))
+    for kernel_id in (kernel["kernel_id"] for kernel in snapshot["kernels"]):
+        series = history["kernels"].get(kernel_id)
+        if series is not None:
+            resources = kernels[kernel_id]["resources"]
+            expected.append(("cores, last hour", series, "cpu", resources["cpu"]))
+            expected.append(("memory, last hour", series, "mem", resources["mem"]))
+    charts = page.charts["history"]
+    assert [chart[0] for chart in charts] == [label for label, *_ in expected]
+    assert len(expected) == 7  # the machine's three, and two for each of the sample's two kernels
+    for (label, series, name, limit), (_, area, line) in zip(expected, charts):
+        values = series[name]
+        known = [value for value in values if value is not None]
+        top = max(limit or 0, max(known)) or 1
+        runs, run = [], []
+        for at, value in zip(series["times"], values):
+            if value is None:
+                runs, run = (runs + [run] if run else runs), []
+                continue
+            run.append(((at - (now - span)) / span * 300, 48 - min(value / top, 1.0) * 48))
+        runs = runs + [run] if run else runs
+        # A run of one reading is drawn as a line of no length (a dot): its point twice.
+        drawn = [points[:1] if len(points) == 2 and points[0] == points[1] else points for points in line_points(line)]
+        assert [len(points) for points in drawn] == [len(points) for points in runs], label
+        for drawn_run, run in zip(drawn, runs):
+            for (x, y), (want_x, want_y) in zip(drawn_run, run):
+                assert abs(x - want_x) <= 0.5 + 1e-9 and abs(y - want_y) <= 0.5 + 1e-9, (label, x, y, want_x, want_y)
+        assert area.count("Z") == len(runs), label
+    cpu = [value for value in node["cpu"] if value is not None]
+    assert f"CPU {math.floor(cpu[-1] + 0.5)}% peak {math.floor(max(cpu) + 0.5)}%" in page.section_text("history")
+    assert any(run for run in line_points(charts[0][2])[1:]), "the sample's gap in the CPU readings breaks the line"

@@ -424,3 +424,30 @@ def test_sample_kernel_without_a_container_is_what_there_is(machine):
     collector.sample_kernel(KernelTarget("ka", None, None)).addCallback(results.append)
     assert results[1] == latest
     collector.stopService()
+
+
+def test_round_listeners_hear_of_each_round_after_its_samples_are_stored(machine):
+    collector, clock = collector_for(machine)
+    heard = []
+    collector.add_round_listener(lambda: heard.append(collector.latest("ka")["sampled_at"]))
+    collector.startService()
+    clock.advance(5)
+    assert heard == [1000.0, 1005.0]
+    collector.stopService()
+
+
+def test_a_failing_round_listener_is_logged_and_the_rounds_go_on(machine):
+    collector, clock = collector_for(machine)
+    heard = []
+
+    def broken():
+        raise RuntimeError("listener broke")
+
+    collector.add_round_listener(broken)
+    collector.add_round_listener(lambda: heard.append(collector.rounds))
+    with capturedLogs() as events:
+        collector.startService()
+        clock.advance(5)
+    assert heard == [1, 2]
+    assert any("round listener" in message for message in messages(events, LogLevel.critical))
+    collector.stopService()

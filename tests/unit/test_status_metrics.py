@@ -17,6 +17,7 @@ from bai_agent.kernels.allocator import ResourceRequest
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.node.capacity import Capacity
 from bai_agent.node.gpus import GpuDevice
+from bai_agent.status.history import StatsHistory
 from tests.agent_parts import FakeKernels as BaseFakeKernels
 from tests.agent_parts import StubEtcd
 from tests.unit.test_rpc_server import Harness
@@ -98,6 +99,34 @@ def node_sample(gpus=()):
     }
 
 
+def busy_history():
+    """
+    An hour of rounds every 5 s until NOW: the machine's CPU in waves with two minutes
+    unsampled, its memory climbing, k-train working harder and growing, k-idle (10 minutes
+    old) nearly idle.
+    """
+    history = StatsHistory(5.0)
+    for step in range(721):
+        at = NOW - 3600 + 5 * step
+        cpu = None if 300 <= step < 324 else round(45 + 30 * math.sin(step / 40) + (step % 7), 1)
+        if step == 720:
+            cpu = 62.5  # the node's last sample, as the page's resources show it
+        node = node_sample()
+        node["sampled_at"] = at
+        node["cpu"]["percent"] = cpu
+        node["mem"]["used"] = 4 * GIB + step * (2 * GIB // 720)
+        node["disk"]["used"] = 20 * GIB + step * (5 * GIB // 720)
+        kernels = {
+            "k-train": kernel_sample(
+                cpu_util=round(60 + 90 * step / 720, 1), mem_bytes=GIB + step * (2 * GIB // 720), sampled_at=at
+            )
+        }
+        if step >= 600:
+            kernels["k-idle"] = kernel_sample(cpu_util=float(step % 3), mem_bytes=20 << 20, sampled_at=at)
+        history.record(node, kernels)
+    return history
+
+
 class BusyAgent(Harness):
     """
     Two GPUs, two kernels (``k-train`` holds GPU 0, ``k-idle`` none), statistics for both
@@ -105,7 +134,7 @@ class BusyAgent(Harness):
     commands observed (one failed), and an etcd heartbeat that ran late.
     """
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, history=None):
         clock_at = NOW
         gpus = [GpuDevice(0, "GPU-aaaa", "NVIDIA H100", 80 * GIB), GpuDevice(1, "GPU-bbbb", "NVIDIA H100", 80 * GIB)]
         kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus, cpu_cores=[0, 1, 2, 3])
@@ -181,7 +210,15 @@ class BusyAgent(Harness):
         journal.append("kernel-started", "k-train")
         journal.append("kernel-started", "k-idle")
         etcd = LateEtcd(last_heartbeat_at=NOW - 1, heartbeat_delay=0.25, heartbeat_delay_max=1.5)
-        super().__init__(tmp_path, clock=clock, kernels=kernels, stats=stats, journal=journal, etcd=etcd)
+        super().__init__(
+            tmp_path,
+            clock=clock,
+            kernels=kernels,
+            stats=stats,
+            journal=journal,
+            etcd=etcd,
+            history=history if history is not None else busy_history(),
+        )
         self.state.report.started_at = NOW - 3600
         self.state.metrics.observe_command("CreateKernel", 0.8)
         self.state.metrics.observe_command("Execute", 0.002, b"KERNEL_NOT_FOUND")

@@ -208,3 +208,13 @@ def test_no_history_yet_is_said(tmp_path):
     assert "no kernel history yet" in markup
     assert '<span class="now">-</span> <span class="meta">peak -</span>' in markup
     assert [d for _, d in paths(markup)] == [""] * 6
+
+
+def test_ties_round_up_as_the_script_rounds_them():
+    # JavaScript's toFixed rounds a tie up, Python's format to even: the page rounds first.
+    from bai_agent.status.page import _bytes, _cores
+
+    assert _bytes(1.25 * GIB) == "1.3 GiB"
+    assert _bytes(10.5 * GIB) == "11 GiB"
+    assert _cores(0.125) == "0.13"
+    assert _cores(2.0) == "2"

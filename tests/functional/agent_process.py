@@ -150,11 +150,13 @@ class AgentProcess:
             time.sleep(0.1)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{self.log_text()[-3000:]}")
 
-    def ctl(self, *args, secret_file=None):
+    def ctl(self, *args, secret_file=None, stdin=None):
         argv = [sys.executable, "-m", "bai_agent.ctl", "--etcd-addr", self.etcd_addr, "--namespace", self.namespace]
         if secret_file:
             argv += ["--secret-file", str(secret_file)]
-        return subprocess.run(argv + list(args), capture_output=True, text=True, env=env(), timeout=30)
+        return subprocess.run(
+            argv + list(args), capture_output=True, text=True, env=env(), timeout=120, input=stdin or ""
+        )
 
 
 def etcd_record(etcd_url, key: str):
@@ -175,6 +177,29 @@ def etcd_record(etcd_url, key: str):
     if not kvs:
         return None
     return json.loads(base64.b64decode(kvs[0]["value"]))
+
+
+def etcd_put(etcd_url, key: str, value: str) -> None:
+    """Put ``value`` at ``key`` in etcd (through the v3 gateway, stdlib only), as an operator would."""
+    import base64
+
+    body = {"key": base64.b64encode(key.encode()).decode(), "value": base64.b64encode(value.encode()).decode()}
+    request = urllib.request.Request(
+        f"{etcd_url}/v3/kv/put", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        response.read()
+
+
+def etcd_delete(etcd_url, key: str) -> None:
+    import base64
+
+    body = {"key": base64.b64encode(key.encode()).decode()}
+    request = urllib.request.Request(
+        f"{etcd_url}/v3/kv/deleterange", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        response.read()
 
 
 @contextlib.contextmanager

@@ -168,6 +168,15 @@ class TakeOver:
         for kernel_id in homes:
             if kernel_id not in self.kernels and check_kernel_id_quietly(kernel_id):
                 ending.append((self._register_ending(kernel_id, None), events.ORPHAN_CLEANUP))
+        for kernel_id, event in last_events.items():
+            # Announced, then nothing left at all: the last run died while its image was
+            # pulled (before any directory or container). Managers hear that it ended.
+            if event.type == events.KERNEL_CREATING and kernel_id not in self.kernels:
+                self.journal.append(
+                    events.KERNEL_TERMINATED,
+                    kernel_id,
+                    {"reason": events.ORPHAN_CLEANUP, "exit_code": None, "stats": {}},
+                )
         # The adopted kernels' services, their host ports reserved before any new kernel's.
         adopted_services = yield self.run_blocking(
             lambda: {kernel.kernel_id: self.workspace(kernel.kernel_id).load_services() for kernel, _ in adopting}

@@ -816,3 +816,17 @@ def test_an_adopted_kernel_has_its_images_labels_even_if_docker_had_not_listed_i
     adopted = registry.kernels["k1"]
     assert adopted.status == "running"
     assert adopted.image.labels.get("ai.backend.envs.corecount") == "OMP_NUM_THREADS NPROC"
+
+
+def test_a_kernel_announced_but_left_nowhere_is_reported_ended_after_a_restart(h):
+    # The last run was killed while the kernel's image was pulled: kernel-creating, then
+    # nothing, and no container, state or home.
+    registry = restarted(h)
+    h.journal.open()
+    h.journal.append("kernel-creating", "ghost", {"image": "reg.example/x:1"})
+    h.journal.close()
+    last_seq = h.journal.last_seq
+    registry.startService()
+    ended = [(e.type, e.kernel_id, e.data.get("reason")) for e in h.journal.since(last_seq) if e.kernel_id]
+    assert ended == [("kernel-terminated", "ghost", "orphan-cleanup")]
+    assert "ghost" not in registry.kernels

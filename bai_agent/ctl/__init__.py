@@ -8,6 +8,7 @@
     bai-agent-ctl kernels AGENT          # list its kernels
     bai-agent-ctl destroy AGENT KERNEL   # destroy / restart one
     bai-agent-ctl stats AGENT KERNEL     # its latest statistics sample
+    bai-agent-ctl top AGENT              # its kernels' CPU, memory, status, age, live (--once: one table)
     bai-agent-ctl events AGENT --follow  # print its events as they happen
     bai-agent-ctl upload/download/ls/logs AGENT KERNEL ...
     bai-agent-ctl run AGENT KERNEL -c CODE  # run code (or FILE; - is stdin), output as it comes
@@ -28,6 +29,7 @@ The package, one job a module:
   ls, logs), and the dispatch of a parsed command line;
 - ``run``: ``bai-agent-ctl run``: one run driven to its end, its output, ``input()``
   prompts and Ctrl-C;
+- ``top``: ``bai-agent-ctl top``: the kernels' table, busiest first, redrawn every 2 s;
 - ``repl``: ``bai-agent-ctl repl``: the interactive prompt, with the terminal in the main
   thread and the reactor in a thread of its own;
 - ``output``: what ``run`` and ``repl`` show of a console: text, pictures saved in the

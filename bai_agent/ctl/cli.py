@@ -20,8 +20,14 @@ from bai_agent.ctl.connection import connect_alone
 from bai_agent.ctl.errors import CtlError
 from bai_agent.ctl.output import DEFAULT_OUTPUT_DIR
 from bai_agent.ctl.run import DEFAULT_FLUSH_TIMEOUT
+from bai_agent.ctl.top import DEFAULT_INTERVAL as DEFAULT_TOP_INTERVAL
+from bai_agent.etcd.interface import EtcdUnavailable
 
-DESCRIPTION = "``bai-agent-ctl``: a manager's view of the agents of a namespace, from the command line."
+DESCRIPTION = (
+    "A manager's view of the agents of a namespace, from the command line. AGENT is an agent id "
+    "(looked up in etcd) or a HOST:PORT to dial directly; the namespace secret comes from "
+    "--secret-file, else from etcd. 'bai-agent-ctl COMMAND --help' tells more of each command."
+)
 OUTPUT_DIR_HELP = "directory the pictures a run shows (plots) are saved in, as N.png, N.svg (default %(default)s)"
 
 
@@ -61,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("agent", help="agent id, or HOST:PORT")
         command.add_argument("kernel_id")
+    top = sub.add_parser(
+        "top",
+        help="a live view of an agent's kernels: CPU, memory, status, age; busiest first",
+        description="Show an agent's kernels with their CPU (percent of one core, and cores used of "
+        "granted), memory (used of granted), processes, status and age, busiest first, redrawn every "
+        "--interval seconds until Ctrl-C, like docker stats.",
+    )
+    top.add_argument("agent", help="agent id, or HOST:PORT")
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument(
+        "--interval", type=float, default=DEFAULT_TOP_INTERVAL, help="seconds between views (default %(default)s)"
+    )
     events = sub.add_parser("events", help="print an agent's events")
     events.add_argument("agent", help="agent id, or HOST:PORT")
     events.add_argument("--since", type=int, default=0, help="last seq already seen (default: all kept)")
@@ -181,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
                 return failure
             if isinstance(failure.value, CtlError):
                 sys.stderr.write(f"bai-agent-ctl: {failure.value}\n")
+            elif isinstance(failure.value, EtcdUnavailable):
+                sys.stderr.write(
+                    f"bai-agent-ctl: cannot reach etcd at {args.etcd_addr} (--etcd-addr): {failure.value}\n"
+                )
             else:
                 sys.stderr.write(f"bai-agent-ctl: {type(failure.value).__name__}: {failure.getErrorMessage()}\n")
             raise SystemExit(1)

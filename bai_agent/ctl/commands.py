@@ -1,7 +1,8 @@
 """
 The commands of ``bai-agent-ctl`` but ``repl``: ``agents`` (etcd only), and those that are
 a few calls to one agent (info, images, kernels, create, destroy, restart, stats, events,
-interrupt, upload, download, ls, logs, and ``run`` through ``bai_agent.ctl.run``).
+interrupt, upload, download, ls, logs, and ``run`` and ``top`` through ``bai_agent.ctl.run``
+and ``bai_agent.ctl.top``).
 ``run_command`` carries out one parsed command line.
 """
 
@@ -22,6 +23,7 @@ from bai_agent.ctl import images as image_commands
 from bai_agent.ctl.connection import connect, etcd_client
 from bai_agent.ctl.errors import CtlError
 from bai_agent.ctl.run import read_code, run_code
+from bai_agent.ctl.top import top
 from bai_agent.protocol import errors
 from bai_agent.protocol.discovery import list_agents
 
@@ -42,6 +44,8 @@ def run_command(
     """
     err = err or sys.stderr
     stdin = stdin or sys.stdin
+    if args.command == "top" and not args.interval > 0:
+        raise CtlError("--interval must be more than 0 seconds")
     if args.command == "run":
         # The code is read first: a missing file is an error before any connection.
         mode, code, options = read_code(args, stdin)
@@ -110,6 +114,8 @@ def run_command(
                 out.write(json.dumps(stats, indent=2, sort_keys=True) + "\n")
             elif args.command == "events":
                 yield print_events(client, args, out)
+            elif args.command == "top":
+                yield top(reactor, client, args, out)
             elif args.command == "interrupt":
                 yield client.interrupt_kernel(args.kernel_id)
             elif args.command == "upload":

@@ -55,7 +55,15 @@ def find_address(args: argparse.Namespace, etcd: IEtcd) -> Generator[Deferred[An
     agents = yield list_agents(etcd, args.namespace)
     found = [agent for agent in agents if agent["agent_id"] == args.agent]
     if not found:
-        raise CtlError(f"no agent {args.agent!r} in namespace {args.namespace!r}")
+        known = sorted(str(agent["agent_id"]) for agent in agents)
+        raise CtlError(
+            f"no agent {args.agent!r} in namespace {args.namespace!r}; "
+            + (
+                f"the agents there: {', '.join(known)}"
+                if known
+                else f"no agent is registered there (is --etcd-addr {args.etcd_addr} right, and --namespace?)"
+            )
+        )
     address = found[0].get("amp_endpoint") or ""
     if not address:
         raise CtlError(f"agent {args.agent!r} has not published its AMP address yet")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import getpass
+import shlex
 import signal
 import sys
 import threading
@@ -308,6 +309,12 @@ def read_code(args: argparse.Namespace, stdin: IO[str] | None = None) -> tuple[s
         try:
             with open(args.file, encoding="utf-8") as source:
                 code = source.read()
+        except FileNotFoundError as e:
+            # Most often code meant for -c: bai-agent-ctl run AGENT KERNEL 'print(1)'.
+            raise CtlError(
+                f"cannot read {args.file}: no such file; to run code given on the command line, "
+                f"use -c: -c {shlex.quote(args.file)}"
+            ) from e
         except (OSError, UnicodeDecodeError) as e:
             raise CtlError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from e
     if args.batch:

@@ -72,6 +72,7 @@ class FakeKernels:
         self.recovered = True
         self.taken_over = True
         self.kernels = {}
+        self.pulls = []  # pulls_in_progress
         self.relayed = {
             "connections": 0,
             "refused": 0,
@@ -94,6 +95,9 @@ class FakeKernels:
 
     def relay_totals(self):
         return dict(self.relayed)
+
+    def pulls_in_progress(self):
+        return list(self.pulls)
 
 
 class AgentParts:

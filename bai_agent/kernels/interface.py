@@ -31,6 +31,9 @@ class IKernelView(Interface):
     def count() -> int:
         """How many kernels the agent holds."""
 
+    def pulls_in_progress() -> list[dict[str, Any]]:
+        """The image pulls under way: ``{image, bytes_done, bytes_total, waiting, elapsed}``."""
+
     def relay_totals() -> dict[str, int]:
         """Services running now, and the relays' connections and bytes since the agent started."""
 

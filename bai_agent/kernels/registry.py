@@ -309,6 +309,9 @@ class KernelRegistry(Service):
     def relay_totals(self) -> dict[str, int]:
         return self.services.relay_totals()
 
+    def pulls_in_progress(self) -> list[dict[str, Any]]:
+        return self.pulls.in_progress()
+
     def count(self) -> int:
         return len(self.kernels)
 

@@ -278,7 +278,19 @@ SCRIPT = r"""
     });
     return '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>' +
       '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>' +
-      "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + (rows.join("") || none(12, "no kernels")) + "</table>";
+      "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + (rows.join("") || none(12, "no kernels")) + "</table>" +
+      pulls(snap);
+  }
+
+  function pulls(snap) {
+    var rows = (snap.pulls || []).map(function (pull) {
+      var total = pull.bytes_total;
+      var done = bytes(pull.bytes_done) + (total ? " of " + bytes(total) : "");
+      return "<tr><td>pulling " + esc(pull.image) + "</td><td>" + bar(null, share(pull.bytes_done, total)) + "</td>" +
+        '<td class="num">' + esc(done) + '</td><td class="num">' + esc(duration(pull.elapsed)) + "</td>" +
+        '<td class="num">' + esc(pull.waiting) + " waiting</td></tr>";
+    });
+    return rows.length ? '<table class="pulls">' + rows.join("") + "</table>" : "";
   }
 
   // The last hour, as page.render_history: the same points, the same markup.

@@ -79,6 +79,7 @@ class StatusPage:
             },
             "images": [image.to_json() for image in docker.images],
             "kernels": kernels,
+            "pulls": sources.kernels.pulls_in_progress(),
             "now": sources.clock.seconds(),
             "connections": len(sources.connections),
             "events": recent_events(sources.health, sources.journal),
@@ -468,8 +469,25 @@ def render_kernels(snap: dict[str, Any]) -> str:
     return (
         '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>'
         '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>'
-        "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + ("".join(rows) or _none(12, "no kernels")) + "</table>"
+        "<th>GPUs</th><th>scratch</th><th>services</th></tr>"
+        + ("".join(rows) or _none(12, "no kernels"))
+        + "</table>"
+        + render_pulls(snap)
     )
+
+
+def render_pulls(snap: dict[str, Any]) -> str:
+    """The image pulls in progress, under the kernels (nothing when there are none)."""
+    rows = []
+    for pull in snap.get("pulls") or ():
+        total = pull["bytes_total"]
+        done = _bytes(pull["bytes_done"]) + (f" of {_bytes(total)}" if total else "")
+        rows.append(
+            f"<tr><td>pulling {_e(pull['image'])}</td><td>{_bar(None, _share(pull['bytes_done'], total))}</td>"
+            f'<td class="num">{_e(done)}</td><td class="num">{_e(_duration(pull["elapsed"]))}</td>'
+            f'<td class="num">{_e(pull["waiting"])} waiting</td></tr>'
+        )
+    return '<table class="pulls">' + "".join(rows) + "</table>" if rows else ""
 
 
 # -- the last hour: small charts, drawn the same by the script (assets.SCRIPT's chart) ----

@@ -140,6 +140,15 @@ class BusyAgent(Harness):
         kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus, cpu_cores=[0, 1, 2, 3])
         kernels.add("k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5)
         kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
+        kernels.pulls = [
+            {
+                "image": "reg.example:5000/team/python:3.12",
+                "bytes_done": 12 << 20,
+                "bytes_total": 48 << 20,
+                "waiting": 2,
+                "elapsed": 7.5,
+            }
+        ]
         kernels.kernels["k-train"]["services"] = [
             {
                 "name": "jupyter",

@@ -197,6 +197,8 @@ def test_kernel_table_shows_image_status_age_idle_and_measured_use(busy):
         "k-train bai-kernel/python:3.11 running 2h 0m 0s 0m 5s 1.5 of 2 cores 0,1 3.0 GiB of 4.0 GiB 0 5.0 MiB"
         " jupyter http://10.0.0.5:30001/ ssh 10.0.0.5:30002 tensorboard starting",
         "k-idle bai-kernel/python:3.11 running 10m 0s 9m 0s 0 of 0.5 20 MiB of 512 MiB - 0 B -",
+        # An image pull in progress, under the kernels.
+        "pulling reg.example:5000/team/python:3.12 12 MiB of 48 MiB 0m 7s 2 waiting",
     ]
     # An HTTP service links to its relay, with no token (the page is unauthenticated).
     assert '<a href="http://10.0.0.5:30001/">jupyter</a>' in body.decode()

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
+from bai_agent.protocol.events import KERNEL_TERMINATED, TERMINATION_REASONS
 from bai_agent.stats import readings as stats_readings
 from bai_agent.status import readings
 
 if TYPE_CHECKING:
+    from bai_agent.kernels.journal import AgentEvent
     from bai_agent.status.sources import StatusSources
 
 COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -45,6 +47,20 @@ class AgentMetrics:
             ["command", "code"],
             registry=self.registry,
         )
+        self.kernels_terminated = Counter(
+            "bai_agent_kernels_terminated",
+            "Kernels that ended since the agent started, by the reason of their kernel-terminated event "
+            "(oom-killed: the kernel hit its memory limit)",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in TERMINATION_REASONS:  # every reason from 0, so that increase() sees the first one
+            self.kernels_terminated.labels(reason)
+
+    def observe_event(self, event: AgentEvent) -> None:
+        """Count what the event journal records (an ``EventJournal`` listener)."""
+        if event.type == KERNEL_TERMINATED:
+            self.kernels_terminated.labels(str(event.data.get("reason"))).inc()
 
     def observe_command(self, command: str, seconds: float, error_code: bytes | str | None = None) -> None:
         self.command_seconds.labels(command).observe(seconds)
@@ -53,8 +69,9 @@ class AgentMetrics:
             self.command_errors.labels(command, code).inc()
 
     def report(self, sources: StatusSources) -> None:
-        """Read ``sources`` (``StatusSources``) at every scrape, beside the counters; once."""
+        """Read ``sources`` (``StatusSources``) at every scrape, beside the counters, and count its journal's events; once."""
         self.registry.register(_SourcesCollector(sources))
+        sources.journal.add_listener(self.observe_event)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -100,6 +117,7 @@ class _SourcesCollector:
         yield used
         yield from _agent_metrics(sources)
         yield from _service_metrics(sources.kernels.relay_totals())
+        yield _gauge("bai_agent_image_pulls", "Image pulls in progress", len(sources.kernels.pulls_in_progress()))
         records = sources.kernels.records()
         yield from _kernel_metrics(records, stats_readings.kernel_samples(sources.stats))
         node = stats_readings.node_sample(sources.stats)
@@ -143,6 +161,13 @@ def _agent_metrics(sources: StatusSources) -> Iterator[Metric]:
         "The largest etcd heartbeat delay since the agent started",
         largest_delay,
     )
+    interval = stats_readings.number(sources.etcd.heartbeat_interval)
+    if interval is not None:
+        yield _gauge(
+            "bai_agent_heartbeat_interval_seconds",
+            "Seconds between etcd heartbeats (a heartbeat later than this is late)",
+            interval,
+        )
     last_heartbeat_at = stats_readings.number(sources.etcd.last_heartbeat_at)
     if last_heartbeat_at is not None:
         yield _gauge(
@@ -153,6 +178,11 @@ def _agent_metrics(sources: StatusSources) -> Iterator[Metric]:
     entries, last_seq = readings.journal_size(sources.journal)
     yield _gauge("bai_agent_events_journal_entries", "Events kept in the event journal", entries)
     yield _gauge("bai_agent_events_last_seq", "Sequence number of the last event in the journal", last_seq)
+    yield _gauge(
+        "bai_agent_events_journal_file_bytes",
+        "Size of the event journal's file (compactions keep it to about twice the kept events)",
+        readings.journal_file_bytes(sources.journal),
+    )
     seconds = stats_readings.sample_seconds(sources.stats)
     if seconds is not None:
         yield _gauge(

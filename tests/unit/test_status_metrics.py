@@ -341,6 +341,7 @@ def test_service_relays_are_counted(busy):
     outcomes = by_label(metrics["bai_agent_service_relay_connections"], "outcome", "_total")
     assert outcomes == {"relayed": 31, "refused": 2, "failed": 0}
     assert metrics["bai_agent_service_relay_idle_closed"].samples[0].value == 3
+    assert metrics["bai_agent_image_pulls"].samples[0].value == 1
     directions = by_label(metrics["bai_agent_service_relay_bytes"], "direction", "_total")
     assert directions == {"to_service": 4096, "to_client": 64 << 20}
 

@@ -56,12 +56,16 @@ class StubJournal:
     """An event journal with no events."""
 
     last_seq = 0
+    file_bytes = 0
 
     def __len__(self):
         return 0
 
     def since(self, seq):
         return []
+
+    def add_listener(self, listener):
+        pass
 
 
 class FakeKernels:

@@ -164,6 +164,11 @@ class EventJournal:
     def __len__(self) -> int:
         return len(self._events)
 
+    @property
+    def file_bytes(self) -> int:
+        """Bytes in the journal's file: each event adds a line, a compaction cuts it back to the kept ones."""
+        return self._size
+
     # -- life cycle -------------------------------------------------------------------------
 
     def open(self) -> None:

@@ -69,7 +69,7 @@ class AgentMetrics:
             self.command_errors.labels(command, code).inc()
 
     def report(self, sources: StatusSources) -> None:
-        """Read ``sources`` (``StatusSources``) at every scrape, beside the counters, and count its journal's events; once."""
+        """Read ``sources`` at every scrape, beside the counters, and count its journal's events; once."""
         self.registry.register(_SourcesCollector(sources))
         sources.journal.add_listener(self.observe_event)
 

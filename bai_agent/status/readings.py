@@ -28,6 +28,11 @@ def journal_size(journal: EventJournal | None) -> tuple[int, int]:
     return (len(journal), journal.last_seq)
 
 
+def journal_file_bytes(journal: EventJournal | None) -> int:
+    """Bytes in the event journal's file; 0 without one."""
+    return 0 if journal is None else journal.file_bytes
+
+
 def kernel_gpus(kernel_record: dict[str, Any]) -> list[int]:
     """The NVML indices granted to a kernel (its record's ``resources["cuda.device"]``)."""
     devices = mapping(kernel_record.get("resources")).get("cuda.device")

@@ -7,6 +7,7 @@ fake statistics collector) is shared with test_status_page.py.
 """
 
 import math
+import os
 
 import attrs
 import pytest
@@ -394,3 +395,23 @@ def test_names_follow_prometheus_conventions(busy):
         else:
             assert not name.endswith("_total"), name
         assert "percent" not in name and "milli" not in name, name
+
+
+def test_kernels_terminated_are_counted_by_reason_from_zero(busy):
+    metrics = families(busy.state)
+    terminated = by_label(metrics["bai_agent_kernels_terminated"], "reason", "_total")
+    assert terminated["oom-killed"] == 0 and terminated["user-requested"] == 0
+    busy.state.journal.append("kernel-terminated", "k-idle", {"reason": "oom-killed", "exit_code": 137})
+    busy.state.journal.append("kernel-terminated", "k-train", {"reason": "oom-killed", "exit_code": 137})
+    busy.state.journal.append("kernel-terminated", "k-x", {"reason": "user-requested", "exit_code": 0})
+    busy.state.journal.append("kernel-started", "k-y")
+    terminated = by_label(families(busy.state)["bai_agent_kernels_terminated"], "reason", "_total")
+    assert terminated["oom-killed"] == 2 and terminated["user-requested"] == 1 and terminated["idle-timeout"] == 0
+
+
+def test_heartbeat_interval_and_journal_file_size_are_metrics(busy):
+    metrics = families(busy.state)
+    assert metrics["bai_agent_heartbeat_interval_seconds"].samples[0].value == 3.0
+    size = os.path.getsize(busy.state.journal.path)
+    assert size > 0
+    assert metrics["bai_agent_events_journal_file_bytes"].samples[0].value == size

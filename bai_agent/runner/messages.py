@@ -175,6 +175,19 @@ class AgentMessages:
         if not isinstance(name, str) or not self.runner.services.stop(name):
             conn.reply(service_error("NO_SUCH_SERVICE", f"no service {str(name)[:64]!r}", name))
 
+    def _on_claim(self, conn, message: dict) -> None:
+        environ = message.get("environ")
+        if not isinstance(environ, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and "=" not in k and "\0" not in k + v
+            for k, v in environ.items()
+        ):
+            conn.reply(error("BAD_REQUEST", "claim needs environ, an object of strings"))
+            return
+        if self.runner.run is not None:
+            conn.reply(error("RUN_CONFLICT", "a run is active: a claimed runner has none"))
+            return
+        self.runner.claim(environ)
+
     def _on_list_services(self, conn, message: dict) -> None:
         answer = {"type": "services", "services": self.runner.services.describe()}
         if "id" in message:
@@ -191,4 +204,5 @@ class AgentMessages:
         "start-service": _on_start_service,
         "stop-service": _on_stop_service,
         "list-services": _on_list_services,
+        "claim": _on_claim,
     }

@@ -50,6 +50,8 @@ agent -> runner
                  ["timeout": seconds]}
   stop-service  {"name"}
   list-services {["id"]}
+  claim      {"environ": {str: str}}   a warm (pool) runner becomes a kernel's: user
+             processes get this environment from now on (the idle interpreter is replaced)
 
 Exit codes: 0 ok; 1 uncaught exception (query); 130 interrupted (KeyboardInterrupt, or a
 batch command killed by SIGINT); 137 cancelled; 127 batch build failed or a command could
@@ -202,17 +204,17 @@ class Runner:
         self.options = options
         # The runner's own environment is the container's (the image's, and HOME): nothing
         # a manager chose. The kernel's environment is for the user's processes only.
-        environ = dict(os.environ)
-        environ.update(read_user_environ(getattr(options, "environ_file", "")))
-        environ["HOME"] = options.home
+        self.base_environ = dict(os.environ)
+        self.base_environ["HOME"] = options.home
         try:
             import pwd
 
             name = pwd.getpwuid(options.uid).pw_name
-            environ.setdefault("USER", name)
-            environ.setdefault("LOGNAME", name)
+            self.base_environ.setdefault("USER", name)
+            self.base_environ.setdefault("LOGNAME", name)
         except (ImportError, KeyError):
             pass
+        environ = self.user_environ(read_user_environ(getattr(options, "environ_file", "")))
         self.identity = procs.Identity(options.uid, options.gid, options.home, environ)
         self.supports_query = options.runtime_type == "python"
         self.outbox = Outbox(options.outbox_limit)
@@ -385,8 +387,18 @@ class Runner:
 
     def features(self) -> list:
         if self.supports_query:
-            return ["query", "batch", "user-input", "complete", "interrupt", "cancel", "rich-output", "services"]
-        return ["batch", "interrupt", "cancel", "services"]
+            return [
+                "query",
+                "batch",
+                "user-input",
+                "complete",
+                "interrupt",
+                "cancel",
+                "rich-output",
+                "services",
+                "claim",
+            ]
+        return ["batch", "interrupt", "cancel", "services", "claim"]
 
     def fault(self, error: BaseException) -> None:  # pragma: no cover - the listener and wakeup pipe
         pass
@@ -420,6 +432,29 @@ class Runner:
             callback = self._children.pop(pid, None)
             if callback is not None:  # else an orphan that we (as PID 1) inherited
                 callback(status)
+
+    def user_environ(self, kernel_environ: dict) -> dict:
+        """The environment of user processes: the container's, the kernel's, then HOME and the user."""
+        environ = dict(os.environ)
+        environ.update(kernel_environ)
+        for name in ("HOME", "USER", "LOGNAME"):
+            if name in self.base_environ and (name == "HOME" or name not in kernel_environ):
+                environ[name] = self.base_environ[name]
+        return environ
+
+    def claim(self, kernel_environ: dict) -> None:
+        """
+        A warm runner becomes a kernel's: from now on user processes get the kernel's
+        environment, and the interpreter started for the pool (with none of it) is
+        replaced by a fresh one.
+        """
+        self.identity.environ = self.user_environ(kernel_environ)
+        old, self.interp = self.interp, None
+        if old is not None and old.exited is not True:
+            old.broken = old.broken or "replaced by the kernel's own"
+            old.kill()
+        if self.supports_query and self.run is None:
+            self.ensure_interpreter()
 
     # -- the interpreter ----------------------------------------------------------
 

@@ -690,3 +690,23 @@ def test_runner_link_drives_a_real_runner(reactor, runner):
     link.close()
     reason = yield link.dead
     assert reason == "closed by the agent"
+
+
+# -- claim (the warm pool) ------------------------------------------------------------------
+
+
+def test_a_claimed_runner_gives_user_processes_the_kernels_environment(runner, client):
+    assert client.run("x = 1").exit_code == 0  # the pool's interpreter, before the claim
+    assert client.run("import os; print(os.environ.get('FROM_CLAIM'))").stdout == "None\n"
+    client.send({"type": "claim", "environ": {"FROM_CLAIM": "yes", "HOME": "/elsewhere", "OMP_NUM_THREADS": "2"}})
+    # A fresh interpreter, with the environment; HOME stays the kernel's home.
+    result = client.run("import os; print(os.environ['FROM_CLAIM'], os.environ['HOME'], 'x' in globals())")
+    assert result.stdout == f"yes {runner.home} False\n", result.stdout
+    batch = client.run("", mode="batch", options={"exec": "echo $FROM_CLAIM $OMP_NUM_THREADS"})
+    assert batch.stdout == "yes 2\n"
+
+
+def test_a_bad_claim_is_refused(client):
+    for environ in (None, ["A=1"], {"A": 1}, {"A=B": "c"}, {"": "x"}, {"A": "nul\0"}):
+        client.send({"type": "claim", "environ": environ})
+        assert client.recv_type("error")[0]["code"] == "BAD_REQUEST"

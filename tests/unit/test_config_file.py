@@ -4,6 +4,7 @@
 every error names the file and the key.
 """
 
+import inspect
 import pathlib
 import re
 
@@ -75,6 +76,18 @@ def test_every_option_but_config_itself_may_be_in_the_file():
     assert "config" not in FILE_OPTIONS
     fields = set(attribute.name for attribute in AgentConfig.__attrs_attrs__)
     assert set(OPTION_FIELDS.values()) | set(FLAG_FIELDS.values()) | set(REPEATABLE_FIELDS.values()) <= fields
+
+
+def test_every_repeatable_option_has_a_field_and_a_file_key():
+    # Options.postOptions fills AgentConfig from FIELDS alone: a repeatable option (an
+    # opt_* method of the agent's own) missing from REPEATABLE_FIELDS would be dropped.
+    own = {
+        attribute[len("opt_") :].replace("_", "-")
+        for attribute, _ in inspect.getmembers(Options, inspect.isfunction)
+        if attribute.startswith("opt_") and not hasattr(usage.Options, attribute)
+    }
+    missing = sorted(own - set(REPEATABLE_FIELDS))
+    assert not missing, f"add {', '.join(missing)} to bai_agent.tap.REPEATABLE_FIELDS (option: AgentConfig field)"
 
 
 def test_keys_with_dashes_or_underscores_set_options(tmp_path):

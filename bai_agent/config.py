@@ -30,6 +30,7 @@ from bai_agent.values import (
     parse_heartbeat_interval,
     parse_host_port,
     parse_size,
+    parse_warm_pool,
 )
 
 __all__ = [
@@ -273,6 +274,12 @@ def _image_pull_stall_timeout(value: float | str) -> float:
     return seconds
 
 
+def _warm_pool(value: Any) -> dict[str, int]:
+    if isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
+        return parse_warm_pool(value, "--warm-pool")
+    return parse_warm_pool(list(value), "--warm-pool")
+
+
 def _opt(name: str) -> dict[str, str]:
     return {"option": name}
 
@@ -303,6 +310,8 @@ class AgentConfig:
     reserved_cpu: float = attrs.field(default=0.0, converter=_reserved_cpu)
     reserved_mem: int = attrs.field(default=0, converter=_reserved_mem)
     allowed_mount_roots: tuple[str, ...] = attrs.field(default=(), converter=_allowed_mount_roots)
+    # The warm pool (section 9): containers kept ready per image; etcd's warm_pool replaces it.
+    warm_pool: dict[str, int] = attrs.field(factory=dict, converter=_warm_pool)
     kernel_network: str = attrs.field(
         default="bridge",
         validator=_matching(NETWORK_NAME_PATTERN, "a Docker network name"),

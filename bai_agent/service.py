@@ -37,6 +37,7 @@ from bai_agent.kernels.allocator import Allocator
 from bai_agent.kernels.journal import EventJournal
 from bai_agent.kernels.registry import KernelRegistry
 from bai_agent.node.gpus import GpuDevice
+from bai_agent.protocol.keys import WARM_POOL
 from bai_agent.report import AgentReport, agent_info
 from bai_agent.rpc.server import AgentAMPFactory, AmpContext
 from bai_agent.runner import RUNNER_DIR
@@ -261,6 +262,12 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
     )
     amp_factory = AgentAMPFactory(amp)
     etcd.add_secret_listener(amp_factory.secret_changed)
+
+    def cluster_config_changed(name: str, value: Any) -> None:
+        if name == WARM_POOL:
+            kernels.pool.set_targets(value)  # None (removed): back to --warm-pool
+
+    etcd.add_config_listener(cluster_config_changed)
     sources = StatusSources(
         config=config,
         clock=reactor,

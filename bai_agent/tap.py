@@ -89,10 +89,15 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["allowed-mount-root"] = []
+        self["warm-pool"] = []
 
     def opt_allowed_mount_root(self, path):
         """A host directory whose subtrees managers may mount into kernels (repeatable)."""
         self["allowed-mount-root"].append(path)
+
+    def opt_warm_pool(self, spec):
+        """IMAGE=N: keep N containers of the kernel image IMAGE ready for creates (repeatable)."""
+        self["warm-pool"].append(spec)
 
     def parseOptions(self, options=None):
         # Which options the command line names, before they are parsed: a value given there
@@ -156,7 +161,7 @@ del OPTION_FIELDS["config"]
 #: The field each of ``Options.optFlags`` sets.
 FLAG_FIELDS: dict[str, str] = {str(flag[0]): str(flag[0]).replace("-", "_") for flag in Options.optFlags}
 #: The field each repeatable option (an ``opt_*`` method that appends) fills.
-REPEATABLE_FIELDS: dict[str, str] = {"allowed-mount-root": "allowed_mount_roots"}
+REPEATABLE_FIELDS: dict[str, str] = {"allowed-mount-root": "allowed_mount_roots", "warm-pool": "warm_pool"}
 FIELDS: dict[str, str] = {**OPTION_FIELDS, **FLAG_FIELDS, **REPEATABLE_FIELDS}
 #: What a ``--config`` file may set: every option but ``--config`` itself, with its kind.
 FILE_OPTIONS: dict[str, OptionKind] = {

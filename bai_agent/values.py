@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 __all__ = [
     "AGENT_ID_PATTERN",
@@ -138,3 +139,38 @@ def _float(value: object, what: str) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"expected {what}, got {value!r}") from None
+
+
+MAX_POOL_SIZE = 64  # warm pool containers per image
+
+
+def parse_warm_pool(value: Any, where: str = "warm_pool") -> dict[str, int]:
+    """
+    ``{"IMAGE": N}`` (etcd's Json), or a list of ``IMAGE=N`` (the command line's), as
+    ``{image: n}`` with 0 <= n <= MAX_POOL_SIZE; ``ValueError`` naming ``where`` otherwise.
+    """
+    if isinstance(value, (list, tuple)):
+        pairs = []
+        for item in value:
+            image, equals, count = str(item).rpartition("=")
+            if not equals or not image:
+                raise ValueError(f"{where}: {str(item)[:100]!r} is not IMAGE=N")
+            pairs.append((image, count))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise ValueError(f"{where}: must be an object of image: count")
+    targets: dict[str, int] = {}
+    for image, count in pairs:
+        if not isinstance(image, str) or not image or len(image) > 512 or not image.isprintable():
+            raise ValueError(f"{where}: an image must be a name")
+        try:
+            n = int(count) if not isinstance(count, bool) else -1
+        except (TypeError, ValueError):
+            n = -1
+        if isinstance(count, float) and not count.is_integer():
+            n = -1
+        if not 0 <= n <= MAX_POOL_SIZE:
+            raise ValueError(f"{where}: the count of {image[:100]} must be an integer from 0 to {MAX_POOL_SIZE}")
+        targets[image] = n
+    return targets

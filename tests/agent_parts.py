@@ -77,6 +77,15 @@ class FakeKernels:
         self.taken_over = True
         self.kernels = {}
         self.pulls = []  # pulls_in_progress
+        self.pool = {
+            "images": {},
+            "problem": None,
+            "claims": 0,
+            "misses": 0,
+            "filled": 0,
+            "failures": 0,
+            "last_refill_seconds": None,
+        }
         self.relayed = {
             "connections": 0,
             "refused": 0,
@@ -99,6 +108,9 @@ class FakeKernels:
 
     def relay_totals(self):
         return dict(self.relayed)
+
+    def pool_state(self):
+        return self.pool
 
     def pulls_in_progress(self):
         return list(self.pulls)

@@ -608,6 +608,10 @@ class DockerEngineClient:
         return file_from_tar(body, path, max_bytes)
 
     @inlineCallbacks
+    def rename_container(self, container_id: str, name: str) -> _Calls[None]:
+        yield self._request("POST", container_path(container_id, "/rename"), params={"name": name})
+
+    @inlineCallbacks
     def update_container(self, container_id: str, resources: dict[str, Any]) -> _Calls[list[str]]:
         result = yield self._request("POST", container_path(container_id, "/update"), json=resources)
         return list((result or {}).get("Warnings") or ())

@@ -191,6 +191,12 @@ class IDockerBackend(Interface):
         file or is larger than ``max_bytes`` (nothing larger is read).
         """
 
+    def rename_container(container_id, name):
+        """
+        ``POST /containers/{id}/rename?name=...``; fires with None. A name in use fails
+        with ``DockerConflict``; a missing container with ``DockerNotFound``.
+        """
+
     def update_container(container_id, resources):
         """
         ``POST /containers/{id}/update`` with ``resources`` (``Memory``,

@@ -6,20 +6,38 @@ command line's value before the agent uses it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.logger import Logger
 
 from bai_agent.etcd.interface import IEtcd, IWatch
-from bai_agent.protocol.keys import EXEC_TIMEOUT, HEARTBEAT_INTERVAL, IDLE_TIMEOUT, SECRET_NAME, name_under
-from bai_agent.values import parse_heartbeat_interval, parse_timeout
+from bai_agent.protocol.keys import (
+    EXEC_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    IDLE_TIMEOUT,
+    SECRET_NAME,
+    WARM_POOL,
+    name_under,
+)
+from bai_agent.values import parse_heartbeat_interval, parse_timeout, parse_warm_pool
+
+
+def _warm_pool(text: str) -> dict[str, int]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError('warm_pool: must be Json {"IMAGE": N}') from None
+    return parse_warm_pool(value, "warm_pool")
+
 
 # The same checks as the command line's and a manager's: a value in etcd is no more trusted.
 CONFIG_PARSERS: dict[str, Callable[[str], Any]] = {
     HEARTBEAT_INTERVAL: parse_heartbeat_interval,
     IDLE_TIMEOUT: parse_timeout,
     EXEC_TIMEOUT: parse_timeout,
+    WARM_POOL: _warm_pool,
 }
 
 ConfigListener = Callable[[str, Any], object]

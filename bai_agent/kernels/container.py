@@ -68,6 +68,17 @@ def user_environment(kernel: Kernel) -> dict[str, str]:
     return environ
 
 
+def claim_resources(grant: Grant, pids_limit: int) -> dict[str, Any]:
+    """The ``POST /containers/{id}/update`` body that gives a warm pool container ``grant``'s limits."""
+    resources: dict[str, Any] = {"Memory": grant.mem, "MemorySwap": grant.mem, "PidsLimit": pids_limit}
+    if grant.cpuset:
+        resources["CpusetCpus"] = ",".join(str(core) for core in grant.cpuset)
+    if grant.cpu_quota_us:
+        resources["CpuQuota"] = grant.cpu_quota_us
+        resources["CpuPeriod"] = grant.cpu_period_us
+    return resources
+
+
 def container_config(
     kernel: Kernel,
     workspace: Workspace,

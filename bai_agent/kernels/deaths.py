@@ -90,6 +90,9 @@ class DeathWatch:
         kernel_id = attributes.get(KERNEL_ID_LABEL)
         kernel = self.kernels.get(kernel_id) if isinstance(kernel_id, str) else None
         container_id = (event.get("Actor") or {}).get("ID") or event.get("id")
+        if kernel is None and container_id:
+            # A warm kernel's container was made for the pool: it has no kernel-id label.
+            kernel = next((k for k in self.kernels.values() if k.warm and k.container_id == container_id), None)
         if kernel is None or container_id != kernel.container_id:
             return
         action = event.get("Action") or event.get("status")

@@ -31,6 +31,9 @@ class IKernelView(Interface):
     def count() -> int:
         """How many kernels the agent holds."""
 
+    def pool_state() -> dict[str, Any]:
+        """The warm pool: ``images`` ({image: {target, ready, filling}}), counters, ``problem``."""
+
     def pulls_in_progress() -> list[dict[str, Any]]:
         """The image pulls under way: ``{image, bytes_done, bytes_total, waiting, elapsed}``."""
 

@@ -51,6 +51,8 @@ class Kernel:
     lock: DeferredLock = attrs.Factory(DeferredLock)
     terminated: Deferred[dict[str, Any]] | None = None  # fires with the destroy answer once terminated
     pulling: Deferred[Any] | None = None  # the wait for its image's pull (cancel: stop waiting)
+    warm: bool = False  # it came from the warm pool (section 9)
+    pool_id: str | None = None  # and was that pool container
 
     def record(self) -> dict[str, Any]:
         record = {
@@ -63,6 +65,7 @@ class Kernel:
             "resources": self.grant.to_json(),
             "idle_timeout": self.idle_timeout,
             "exec_timeout": self.exec_timeout,
+            "warm": self.warm,
         }
         if self.exit_code is not None:
             record["exit_code"] = self.exit_code
@@ -81,6 +84,8 @@ class Kernel:
             "mounts": [mount.to_json() for mount in self.mounts],
             "idle_timeout": self.idle_timeout,
             "exec_timeout": self.exec_timeout,
+            "warm": self.warm,
+            "pool_id": self.pool_id,
         }
 
     def answer(self) -> dict[str, Any]:

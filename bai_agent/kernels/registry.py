@@ -39,7 +39,7 @@ from bai_agent.images.references import InvalidReference, parse_reference
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels import pinned_mounts
 from bai_agent.kernels.allocator import Allocator, Grant, ResourceRequest, parse_resource_request
-from bai_agent.kernels.container import container_config, container_name, user_environment
+from bai_agent.kernels.container import claim_resources, container_config, container_name, user_environment
 from bai_agent.kernels.deaths import RUNNER_START_TIMEOUT, ConnectRunner, DeathWatch
 from bai_agent.kernels.deferreds import pass_to, share
 from bai_agent.kernels.execution import ExecutionSession
@@ -49,6 +49,7 @@ from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.passthrough import PassThrough
 from bai_agent.kernels.spec import check_environ, check_kernel_id, check_timeout, resolve_mounts
 from bai_agent.kernels.takeover import TakeOver
+from bai_agent.kernels.warm_pool import PoolEntry, WarmPool
 from bai_agent.kernels.workspace import Workspace
 from bai_agent.protocol import errors, events
 from bai_agent.runtime.inflight import InFlight
@@ -126,6 +127,17 @@ class KernelRegistry(Service):
             run_dir=lambda kernel_id: self.workspace(kernel_id).run_dir,
             save=lambda kernel_id, services: run_blocking(self.workspace(kernel_id).save_services, services),
         )
+        self.pool = WarmPool(
+            reactor,
+            config,
+            backend,
+            docker,
+            run_blocking,
+            connect_runner,
+            runner_dir,
+            scratch_volumes,
+            allocator.capacity.mem,
+        )
         self.in_flight = InFlight()
         self._announced_stopping = False
         self._unsubscribe: list[Callable[[], None]] = []
@@ -158,6 +170,7 @@ class KernelRegistry(Service):
             scratch_volumes,
             self.deaths,
             self.services,
+            self.pool,
             end=self._finish,
             is_running=lambda: bool(self.running),
         )
@@ -191,6 +204,7 @@ class KernelRegistry(Service):
         super().startService()
         self.journal.open()
         self._unsubscribe.append(self.docker.subscribe(self.deaths.docker_event))
+        self._unsubscribe.append(self.docker.subscribe(self.pool.docker_event))
         self._relist.startService()
         self._idle.startService()
         self.journal.append(events.AGENT_STARTED, data={"agent_id": self.config.agent_id})
@@ -214,6 +228,7 @@ class KernelRegistry(Service):
                 kernel.pulling.cancel()  # its create fails: a pull may take half an hour
         self.pulls.stop()
         yield DeferredList(rounds, consumeErrors=True)
+        yield self.pool.stop(destroy=self.config.destroy_kernels_on_stop)
         yield self.in_flight.settled()
         self.announce_stopping()
         for kernel in self.kernels.values():
@@ -308,6 +323,9 @@ class KernelRegistry(Service):
 
     def relay_totals(self) -> dict[str, int]:
         return self.services.relay_totals()
+
+    def pool_state(self) -> dict[str, Any]:
+        return self.pool.describe()
 
     def pulls_in_progress(self) -> list[dict[str, Any]]:
         return self.pulls.in_progress()
@@ -414,6 +432,9 @@ class KernelRegistry(Service):
             # The usual case, with nothing to wait for before the grant.
             kernel.grant = self._grant(kernel_id, listed, request)
             self.kernels[kernel_id] = kernel
+            entry = self._pool_entry(listed, request, resolved_mounts)
+            if entry is not None:
+                return self.in_flight.track(kernel.lock.run(self._claim, kernel, entry))
             return self.in_flight.track(kernel.lock.run(self._create, kernel))
         reference = None
         if policy != PULL_NEVER:
@@ -423,6 +444,71 @@ class KernelRegistry(Service):
                 raise errors.InvalidRequest(f"image {image!r} is not an image reference: {e}") from None
         self.kernels[kernel_id] = kernel
         return self.in_flight.track(self._create_pulled(kernel, request, policy, reference, credentials))
+
+    def _pool_entry(self, image: KernelImage, request: ResourceRequest, mounts: Any) -> PoolEntry | None:
+        """A warm container for a create the pool can serve (no GPUs, no mounts, the default home size)."""
+        if mounts or request.cuda_devices or request.scratch not in (0, self.config.default_scratch_size):
+            return None
+        return self.pool.take(image)
+
+    @inlineCallbacks
+    def _claim(self, kernel: Kernel, entry: PoolEntry) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """
+        Make a warm pool container the kernel's (docs/protocol.md section 9): its limits, its
+        name, its directories and the runner's environment, all at once; a claim that fails
+        before the container is the kernel's leaves it to a cold create.
+        """
+        started = time.monotonic()
+        self.journal.append(events.KERNEL_CREATING, kernel.kernel_id, {"image": kernel.image.name})
+        kernel.warm, kernel.pool_id, kernel.container_id = True, entry.pool_id, entry.container_id
+        workspace = self.workspace(kernel.kernel_id)
+        environ = user_environment(kernel)
+        assert entry.container_id is not None
+        steps = [
+            self.backend.update_container(
+                entry.container_id, claim_resources(kernel.grant, self.config.kernel_pids_limit)
+            ),
+            self.backend.rename_container(entry.container_id, container_name(self.config.agent_id, kernel.kernel_id)),
+            self.run_blocking(entry.workspace.claim, workspace, kernel.saved_state(), environ),
+        ]
+        results = yield DeferredList(steps, consumeErrors=True)
+        failed = [failure for ok, failure in results if not ok]
+        if failed or kernel.status != states.CREATING or entry.link is None or not entry.link.alive:
+            why = failed[0].getErrorMessage() if failed else "its runner went away"
+            self.log.warn(
+                "kernel {kernel_id}: the warm container could not be claimed ({why}); creating it cold",
+                kernel_id=kernel.kernel_id,
+                why=why,
+            )
+            yield self._undo_claim(kernel, entry, workspace)
+            if kernel.status != states.CREATING:
+                raise errors.KernelCreationFailed(f"kernel {kernel.kernel_id} ended while it was being created")
+            return (yield self._create(kernel, announced=True))
+        link = entry.link
+        link.send({"type": "claim", "environ": environ})
+        self.deaths.attach(kernel, link)
+        kernel.status = states.RUNNING
+        self.journal.append(events.KERNEL_STARTED, kernel.kernel_id, kernel.record())
+        self.log.info(
+            "kernel {kernel_id} started warm in {elapsed:.4f}s",
+            kernel_id=kernel.kernel_id,
+            elapsed=time.monotonic() - started,
+        )
+        return kernel.record()
+
+    @inlineCallbacks
+    def _undo_claim(
+        self, kernel: Kernel, entry: PoolEntry, workspace: Workspace
+    ) -> Generator[Deferred[Any], Any, None]:
+        """Remove the pool container a claim could not finish, and what of it moved into the kernel's place."""
+        kernel.warm, kernel.pool_id, kernel.container_id = False, None, None
+        yield self.pool.discard(entry)
+        try:
+            yield self.run_blocking(workspace.remove)
+        except Exception as e:
+            self.log.warn(
+                "kernel {kernel_id}: could not clear its directories: {error}", kernel_id=kernel.kernel_id, error=e
+            )
 
     def listed_image(self, name: str) -> KernelImage | None:
         """The local kernel image listed as ``name`` (``name:tag``), or None."""
@@ -651,6 +737,8 @@ class KernelRegistry(Service):
         )
         if users:
             raise errors.ImageInUse(f"image {image} is used by kernel(s) {', '.join(users[:10])}")
+        if self.pool.keeps(kernel_image):
+            raise errors.ImageInUse(f"the warm pool keeps image {image}: take it out of --warm-pool / warm_pool first")
         try:
             yield self.backend.remove_image(image)
         except DockerNotFound:

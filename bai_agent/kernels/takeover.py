@@ -31,25 +31,30 @@ from bai_agent.docker.images import KernelImage
 from bai_agent.docker.interface import DockerError, IDockerBackend
 from bai_agent.kernels import kernel as states
 from bai_agent.kernels.allocator import Allocator, Grant
+from bai_agent.kernels.container import container_name
 from bai_agent.kernels.deaths import DeathWatch, int_or_none
 from bai_agent.kernels.deferreds import share
 from bai_agent.kernels.journal import AgentEvent, EventJournal
 from bai_agent.kernels.kernel import Kernel
 from bai_agent.kernels.spec import check_kernel_id_quietly, resolve_mounts
 from bai_agent.kernels.workspace import (
+    PoolWorkspace,
     Workspace,
+    finish_claim,
     kernel_key,
     leftover_kernel_ids,
+    load_pool_states,
     load_saved_states,
     remove_state_dirs_except,
 )
 from bai_agent.protocol import errors, events
-from bai_agent.protocol.labels import AGENT_ID_LABEL, KERNEL_ID_LABEL
+from bai_agent.protocol.labels import AGENT_ID_LABEL, KERNEL_ID_LABEL, POOL_ID_LABEL, POOL_LABEL
 from bai_agent.runtime.inflight import InFlight
 
 if TYPE_CHECKING:
     from bai_agent.config import AgentConfig
     from bai_agent.docker.service import DockerService
+    from bai_agent.kernels.warm_pool import WarmPool
     from bai_agent.services.kernel_services import KernelServices
 
 
@@ -68,6 +73,8 @@ class TakeOver:
     :param scratch_volumes: the ``ScratchVolumes`` of the homes, or None.
     :param deaths: the registry's ``DeathWatch`` (reaching runners, ending silent ones).
     :param services: the registry's ``KernelServices`` (the adopted kernels' services).
+    :param pool: the registry's ``WarmPool``: the last run's pool containers go back into
+        it, claims it was killed in the middle of are finished; it starts filling after.
     :param end: ``(kernel, reason) -> Deferred``, the end of every kernel (under its lock).
     :param is_running: whether the registry runs.
     """
@@ -89,6 +96,7 @@ class TakeOver:
         scratch_volumes: Any,
         deaths: DeathWatch,
         services: KernelServices,
+        pool: WarmPool,
         end: Callable[[Kernel, str], Deferred[None]],
         is_running: Callable[[], bool],
     ) -> None:
@@ -105,6 +113,7 @@ class TakeOver:
         self.scratch_volumes = scratch_volumes
         self.deaths = deaths
         self.services = services
+        self.pool = pool
         self.end = end
         self.is_running = is_running
         self.recovered = False  # every kernel of the last run is known (the first part)
@@ -135,7 +144,16 @@ class TakeOver:
         # an adopted kernel needs its image's labels (its services, its runtime).
         yield self.docker.refresh_images()
         containers = yield self.backend.list_containers(labels={AGENT_ID_LABEL: agent_id}, all=True)
+        # Claims of the warm pool that were committed (the kernel's state written) are
+        # finished first, so that their kernels are found where kernels are.
+        pool_states = yield self.run_blocking(load_pool_states, self.config.state_dir)
+        for pool_id, (_, claimed) in pool_states.items():
+            kernel_id = claimed.get("kernel_id") if claimed else None
+            if isinstance(kernel_id, str) and check_kernel_id_quietly(kernel_id):
+                yield self.run_blocking(finish_claim, self._pool_workspace(pool_id), self.workspace(kernel_id))
         saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
+        claimed_pool_ids = {state.get("pool_id"): kernel_id for kernel_id, state in saved.items() if state.get("warm")}
+        pool_found: list[tuple[str, str, bool]] = []  # (pool id, container id, running)
         homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)
         # What the last run told managers last about each kernel, read once for all of them.
         last_events = {event.kernel_id: event for event in self.journal.since(0) if event.kernel_id}
@@ -144,7 +162,15 @@ class TakeOver:
         for container in containers:
             labels = container.get("Labels") or {}
             kernel_id = labels.get(KERNEL_ID_LABEL)
-            if labels.get(AGENT_ID_LABEL) != agent_id or not isinstance(kernel_id, str):
+            if labels.get(AGENT_ID_LABEL) != agent_id:
+                continue
+            if labels.get(POOL_LABEL) == "1" and isinstance(labels.get(POOL_ID_LABEL), str):
+                # A claimed pool container is a kernel (known by its state); the rest, the pool's.
+                kernel_id = claimed_pool_ids.get(labels[POOL_ID_LABEL])
+                if kernel_id is None:
+                    pool_found.append((labels[POOL_ID_LABEL], container["Id"], container.get("State") == "running"))
+                    continue
+            if not isinstance(kernel_id, str):
                 continue
             if not check_kernel_id_quietly(kernel_id):
                 continue
@@ -185,11 +211,13 @@ class TakeOver:
             self.services.adopt(kernel, adopted_services.get(kernel.kernel_id))
         # State dirs that no kernel explains (a create killed before it saved): removed
         # before any new kernel can be made, so that none of its directories is taken.
+        pool_keep, pool_drop = self._sort_pool(pool_found, pool_states, set(claimed_pool_ids))
         keep = {kernel_key(kernel_id) for kernel_id in self.kernels}
         try:
             yield self.run_blocking(remove_state_dirs_except, self.config.state_dir, keep)
             if self.scratch_volumes is not None:
                 kept_homes = [self.workspace(kernel_id).scratch_dir for kernel_id in self.kernels]
+                kept_homes += [self._pool_workspace(pool_id).scratch_dir for pool_id, _, _ in pool_keep]
                 yield self.run_blocking(self.scratch_volumes.remove_images_except, kept_homes)
         except Exception:
             # Registered kernels must get their second part whatever: never fail here.
@@ -204,6 +232,8 @@ class TakeOver:
             self.in_flight.track(kernel.lock.run(self._reconnect_adopted, kernel, last)) for kernel, last in adopting
         ]
         work += [self.in_flight.track(kernel.lock.run(self._end_found, kernel, reason)) for kernel, reason in ending]
+        work += [self.pool.adopt(image, pool_id, container_id) for pool_id, container_id, image in pool_keep]
+        work += [self.pool.remove_found(pool_id, container_id) for pool_id, container_id in pool_drop]
         results = yield DeferredList(work, consumeErrors=True)
         for ok, failure in results:
             if not ok:
@@ -213,11 +243,41 @@ class TakeOver:
         yield DeferredList(ending_now, consumeErrors=True)
         adopted = sum(1 for kernel, _ in adopting if kernel.status == states.RUNNING)
         self.taken_over = True
+        self.pool.start()
         self.log.info(
             "took over from the last run: {adopted} kernel(s) adopted, {ended} ended",
             adopted=adopted,
             ended=len(ending) + len(adopting) - adopted,
         )
+
+    def _pool_workspace(self, pool_id: str) -> PoolWorkspace:
+        return PoolWorkspace(self.config.scratch_root, self.config.state_dir, pool_id, self.scratch_volumes)
+
+    def _sort_pool(
+        self, found: list[tuple[str, str, bool]], states: dict[str, Any], claimed: set[Any]
+    ) -> tuple[list[tuple[str, str, KernelImage]], list[tuple[str, str | None]]]:
+        """
+        The last run's pool containers to take back (running, with their directories, of an
+        image still offered) and what to remove (the other containers, and directories
+        whose container is gone).
+        """
+        keep: list[tuple[str, str, KernelImage]] = []
+        drop: list[tuple[str, str | None]] = []
+        seen = set()
+        for pool_id, container_id, running in found:
+            seen.add(pool_id)
+            pool_state = (states.get(pool_id) or (None, None))[0]
+            image = None
+            if pool_state is not None and pool_state.get("container_id") == container_id:
+                image = next((i for i in self.docker.images if i.name == pool_state.get("image")), None)
+            if running and image is not None:
+                keep.append((pool_id, container_id, image))
+            else:
+                drop.append((pool_id, container_id))
+        for pool_id in states:
+            if pool_id not in seen and pool_id not in claimed:
+                drop.append((pool_id, None))
+        return keep, drop
 
     # -- the first part: registering what was found --------------------------------------------
 
@@ -248,6 +308,8 @@ class TakeOver:
             last_used=now,
             status=states.RUNNING,
             container_id=container_id,
+            warm=bool(state.get("warm")),
+            pool_id=state.get("pool_id") if isinstance(state.get("pool_id"), str) else None,
         )
         self.kernels[kernel_id] = kernel
         return kernel
@@ -272,6 +334,14 @@ class TakeOver:
     def _reconnect_adopted(self, kernel: Kernel, last_event: AgentEvent | None) -> Generator[Deferred[Any], Any, None]:
         if kernel.status != states.RUNNING:
             return  # it died meanwhile, and its death was handled first
+        if kernel.warm and kernel.container_id is not None:
+            # A claim cut short may not have renamed its container yet.
+            try:
+                yield self.backend.rename_container(
+                    kernel.container_id, container_name(self.config.agent_id, kernel.kernel_id)
+                )
+            except DockerError:
+                pass  # already named so (or Docker says why on the next look)
         if (yield self.deaths.reach_runner(kernel)) is None:
             return  # a silent runner's kernel is being ended (after this, under its lock)
         self._announce_adopted(kernel, last_event)

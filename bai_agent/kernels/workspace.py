@@ -100,6 +100,90 @@ class Workspace:
         home.check()
 
 
+POOL_DIR = ".pool"  # under the scratch root: the pool's homes (not a kernel id: ids start alphanumeric)
+
+
+class PoolWorkspace:
+    """
+    The directories of a warm pool container (docs/protocol.md section 9), until a claim
+    moves them into a kernel's place: ``{scratch_root}/.pool/{pool_id}`` (the home) and
+    ``{state_dir}/pool/{pool_id}/`` (``pool.json`` and ``run/``, as a kernel's).
+    """
+
+    def __init__(self, scratch_root: str, state_dir: str, pool_id: str, volumes: Any = None) -> None:
+        self.pool_id = pool_id
+        self.volumes = volumes
+        self.scratch_dir = os.path.join(scratch_root, POOL_DIR, pool_id)
+        self.state_dir = os.path.join(state_dir, "pool", pool_id)
+        self.run_dir = os.path.join(self.state_dir, "run")
+        self.socket_path = os.path.join(self.run_dir, SOCKET_NAME)
+        self.environ_file = os.path.join(self.run_dir, ENVIRON_NAME)
+        self.state_file = os.path.join(self.state_dir, "pool.json")
+        self.claim_file = os.path.join(self.state_dir, "kernel.json")
+
+    def create(self, scratch_size: int) -> None:
+        os.makedirs(os.path.dirname(self.scratch_dir), mode=0o700, exist_ok=True)
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        os.mkdir(self.scratch_dir, mode=0o755)
+        os.chown(self.scratch_dir, KERNEL_UID, KERNEL_GID)
+        if self.volumes is not None and scratch_size:
+            self.volumes.limit(self.scratch_dir, scratch_size)
+
+    def save(self, state: dict) -> None:
+        _write_atomically(self.state_file, state)
+
+    def claim(self, kernel: Workspace, state: dict, environ: dict) -> None:
+        """
+        Make the pool container's directories the kernel's. The kernel's state written in the
+        pool's state dir is the commit: from then on the take-over of a killed agent finishes
+        the claim (``finish_claim``), never undoes it.
+        """
+        _write_atomically(self.claim_file, state)
+        finish_claim(self, kernel)
+        _write_atomically(kernel.environ_file, environ)
+
+    def remove(self) -> None:
+        if self.volumes is not None:
+            self.volumes.remove(self.scratch_dir)
+        home = remove_tree(self.scratch_dir)
+        _remove_state_dir(self.state_dir)
+        home.check()
+
+
+def finish_claim(pool: PoolWorkspace, kernel: Workspace) -> None:
+    """Move what is still the pool's into the kernel's place (idempotent: a claim may have been cut short)."""
+    if os.path.isdir(pool.state_dir) and not os.path.exists(kernel.state_dir):
+        os.makedirs(os.path.dirname(kernel.state_dir), mode=0o700, exist_ok=True)
+        os.rename(pool.state_dir, kernel.state_dir)
+    if os.path.isdir(pool.scratch_dir) and not os.path.exists(kernel.scratch_dir):
+        if pool.volumes is not None:
+            pool.volumes.move(pool.scratch_dir, kernel.scratch_dir)
+        else:
+            os.rename(pool.scratch_dir, kernel.scratch_dir)
+
+
+def load_pool_states(state_dir: str) -> dict:
+    """``{pool_id: (pool.json, the claimed kernel's state or None)}`` of ``{state_dir}/pool/*``."""
+    found: dict = {}
+    root = os.path.join(state_dir, "pool")
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        states = []
+        for file in ("pool.json", "kernel.json"):
+            try:
+                with open(os.path.join(root, name, file)) as f:
+                    value = json.load(f)
+            except (OSError, ValueError):
+                value = None
+            states.append(value if isinstance(value, dict) else None)
+        found[name] = tuple(states)
+    return found
+
+
 def _write_atomically(path: str, value) -> None:
     temporary = path + ".tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

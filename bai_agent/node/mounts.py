@@ -20,6 +20,7 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_REMOUNT = 32
+MS_MOVE = 8192
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
@@ -58,6 +59,11 @@ def bind_fd(fd: int, target: str, read_only: bool) -> None:
     except OSError:
         unmount(target)
         raise
+
+
+def move(source: str, target: str) -> None:
+    """Move the mount at ``source`` to ``target`` (an existing directory): ``mount --move``."""
+    mount(source, target, None, MS_MOVE)
 
 
 def unmount(target: str, lazy: bool = False) -> bool:

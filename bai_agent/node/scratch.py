@@ -164,6 +164,24 @@ class ScratchVolumes:
                 pass
         # A project quota needs no undoing: the project's blocks go with its files.
 
+    def move(self, old: str, new: str) -> None:
+        """
+        Move the home ``old`` to ``new`` (a warm kernel's claim: its container keeps the
+        same directory). A directory is renamed; a mounted image is moved (``mount
+        --move``, which leaves the container's own bind of it alone), with its image file.
+        """
+        if not (self.kind == "hostfile" and mounts.is_mount_point(old)):
+            os.rename(old, new)
+            return
+        os.mkdir(new, 0o755)
+        try:
+            mounts.move(old, new)
+        except BaseException:
+            os.rmdir(new)
+            raise
+        os.rmdir(old)
+        os.rename(self.image_path(old), self.image_path(new))
+
     def remove_images_except(self, homes: Iterable[str]) -> list[str]:
         """
         Delete the images of no home in ``homes`` (what a create killed before it mounted

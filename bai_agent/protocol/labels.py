@@ -14,6 +14,11 @@ from typing import Final
 KERNEL_ID_LABEL: Final = "ai.backend.kernel-id"
 # The agent that made the container: an agent never touches another agent's containers.
 AGENT_ID_LABEL: Final = "ai.backend.agent-id"
+# "1" on the containers of the warm pool (section 9); labels cannot change, so a claimed
+# one keeps it: it is then known by its name (kernel.{agent_id}.{kernel_id}) and its state.
+POOL_LABEL: Final = "ai.backend.pool"
+# Which pool container it is: its directories are named after it.
+POOL_ID_LABEL: Final = "ai.backend.pool-id"
 
 # -- on kernel images ---------------------------------------------------------------------
 

@@ -279,7 +279,25 @@ SCRIPT = r"""
     return '<table class="kernels"><tr><th>kernel</th><th>image</th><th>status</th><th>age</th><th>idle</th>' +
       '<th colspan="2">CPU (cores used of granted)</th><th colspan="2">memory (used of granted)</th>' +
       "<th>GPUs</th><th>scratch</th><th>services</th></tr>" + (rows.join("") || none(12, "no kernels")) + "</table>" +
-      pulls(snap);
+      pulls(snap) + pool(snap);
+  }
+
+  function pool(snap) {
+    var state = snap.pool || {};
+    var images = state.images || {};
+    var rows = Object.keys(images).sort().map(function (image) {
+      var entry = images[image];
+      return "<tr><td>warm pool " + esc(image) + "</td><td>" + bar(null, share(entry.ready, entry.target)) + "</td>" +
+        '<td class="num">' + esc(entry.ready) + " ready of " + esc(entry.target) + "</td>" +
+        '<td class="num">' + esc(entry.filling) + " filling</td></tr>";
+    });
+    if (!rows.length) return "";
+    var refill = state.last_refill_seconds;
+    var summary = esc(state.claims || 0) + " claims, " + esc(state.misses || 0) + " misses" +
+      (isNum(refill) ? ", last refill " + esc(Math.round(refill * 1000)) + " ms" : "");
+    var problem = state.problem ? '<div class="warn">' + esc(state.problem) + "</div>" : "";
+    return '<table class="pool">' + rows.join("") + "</table>" +
+      '<div class="meta">warm pool: ' + summary + "</div>" + problem;
   }
 
   function pulls(snap) {

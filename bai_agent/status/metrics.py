@@ -118,12 +118,34 @@ class _SourcesCollector:
         yield from _agent_metrics(sources)
         yield from _service_metrics(sources.kernels.relay_totals())
         yield _gauge("bai_agent_image_pulls", "Image pulls in progress", len(sources.kernels.pulls_in_progress()))
+        yield from _pool_metrics(sources.kernels.pool_state())
         records = sources.kernels.records()
         yield from _kernel_metrics(records, stats_readings.kernel_samples(sources.stats))
         node = stats_readings.node_sample(sources.stats)
         if node is not None:
             yield from _node_metrics(node)
             yield from _gpu_metrics(node["gpus"], records)
+
+
+def _pool_metrics(pool: dict[str, Any]) -> Iterator[Metric]:
+    size = GaugeMetricFamily("bai_agent_warm_pool_size", "Warm pool containers wanted, per image", labels=["image"])
+    ready = GaugeMetricFamily("bai_agent_warm_pool_ready", "Warm pool containers ready, per image", labels=["image"])
+    for image, state in sorted((pool.get("images") or {}).items()):
+        size.add_metric([image], state["target"])
+        ready.add_metric([image], state["ready"])
+    yield size
+    yield ready
+    yield CounterMetricFamily("bai_agent_warm_pool_claims", "Creates served by the warm pool", value=pool["claims"])
+    yield CounterMetricFamily(
+        "bai_agent_warm_pool_misses",
+        "Creates the warm pool could have served but had no container ready for",
+        value=pool["misses"],
+    )
+    refill = pool.get("last_refill_seconds")
+    if refill is not None:
+        yield _gauge(
+            "bai_agent_warm_pool_refill_seconds", "How long the last warm pool container took to be ready", refill
+        )
 
 
 def _service_metrics(totals: dict[str, int]) -> Iterator[Metric]:

@@ -80,6 +80,7 @@ class StatusPage:
             "images": [image.to_json() for image in docker.images],
             "kernels": kernels,
             "pulls": sources.kernels.pulls_in_progress(),
+            "pool": sources.kernels.pool_state(),
             "now": sources.clock.seconds(),
             "connections": len(sources.connections),
             "events": recent_events(sources.health, sources.journal),
@@ -113,6 +114,10 @@ class StatusPage:
         if problems:
             request.setResponseCode(503)
             return ("unhealthy\n" + "".join(f"{problem}\n" for problem in problems)).encode("utf-8")
+        pool_problem = self.sources.kernels.pool_state().get("problem")
+        if pool_problem:
+            # Healthy all the same: creates are served cold.
+            return f"ok\nwarm pool: {pool_problem}\n".encode()
         return b"ok\n"
 
     @app.route("/metrics", methods=["GET", "HEAD"])
@@ -473,7 +478,27 @@ def render_kernels(snap: dict[str, Any]) -> str:
         + ("".join(rows) or _none(12, "no kernels"))
         + "</table>"
         + render_pulls(snap)
+        + render_pool(snap)
     )
+
+
+def render_pool(snap: dict[str, Any]) -> str:
+    """The warm pool's containers, apart from the kernels (nothing without a pool)."""
+    pool = snap.get("pool") or {}
+    rows = [
+        f"<tr><td>warm pool {_e(image)}</td><td>{_bar(None, _share(state['ready'], state['target']))}</td>"
+        f'<td class="num">{_e(state["ready"])} ready of {_e(state["target"])}</td>'
+        f'<td class="num">{_e(state["filling"])} filling</td></tr>'
+        for image, state in sorted((pool.get("images") or {}).items())
+    ]
+    if not rows:
+        return ""
+    refill = pool.get("last_refill_seconds")
+    summary = f"{_e(pool.get('claims', 0))} claims, {_e(pool.get('misses', 0))} misses" + (
+        f", last refill {_e(round(refill * 1000))} ms" if isinstance(refill, (int, float)) else ""
+    )
+    problem = f'<div class="warn">{_e(pool["problem"])}</div>' if pool.get("problem") else ""
+    return f'<table class="pool">{"".join(rows)}</table><div class="meta">warm pool: {summary}</div>{problem}'
 
 
 def render_pulls(snap: dict[str, Any]) -> str:

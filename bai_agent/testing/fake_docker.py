@@ -414,6 +414,9 @@ class FakeDockerBackend:
     def read_file(self, container_id, path, max_bytes):
         return self._call("read_file", container_id, lambda: self._read_file(container_id, path, max_bytes))
 
+    def rename_container(self, container_id, name):
+        return self._call("rename_container", container_id, lambda: self._rename(container_id, name))
+
     def update_container(self, container_id, resources):
         return self._call("update_container", container_id, lambda: self._update(container_id, resources))
 
@@ -790,6 +793,17 @@ class FakeDockerBackend:
         if tail is not None:
             lines = lines[len(lines) - tail :] if tail else []
         return "".join(lines)
+
+    def _rename(self, ref, name):
+        container = self._container(ref)
+        name = name.lstrip("/")
+        if not _CONTAINER_NAME.match(name):
+            raise DockerError(f"Invalid container name ({name})", status=400)
+        for other in self._containers.values():
+            if other.name == name and other is not container:
+                raise DockerConflict(f'Conflict. The container name "/{name}" is already in use', status=409)
+        old, container.name = container.name, name
+        self._container_event("rename", container, oldName="/" + old)
 
     def _update(self, ref, resources):
         container = self._container(ref)

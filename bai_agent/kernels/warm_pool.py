@@ -229,8 +229,10 @@ class WarmPool:
         """Fill (or shrink) towards the targets, in the background, one container at a time."""
         if not self.running or self._filling is not None:
             return
-        self._filling = self._fill_loop()
-        self._filling.addErrback(lambda failure: log.failure("the warm pool's filling failed", failure))
+        filling = self._fill_loop()
+        filling.addErrback(lambda failure: log.failure("the warm pool's filling failed", failure))
+        if not filling.called:  # (with fakes it may be done already)
+            self._filling = filling
 
     @inlineCallbacks
     def _fill_loop(self) -> Generator[Deferred[Any], Any, None]:
@@ -244,8 +246,7 @@ class WarmPool:
                     continue
                 image = self._wanted()
                 if image is None:
-                    self.problem = None
-                    return
+                    return  # full (or only images not here are wanted: _wanted says so)
                 started = time.monotonic()
                 try:
                     yield self._fill(image)
@@ -288,8 +289,7 @@ class WarmPool:
                 problems.append(f"{name} is not a local kernel image")
                 continue
             return image
-        if problems:
-            self.problem = "; ".join(problems)
+        self.problem = "; ".join(problems) or None
         return None
 
     @inlineCallbacks

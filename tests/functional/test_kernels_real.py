@@ -1,6 +1,8 @@
 """
 Kernels on the real Docker daemon, through a real agent process and the AMP client:
-create, destroy, restart, death, OOM, events across reconnects and agent restarts.
+create, destroy, restart, death, OOM, events across reconnects and agent restarts; each
+test runs twice: with kernels created cold, and claimed from a warm pool (section 9), which
+a manager must not be able to tell apart.
 """
 
 import json
@@ -12,19 +14,41 @@ from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.waiting import wait_until
 from tests.functional.agent_process import containers_of, docker, running_agent
-from tests.functional.executing import IMAGE
+from tests.functional.executing import IMAGE, run_to_end, text
 
 pytestmark = pytest.mark.functional
 
 
 def our_containers(agent):
-    return containers_of(agent.agent_id)
+    """The kernels' containers (the warm pool's are not kernels)."""
+    listed = docker(
+        "ps",
+        "-a",
+        "--no-trunc",
+        "--filter",
+        f"label=ai.backend.agent-id={agent.agent_id}",
+        "--format",
+        "{{.ID}} {{.Names}}",
+    ).stdout.split("\n")
+    return [line.split()[0][:12] for line in listed if line.strip() and not line.split()[1].startswith("pool.")]
 
 
-@pytest.fixture
-def agent(tmp_path, etcd_server, docker_host):
-    with running_agent(tmp_path, etcd_server.addr, "agent-k") as process:
+@pytest.fixture(params=["cold", "warm"])
+def agent(request, tmp_path, etcd_server, docker_host):
+    extra = ["--warm-pool", f"{IMAGE}=3"] if request.param == "warm" else []
+    with running_agent(tmp_path, etcd_server.addr, "agent-k", extra) as process:
+        process.warm = request.param == "warm"
+        if process.warm:
+            process.wait_for(lambda: pool_ready(process) >= 2, 60, "the warm pool")
         yield process
+
+
+def pool_ready(agent):
+    status, body = agent.http("/status.json")
+    if status != 200:
+        return 0
+    images = json.loads(body)["pool"]["images"]
+    return images.get(IMAGE, {}).get("ready", 0)
 
 
 def scratch(agent, tmp_path, kernel_id=""):
@@ -34,9 +58,10 @@ def scratch(agent, tmp_path, kernel_id=""):
 def homes(agent):
     """The kernel homes under the scratch root; their images (hostfile) only while they live."""
     root = agent.scratch_root
-    names = sorted(p.name for p in root.iterdir() if p.name != ".volumes")
-    volumes = root / ".volumes"
-    assert not volumes.exists() or len(list(volumes.iterdir())) <= len(names), sorted(volumes.iterdir())
+    names = sorted(p.name for p in root.iterdir() if p.name not in (".volumes", ".pool"))
+    volumes, pool = root / ".volumes", root / ".pool"
+    pool_homes = len(list(pool.iterdir())) if pool.exists() else 0
+    assert not volumes.exists() or len(list(volumes.iterdir())) <= len(names) + pool_homes, sorted(volumes.iterdir())
     return names
 
 
@@ -58,7 +83,11 @@ def test_create_list_destroy_on_real_docker(agent, tmp_path, reactor, etcd_serve
         inspect = json.loads(docker("inspect", container).stdout)[0]
         host = inspect["HostConfig"]
         assert inspect["Name"] == "/kernel.agent-k.k1"
-        assert inspect["Config"]["Labels"]["ai.backend.kernel-id"] == "k1"
+        assert record["warm"] is agent.warm
+        if agent.warm:  # labels cannot change: it was made for the pool
+            assert inspect["Config"]["Labels"]["ai.backend.pool"] == "1"
+        else:
+            assert inspect["Config"]["Labels"]["ai.backend.kernel-id"] == "k1"
         assert host["Privileged"] is False and host["CapDrop"] == ["ALL"]
         assert host["Memory"] == host["MemorySwap"] == 128 << 20
         assert host["NetworkMode"] == "none"
@@ -88,11 +117,37 @@ def test_create_list_destroy_on_real_docker(agent, tmp_path, reactor, etcd_serve
 
 
 @pytest_twisted.inlineCallbacks
+def test_code_sees_the_kernels_environment_cores_and_home(agent, tmp_path, reactor):
+    client = yield connect(reactor, agent, tmp_path)
+    try:
+        record = yield client.create_kernel("env", IMAGE, {"cpu": 1, "mem": "128m"}, environ={"GREETING": "hi"})
+        assert record["warm"] is agent.warm
+        answer = yield client.execute(
+            "env",
+            "query",
+            "import os\n"
+            "print(os.environ['GREETING'], os.environ['OMP_NUM_THREADS'], len(os.sched_getaffinity(0)))\n"
+            "n = open('written.txt', 'w').write(os.getcwd())\n",
+        )
+        assert answer["console"] == [["stdout", "hi 1 1\n"]], answer
+        console, _ = yield run_to_end(client, "env", "batch", options={"exec": "echo $GREETING; nproc"})
+        assert text(console, "stdout") == "hi\n1\n", console
+        downloaded = yield client.download_file("env", "written.txt")
+        assert downloaded["data"] == b"/home/work"
+        assert (scratch(agent, tmp_path, "env") / "written.txt").read_text() == "/home/work"
+        yield client.destroy_kernel("env")
+        assert our_containers(agent) == [] and homes(agent) == []
+    finally:
+        client.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_bad_requests_leak_nothing_on_real_docker(agent, tmp_path, reactor):
     client = yield connect(reactor, agent, tmp_path)
     try:
         for kwargs, error in [
-            ({"image": "no/such:1"}, errors.ImageNotFound),
+            ({"image": "no/such:1", "image_pull": "never"}, errors.ImageNotFound),
+            ({"image": "127.0.0.1:1/no/such:1"}, errors.ImagePullFailed),  # no registry there
             ({"resources": {"cpu": -1}}, errors.InvalidRequest),
             ({"resources": {"mem": "12q"}}, errors.InvalidRequest),
             ({"resources": {"cpu": 1000}}, errors.InsufficientResources),

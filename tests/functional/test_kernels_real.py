@@ -13,7 +13,7 @@ import pytest_twisted
 from bai_agent.protocol import errors
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.waiting import wait_until
-from tests.functional.agent_process import containers_of, docker, running_agent
+from tests.functional.agent_process import docker, running_agent
 from tests.functional.executing import IMAGE, run_to_end, text
 
 pytestmark = pytest.mark.functional

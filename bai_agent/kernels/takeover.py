@@ -153,6 +153,10 @@ class TakeOver:
                 yield self.run_blocking(finish_claim, self._pool_workspace(pool_id), self.workspace(kernel_id))
         saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
         claimed_pool_ids = {state.get("pool_id"): kernel_id for kernel_id, state in saved.items() if state.get("warm")}
+        for pool_id, kernel_id in claimed_pool_ids.items():
+            # Cut off between moving its state and moving its home: the home follows now.
+            if isinstance(pool_id, str):
+                yield self.run_blocking(finish_claim, self._pool_workspace(pool_id), self.workspace(kernel_id))
         pool_found: list[tuple[str, str, bool]] = []  # (pool id, container id, running)
         homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)
         # What the last run told managers last about each kernel, read once for all of them.

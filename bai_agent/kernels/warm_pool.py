@@ -198,8 +198,18 @@ class WarmPool:
             self.entries.pop(pool_id, None)
             return self._remove(entry)
 
-        d = self.connect_runner(self.reactor, entry.workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
-        return d.addCallbacks(reached, lost)
+        @inlineCallbacks
+        def reach() -> Generator[Deferred[Any], Any, Any]:
+            # A claim cut off before its commit may have renamed it already.
+            try:
+                yield self.backend.rename_container(container_id, pool_container_name(self.config.agent_id, pool_id))
+            except DockerError:
+                pass  # already so named
+            return (
+                yield self.connect_runner(self.reactor, entry.workspace.socket_path, self.reactor, RUNNER_START_TIMEOUT)
+            )
+
+        return reach().addCallbacks(reached, lost)
 
     def remove_found(self, pool_id: str, container_id: str | None) -> Deferred[None]:
         """A pool container (or directories) of the last run not worth keeping."""

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlencode
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 from bai_agent.docker.engine import image_path
+from bai_agent.kernels.workspace import POOL_DIR
 from bai_agent.node.scratch import VOLUMES_DIR, ScratchVolumes
 from bai_agent.protocol.client import AgentClient
 from bai_agent.testing.docker_host import docker_request
@@ -478,15 +479,21 @@ class Scenario:
 
     def stray_dirs(self, agent, live_kernel_ids=()):
         """
-        Entries under the agent's scratch root that no live kernel owns: homes, and the
-        filesystem images of homes (``.volumes/``, with ``--scratch-type hostfile``).
+        Entries under the agent's scratch root that no live kernel owns: homes, the
+        filesystem images of homes (``.volumes/``, with ``--scratch-type hostfile``), and the
+        warm pool's homes (``.pool/``).
         """
         if not agent.scratch_root.exists():
             return []
         live = set(live_kernel_ids)
         stray = [
-            entry.name for entry in agent.scratch_root.iterdir() if entry.name not in live and entry.name != VOLUMES_DIR
+            entry.name
+            for entry in agent.scratch_root.iterdir()
+            if entry.name not in live and entry.name not in (VOLUMES_DIR, POOL_DIR)
         ]
+        pool = agent.scratch_root / POOL_DIR  # the warm pool's homes: none once the pool is gone
+        if pool.exists():
+            stray += [f"{POOL_DIR}/{entry.name}" for entry in pool.iterdir()]
         volumes = agent.scratch_root / VOLUMES_DIR
         if volumes.exists():
             volumes_of = ScratchVolumes(str(agent.scratch_root), "hostfile")

@@ -202,6 +202,7 @@ def test_a_claim_cut_off_before_its_commit_leaves_a_pool_container(h):
     registry.startService()
     assert "k8" not in registry.kernels
     assert entry.container_id in registry.pool.container_ids()  # back in the pool
+    assert h.backend._container(entry.container_id).name.startswith("pool.")  # and named so again
     assert len(pool_containers(h)) + len([c for c in kernel_containers(h) if c["Id"] == entry.container_id]) == 2
 
 

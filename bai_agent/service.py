@@ -83,6 +83,8 @@ class Backends:
     #: The NVIDIA devices found (``GpuDevice``), and the NVML module that found them.
     gpus: tuple[GpuDevice, ...] = ()
     nvml: Any = None
+    #: Writes a warm claim's limits into its cgroup (``CgroupLimits``); None: Docker's update only.
+    cgroup_limits: Any = None
     #: The ``ThreadPool`` behind ``run_blocking``, started and stopped with the kernels.
     thread_pool: Any = None
     #: Clients to close once every service has stopped.
@@ -216,6 +218,7 @@ def build_agent_service(reactor: Any, config: AgentConfig, backends: Backends) -
         cluster_config=lambda: etcd.cluster_config,
         scratch_volumes=backends.scratch_volumes,
         pulls=pulls,
+        cgroup_limits=backends.cgroup_limits,
     )
     stats = StatsCollector(
         reactor,

@@ -225,6 +225,7 @@ def make_backends(reactor, config):
     from bai_agent.node import scratch
     from bai_agent.node.capacity import detect_capacity
     from bai_agent.node.gpus import discover_gpus
+    from bai_agent.kernels.cgroup_limits import CgroupLimits
     from bai_agent.service import Backends
     from bai_agent.stats.cgroups import CgroupReader
 
@@ -253,6 +254,7 @@ def make_backends(reactor, config):
         connect_runner=connect_runner,
         run_blocking=lambda f, *args: deferToThreadPool(reactor, disk_pool, f, *args),
         cgroups=CgroupReader(),
+        cgroup_limits=CgroupLimits(),
         scratch_volumes=scratch_volumes,
         capacity=capacity,
         gpus=gpus,

@@ -122,7 +122,10 @@ class WarmPool:
         self.kick()
 
     def take(self, image: KernelImage) -> PoolEntry | None:
-        """A ready container of ``image`` for a claim (counted), or None (a miss, if it has a pool)."""
+        """
+        A ready container of ``image`` for a claim (counted), or None (a miss, if it has a
+        pool). After a claim, ``kick`` refills.
+        """
         if self.targets.get(image.name, 0) <= 0 and not self._ready(image.name):
             return None
         for entry in self.entries.values():
@@ -130,7 +133,8 @@ class WarmPool:
                 entry.status = "claimed"
                 del self.entries[entry.pool_id]
                 self.counters.claims += 1
-                self.kick()
+                # No refill yet: its Docker calls would queue behind, and slow, the claim's
+                # own (the registry kicks the pool once the claim is done).
                 return entry
         self.counters.misses += 1
         self.kick()

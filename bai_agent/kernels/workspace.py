@@ -139,9 +139,11 @@ class PoolWorkspace:
         pool's state dir is the commit: from then on the take-over of a killed agent finishes
         the claim (``finish_claim``), never undoes it.
         """
-        _write_atomically(self.claim_file, state)
+        # Not synced: a claim must survive a kill of the agent, which the page cache does; a
+        # crash of the machine ends the pool's containers and kernels alike.
+        _write_atomically(self.claim_file, state, sync=False)
         finish_claim(self, kernel)
-        _write_atomically(kernel.environ_file, environ)
+        _write_atomically(kernel.environ_file, environ, sync=False)
 
     def remove(self) -> None:
         if self.volumes is not None:
@@ -184,13 +186,14 @@ def load_pool_states(state_dir: str) -> dict:
     return found
 
 
-def _write_atomically(path: str, value) -> None:
+def _write_atomically(path: str, value, sync: bool = True) -> None:
     temporary = path + ".tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(value, f)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     os.replace(temporary, path)
 
 

@@ -80,6 +80,17 @@ def test_create_list_destroy_on_real_docker(agent, tmp_path, reactor, etcd_serve
         record = yield client.create_kernel("k1", IMAGE, {"cpu": 1, "mem": "128m"}, environ={"GREETING": "hi"})
         assert record["status"] == "running"
         (container,) = our_containers(agent)
+        # The limits are in force when the create answers (a claim writes them into the
+        # cgroup; Docker's own record of them follows within milliseconds).
+        limit = docker("exec", container, "cat", "/sys/fs/cgroup/memory/memory.limit_in_bytes", check=False)
+        if limit.returncode == 0:
+            assert int(limit.stdout) == 128 << 20
+        yield wait_until(
+            reactor,
+            lambda: json.loads(docker("inspect", container).stdout)[0]["HostConfig"]["Memory"] == 128 << 20,
+            5,
+            "Docker's record of the limits",
+        )
         inspect = json.loads(docker("inspect", container).stdout)[0]
         host = inspect["HostConfig"]
         assert inspect["Name"] == "/kernel.agent-k.k1"

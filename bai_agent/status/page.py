@@ -495,7 +495,7 @@ def render_pool(snap: dict[str, Any]) -> str:
         return ""
     refill = pool.get("last_refill_seconds")
     summary = f"{_e(pool.get('claims', 0))} claims, {_e(pool.get('misses', 0))} misses" + (
-        f", last refill {_e(round(refill * 1000))} ms" if isinstance(refill, (int, float)) else ""
+        f", last refill {_e(math.floor(refill * 1000 + 0.5))} ms" if isinstance(refill, (int, float)) else ""
     )
     problem = f'<div class="warn">{_e(pool["problem"])}</div>' if pool.get("problem") else ""
     return f'<table class="pool">{"".join(rows)}</table><div class="meta">warm pool: {summary}</div>{problem}'

@@ -141,6 +141,15 @@ class BusyAgent(Harness):
         kernels = FakeKernels(Capacity(4.0, 12 * GIB, 2), gpus, cpu_cores=[0, 1, 2, 3])
         kernels.add("k-train", "bai-kernel/python:3.11", 2, 4 * GIB, gpus=1, created_at=NOW - 7200, last_used=NOW - 5)
         kernels.add("k-idle", "bai-kernel/python:3.11", 0.5, 512 << 20, created_at=NOW - 600, last_used=NOW - 540)
+        kernels.pool = {
+            "images": {"bai-kernel/python:3.11": {"target": 3, "ready": 2, "filling": 1}},
+            "problem": None,
+            "claims": 7,
+            "misses": 1,
+            "filled": 9,
+            "failures": 0,
+            "last_refill_seconds": 0.2345,
+        }
         kernels.pulls = [
             {
                 "image": "reg.example:5000/team/python:3.12",
@@ -343,6 +352,10 @@ def test_service_relays_are_counted(busy):
     assert outcomes == {"relayed": 31, "refused": 2, "failed": 0}
     assert metrics["bai_agent_service_relay_idle_closed"].samples[0].value == 3
     assert metrics["bai_agent_image_pulls"].samples[0].value == 1
+    assert by_label(metrics["bai_agent_warm_pool_ready"], "image") == {"bai-kernel/python:3.11": 2}
+    assert by_label(metrics["bai_agent_warm_pool_size"], "image") == {"bai-kernel/python:3.11": 3}
+    assert metrics["bai_agent_warm_pool_claims"].samples[0].value == 7
+    assert metrics["bai_agent_warm_pool_misses"].samples[0].value == 1
     directions = by_label(metrics["bai_agent_service_relay_bytes"], "direction", "_total")
     assert directions == {"to_service": 4096, "to_client": 64 << 20}
 

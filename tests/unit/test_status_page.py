@@ -199,7 +199,10 @@ def test_kernel_table_shows_image_status_age_idle_and_measured_use(busy):
         "k-idle bai-kernel/python:3.11 running 10m 0s 9m 0s 0 of 0.5 20 MiB of 512 MiB - 0 B -",
         # An image pull in progress, under the kernels.
         "pulling reg.example:5000/team/python:3.12 12 MiB of 48 MiB 0m 7s 2 waiting",
+        # The warm pool's containers, apart from the kernels.
+        "warm pool bai-kernel/python:3.11 2 ready of 3 1 filling",
     ]
+    assert "warm pool: 7 claims, 1 misses, last refill 234 ms" in section(body.decode(), "kernels")
     # An HTTP service links to its relay, with no token (the page is unauthenticated).
     assert '<a href="http://10.0.0.5:30001/">jupyter</a>' in body.decode()
     assert "token" not in section(body.decode(), "kernels")

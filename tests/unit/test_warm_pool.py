@@ -218,3 +218,12 @@ def test_pool_directories_whose_container_is_gone_are_removed_at_the_next_start(
     registry = restarted(h)
     registry.startService()
     assert not os.path.exists(PoolWorkspace(h.config.scratch_root, h.config.state_dir, pool_id).state_dir)
+
+
+def test_destroy_kernels_on_stop_removes_the_pool_too(h):
+    import attrs
+
+    h.registry.config = attrs.evolve(h.config, destroy_kernels_on_stop=True)
+    result_of(h.registry.stopService())
+    assert pool_containers(h) == []
+    assert os.listdir(os.path.join(h.config.scratch_root, ".pool")) == []

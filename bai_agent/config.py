@@ -226,11 +226,15 @@ def _max_upload_size(value: int | str) -> int:
     return size
 
 
+def _seconds_within(option: str, value: float | str, low: float, high: float) -> float:
+    seconds = _named(option, _number, value)
+    if not low <= seconds <= high:  # also rejects nan
+        raise ValueError(f"{option}: must be between {low:g} and {high:g} seconds")
+    return seconds
+
+
 def _stop_grace_period(value: float | str) -> float:
-    grace = _named("--stop-grace-period", _number, value)
-    if not 0 <= grace <= 3600:  # also rejects nan
-        raise ValueError("--stop-grace-period: must be between 0 and 3600 seconds")
-    return grace
+    return _seconds_within("--stop-grace-period", value, 0, 3600)
 
 
 def _default_scratch_size(value: int | str) -> int:
@@ -261,17 +265,11 @@ def _service_port_range(value: tuple[int, int] | str) -> tuple[int, int]:
 
 
 def _image_pull_timeout(value: float | str) -> float:
-    seconds = _named("--image-pull-timeout", _number, value)
-    if not 10 <= seconds <= 86400:  # also rejects nan
-        raise ValueError("--image-pull-timeout: must be between 10 and 86400 seconds")
-    return seconds
+    return _seconds_within("--image-pull-timeout", value, 10, 86400)
 
 
 def _image_pull_stall_timeout(value: float | str) -> float:
-    seconds = _named("--image-pull-stall-timeout", _number, value)
-    if not 1 <= seconds <= 3600:  # also rejects nan
-        raise ValueError("--image-pull-stall-timeout: must be between 1 and 3600 seconds")
-    return seconds
+    return _seconds_within("--image-pull-stall-timeout", value, 1, 3600)
 
 
 def _warm_pool(value: Any) -> dict[str, int]:

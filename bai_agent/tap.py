@@ -221,11 +221,11 @@ def make_backends(reactor, config):
 
     from bai_agent.docker.engine import DockerEngineClient
     from bai_agent.etcd.txetcd import TxEtcd
+    from bai_agent.kernels.cgroup_limits import CgroupLimits
     from bai_agent.kernels.runner_link import connect_runner
     from bai_agent.node import scratch
     from bai_agent.node.capacity import detect_capacity
     from bai_agent.node.gpus import discover_gpus
-    from bai_agent.kernels.cgroup_limits import CgroupLimits
     from bai_agent.service import Backends
     from bai_agent.stats.cgroups import CgroupReader
 

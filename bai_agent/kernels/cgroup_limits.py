@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from bai_agent.kernels.allocator import Grant
-from bai_agent.stats.cgroups import candidate_paths, detect_cgroup_version
+from bai_agent.stats.cgroups import candidate_paths, controller_mounts, detect_cgroup_version
 
 __all__ = ["CgroupLimits", "CgroupLimitsError"]
 
@@ -37,19 +37,7 @@ class CgroupLimits:
         self.root = root
         self.parent = parent
         self.version = detect_cgroup_version(root)
-        self._mounts = self._controller_mounts() if self.version == 1 else {}
-
-    def _controller_mounts(self) -> dict[str, str]:
-        mounts: dict[str, str] = {}
-        try:
-            names = sorted(os.listdir(self.root))
-        except OSError:
-            return mounts
-        for name in names:
-            for controller in name.split(","):
-                if controller in V1_CONTROLLERS and (controller not in mounts or name == controller):
-                    mounts[controller] = os.path.join(self.root, name)
-        return mounts
+        self._mounts = controller_mounts(root, V1_CONTROLLERS) if self.version == 1 else {}
 
     def _directory(self, base: str | None, container_id: str) -> str:
         if base is not None:

@@ -88,6 +88,22 @@ class Kernel:
             "pool_id": self.pool_id,
         }
 
+    @classmethod
+    def bare(cls, kernel_id: str, image: KernelImage, grant: Grant, **fields: Any) -> Kernel:
+        """A kernel with no environment, mounts or timeouts: a stand-in (one being ended, a pool container's body)."""
+        return cls(
+            kernel_id=kernel_id,
+            image=image,
+            grant=grant,
+            environ={},
+            mounts=(),
+            idle_timeout=0,
+            exec_timeout=0,
+            created_at=0.0,
+            last_used=0.0,
+            **fields,
+        )
+
     def answer(self) -> dict[str, Any]:
         """The answer to ``DestroyKernel`` (and what ``terminated`` fires with)."""
         answer: dict[str, Any] = {"kernel_id": self.kernel_id, "stats": dict(self.last_stats)}

@@ -386,16 +386,10 @@ class TakeOver:
 
 def _ending_kernel(kernel_id: str, container_id: str | None) -> Kernel:
     """A kernel found at take-over only to be ended: just what ``end`` needs (it holds no grant)."""
-    return Kernel(
-        kernel_id=kernel_id,
-        image=KernelImage(name="", id=""),
-        grant=Grant(kernel_id=kernel_id, cpu=0.0, mem=0),
-        environ={},
-        mounts=(),
-        idle_timeout=0,
-        exec_timeout=0,
-        created_at=0.0,
-        last_used=0.0,
+    return Kernel.bare(
+        kernel_id,
+        KernelImage(name="", id=""),
+        Grant(kernel_id=kernel_id, cpu=0.0, mem=0),
         status=states.TERMINATING,
         container_id=container_id,
     )

@@ -354,17 +354,7 @@ class WarmPool:
 
     def _container_config(self, entry: PoolEntry) -> dict[str, Any]:
         mem = max(POOL_MEM, entry.image.min_mem)
-        stand_in = Kernel(
-            kernel_id=entry.pool_id,
-            image=entry.image,
-            grant=Grant(kernel_id=entry.pool_id, cpu=0.0, mem=mem),
-            environ={},
-            mounts=(),
-            idle_timeout=0,
-            exec_timeout=0,
-            created_at=0.0,
-            last_used=0.0,
-        )
+        stand_in = Kernel.bare(entry.pool_id, entry.image, Grant(kernel_id=entry.pool_id, cpu=0.0, mem=mem))
         body = container_config(
             stand_in,
             entry.workspace,  # type: ignore[arg-type]

@@ -88,6 +88,20 @@ def candidate_paths(container_id: str, parent: str | None = None) -> list[str]:
     return candidates
 
 
+def controller_mounts(root: str, controllers: tuple[str, ...]) -> dict[str, str]:
+    """v1 controller -> its mount dir under ``root``; co-mounted ones (``cpu,cpuacct``) included."""
+    mounts: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return mounts
+    for name in names:
+        for controller in name.split(","):
+            if controller in controllers and (controller not in mounts or name == controller):
+                mounts[controller] = os.path.join(root, name)
+    return mounts
+
+
 class CgroupReader:
     """
     Reads a container's counters; see the module docstring.
@@ -125,17 +139,7 @@ class CgroupReader:
     # -- locating ---------------------------------------------------------------------
 
     def _controller_mounts(self) -> dict[str, str]:
-        """v1 controller -> its mount dir; co-mounted ones (``cpu,cpuacct``) included."""
-        mounts: dict[str, str] = {}
-        try:
-            names = sorted(os.listdir(self.root))
-        except OSError:
-            return mounts
-        for name in names:
-            for controller in name.split(","):
-                if controller in V1_CONTROLLERS and (controller not in mounts or name == controller):
-                    mounts[controller] = os.path.join(self.root, name)
-        return mounts
+        return controller_mounts(self.root, V1_CONTROLLERS)
 
     def _locate(self, container_id: str) -> dict[str, str] | None:
         located = self._located.get(container_id)

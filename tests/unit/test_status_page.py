@@ -202,7 +202,7 @@ def test_kernel_table_shows_image_status_age_idle_and_measured_use(busy):
         # The warm pool's containers, apart from the kernels.
         "warm pool bai-kernel/python:3.11 2 ready of 3 1 filling",
     ]
-    assert "warm pool: 7 claims, 1 misses, last refill 234 ms" in section(body.decode(), "kernels")
+    assert "warm pool: 7 claims, 1 misses, last refill 235 ms" in section(body.decode(), "kernels")
     # An HTTP service links to its relay, with no token (the page is unauthenticated).
     assert '<a href="http://10.0.0.5:30001/">jupyter</a>' in body.decode()
     assert "token" not in section(body.decode(), "kernels")

@@ -227,3 +227,33 @@ def test_destroy_kernels_on_stop_removes_the_pool_too(h):
     result_of(h.registry.stopService())
     assert pool_containers(h) == []
     assert os.listdir(os.path.join(h.config.scratch_root, ".pool")) == []
+
+
+def test_a_claim_cut_off_between_moving_its_state_and_its_home_is_finished(h):
+    entry = h.registry.pool.take(h.registry.listed_image(IMAGE))
+    state = {
+        "kernel_id": "k7",
+        "image": IMAGE,
+        "image_id": entry.image.id,
+        "container_id": entry.container_id,
+        "created_at": 0,
+        "resources": {"cpu": 1, "mem": 256 << 20, "cpuset": "0", "cuda.device": [], "scratch": 0},
+        "environ": {},
+        "mounts": [],
+        "idle_timeout": 0,
+        "exec_timeout": 0,
+        "warm": True,
+        "pool_id": entry.pool_id,
+    }
+    with open(entry.workspace.claim_file, "w") as f:
+        json.dump(state, f)
+    kernel_state = h.registry.workspace("k7").state_dir
+    os.makedirs(os.path.dirname(kernel_state), exist_ok=True)
+    os.rename(entry.workspace.state_dir, kernel_state)  # the state moved, the home not yet
+    registry = restarted(h)
+    registry.pool.set_targets({IMAGE: 2})
+    registry.startService()
+    assert registry.kernels["k7"].warm and registry.kernels["k7"].status == "running"
+    assert os.path.isdir(registry.workspace("k7").scratch_dir)
+    assert not os.path.exists(entry.workspace.scratch_dir)
+    assert len(pool_containers(h)) == 2 and len(kernel_containers(h)) == 1

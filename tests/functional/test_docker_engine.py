@@ -353,7 +353,7 @@ def test_a_stream_ending_inside_an_event_is_an_error(reactor, client, daemon):
     request = yield wait_for_stream(reactor, daemon)
     request.write(b'{"Action": "ta')
     request.finish()
-    with pytest.raises(DockerError, match="inside an event"):
+    with pytest.raises(DockerError, match="ended inside a message"):
         yield stream.done
 
 

@@ -460,9 +460,10 @@ class KernelRegistry(Service):
     @inlineCallbacks
     def _claim(self, kernel: Kernel, entry: PoolEntry) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """
-        Make a warm pool container the kernel's (docs/protocol.md section 9): its limits, its
-        name, its directories and the runner's environment, all at once; a claim that fails
-        before the container is the kernel's leaves it to a cold create.
+        Make a warm pool container the kernel's (docs/protocol.md section 9): its limits and
+        its directories at once, then the runner's environment; its name right after the
+        answer. A claim that fails before the container is the kernel's leaves it to a
+        cold create.
         """
         started = time.monotonic()
         self.journal.append(events.KERNEL_CREATING, kernel.kernel_id, {"image": kernel.image.name})
@@ -528,6 +529,8 @@ class KernelRegistry(Service):
 
     def _update_failed(self, failure: Failure, kernel: Kernel) -> None:
         # The limits are in force (written to the cgroup); Docker's record of them is not.
+        if kernel.status != states.RUNNING:
+            return  # ended meanwhile: its container is gone
         self.log.error(
             "kernel {kernel_id}: Docker refused the limits the cgroup already has: {error}",
             kernel_id=kernel.kernel_id,

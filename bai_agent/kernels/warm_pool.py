@@ -54,7 +54,7 @@ class PoolEntry:
     pool_id: str
     image: KernelImage
     workspace: PoolWorkspace
-    status: str = "filling"  # filling, ready, claimed, gone
+    status: str = "filling"  # filling, ready, claimed, removing, gone
     container_id: str | None = None
     link: Any = None
 
@@ -154,6 +154,7 @@ class WarmPool:
                 "target": self.targets.get(image, 0),
                 "ready": sum(1 for entry in mine if entry.status == "ready"),
                 "filling": sum(1 for entry in mine if entry.status == "filling"),
+                "removing": sum(1 for entry in mine if entry.status == "removing"),
             }
         return {"images": images, "problem": self.problem, **attrs.asdict(self.counters)}
 
@@ -254,9 +255,12 @@ class WarmPool:
             while self.running:
                 surplus = self._surplus()
                 if surplus is not None:
-                    self.entries.pop(surplus.pool_id, None)
-                    surplus.status = "gone"
-                    yield self._remove(surplus)
+                    surplus.status = "removing"  # shown until its container and directories are gone
+                    try:
+                        yield self._remove(surplus)
+                    finally:
+                        self.entries.pop(surplus.pool_id, None)
+                        surplus.status = "gone"
                     continue
                 image = self._wanted()
                 if image is None:
@@ -287,7 +291,7 @@ class WarmPool:
 
     def _surplus(self) -> PoolEntry | None:
         for entry in self.entries.values():
-            count = sum(1 for e in self.entries.values() if e.image.name == entry.image.name)
+            count = sum(1 for e in self.entries.values() if e.image.name == entry.image.name and e.status != "removing")
             if entry.status == "ready" and count > self.targets.get(entry.image.name, 0):
                 return entry
         return None
@@ -295,7 +299,7 @@ class WarmPool:
     def _wanted(self) -> KernelImage | None:
         problems = []
         for name, target in sorted(self.targets.items()):
-            have = sum(1 for e in self.entries.values() if e.image.name == name)
+            have = sum(1 for e in self.entries.values() if e.image.name == name and e.status != "removing")
             if have >= target:
                 continue
             image = next((i for i in self.docker.images if i.name == name), None)

@@ -34,7 +34,7 @@ def steady_pool(reactor, agent, image, ready=POOL, timeout=90):
     deadline = time.monotonic() + timeout
     while True:
         state = pool_state(agent)["images"].get(image, {})
-        if state.get("ready") == ready and state.get("filling") == 0:
+        if state.get("ready") == ready and state.get("filling") == 0 and state.get("removing") == 0:
             return
         assert time.monotonic() < deadline, pool_state(agent)
         yield sleep(reactor, 0.2)

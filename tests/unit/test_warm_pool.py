@@ -48,7 +48,7 @@ def test_the_pool_fills_to_its_target_without_grants_or_kernels(h):
     assert h.registry.kernels == {} and h.registry.records() == []
     assert h.allocator.used()["cpu"] == 0
     [state] = h.registry.pool_state()["images"].values()
-    assert state == {"target": 2, "ready": 2, "filling": 0}
+    assert state == {"target": 2, "ready": 2, "filling": 0, "removing": 0}
     for container in pool_containers(h):
         labels = container["Labels"]
         assert labels["ai.backend.agent-id"] == AGENT and "ai.backend.kernel-id" not in labels

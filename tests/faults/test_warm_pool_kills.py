@@ -41,7 +41,23 @@ def steady_pool(reactor, agent, image, ready=POOL, timeout=90):
 
 
 @pytest_twisted.inlineCallbacks
-def check_books(scenario, agent, client):
+def check_books(scenario, agent, client, settle=10):
+    """
+    ``books`` until they balance: what is still being removed may take a moment, a leak
+    stays. Fails with the last imbalance after ``settle`` seconds.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            return (yield books(scenario, agent, client))
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        yield sleep(scenario.reactor, 0.2)
+
+
+@pytest_twisted.inlineCallbacks
+def books(scenario, agent, client):
     """Every container of the agent is a listed kernel's or the pool's, and the grants are the kernels'."""
     kernels = by_id((yield client.list_kernels()))
     pool = pool_state(agent)

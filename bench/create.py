@@ -41,6 +41,7 @@ from bai_agent.kernels.container import container_config  # noqa: E402
 from bai_agent.kernels.kernel import Kernel  # noqa: E402
 from bai_agent.kernels.workspace import Workspace  # noqa: E402
 from bai_agent.runner import RUNNER_DIR  # noqa: E402
+from bai_agent.testing.docker_cli import agent_containers, remove_containers  # noqa: E402
 from bench.harness import BenchAgent, percentile  # noqa: E402
 from tests.functional.agent_process import etcd_put  # noqa: E402
 
@@ -145,6 +146,8 @@ def run(reactor, args):
             client.close()
         yield docker.close()
         bench.stop()
+        # Whatever an interrupted run left (the pool's containers, say): removed by our label.
+        remove_containers(agent_containers(bench.agent_id))
 
 
 def pool_ready(bench):
@@ -189,6 +192,7 @@ def warm_creates(reactor, bench, client, kernel_ids, args):
     warm_in_burst = sum(1 for record in records if record.get("warm"))
     yield cleanup(None, client, [], kernel_ids)
     etcd_put(bench.etcd.url, "/bai/bench/config/agent/warm_pool", "{}")
+    yield full_pool(reactor, bench, 0)  # a graceful stop would keep the pool's containers
     return {"one": one_at_a_time, "burst": burst, "burst_wall": burst_wall, "burst_warm": warm_in_burst}
 
 

@@ -40,12 +40,13 @@ from bai_agent.kernels.spec import check_kernel_id_quietly, resolve_mounts
 from bai_agent.kernels.workspace import (
     PoolWorkspace,
     Workspace,
-    finish_claim,
+    finish_claims,
     kernel_key,
     leftover_kernel_ids,
     load_pool_states,
     load_saved_states,
     remove_state_dirs_except,
+    valid_pool_id,
 )
 from bai_agent.protocol import errors, events
 from bai_agent.protocol.labels import AGENT_ID_LABEL, KERNEL_ID_LABEL, POOL_ID_LABEL, POOL_LABEL
@@ -147,16 +148,20 @@ class TakeOver:
         # Claims of the warm pool that were committed (the kernel's state written) are
         # finished first, so that their kernels are found where kernels are.
         pool_states = yield self.run_blocking(load_pool_states, self.config.state_dir)
-        for pool_id, (_, claimed) in pool_states.items():
-            kernel_id = claimed.get("kernel_id") if claimed else None
-            if isinstance(kernel_id, str) and check_kernel_id_quietly(kernel_id):
-                yield self.run_blocking(finish_claim, self._pool_workspace(pool_id), self.workspace(kernel_id))
+        committed = [
+            (pool_id, claimed.get("kernel_id"))
+            for pool_id, (_, claimed) in pool_states.items()
+            if claimed and isinstance(claimed.get("kernel_id"), str) and check_kernel_id_quietly(claimed["kernel_id"])
+        ]
+        yield self.run_blocking(finish_claims, self._claims(committed))
         saved = yield self.run_blocking(load_saved_states, self.config.state_dir)
-        claimed_pool_ids = {state.get("pool_id"): kernel_id for kernel_id, state in saved.items() if state.get("warm")}
-        for pool_id, kernel_id in claimed_pool_ids.items():
-            # Cut off between moving its state and moving its home: the home follows now.
-            if isinstance(pool_id, str):
-                yield self.run_blocking(finish_claim, self._pool_workspace(pool_id), self.workspace(kernel_id))
+        claimed_pool_ids = {
+            state["pool_id"]: kernel_id
+            for kernel_id, state in saved.items()
+            if state.get("warm") and valid_pool_id(state.get("pool_id"))
+        }
+        # Cut off between moving its state and moving its home: the home follows now.
+        yield self.run_blocking(finish_claims, self._claims(list(claimed_pool_ids.items())))
         pool_found: list[tuple[str, str, bool]] = []  # (pool id, container id, running)
         homes = yield self.run_blocking(leftover_kernel_ids, self.config.scratch_root)
         # What the last run told managers last about each kernel, read once for all of them.
@@ -168,7 +173,9 @@ class TakeOver:
             kernel_id = labels.get(KERNEL_ID_LABEL)
             if labels.get(AGENT_ID_LABEL) != agent_id:
                 continue
-            if labels.get(POOL_LABEL) == "1" and isinstance(labels.get(POOL_ID_LABEL), str):
+            if labels.get(POOL_LABEL) == "1":
+                if not valid_pool_id(labels.get(POOL_ID_LABEL)):
+                    continue  # not a pool container this agent made: left alone
                 # A claimed pool container is a kernel (known by its state); the rest, the pool's.
                 kernel_id = claimed_pool_ids.get(labels[POOL_ID_LABEL])
                 if kernel_id is None:
@@ -254,6 +261,9 @@ class TakeOver:
             ended=len(ending) + len(adopting) - adopted,
         )
 
+    def _claims(self, pairs: list[tuple[str, str]]) -> list[tuple[PoolWorkspace, Workspace]]:
+        return [(self._pool_workspace(pool_id), self.workspace(kernel_id)) for pool_id, kernel_id in pairs]
+
     def _pool_workspace(self, pool_id: str) -> PoolWorkspace:
         return PoolWorkspace(self.config.scratch_root, self.config.state_dir, pool_id, self.scratch_volumes)
 
@@ -313,7 +323,7 @@ class TakeOver:
             status=states.RUNNING,
             container_id=container_id,
             warm=bool(state.get("warm")),
-            pool_id=state.get("pool_id") if isinstance(state.get("pool_id"), str) else None,
+            pool_id=state["pool_id"] if valid_pool_id(state.get("pool_id")) else None,
         )
         self.kernels[kernel_id] = kernel
         return kernel

@@ -15,6 +15,7 @@ Every function here blocks on the disk: the registry calls them in its thread po
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 from bai_agent.kernels import pinned_mounts
@@ -101,6 +102,12 @@ class Workspace:
 
 
 POOL_DIR = ".pool"  # under the scratch root: the pool's homes (not a kernel id: ids start alphanumeric)
+#: A pool id names directories: 12 lower-case hex digits (``secrets.token_hex(6)``), nothing else.
+POOL_ID_PATTERN = re.compile(r"[0-9a-f]{12}\Z")
+
+
+def valid_pool_id(value: object) -> bool:
+    return isinstance(value, str) and POOL_ID_PATTERN.match(value) is not None
 
 
 class PoolWorkspace:
@@ -111,6 +118,10 @@ class PoolWorkspace:
     """
 
     def __init__(self, scratch_root: str, state_dir: str, pool_id: str, volumes: Any = None) -> None:
+        if not valid_pool_id(pool_id):
+            # It names directories the agent moves and removes: a label or a state file
+            # that says otherwise is not the agent's.
+            raise ValueError(f"not a pool id: {str(pool_id)[:40]!r}")
         self.pool_id = pool_id
         self.volumes = volumes
         self.scratch_dir = os.path.join(scratch_root, POOL_DIR, pool_id)
@@ -153,6 +164,12 @@ class PoolWorkspace:
         home.check()
 
 
+def finish_claims(claims: list) -> None:
+    """``finish_claim`` of each ``(pool workspace, kernel workspace)``, in one go."""
+    for pool, kernel in claims:
+        finish_claim(pool, kernel)
+
+
 def finish_claim(pool: PoolWorkspace, kernel: Workspace) -> None:
     """Move what is still the pool's into the kernel's place (idempotent: a claim may have been cut short)."""
     if os.path.isdir(pool.state_dir) and not os.path.exists(kernel.state_dir):
@@ -174,6 +191,8 @@ def load_pool_states(state_dir: str) -> dict:
     except FileNotFoundError:
         return found
     for name in names:
+        if not valid_pool_id(name):
+            continue
         states = []
         for file in ("pool.json", "kernel.json"):
             try:

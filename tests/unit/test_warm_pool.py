@@ -35,6 +35,26 @@ def kernel_containers(h):
     return [c for c in h.containers() if c["Names"][0].startswith("/kernel.")]
 
 
+def commit_claim(entry, kernel_id):
+    """What a claim writes first, its commit: the kernel's state in the pool container's state dir."""
+    state = {
+        "kernel_id": kernel_id,
+        "image": IMAGE,
+        "image_id": entry.image.id,
+        "container_id": entry.container_id,
+        "created_at": 0,
+        "resources": {"cpu": 1, "mem": 256 << 20, "cpuset": "0", "cuda.device": [], "scratch": 0},
+        "environ": {},
+        "mounts": [],
+        "idle_timeout": 0,
+        "exec_timeout": 0,
+        "warm": True,
+        "pool_id": entry.pool_id,
+    }
+    with open(entry.workspace.claim_file, "w") as f:
+        json.dump(state, f)
+
+
 def create(h, kernel_id="k1", **kwargs):
     return result_of(
         h.registry.create(
@@ -165,22 +185,7 @@ def test_the_next_run_takes_the_pool_back_and_the_warm_kernel_as_a_kernel(h):
 def test_a_claim_cut_off_after_its_commit_is_finished_by_the_next_run(h):
     """Killed right after the kernel's state was written into the pool's state dir."""
     entry = h.registry.pool.take(h.registry.listed_image(IMAGE))
-    kernel_state = {
-        "kernel_id": "k9",
-        "image": IMAGE,
-        "image_id": entry.image.id,
-        "container_id": entry.container_id,
-        "created_at": 0,
-        "resources": {"cpu": 1, "mem": 256 << 20, "cpuset": "0", "cuda.device": [], "scratch": 0},
-        "environ": {},
-        "mounts": [],
-        "idle_timeout": 0,
-        "exec_timeout": 0,
-        "warm": True,
-        "pool_id": entry.pool_id,
-    }
-    with open(entry.workspace.claim_file, "w") as f:
-        json.dump(kernel_state, f)
+    commit_claim(entry, "k9")
     h.journal.append("kernel-creating", "k9", {"image": IMAGE})
     registry = restarted(h)
     registry.startService()
@@ -231,22 +236,7 @@ def test_destroy_kernels_on_stop_removes_the_pool_too(h):
 
 def test_a_claim_cut_off_between_moving_its_state_and_its_home_is_finished(h):
     entry = h.registry.pool.take(h.registry.listed_image(IMAGE))
-    state = {
-        "kernel_id": "k7",
-        "image": IMAGE,
-        "image_id": entry.image.id,
-        "container_id": entry.container_id,
-        "created_at": 0,
-        "resources": {"cpu": 1, "mem": 256 << 20, "cpuset": "0", "cuda.device": [], "scratch": 0},
-        "environ": {},
-        "mounts": [],
-        "idle_timeout": 0,
-        "exec_timeout": 0,
-        "warm": True,
-        "pool_id": entry.pool_id,
-    }
-    with open(entry.workspace.claim_file, "w") as f:
-        json.dump(state, f)
+    commit_claim(entry, "k7")
     kernel_state = h.registry.workspace("k7").state_dir
     os.makedirs(os.path.dirname(kernel_state), exist_ok=True)
     os.rename(entry.workspace.state_dir, kernel_state)  # the state moved, the home not yet
@@ -257,3 +247,20 @@ def test_a_claim_cut_off_between_moving_its_state_and_its_home_is_finished(h):
     assert os.path.isdir(registry.workspace("k7").scratch_dir)
     assert not os.path.exists(entry.workspace.scratch_dir)
     assert len(pool_containers(h)) == 2 and len(kernel_containers(h)) == 1
+
+
+def test_a_pool_label_that_is_not_a_pool_id_never_names_a_directory(h, tmp_path):
+    """A container labelled as ours with a pool id that climbs out of the pool's directory."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    climbing = os.path.relpath(victim, os.path.join(h.config.scratch_root, ".pool"))
+    labels = {"ai.backend.agent-id": AGENT, "ai.backend.pool": "1", "ai.backend.pool-id": climbing}
+    hostile = result_of(h.backend.create_container("pool.a1.hostile", {"Image": IMAGE, "Labels": labels}))
+    registry = restarted(h)
+    registry.pool.set_targets({IMAGE: 2})
+    registry.startService()
+    assert (victim / "precious").read_text() == "keep me"
+    assert hostile not in registry.pool.container_ids()
+    with pytest.raises(ValueError):
+        PoolWorkspace(h.config.scratch_root, h.config.state_dir, "../x")

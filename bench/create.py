@@ -84,17 +84,7 @@ def run(reactor, args):
 
         def raw_body(index):
             grant = grants[mode["now"]]
-            kernel = Kernel(
-                kernel_id=f"raw{index}",
-                image=image,
-                grant=grant,
-                environ={},
-                mounts=(),
-                idle_timeout=0,
-                exec_timeout=0,
-                created_at=0.0,
-                last_used=0.0,
-            )
+            kernel = Kernel.bare(f"raw{index}", image, grant)
             workspace = Workspace(config.scratch_root, os.path.join(work, "raw-state"), kernel.kernel_id)
             os.makedirs(workspace.run_dir, exist_ok=True)
             os.makedirs(workspace.scratch_dir, exist_ok=True)

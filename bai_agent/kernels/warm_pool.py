@@ -218,8 +218,7 @@ class WarmPool:
 
     def remove_found(self, pool_id: str, container_id: str | None) -> Deferred[None]:
         """A pool container (or directories) of the last run not worth keeping."""
-        entry = PoolEntry(pool_id, None, self._workspace(pool_id), status="gone", container_id=container_id)  # type: ignore[arg-type]
-        return self._remove(entry)
+        return self._clear(pool_id, container_id, self._workspace(pool_id))
 
     def docker_event(self, event: dict[str, Any]) -> None:
         """A pool container died (or was removed behind the agent's back): refill."""
@@ -372,11 +371,17 @@ class WarmPool:
         body["HostConfig"]["Tmpfs"] = {"/tmp": f"rw,nosuid,nodev,size={self.mem_capacity},mode=1777"}
         return body
 
-    @inlineCallbacks
-    def _remove(self, entry: PoolEntry) -> Generator[Deferred[Any], Any, None]:
+    def _remove(self, entry: PoolEntry) -> Deferred[None]:
         if entry.link is not None:
             entry.link.close("pool container removed")
-        container = entry.container_id or pool_container_name(self.config.agent_id, entry.pool_id)
+        return self._clear(entry.pool_id, entry.container_id, entry.workspace)
+
+    @inlineCallbacks
+    def _clear(
+        self, pool_id: str, container_id: str | None, workspace: PoolWorkspace
+    ) -> Generator[Deferred[Any], Any, None]:
+        """Remove a pool container (by name when its id is unknown) and its directories."""
+        container = container_id or pool_container_name(self.config.agent_id, pool_id)
         try:
             yield self.backend.remove_container(container, force=True)
         except DockerNotFound:
@@ -384,8 +389,6 @@ class WarmPool:
         except DockerError as e:
             log.warn("warm pool: could not remove {container}: {error}", container=container, error=e)
         try:
-            yield self.run_blocking(entry.workspace.remove)
+            yield self.run_blocking(workspace.remove)
         except Exception as e:
-            log.warn(
-                "warm pool: could not remove the directories of {pool_id}: {error}", pool_id=entry.pool_id, error=e
-            )
+            log.warn("warm pool: could not remove the directories of {pool_id}: {error}", pool_id=pool_id, error=e)
